@@ -1,0 +1,45 @@
+# The Makefile is the only installer: `make test` on a bare Debian machine (as root) installs everything.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup apt venv test lint pytest demo bench clean
+
+setup: apt $(VENV)/.installed
+
+# Idempotent: apt runs only when one of the packages is missing.
+apt:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		$(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+# torch goes in first and alone so pip takes the CPU build that lies on disk, never a CUDA one.
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check san training service bench tests
+	$(VENV)/bin/ruff format --check san training service bench tests
+
+pytest: setup
+	$(VENV)/bin/pytest -q
+
+test: lint pytest
+
+demo: setup
+	$(VENV)/bin/san models --table --input-size 28 --models lenet5
+	$(VENV)/bin/san models --table --input-size 32 --models vgg16,resnet18
+
+bench: setup
+	$(PY) bench/attention_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

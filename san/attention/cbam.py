@@ -1,0 +1,46 @@
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention."""
+
+import torch
+from torch import Tensor, nn
+
+from san.attention.base import AttentionModule, Tap
+
+
+class ChannelAttention(nn.Module):
+    """A shared MLP (1x1 convs, reduction ``reduction``) over the average- and max-pooled channel descriptors."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+
+
+class SpatialAttention(nn.Module):
+    """A ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps."""
+
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class CBAM(AttentionModule):
+    """``x * Mc`` then ``* Ms``: channel attention followed by spatial attention."""
+
+    def __init__(self, channels: int, reduction: int = 16, spatial_kernel_size: int = 7) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction)
+        self.spatial = SpatialAttention(spatial_kernel_size)
+        self.channel_mask = Tap()
+        self.mask = Tap()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * self.channel_mask(self.channel(x))
+        return x * self.mask(self.spatial(x))

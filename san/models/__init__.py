@@ -1,0 +1,3 @@
+"""Backbones; importing this package registers every model with `san.registry`."""
+
+from san.models import lenet, resnet, vgg  # noqa: F401  (imported for their @register_model)

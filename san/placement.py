@@ -1,0 +1,83 @@
+"""Where attention goes in a backbone: placements, attention sites and the plan that fills them.
+
+A backbone marks every place an attention module may sit (a *site*) with the placements that use it, and asks
+the model's `AttentionPlan` for a module there. A site sits at the end of a *unit* — a conv layer (conv, norm,
+activation) or a whole residual block — and a SAN module there compares the unit's output with the unit's
+input (the paper's Y_l and Y_{l-1}); single-input modules see the output only.
+
+Placements:
+- ``bottleneck``: one module right before every down-sampling: before each pooling layer, before each strided
+  stage transition and before the final global pooling (the paper's Fig. 2 and 7).
+- ``full``: one module after every conv layer of the feature path (in a residual block: after each conv,
+  the last one before the residual add; the projection shortcut is not a feature layer and gets none).
+- ``reference``: each competitor's own paper placement — CBAM after every conv layer, in ResNets inside every
+  residual block before the add (Woo et al.); BAM at every bottleneck *between* two feature stages (Park et
+  al.: after ResNet stages 1–3). SAN's own paper placement is ``bottleneck`` (Fig. 7).
+
+Attention modules per model (C = CBAM, B = BAM at ``reference``):
+
+| model              | bottleneck | full | reference C | reference B |
+|--------------------|-----------:|-----:|------------:|------------:|
+| lenet5             |          2 |    2 |           2 |           1 |
+| vgg16, _bn, vgg16_c |          5 |   13 |          13 |           4 |
+| vgg19, vgg19_bn    |          5 |   16 |          16 |           4 |
+| resnet18           |    5 (4)\\* |   17 |           8 |           3 |
+| resnet50           |    5 (4)\\* |   49 |          16 |           3 |
+
+\\* with ``stem="small"`` the stem has no max-pool after it, so it is no bottleneck position.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from san.attention import ATTENTION_NAMES, AttentionModule, create_attention
+
+PLACEMENTS = ("bottleneck", "full", "reference")
+
+# Site tags: a site lists the tags under which it receives a module.
+BOTTLENECK = "bottleneck"
+FULL = "full"
+REFERENCE_CBAM = "reference-cbam"
+REFERENCE_BAM = "reference-bam"
+_REFERENCE_TAGS = {"cbam": REFERENCE_CBAM, "bam": REFERENCE_BAM}
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which attention module a model places, where, and with which keyword arguments."""
+
+    name: str = "none"
+    placement: str = "bottleneck"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTENTION_NAMES:
+            raise ValueError(f"unknown attention {self.name!r}; choose one of: {', '.join(ATTENTION_NAMES)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+
+    @property
+    def tag(self) -> str:
+        """The site tag this plan fills."""
+        if self.placement == "reference":
+            return _REFERENCE_TAGS.get(self.name, BOTTLENECK)
+        return self.placement
+
+    def at(
+        self, tags: set[str] | frozenset[str], channels: int, prev_channels: int, kernel_size: int
+    ) -> AttentionModule | None:
+        """The module for a site with ``tags`` whose unit maps ``prev_channels`` to ``channels`` channels.
+
+        ``kernel_size`` is the feature branch's kernel at the site; SAN's smoothing conv takes it, except that a
+        1x1 layer gives 3 (a 1x1 smoothing conv could not smooth).
+        """
+        if self.tag not in tags:
+            return None
+        return create_attention(
+            self.name,
+            channels,
+            prev_channels=prev_channels,
+            feature_kernel_size=max(kernel_size, 3),
+            **dict(self.kwargs),
+        )
