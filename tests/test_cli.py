@@ -1,0 +1,42 @@
+"""The ``san`` console script, run as a user runs it."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import san
+
+SAN = str(Path(sys.executable).with_name("san"))
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SAN, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"san {san.__version__}"
+
+
+def test_models_lists_the_registry():
+    result = run("models")
+    expected = ["lenet5", "resnet18", "resnet50", "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn"]
+    assert result.returncode == 0 and result.stdout.split() == expected
+
+
+def test_models_table_gives_params_attention_params_modules_and_flops():
+    result = run("models", "--table", "--models", "lenet5", "--input-size", "28", "--num-classes", "10")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| lenet5")]
+    cells = {(r[1].strip(), r[2].strip()): [c.strip() for c in r[3:]] for r in rows}
+    assert len(rows) == 1 + 4 * 3
+    assert cells[("none", "-")][:3] == ["61,706", "0", "0"]
+    # SAN's smoothing convs at LeNet's two positions: 6->6 and 16->16, 5x5, with bias.
+    assert cells[("san-c", "bottleneck")][:3] == ["69,028", f"{6 * 6 * 25 + 6 + 16 * 16 * 25 + 16:,}", "2"]
+    assert cells[("bam", "reference")][2] == "1"
+
+
+def test_bad_model_name_is_one_line_and_exit_2():
+    result = run("models", "--table", "--models", "resnet34")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unknown model ['resnet34']" in result.stderr
