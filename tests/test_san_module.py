@@ -133,6 +133,9 @@ def test_smoothing_conv_is_c_to_c_same_padding_with_the_given_kernel_and_dilatio
     assert module.smooth.weight.shape == (16, 16, 5, 5) and module.smooth.dilation == (2, 2)
     assert module(torch.randn(1, 16, 9, 9), torch.randn(1, 4, 9, 9)).shape == (1, 16, 9, 9)
     assert SAN(16, smoothing_groups=16).smooth.weight.shape == (16, 1, 3, 3)
+    assert SAN(16, smoothing_groups="depthwise").smooth.weight.shape == (16, 1, 3, 3)
+    with pytest.raises(ValueError, match="smoothing_groups=3 must be 'depthwise' or a positive divisor"):
+        SAN(16, smoothing_groups=3)
 
 
 def test_smoothing_activation_is_identity_by_default_and_selectable():

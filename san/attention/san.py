@@ -72,7 +72,8 @@ class SAN(AttentionModule):
         dilation: 1 for SAN-c, > 1 for SAN-d.
         use_cca / use_abs / use_extrema / use_smoothing: the paper's ablation switches (Table IX).
         smoothing_activation: σ of eq 11: ``identity`` (default), ``relu``, ``tanh`` or ``sigmoid``.
-        smoothing_groups: 1 is the paper's dense C→C conv; C makes it depthwise (beyond the paper, cheaper).
+        smoothing_groups: 1 is the paper's dense C→C conv; C or ``"depthwise"`` makes it depthwise (beyond the
+            paper: C× fewer FLOPs; ``"depthwise"`` suits model-wide settings, where C differs per position).
         prev_channels: C' of ``y_prev`` when known at build time, so ``use_cca=False`` with C' != C fails early.
     """
 
@@ -88,7 +89,7 @@ class SAN(AttentionModule):
         use_extrema: bool = True,
         use_smoothing: bool = True,
         smoothing_activation: str = "identity",
-        smoothing_groups: int = 1,
+        smoothing_groups: int | str = 1,
         prev_channels: int | None = None,
     ) -> None:
         super().__init__()
@@ -96,8 +97,12 @@ class SAN(AttentionModule):
             raise ValueError(
                 f"unknown smoothing_activation {smoothing_activation!r}; choose one of: {', '.join(_ACTIVATIONS)}"
             )
-        if channels % smoothing_groups:
-            raise ValueError(f"smoothing_groups={smoothing_groups} does not divide channels={channels}")
+        if smoothing_groups == "depthwise":
+            smoothing_groups = channels
+        if not isinstance(smoothing_groups, int) or smoothing_groups < 1 or channels % smoothing_groups:
+            raise ValueError(
+                f"smoothing_groups={smoothing_groups!r} must be 'depthwise' or a positive divisor of channels={channels}"
+            )
         self.channels = channels
         self.use_abs, self.use_cca, self.use_extrema, self.use_smoothing = use_abs, use_cca, use_extrema, use_smoothing
         if prev_channels is not None:
