@@ -1,0 +1,69 @@
+"""Named datasets: their writer, classes, native resolution, sizes, and where the embedded one lives.
+
+Normalisation statistics are not declared here: every writer measures them and stores them in the manifest.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The writers, by the name `san data build` takes: each reads one distribution format.
+FORMATS = ("imagenet", "idx", "cifar10", "cifar100", "cifar20", "gtsrb")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    format: str  # the writer that reads its distribution files
+    num_classes: int
+    resolution: int  # native side in pixels (ImageNet: the usual training size)
+    channels: int
+    train_count: int
+    val_count: int
+    description: str
+    embedded_source: Path | None = None  # a package on this machine that holds the files
+
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+CATALOG: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in [
+        DatasetInfo(
+            "fashion-mnist", "idx", 10, 28, 1, 60_000, 10_000,
+            "Zalando's Fashion-MNIST (the paper's FMNIST), embedded from Debian's dataset-fashion-mnist",
+            Path("/usr/share/datasets/fashion-mnist"),
+        ),
+        DatasetInfo("mnist", "idx", 10, 28, 1, 60_000, 10_000, "MNIST handwritten digits"),
+        DatasetInfo(
+            "cifar10", "cifar10", 10, 32, 3, 50_000, 10_000,
+            "CIFAR-10 python pickles (cifar-10-batches-py)",
+        ),
+        DatasetInfo(
+            "cifar20", "cifar20", 20, 32, 3, 50_000, 10_000,
+            "CIFAR-100 with its 20 coarse superclass labels (the paper's CIFAR20)",
+        ),
+        DatasetInfo(
+            "cifar100", "cifar100", 100, 32, 3, 50_000, 10_000,
+            "CIFAR-100 python pickles (cifar-100-python)",
+        ),
+        DatasetInfo(
+            "gtsrb", "gtsrb", 43, 32, 3, 39_209, 12_630,
+            "German Traffic Sign Recognition Benchmark (Final_Training / Final_Test ppm + csv)",
+        ),
+        DatasetInfo(
+            "imagenet", "imagenet", 1000, 224, 3, 1_281_167,
+            50_000, "ImageNet-1k (ILSVRC2012) in its train/<wnid>/*.JPEG layout",
+        ),
+    ]
+}  # fmt: skip
+
+
+EMBEDDED = {name: info for name, info in CATALOG.items() if info.embedded_source is not None}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in CATALOG:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(CATALOG)}")
+    return CATALOG[name]
