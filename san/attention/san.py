@@ -101,7 +101,8 @@ class SAN(AttentionModule):
             smoothing_groups = channels
         if not isinstance(smoothing_groups, int) or smoothing_groups < 1 or channels % smoothing_groups:
             raise ValueError(
-                f"smoothing_groups={smoothing_groups!r} must be 'depthwise' or a positive divisor of channels={channels}"
+                f"smoothing_groups={smoothing_groups!r} must be 'depthwise' or a positive divisor of "
+                f"channels={channels}"
             )
         self.channels = channels
         self.use_abs, self.use_cca, self.use_extrema, self.use_smoothing = use_abs, use_cca, use_extrema, use_smoothing

@@ -60,6 +60,8 @@ def read_imagefolder_split(
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: no such directory (expected {source}/{{train,val}}/<class>/*.JPEG)")
     has_folders = any(p.is_dir() for p in split_dir.iterdir())
+    if not has_folders and (split == "train" or not any(split_dir.iterdir())):
+        raise ValueError(f"{split_dir}: no images (expected class folders <class>/*.JPEG)")
     by_class, not_images = _files_by_class(split_dir) if has_folders else _flat_validation(split_dir, source)
     if not by_class:
         raise ValueError(f"{split_dir}: no images")

@@ -1,0 +1,133 @@
+"""Loaders over real FFCV files: shapes, dtypes, normalisation, resizing, and disjoint distributed shards.
+
+Every test that builds a Loader runs under a thread timeout: a pipeline order that hangs on CPU fails the test.
+"""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.formats import write_idx, write_imagenet
+from training.data.build import build_dataset
+from training.data.loaders import make_loader
+from training.data.writer import WriterOptions
+
+pytestmark = pytest.mark.timeout(240, method="thread")
+
+
+@pytest.fixture(scope="module")
+def idx_set(tmp_path_factory):
+    """64 train / 16 val greyscale 28-px images; train label i % 10, and each image's first pixel is its index."""
+    root = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(64)
+    write_idx(root / "src", "train", images, np.arange(64) % 10)
+    write_idx(root / "src", "t10k", images[:16], np.arange(16) % 10)
+    build_dataset("idx", root / "src", root / "out", WriterOptions(num_workers=1))
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def imagenet_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet(root / "src", np.random.default_rng(1))
+    build_dataset("imagenet", root / "src", root / "out", WriterOptions(num_workers=1, write_mode="jpg"))
+    return root / "out"
+
+
+def test_train_loader_gives_normalised_float_images_and_int64_labels(idx_set):
+    loader = make_loader(idx_set / "train.beton", train=True, batch_size=16, in_chans=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4
+    images, labels = batches[0]
+    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.shape == (16,) and labels.dtype == torch.int64
+    everything = torch.cat([b[0] for b in batches])
+    manifest = loader.manifest
+    low, high = (0 - manifest.mean[0]) / manifest.std[0], (255 - manifest.mean[0]) / manifest.std[0]
+    assert everything.min() >= low - 1e-5 and everything.max() <= high + 1e-5
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted((np.arange(64) % 10).tolist())
+
+
+def test_val_loader_keeps_order_and_every_image_without_drop_last(idx_set):
+    loader = make_loader(idx_set / "val.beton", train=False, batch_size=10, in_chans=3)
+    images, labels = zip(*loader, strict=True)
+    assert [len(x) for x in labels] == [10, 6]
+    assert torch.cat(labels).tolist() == (np.arange(16) % 10).tolist()
+    assert images[0].shape == (10, 3, 28, 28)
+    manifest = loader.manifest
+    first_pixels = torch.cat(images)[:, 0, 0, 0] * manifest.std[0] + manifest.mean[0]
+    assert torch.allclose(first_pixels, torch.arange(16.0), atol=1e-3)  # whole images: no crop at 28 px
+
+
+def test_set_resolution_changes_the_next_epochs_size(idx_set):
+    loader = make_loader(idx_set / "train.beton", train=True, batch_size=16, in_chans=1)
+    assert next(iter(loader))[0].shape[-1] == 28
+    loader.set_resolution(32)
+    assert loader.resolution == 32 and next(iter(loader))[0].shape[-2:] == (32, 32)
+
+
+def test_imagenet_like_sets_crop_to_the_requested_resolution(imagenet_set):
+    train = make_loader(imagenet_set / "train.beton", train=True, batch_size=4, resolution=64)
+    images, labels = next(iter(train))
+    assert images.shape == (4, 3, 64, 64) and images.is_contiguous(memory_format=torch.channels_last)
+    val = make_loader(imagenet_set / "val.beton", train=False, batch_size=6, resolution=48, in_chans=1)
+    images, labels = next(iter(val))
+    assert images.shape == (6, 1, 48, 48) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_truncated_beton_is_refused_naming_the_file(idx_set, tmp_path):
+    broken = tmp_path / "train.beton"
+    broken.write_bytes((idx_set / "train.beton").read_bytes()[:4096])
+    (tmp_path / "train.json").write_text((idx_set / "train.json").read_text())
+    with pytest.raises(ValueError, match=r"train\.beton: cannot be read as an FFCV dataset"):
+        make_loader(broken, train=True, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def indexed_set(tmp_path_factory):
+    """64 images whose label is their index, so shards can be compared by label."""
+    root = tmp_path_factory.mktemp("indexed")
+    images = np.random.default_rng(2).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    write_idx(root / "src", "train", images, np.arange(64))
+    write_idx(root / "src", "t10k", images[:8], np.arange(8))
+    build_dataset("idx", root / "src", root / "out", WriterOptions(num_workers=1))
+    return root / "out" / "train.beton"
+
+
+def _read_shard(rank: int, world: int, port: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loader = make_loader(path, train=True, batch_size=8, in_chans=1, distributed=True, seed=7)
+    np.save(out, torch.cat([labels for _, labels in loader]).numpy())
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_distributed_read_gives_disjoint_shards_covering_the_set(indexed_set, tmp_path):
+    port = _free_port()
+    outs = [str(tmp_path / f"rank{rank}.npy") for rank in range(2)]
+    context = mp.get_context("spawn")
+    procs = [
+        context.Process(target=_read_shard, args=(rank, 2, port, str(indexed_set), outs[rank])) for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(180)
+        assert proc.exitcode == 0
+    shards = [np.load(out).tolist() for out in outs]
+    assert len(shards[0]) == len(shards[1]) == 32
+    assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(64))
