@@ -34,12 +34,19 @@ pytest: setup
 
 test: lint pytest
 
+DEMO_DATA := data/fashion-mnist
+
+# The most complete real job so far: the models table, then the embedded Fashion-MNIST as FFCV files.
 demo: setup
-	$(VENV)/bin/san models --table --input-size 28 --models lenet5
-	$(VENV)/bin/san models --table --input-size 32 --models vgg16,resnet18
+	$(VENV)/bin/san models --table --input-size 28 --num-classes 10 --models lenet5
+	$(VENV)/bin/san models --table --input-size 32 --num-classes 10 --stem small --models vgg16,resnet18
+	$(VENV)/bin/san data list
+	$(VENV)/bin/san data build fashion-mnist --out $(DEMO_DATA)
+	$(VENV)/bin/san data info $(DEMO_DATA)/train.beton
 
 bench: setup
 	$(PY) bench/attention_overhead.py
+	$(PY) bench/loader.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,11 +1,13 @@
 """FFCV loaders for training and validation, on CPU or GPU, sharded inside a process group.
 
-The pipelines hand uint8 images to the training step, which converts and normalises them in torch (on the
-GPU when there is one): that keeps float work out of the loader's threads and needs no cupy. Pipeline order
-matters on CPU — ffcv's GPU example order (``ToTensor → ToDevice → ToTorchImage → NormalizeImage``) makes
-``Loader(...)`` hang with no error there — so the order is chosen by device in `image_pipeline`.
+On CPU, ffcv's own ``NormalizeImage`` runs in the loader's threads (a lookup table, in parallel) before the
+tensor conversion; on a GPU the pipeline hands uint8 images to the device and `Normalize` finishes there in
+torch, which needs no cupy. Pipeline order matters on CPU — ffcv's GPU example order (``ToTensor → ToDevice →
+ToTorchImage → NormalizeImage``) makes ``Loader(...)`` hang with no error there — so `image_pipeline` picks the
+order by device.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,16 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
-from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.reader import Reader
+from ffcv.transforms import (
+    NormalizeImage,
+    RandomHorizontalFlip,
+    RandomTranslate,
+    Squeeze,
+    ToDevice,
+    ToTensor,
+    ToTorchImage,
+)
 
 from training.data.manifest import Manifest, load_manifest
 
@@ -27,52 +38,55 @@ def is_small(manifest: Manifest) -> bool:
     return max(manifest.resolution) <= SMALL_IMAGE_LIMIT
 
 
-def image_pipeline(
-    decoder: Operation, train: bool, flip: bool, small: bool, resolution: int, device: torch.device
-) -> list[Operation]:
-    """Decoder, augmentation, then uint8 N×C×H×W on ``device``.
+CROPS = ("auto", "random-resized", "translate")
 
-    Small images (28/32 px) are trained on whole — a random-resized crop would cut away most of a 28-px digit —
-    and shifted by up to 1/8 of their side (zero fill) instead; large ones get the random-resized crop.
-    """
+
+def image_pipeline(
+    decoder: Operation,
+    train: bool,
+    flip: bool,
+    translate: bool,
+    resolution: int,
+    device: torch.device,
+    mean: np.ndarray,
+    std: np.ndarray,
+) -> list[Operation]:
+    """Decoder, augmentation (a shift by up to 1/8 of the side with zero fill, a flip), then N×3×H×W
+    channels-last images: float32 normalised on CPU, uint8 on ``device`` for `Normalize` on a GPU."""
     ops: list[Operation] = [decoder]
-    if train and small:
+    if train and translate:
         ops.append(RandomTranslate(padding=max(resolution // 8, 1)))
     if train and flip:
         ops.append(RandomHorizontalFlip())
-    ops.append(ToTensor())
     if device.type == "cuda":
-        ops += [ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+        ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     else:
-        ops.append(ToTorchImage(channels_last=True))
+        ops += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(channels_last=True)]
     return ops
 
 
 class Normalize:
-    """uint8 N×3×H×W → float32, minus mean, over std (0–255 statistics), optionally reduced to one channel."""
+    """The step after the pipeline: select or make the model's channels, and on a GPU convert uint8 to float32
+    and normalise with the 0–255 ``mean``/``std``."""
 
     def __init__(self, mean, std, in_chans: int, source_channels: int, device: torch.device) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
-        std_t = torch.tensor(std, dtype=torch.float32, device=device)
-        self.to_grey = in_chans == 1 and source_channels == 3
+        self.on_device = device.type == "cuda"
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.inverse_std = 1 / torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.first_channel = in_chans == 1 and source_channels == 1  # greyscale stored as three equal channels
-        if self.to_grey:
-            weights = torch.tensor(GREY_WEIGHTS, device=device)
-            mean_t, std_t = (weights * mean_t).sum(0, keepdim=True), (weights * std_t).sum(0, keepdim=True)
-            self.weights = weights.view(1, 3, 1, 1)
-        elif self.first_channel:
-            mean_t, std_t = mean_t[:1], std_t[:1]
-        self.mean, self.std = mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1)
+        self.to_grey = in_chans == 1 and source_channels == 3
+        self.grey_weights = torch.tensor(GREY_WEIGHTS, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.on_device:
+            images = images.float().sub_(self.mean).mul_(self.inverse_std)
         if self.first_channel:
-            images = images[:, :1]
-        x = images.float()
+            return images[:, :1]
         if self.to_grey:
-            x = (x * self.weights).sum(1, keepdim=True)
-        return (x - self.mean) / self.std
+            return (images * self.grey_weights).sum(1, keepdim=True)
+        return images
 
 
 class ImageLoader:
@@ -107,6 +121,7 @@ def make_loader(
     mean=None,
     std=None,
     flip: bool = True,
+    crop: str = "auto",
     device: str | torch.device = "cpu",
     distributed: bool = False,
     seed: int = 0,
@@ -117,18 +132,26 @@ def make_loader(
     """A train or validation loader over ``path``.
 
     ``resolution`` defaults to the set's stored size for small sets and 224 otherwise; ``mean``/``std`` to the
-    manifest's (pass the *train* split's for validation). Validation centre-crops at ratio 224/256 for large
-    images and keeps small ones whole. ``distributed=True`` shards over the initialised process group (random
-    order needs the explicit ``seed``); ``drop_last`` defaults to True for training and False for validation.
+    manifest's (pass the *train* split's for validation). Training crops with ``crop``: ``random-resized``
+    (ImageNet's), or ``translate`` — the whole image resized and shifted, since a random-resized crop would cut
+    away most of a 28-px digit; ``auto`` picks ``translate`` for small sets (at most 64 px stored). Validation
+    centre-crops at ratio 224/256 for large images and keeps small ones whole. ``distributed=True`` shards over
+    the initialised process group (random order needs the explicit ``seed``); ``drop_last`` defaults to True for
+    training and False for validation.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .beton file")
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; choose one of: {', '.join(CROPS)}")
     manifest = load_manifest(path)
     small = is_small(manifest)
+    translate = crop == "translate" or (crop == "auto" and small)
     resolution = resolution or (max(manifest.resolution) if small else 224)
     device = torch.device(device)
-    if train and not small:
+    mean = np.asarray(manifest.mean if mean is None else mean, dtype=np.float64)
+    std = np.asarray(manifest.std if std is None else std, dtype=np.float64)
+    if train and not translate:
         decoder: Operation = RandomResizedCropRGBImageDecoder((resolution, resolution))
     else:
         decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0 if small else IMAGENET_CROP_RATIO)
@@ -136,24 +159,23 @@ def make_loader(
     if device.type == "cuda":
         label_ops.append(ToDevice(device, non_blocking=True))
     try:
-        loader = Loader(
-            str(path),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            os_cache=os_cache,
-            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-            distributed=distributed,
-            seed=seed,
-            drop_last=train if drop_last is None else drop_last,
-            pipelines={"image": image_pipeline(decoder, train, flip, small, resolution, device), "label": label_ops},
-        )
-    except (ValueError, OSError, AssertionError, IndexError) as error:
+        Reader(str(path))  # header, metadata and allocation table: a truncated file fails here
+    except (ValueError, OSError, AssertionError, IndexError, EOFError) as error:
         raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
-    normalize = Normalize(
-        np.asarray(mean if mean is not None else manifest.mean),
-        np.asarray(std if std is not None else manifest.std),
-        in_chans,
-        manifest.channels,
-        device,
+    if not 1 <= num_workers <= (os.cpu_count() or 1):
+        raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
+    loader = Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        os_cache=os_cache,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        distributed=distributed,
+        seed=seed,
+        drop_last=train if drop_last is None else drop_last,
+        pipelines={
+            "image": image_pipeline(decoder, train, flip, translate, resolution, device, mean, std),
+            "label": label_ops,
+        },
     )
-    return ImageLoader(loader, decoder, normalize, manifest)
+    return ImageLoader(loader, decoder, Normalize(mean, std, in_chans, manifest.channels, device), manifest)
