@@ -131,3 +131,13 @@ def test_two_process_distributed_read_gives_disjoint_shards_covering_the_set(ind
     shards = [np.load(out).tolist() for out in outs]
     assert len(shards[0]) == len(shards[1]) == 32
     assert set(shards[0]).isdisjoint(shards[1]) and set(shards[0]) | set(shards[1]) == set(range(64))
+
+
+def test_shards_split_a_set_exactly_without_padding(indexed_set):
+    seen = []
+    for rank in range(3):
+        loader = make_loader(indexed_set, train=False, batch_size=16, in_chans=1, shard=(rank, 3))
+        labels = torch.cat([labels for _, labels in loader]).tolist()
+        assert labels == list(range(rank, 64, 3))
+        seen += labels
+    assert sorted(seen) == list(range(64))

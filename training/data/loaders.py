@@ -124,6 +124,7 @@ def make_loader(
     crop: str = "auto",
     device: str | torch.device = "cpu",
     distributed: bool = False,
+    shard: tuple[int, int] | None = None,
     seed: int = 0,
     num_workers: int = 1,
     drop_last: bool | None = None,
@@ -136,8 +137,9 @@ def make_loader(
     (ImageNet's), or ``translate`` — the whole image resized and shifted, since a random-resized crop would cut
     away most of a 28-px digit; ``auto`` picks ``translate`` for small sets (at most 64 px stored). Validation
     centre-crops at ratio 224/256 for large images and keeps small ones whole. ``distributed=True`` shards over
-    the initialised process group (random order needs the explicit ``seed``); ``drop_last`` defaults to True for
-    training and False for validation.
+    the initialised process group (random order needs the explicit ``seed``); it pads uneven shards by repeating
+    images, so exact evaluation uses ``shard=(rank, world_size)`` instead: images rank, rank + world, ... .
+    ``drop_last`` defaults to True for training and False for validation.
     """
     path = Path(path)
     if not path.is_file():
@@ -162,6 +164,8 @@ def make_loader(
         Reader(str(path))  # header, metadata and allocation table: a truncated file fails here
     except (ValueError, OSError, AssertionError, IndexError, EOFError) as error:
         raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
+    if distributed and shard is not None:
+        raise ValueError("distributed=True and shard=... are alternatives; pass one")
     if not 1 <= num_workers <= (os.cpu_count() or 1):
         raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
     loader = Loader(
@@ -171,6 +175,7 @@ def make_loader(
         os_cache=os_cache,
         order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
         distributed=distributed,
+        indices=None if shard is None else np.arange(shard[0], manifest.count, shard[1]),
         seed=seed,
         drop_last=train if drop_last is None else drop_last,
         pipelines={

@@ -1,0 +1,191 @@
+"""The training loop: `train_one_epoch`, `evaluate` (global top-1/top-5) and `train_worker`, the function each
+Ray Train worker runs."""
+
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import JobSpec
+from training.data.loaders import make_loader
+from training.data.manifest import load_manifest
+from training.schedule import learning_rate, resolution_at
+from training.tracking import RunLogger
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FAIL_ONCE_ENV = "SAN_TEST_FAIL_ONCE"  # test-only: "<epoch>:<marker file>" makes rank 1 (or 0) raise once there
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv and linear weights only: none on norm layers and biases (ffcv-imagenet)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast(spec: JobSpec, device: torch.device):
+    if spec.training.amp == "none" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if spec.training.amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int, device, world_size: int) -> dict:
+    """One pass over this worker's shard; the LR follows the schedule per iteration. Returns the global mean
+    loss, images seen by all workers, and seconds."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=spec.optimizer.label_smoothing)
+    iterations = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images = 0
+    started = time.perf_counter()
+    for step, (inputs, targets) in enumerate(loader):
+        lr = learning_rate(spec, epoch + step / iterations, world_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if spec.training.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(spec, device):
+            loss = criterion(model(inputs), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach().double() * len(targets)
+        images += len(targets)
+    totals = torch.stack([loss_sum, torch.tensor(float(images), dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {"loss": (totals[0] / totals[1]).item(), "images": int(totals[1].item()),
+            "seconds": time.perf_counter() - started, "lr": lr}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model, loader, spec: JobSpec, device) -> dict:
+    """Loss, top-1 and top-5 over the *whole* validation set: every worker counts its exact shard, then the
+    counts are summed across workers (not averaged, not rank 0's shard alone)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for inputs, targets in loader:
+        if spec.training.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(spec, device):
+            logits = model(inputs).float()
+            if spec.validation.flip_tta:
+                logits = logits + model(inputs.flip(3)).float()
+        totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        totals[1] += hits[:, 0].sum()
+        totals[2] += hits.any(dim=1).sum()
+        totals[3] += len(targets)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    count = totals[3].item()
+    return {"loss": totals[0].item() / count, "top1": totals[1].item() / count, "top5": totals[2].item() / count,
+            "images": int(count)}  # fmt: skip
+
+
+def _fail_once_if_asked(epoch: int, rank: int, world_size: int) -> None:
+    """The fault-tolerance tests' switch: raise once, on the last rank, at the given epoch."""
+    setting = os.environ.get(FAIL_ONCE_ENV)
+    if not setting or rank != world_size - 1:
+        return
+    at_epoch, marker = setting.split(":", 1)
+    if int(at_epoch) == epoch and not Path(marker).exists():
+        Path(marker).write_text("failed once\n")
+        raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure at epoch {epoch}")
+
+
+def train_worker(config: dict) -> None:
+    """Run by every Ray Train worker. ``config``: the spec (JSON), the resolved .beton paths, the MLflow URI and
+    run id. Resumes from ``ray.train.get_checkpoint()`` when Ray restarts the workers after a failure."""
+    spec = JobSpec.model_validate(config["spec"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.training.seed)
+    train_manifest = load_manifest(Path(config["train_path"]))
+    in_chans = train_manifest.channels
+    common = {"in_chans": in_chans, "device": device, "num_workers": spec.data.loader_workers,
+              "os_cache": spec.data.in_memory, "mean": train_manifest.mean, "std": train_manifest.std}  # fmt: skip
+    train_loader = make_loader(config["train_path"], train=True, batch_size=spec.training.batch_size,
+                               distributed=world_size > 1, seed=spec.training.seed, **common)  # fmt: skip
+    val_loader = make_loader(config["val_path"], train=False, batch_size=spec.validation.batch_size,
+                             resolution=spec.resolution.val_res, shard=(rank, world_size) if world_size > 1 else None,
+                             **common)  # fmt: skip
+    torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))  # ffcv resets it while building loaders
+    model = spec.build_model(train_manifest.num_classes, in_chans)
+    if spec.training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(parameter_groups(model, spec.optimizer.weight_decay), lr=0.0,
+                                momentum=spec.optimizer.momentum, nesterov=spec.optimizer.nesterov)  # fmt: skip
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.training.amp == "fp16")
+    start_epoch, history, best_top1 = 0, [], -1.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history, best_top1 = state["epoch"] + 1, state["history"], state["best_top1"]
+    logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger:
+        logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
+
+    for epoch in range(start_epoch, spec.training.epochs):
+        resolution = resolution_at(spec, epoch, max(train_manifest.resolution))
+        train_loader.set_resolution(resolution)
+        _fail_once_if_asked(epoch, rank, world_size)
+        trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size)
+        validated = evaluate(model, val_loader, spec, device)
+        metrics = {
+            "epoch": epoch,
+            "train/loss": trained["loss"],
+            "val/loss": validated["loss"],
+            "val/top1": validated["top1"],
+            "val/top5": validated["top5"],
+            "val/images": validated["images"],
+            "time/epoch_s": trained["seconds"],
+            "throughput/img_s": trained["images"] / trained["seconds"],
+            "lr": trained["lr"],
+            "resolution": resolution,
+            "timestamp_ms": time.time() * 1000,
+        }
+        history.append(metrics)
+        improved = metrics["val/top1"] > best_top1
+        best_top1 = max(best_top1, metrics["val/top1"])
+        last = epoch == spec.training.epochs - 1
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0 and ((epoch + 1) % spec.checkpoint.every_epochs == 0 or last):
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best_top1": best_top1,
+                         "spec": spec.model_dump(mode="json")}  # fmt: skip
+                torch.save(state, Path(directory) / CHECKPOINT_FILE)
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
+            if logger:
+                logger.log_epochs(history)
+                if saved is not None:
+                    logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
+                    if improved:
+                        logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "best")
+    if logger:
+        logger.finish(unwrap(model))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,50 @@
+"""The entry point Ray Jobs executes: ``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N]``."""
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from training.config import JobSpec
+from training.launch import launch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__)
+    parser.add_argument("spec", help="a JobSpec as YAML or JSON")
+    parser.add_argument("--job-id", help="names the Ray run and tags the MLflow run (default: generated)")
+    parser.add_argument("--workers", type=int, help="override scaling.num_workers")
+    args = parser.parse_args(argv)
+    return run(args.spec, args.job_id, args.workers)
+
+
+def load_spec(path: str, workers: int | None) -> JobSpec:
+    """The spec file, with ``--workers`` applied through validation (so its bounds hold too)."""
+    spec = JobSpec.load(path)
+    if workers is not None:
+        data = spec.model_dump()
+        data["scaling"]["num_workers"] = workers
+        spec = JobSpec.model_validate(data)
+    return spec
+
+
+def run(path: str, job_id: str | None, workers: int | None) -> int:
+    try:
+        spec = load_spec(path, workers)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "spec"
+        print(f"error: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = launch(spec, job_id)
+    top1, top5 = result.metrics.get("val/top1", float("nan")), result.metrics.get("val/top5", float("nan"))
+    print(f"{result.job_id}: {spec.training.epochs} epochs, val/top1 {top1:.4f}, val/top5 {top5:.4f}; "
+          f"MLflow run {result.mlflow_run_id} at {result.mlflow_uri}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
