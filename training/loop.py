@@ -177,6 +177,8 @@ def train_worker(config: dict) -> None:
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
+            if rank == 0:
+                print(progress_line(metrics, spec.training.epochs), flush=True)
             if logger:
                 logger.log_epochs(history)
                 if saved is not None:
@@ -185,6 +187,14 @@ def train_worker(config: dict) -> None:
                         logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "best")
     if logger:
         logger.finish(unwrap(model))
+
+
+def progress_line(metrics: dict, epochs: int) -> str:
+    return (
+        f"epoch {metrics['epoch'] + 1}/{epochs}  train/loss {metrics['train/loss']:.4f}  "
+        f"val/top1 {metrics['val/top1']:.4f}  val/top5 {metrics['val/top5']:.4f}  "
+        f"{metrics['throughput/img_s']:,.0f} img/s  {metrics['time/epoch_s']:.1f} s  {metrics['resolution']} px"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
