@@ -61,20 +61,19 @@ def median_seconds(step: Callable[[], object], warmup: int, repeats: int) -> flo
 def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct tensors autograd saves for backward (parameters excluded): training memory on CPU."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
+    kept: list[torch.Tensor] = []  # held until counted, so no freed storage's address is reused meanwhile
 
     def pack(tensor: torch.Tensor) -> None:
-        # Keep no reference: a pack hook that returns an output tensor itself forms a cycle that leaks it.
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
+        # Return no reference: a pack hook that returns an output tensor itself forms a cycle that leaks it.
+        kept.append(tensor.detach())
 
     def unpack(_: None) -> torch.Tensor:
         raise RuntimeError("this graph only measures what is saved; it cannot run backward")
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         model(x)
-    return sum(storages.values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    return sum(size for pointer, size in storages.items() if pointer not in params)
 
 
 def train_step_case(model_name: str, size: int, batch: int, device: torch.device, warmup: int, repeats: int):

@@ -4,6 +4,8 @@ import subprocess
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -75,5 +77,7 @@ class RunLogger:
     def finish(self, model, status: str = "FINISHED") -> None:
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model")
+            # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly.
+            torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+            mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin])
         self.client.set_terminated(self.run_id, status=status)

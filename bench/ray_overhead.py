@@ -1,0 +1,84 @@
+"""What Ray Train costs and what a second worker buys, on the same lenet5 + SAN-c job over Fashion-MNIST.
+
+1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
+2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread.
+Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
+
+    python bench/ray_overhead.py [--images 20000] [--epochs 4]
+"""
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+
+from training.config import JobSpec
+from training.data.build import build_dataset
+from training.data.loaders import make_loader
+from training.data.writer import WriterOptions
+from training.launch import launch
+from training.loop import CHECKPOINT_FILE, parameter_groups, train_one_epoch
+
+
+def spec_for(workers: int, epochs: int) -> JobSpec:
+    return JobSpec.model_validate({
+        "model": {"name": "lenet5", "attention": "san-c"},
+        "data": {"train_path": "fmnist/train.beton", "val_path": "fmnist/val.beton"},
+        "training": {"epochs": epochs, "batch_size": 128},
+        "validation": {"batch_size": 1000},
+        "lr": {"peak_epoch": 1},
+        "scaling": {"num_workers": workers, "cpus_per_worker": 1},
+        "checkpoint": {"every_epochs": epochs},
+    })  # fmt: skip
+
+
+def plain_epochs(spec: JobSpec, data: Path) -> list[float]:
+    torch.manual_seed(0)
+    loader = make_loader(data / "fmnist" / "train.beton", train=True, batch_size=spec.training.batch_size, in_chans=1)
+    torch.set_num_threads(1)
+    model = spec.build_model(10, 1)
+    optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    device = torch.device("cpu")
+    return [train_one_epoch(model, loader, optimizer, scaler, spec, e, device, 1)["seconds"]
+            for e in range(spec.training.epochs)]  # fmt: skip
+
+
+def ray_epochs(spec: JobSpec, data: Path, runs: Path, name: str) -> tuple[list[float], list[float]]:
+    result = launch(spec, job_id=name, root=runs, data=data)
+    history = torch.load(Path(result.checkpoint_path) / CHECKPOINT_FILE, weights_only=False)["history"]
+    return [m["time/epoch_s"] for m in history], [m["throughput/img_s"] for m in history]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temp:
+        data, runs = Path(temp) / "data", Path(temp) / "runs"
+        build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
+        plain = statistics.median(plain_epochs(spec_for(1, args.epochs), data)[1:])
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        one_time, one_rate = ray_epochs(spec_for(1, args.epochs), data, runs, "one-worker")
+        two_time, two_rate = ray_epochs(spec_for(2, args.epochs), data, runs, "two-workers")
+        ray.shutdown()
+    one, two = statistics.median(one_time[1:]), statistics.median(two_time[1:])
+    rate1, rate2 = statistics.median(one_rate[1:]), statistics.median(two_rate[1:])
+    print(f"\nlenet5 + san-c, {args.images:,} Fashion-MNIST images, batch 128 per worker, 1 thread per worker\n")
+    print("| measurement | value |")
+    print("|---|---:|")
+    print(f"| plain loop epoch s | {plain:.2f} |")
+    print(f"| 1 Ray worker epoch s | {one:.2f} |")
+    print(f"| Ray / plain | {one / plain:.3f} |")
+    print(f"| 1 worker img/s | {rate1:,.0f} |")
+    print(f"| 2 workers img/s | {rate2:,.0f} |")
+    print(f"| 2 workers / 1 worker | {rate2 / rate1:.2f} |")
+    print(f"| 2 workers epoch s | {two:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
