@@ -77,7 +77,8 @@ class RunLogger:
     def finish(self, model, status: str = "FINISHED") -> None:
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly.
+            # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly. Pickle, not
+            # MLflow 3's default torch.export format: loading needs the `san` package, but no example input.
             torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin])
+            mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
         self.client.set_terminated(self.run_id, status=status)
