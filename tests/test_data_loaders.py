@@ -141,3 +141,14 @@ def test_shards_split_a_set_exactly_without_padding(indexed_set):
         assert labels == list(range(rank, 64, 3))
         seen += labels
     assert sorted(seen) == list(range(64))
+
+
+def test_augmentation_repeats_with_the_seed_and_changes_with_it_and_the_epoch(idx_set):
+    def epochs(seed: int, count: int = 2) -> list[torch.Tensor]:
+        loader = make_loader(idx_set / "train.beton", train=True, batch_size=16, in_chans=1, seed=seed)
+        return [torch.cat([images for images, _ in loader]) for _ in range(count)]
+
+    first, again, other = epochs(1), epochs(1), epochs(2)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    assert not torch.equal(first[0], first[1])  # a new order and new draws each epoch

@@ -56,9 +56,11 @@ def checkpoint_state(result) -> dict:
 
 
 def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
-    result = run(roots, job(roots), "two-workers")
+    resizing = {"min_res": 24, "max_res": 32, "start_ramp": 0, "end_ramp": 1, "step": 8, "val_res": 28}
+    result = run(roots, job(roots, resolution=resizing), "two-workers")
     state = checkpoint_state(result)
     assert [m["epoch"] for m in state["history"]] == [0, 1]
+    assert [m["resolution"] for m in state["history"]] == [24, 32]  # progressive resizing, as delivered
     for key in ("train/loss", "val/top1", "val/top5", "val/loss", "throughput/img_s"):
         logged = history(result, key)
         assert logged == [(e, pytest.approx(m[key])) for e, m in enumerate(state["history"])]
@@ -81,6 +83,13 @@ def test_a_worker_failure_resumes_from_the_last_checkpoint_without_gaps_or_repea
     assert [step for step, _ in history(result, "val/top1")] == [0, 1, 2]
     assert [m["epoch"] for m in checkpoint_state(result)["history"]] == [0, 1, 2]
     assert MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_same_seed_on_one_worker_gives_identical_metrics_twice(roots):
+    spec = job(roots, scaling={"num_workers": 1})
+    first, second = (checkpoint_state(run(roots, spec, f"repeat-{i}"))["history"] for i in range(2))
+    for key in ("train/loss", "val/loss", "val/top1", "val/top5"):
+        assert [m[key] for m in first] == [m[key] for m in second]
 
 
 def test_bad_specs_fail_before_ray_starts(roots):

@@ -42,14 +42,16 @@ def autocast(spec: JobSpec, device: torch.device):
 
 def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int, device, world_size: int) -> dict:
     """One pass over this worker's shard; the LR follows the schedule per iteration. Returns the global mean
-    loss, images seen by all workers, and seconds."""
+    loss, images seen by all workers, seconds, the last LR and the resolution the loader delivered."""
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=spec.optimizer.label_smoothing)
     iterations = len(loader)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     images = 0
+    resolution = 0
     started = time.perf_counter()
     for step, (inputs, targets) in enumerate(loader):
+        resolution = inputs.shape[-1]
         lr = learning_rate(spec, epoch + step / iterations, world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -67,7 +69,7 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
     if dist.is_initialized():
         dist.all_reduce(totals)
     return {"loss": (totals[0] / totals[1]).item(), "images": int(totals[1].item()),
-            "seconds": time.perf_counter() - started, "lr": lr}  # fmt: skip
+            "seconds": time.perf_counter() - started, "lr": lr, "resolution": resolution}  # fmt: skip
 
 
 @torch.no_grad()
@@ -146,8 +148,7 @@ def train_worker(config: dict) -> None:
         logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
 
     for epoch in range(start_epoch, spec.training.epochs):
-        resolution = resolution_at(spec, epoch, max(train_manifest.resolution))
-        train_loader.set_resolution(resolution)
+        train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
         _fail_once_if_asked(epoch, rank, world_size)
         trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size)
         validated = evaluate(model, val_loader, spec, device)
@@ -161,7 +162,7 @@ def train_worker(config: dict) -> None:
             "time/epoch_s": trained["seconds"],
             "throughput/img_s": trained["images"] / trained["seconds"],
             "lr": trained["lr"],
-            "resolution": resolution,
+            "resolution": trained["resolution"],  # as delivered, not as planned
             "timestamp_ms": time.time() * 1000,
         }
         history.append(metrics)

@@ -19,14 +19,13 @@ from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import (
     NormalizeImage,
-    RandomHorizontalFlip,
-    RandomTranslate,
     Squeeze,
     ToDevice,
     ToTensor,
     ToTorchImage,
 )
 
+from training.data.augment import SeededHorizontalFlip, SeededTranslate
 from training.data.manifest import Manifest, load_manifest
 
 IMAGENET_CROP_RATIO = 224 / 256
@@ -50,14 +49,15 @@ def image_pipeline(
     device: torch.device,
     mean: np.ndarray,
     std: np.ndarray,
+    seed: int,
 ) -> list[Operation]:
-    """Decoder, augmentation (a shift by up to 1/8 of the side with zero fill, a flip), then N×3×H×W
-    channels-last images: float32 normalised on CPU, uint8 on ``device`` for `Normalize` on a GPU."""
+    """Decoder, augmentation (a shift by up to 1/8 of the side with zero fill, a flip, both drawn from ``seed``),
+    then N×3×H×W channels-last images: float32 normalised on CPU, uint8 on ``device`` for `Normalize`."""
     ops: list[Operation] = [decoder]
     if train and translate:
-        ops.append(RandomTranslate(padding=max(resolution // 8, 1)))
+        ops.append(SeededTranslate(max(resolution // 8, 1), seed))
     if train and flip:
-        ops.append(RandomHorizontalFlip())
+        ops.append(SeededHorizontalFlip(seed))
     if device.type == "cuda":
         ops += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
     else:
@@ -139,7 +139,8 @@ def make_loader(
     centre-crops at ratio 224/256 for large images and keeps small ones whole. ``distributed=True`` shards over
     the initialised process group (random order needs the explicit ``seed``); it pads uneven shards by repeating
     images, so exact evaluation uses ``shard=(rank, world_size)`` instead: images rank, rank + world, ... .
-    ``drop_last`` defaults to True for training and False for validation.
+    ``drop_last`` defaults to True for training and False for validation. ``seed`` also draws the shift and the
+    flip (`training.data.augment`), so runs repeat exactly; ffcv's random-resized crop is not seeded yet.
     """
     path = Path(path)
     if not path.is_file():
@@ -179,7 +180,7 @@ def make_loader(
         seed=seed,
         drop_last=train if drop_last is None else drop_last,
         pipelines={
-            "image": image_pipeline(decoder, train, flip, translate, resolution, device, mean, std),
+            "image": image_pipeline(decoder, train, flip, translate, resolution, device, mean, std, seed),
             "label": label_ops,
         },
     )
