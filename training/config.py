@@ -15,6 +15,12 @@ from san.models.blurpool import add_blurpool
 from san.registry import build_model, list_attention, list_models, list_placements
 
 
+def one_of(name: str, allowed: list[str], what: str) -> str:
+    if name not in allowed:
+        raise ValueError(f"unknown {what} {name!r}; choose one of: {', '.join(allowed)}")
+    return name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,23 +36,17 @@ class ModelSection(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in list_models():
-            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-        return name
+        return one_of(name, list_models(), "model")
 
     @field_validator("attention")
     @classmethod
     def _known_attention(cls, name: str) -> str:
-        if name not in list_attention():
-            raise ValueError(f"unknown attention {name!r}; choose one of: {', '.join(list_attention())}")
-        return name
+        return one_of(name, list_attention(), "attention")
 
     @field_validator("placement")
     @classmethod
     def _known_placement(cls, name: str) -> str:
-        if name not in list_placements():
-            raise ValueError(f"unknown placement {name!r}; choose one of: {', '.join(list_placements())}")
-        return name
+        return one_of(name, list_placements(), "placement")
 
 
 class DataSection(Section):
