@@ -35,6 +35,7 @@ def job(roots: Path, **overrides) -> JobSpec:
         "validation": {"batch_size": 100},
         "lr": {"lr": 0.2, "peak_epoch": 1},
         "scaling": {"num_workers": 2},
+        "tracking": {"system_metrics_interval_s": 1},
     }
     for section, values in overrides.items():
         sections[section] = {**sections.get(section, {}), **values}
@@ -70,7 +71,8 @@ def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
     run_data = MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
     assert run_data.info.run_name == "lenet5-san-c-bottleneck-s0" and run_data.info.status == "FINISHED"
     assert run_data.data.params["model.attention"] == "san-c" and run_data.data.params["scaling.num_workers"] == "2"
-    assert run_data.data.tags["san.job_id"] == "two-workers"
+    assert run_data.data.tags["san.job_id"] == "two-workers" and len(run_data.data.tags["git.commit"]) == 40
+    assert any(key.startswith("system/cpu") for key in run_data.data.metrics)
     artifacts = {a.path for a in MlflowClient(result.mlflow_uri).list_artifacts(result.mlflow_run_id)}
     assert {"spec.json", "checkpoints"} <= artifacts
 

@@ -127,6 +127,7 @@ class TrackingSection(Section):
     experiment: str | None = None  # None: san/<dataset>
     run_name: str | None = None  # None: <model>-<attention>-<placement>-s<seed>
     tags: dict[str, str] = Field(default_factory=dict)
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)  # CPU, memory (and GPU) sampled by rank 0
 
 
 class JobSpec(Section):

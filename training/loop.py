@@ -143,7 +143,9 @@ def train_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, history, best_top1 = state["epoch"] + 1, state["history"], state["best_top1"]
-    logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    logger = None
+    if rank == 0:
+        logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"], spec.tracking.system_metrics_interval_s)
     if logger:
         logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
 

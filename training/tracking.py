@@ -53,11 +53,14 @@ class RunLogger:
     """Rank 0's handle on the job's run. Epochs are logged at most once: after a restart from a checkpoint,
     epochs the run already holds are not logged again, and epochs it misses are filled from the history."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    def __init__(self, uri: str, run_id: str, system_metrics_interval_s: float) -> None:
         self.client = MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
         self.logged = {m.step for m in self.client.get_metric_history(run_id, "val/top1")}
-        self.client.update_run(run_id, status="RUNNING")
+        # The run stays active in this process so MLflow's sampler records system/* metrics while training.
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
     def log_epochs(self, history: list[dict[str, float]]) -> None:
         for epoch, metrics in enumerate(history):
@@ -71,14 +74,10 @@ class RunLogger:
     def log_checkpoint(self, path: Path, name: str) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=f"checkpoints/{name}")
 
-    def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
-
-    def finish(self, model, status: str = "FINISHED") -> None:
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly. Pickle, not
-            # MLflow 3's default torch.export format: loading needs the `san` package, but no example input.
-            torch_pin = f"torch=={torch.__version__.split('+')[0]}"
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, model) -> None:
+        """Log the final model and end the run as FINISHED."""
+        # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly. Pickle, not
+        # MLflow 3's default torch.export format: loading needs the `san` package, but no example input.
+        torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+        mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
+        mlflow.end_run("FINISHED")
