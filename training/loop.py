@@ -34,6 +34,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def memory_format(spec: JobSpec) -> torch.memory_format:
+    """The loader delivers channels-last batches; the model gets the layout the spec asks for."""
+    return torch.channels_last if spec.training.channels_last else torch.contiguous_format
+
+
 def autocast(spec: JobSpec, device: torch.device):
     if spec.training.amp == "none" or device.type != "cuda":
         return nullcontext()
@@ -55,8 +60,7 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
         lr = learning_rate(spec, epoch + step / iterations, world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if spec.training.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=memory_format(spec))
         optimizer.zero_grad(set_to_none=True)
         with autocast(spec, device):
             loss = criterion(model(inputs), targets)
@@ -79,8 +83,7 @@ def evaluate(model, loader, spec: JobSpec, device) -> dict:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     for inputs, targets in loader:
-        if spec.training.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=memory_format(spec))
         with autocast(spec, device):
             logits = model(inputs).float()
             if spec.validation.flip_tta:
