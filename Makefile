@@ -34,19 +34,23 @@ pytest: setup
 
 test: lint pytest
 
+# Where the demo spec's catalog name resolves (SAN_DATA_ROOT defaults to ./data).
 DEMO_DATA := data/fashion-mnist
 
-# The most complete real job so far: the models table, then the embedded Fashion-MNIST as FFCV files.
+# The most complete real job so far: the models table, the embedded Fashion-MNIST as FFCV files, then the
+# paper's LeNet-5 + SAN-d setting trained on it by two Ray Train workers, tracked in MLflow (runs/mlflow.db).
 demo: setup
 	$(VENV)/bin/san models --table --input-size 28 --num-classes 10 --models lenet5
 	$(VENV)/bin/san models --table --input-size 32 --num-classes 10 --stem small --models vgg16,resnet18
 	$(VENV)/bin/san data list
 	$(VENV)/bin/san data build fashion-mnist --out $(DEMO_DATA)
 	$(VENV)/bin/san data info $(DEMO_DATA)/train.beton
+	$(VENV)/bin/san train configs/lenet5-fmnist.yaml --workers 2 --epochs 3
 
 bench: setup
 	$(PY) bench/attention_overhead.py
 	$(PY) bench/loader.py
+	$(PY) bench/ray_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,23 +14,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="a JobSpec as YAML or JSON")
     parser.add_argument("--job-id", help="names the Ray run and tags the MLflow run (default: generated)")
     parser.add_argument("--workers", type=int, help="override scaling.num_workers")
+    parser.add_argument("--epochs", type=int, help="override training.epochs")
     args = parser.parse_args(argv)
-    return run(args.spec, args.job_id, args.workers)
+    return run(args.spec, args.job_id, args.workers, args.epochs)
 
 
-def load_spec(path: str, workers: int | None) -> JobSpec:
-    """The spec file, with ``--workers`` applied through validation (so its bounds hold too)."""
+def load_spec(path: str, workers: int | None = None, epochs: int | None = None) -> JobSpec:
+    """The spec file, with ``--workers``/``--epochs`` applied through validation (so their checks hold too)."""
     spec = JobSpec.load(path)
+    data = spec.model_dump()
     if workers is not None:
-        data = spec.model_dump()
         data["scaling"]["num_workers"] = workers
-        spec = JobSpec.model_validate(data)
-    return spec
+    if epochs is not None:
+        data["training"]["epochs"] = epochs
+    return JobSpec.model_validate(data)
 
 
-def run(path: str, job_id: str | None, workers: int | None) -> int:
+def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None) -> int:
     try:
-        spec = load_spec(path, workers)
+        spec = load_spec(path, workers, epochs)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "spec"
