@@ -9,7 +9,7 @@ The raw rate is 2 processes doing nothing but decode the same files with PIL: th
 Two trees: real Fashion-MNIST upscaled to 64 px, and an ImageNet-like tree of random crops (up to 400×350) of the
 colour photos scikit-image bundles, whose JPEG sizes resemble ImageNet's.
 
-    python bench/loader.py [--images 4000] [--workers 2] [--epochs 2]
+    python bench/loader.py [--images 4000] [--workers 2] [--epochs 4]
 """
 
 import argparse
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as temp:
