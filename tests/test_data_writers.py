@@ -8,6 +8,7 @@ import pytest
 from tests.formats import random_rgb, write_cifar10, write_cifar100, write_gtsrb, write_idx, write_imagenet
 from tests.readback import read_labels, read_pixels
 from training.data.build import build_dataset
+from training.data.catalog import dataset_info
 from training.data.manifest import load_manifest
 from training.data.writer import WriterOptions
 
@@ -140,3 +141,6 @@ def test_embedded_fashion_mnist_is_the_real_60k_10k_set(tmp_path):
     assert np.bincount(read_labels(tmp_path / "train.beton")).tolist() == [6_000] * 10
     assert np.bincount(read_labels(tmp_path / "val.beton")).tolist() == [1_000] * 10
     assert manifests["train"].mean[0] == pytest.approx(72.94, abs=0.01)
+    published = dataset_info("fashion-mnist")  # the catalog's published normalisation agrees with the measured
+    assert manifests["train"].mean == pytest.approx(published.mean, abs=0.05)
+    assert manifests["train"].std == pytest.approx(published.std, abs=0.05)

@@ -1,6 +1,8 @@
-"""Named datasets: their writer, classes, native resolution, sizes, and where the embedded one lives.
+"""Named datasets: their writer, classes, native resolution, published normalisation, sizes, and where the
+embedded one lives.
 
-Normalisation statistics are not declared here: every writer measures them and stores them in the manifest.
+The normalisation here is the one usually published for each set (0–255 scale, RGB; greyscale sets repeat their
+value); loaders use what the writer measured on the actual train split, stored in its manifest.
 """
 
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ class DatasetInfo:
     num_classes: int
     resolution: int  # native side in pixels (ImageNet: the usual training size)
     channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     train_count: int
     val_count: int
     description: str
@@ -31,29 +35,32 @@ CATALOG: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
         DatasetInfo(
-            "fashion-mnist", "idx", 10, 28, 1, 60_000, 10_000,
+            "fashion-mnist", "idx", 10, 28, 1, (72.93, 72.93, 72.93), (90.02, 90.02, 90.02), 60_000, 10_000,
             "Zalando's Fashion-MNIST (the paper's FMNIST), embedded from Debian's dataset-fashion-mnist",
             Path("/usr/share/datasets/fashion-mnist"),
         ),
-        DatasetInfo("mnist", "idx", 10, 28, 1, 60_000, 10_000, "MNIST handwritten digits"),
         DatasetInfo(
-            "cifar10", "cifar10", 10, 32, 3, 50_000, 10_000,
+            "mnist", "idx", 10, 28, 1, (33.33, 33.33, 33.33), (78.57, 78.57, 78.57), 60_000, 10_000,
+            "MNIST handwritten digits",
+        ),
+        DatasetInfo(
+            "cifar10", "cifar10", 10, 32, 3, (125.31, 122.96, 113.86), (62.98, 62.09, 66.71), 50_000, 10_000,
             "CIFAR-10 python pickles (cifar-10-batches-py)",
         ),
         DatasetInfo(
-            "cifar20", "cifar20", 20, 32, 3, 50_000, 10_000,
+            "cifar20", "cifar20", 20, 32, 3, (129.31, 124.06, 112.43), (68.16, 65.38, 70.43), 50_000, 10_000,
             "CIFAR-100 with its 20 coarse superclass labels (the paper's CIFAR20)",
         ),
         DatasetInfo(
-            "cifar100", "cifar100", 100, 32, 3, 50_000, 10_000,
+            "cifar100", "cifar100", 100, 32, 3, (129.31, 124.06, 112.43), (68.16, 65.38, 70.43), 50_000, 10_000,
             "CIFAR-100 python pickles (cifar-100-python)",
         ),
         DatasetInfo(
-            "gtsrb", "gtsrb", 43, 32, 3, 39_209, 12_630,
+            "gtsrb", "gtsrb", 43, 32, 3, (86.78, 79.59, 81.96), (69.46, 66.50, 68.06), 39_209, 12_630,
             "German Traffic Sign Recognition Benchmark (Final_Training / Final_Test ppm + csv)",
         ),
         DatasetInfo(
-            "imagenet", "imagenet", 1000, 224, 3, 1_281_167,
+            "imagenet", "imagenet", 1000, 224, 3, (123.67, 116.28, 103.53), (58.40, 57.12, 57.38), 1_281_167,
             50_000, "ImageNet-1k (ILSVRC2012) in its train/<wnid>/*.JPEG layout",
         ),
     ]

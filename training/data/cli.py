@@ -29,12 +29,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _list(_: argparse.Namespace) -> int:
-    print("| dataset | writer | classes | px | train | val | description |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| dataset | writer | classes | px | train | val | mean (0–255) | std | description |")
+    print("|---|---|---:|---:|---:|---:|---|---|---|")
     for info in CATALOG.values():
+        mean, std = (", ".join(f"{v:.1f}" for v in stats[: info.channels]) for stats in (info.mean, info.std))
         print(
             f"| {info.name} | {info.format} | {info.num_classes} | {info.resolution} | {info.train_count:,} "
-            f"| {info.val_count:,} | {info.description} |"
+            f"| {info.val_count:,} | {mean} | {std} | {info.description} |"
         )
     return 0
 
