@@ -152,3 +152,12 @@ def test_augmentation_repeats_with_the_seed_and_changes_with_it_and_the_epoch(id
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
     assert not torch.equal(first[0], first[1])  # a new order and new draws each epoch
+
+
+def test_random_resized_crops_repeat_with_the_seed(imagenet_set):
+    def epoch(seed: int) -> torch.Tensor:
+        loader = make_loader(imagenet_set / "train.beton", train=True, batch_size=4, resolution=32, seed=seed)
+        return torch.cat([images for images, _ in loader])
+
+    first = epoch(3)
+    assert torch.equal(first, epoch(3)) and not torch.equal(first, epoch(4))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
@@ -25,7 +25,7 @@ from ffcv.transforms import (
     ToTorchImage,
 )
 
-from training.data.augment import SeededHorizontalFlip, SeededTranslate
+from training.data.augment import SeededHorizontalFlip, SeededRandomResizedCropDecoder, SeededTranslate
 from training.data.manifest import Manifest, load_manifest
 
 IMAGENET_CROP_RATIO = 224 / 256
@@ -139,8 +139,8 @@ def make_loader(
     centre-crops at ratio 224/256 for large images and keeps small ones whole. ``distributed=True`` shards over
     the initialised process group (random order needs the explicit ``seed``); it pads uneven shards by repeating
     images, so exact evaluation uses ``shard=(rank, world_size)`` instead: images rank, rank + world, ... .
-    ``drop_last`` defaults to True for training and False for validation. ``seed`` also draws the shift and the
-    flip (`training.data.augment`), so runs repeat exactly; ffcv's random-resized crop is not seeded yet.
+    ``drop_last`` defaults to True for training and False for validation. ``seed`` also draws the crop, the
+    shift and the flip (`training.data.augment`), so runs repeat exactly.
     """
     path = Path(path)
     if not path.is_file():
@@ -155,7 +155,7 @@ def make_loader(
     mean = np.asarray(manifest.mean if mean is None else mean, dtype=np.float64)
     std = np.asarray(manifest.std if std is None else std, dtype=np.float64)
     if train and not translate:
-        decoder: Operation = RandomResizedCropRGBImageDecoder((resolution, resolution))
+        decoder: Operation = SeededRandomResizedCropDecoder((resolution, resolution), seed)
     else:
         decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0 if small else IMAGENET_CROP_RATIO)
     label_ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze()]
