@@ -4,7 +4,7 @@
 2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
-    python bench/ray_overhead.py [--images 20000] [--epochs 4]
+    python bench/ray_overhead.py [--images 20000] [--epochs 4] [--batch-size 128]
 """
 
 import argparse
@@ -23,11 +23,11 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, parameter_groups, train_one_epoch
 
 
-def spec_for(workers: int, epochs: int) -> JobSpec:
+def spec_for(workers: int, epochs: int, batch_size: int) -> JobSpec:
     return JobSpec.model_validate({
         "model": {"name": "lenet5", "attention": "san-c"},
         "data": {"train_path": "fmnist/train.beton", "val_path": "fmnist/val.beton"},
-        "training": {"epochs": epochs, "batch_size": 128},
+        "training": {"epochs": epochs, "batch_size": batch_size},
         "validation": {"batch_size": 1000},
         "lr": {"peak_epoch": 1},
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
@@ -57,18 +57,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128, help="per worker")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         data, runs = Path(temp) / "data", Path(temp) / "runs"
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
-        plain = statistics.median(plain_epochs(spec_for(1, args.epochs), data)[1:])
+        plain = statistics.median(plain_epochs(spec_for(1, args.epochs, args.batch_size), data)[1:])
         ray.init(address="local", num_cpus=2, include_dashboard=False)
-        one_time, one_rate = ray_epochs(spec_for(1, args.epochs), data, runs, "one-worker")
-        two_time, two_rate = ray_epochs(spec_for(2, args.epochs), data, runs, "two-workers")
+        one_time, one_rate = ray_epochs(spec_for(1, args.epochs, args.batch_size), data, runs, "one-worker")
+        two_time, two_rate = ray_epochs(spec_for(2, args.epochs, args.batch_size), data, runs, "two-workers")
         ray.shutdown()
     one, two = statistics.median(one_time[1:]), statistics.median(two_time[1:])
     rate1, rate2 = statistics.median(one_rate[1:]), statistics.median(two_rate[1:])
-    print(f"\nlenet5 + san-c, {args.images:,} Fashion-MNIST images, batch 128 per worker, 1 thread per worker\n")
+    print(f"\nlenet5 + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
+          "1 thread per worker\n")  # fmt: skip
     print("| measurement | value |")
     print("|---|---:|")
     print(f"| plain loop epoch s | {plain:.2f} |")
