@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.writer import SourceSplit, channel_stats
+from training.data.writer import ArrayImages, SourceSplit, channel_stats
 
 VARIANTS = {
     # variant: (train files, val files, label key, meta file, class-names key)
@@ -28,19 +28,6 @@ def load_pickle(path: Path) -> dict:
             return pickle.load(f, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise ValueError(f"{path}: not a CIFAR pickle ({error})") from error
-
-
-class ArrayImages:
-    """N×H×W×3 uint8 images with integer labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.images[index], int(self.labels[index])
 
 
 def read_cifar_split(source: Path, split: str, variant: str) -> SourceSplit:

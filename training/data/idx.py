@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.writer import SourceSplit, channel_stats
+from training.data.writer import ArrayImages, SourceSplit, channel_stats
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -38,14 +38,8 @@ def find_file(source: Path, prefix: str, kind: str) -> Path:
     raise FileNotFoundError(f"{source}: no {prefix}-{kind}-ubyte[.gz] file")
 
 
-class GreyAsRGB:
+class GreyAsRGB(ArrayImages):
     """N×H×W greyscale arrays served as H×W×3 RGB images (FFCV stores RGB)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return np.repeat(self.images[index][..., None], 3, axis=2), int(self.labels[index])

@@ -50,6 +50,19 @@ class SourceSplit:
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
+class ArrayImages:
+    """N×H×W×3 uint8 images held in memory, with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.images[index], int(self.labels[index])
+
+
 class Subset:
     """``images`` restricted to ``indices``."""
 
