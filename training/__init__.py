@@ -1,4 +1,2 @@
-"""Training on Ray: FFCV data, the training loop, job launch and MLflow tracking (see shared DESIGN.md).
-
-Nothing lives here yet; the data writers and loaders, then the Ray Train jobs, arrive package by package.
-"""
+"""Training on Ray: FFCV data (`training.data`), the JobSpec (`config`), the loop (`loop`), the Ray Train
+launch (`launch`, `run`) and MLflow tracking (`tracking`). Never imports FastAPI."""
