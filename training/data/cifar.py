@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.writer import ArrayImages, SourceSplit, channel_stats
+from training.data.writer import ArrayImages, SourceSplit, array_blocks, channel_stats
 
 VARIANTS = {
     # variant: (train files, val files, label key, meta file, class-names key)
@@ -54,7 +54,7 @@ def read_cifar_split(source: Path, split: str, variant: str) -> SourceSplit:
     targets = np.concatenate(labels)
     if not names:
         names = [str(i) for i in range(int(targets.max()) + 1)]
-    mean, std = channel_stats(pixels)
+    mean, std = channel_stats(array_blocks(pixels))
     return SourceSplit(
         format=variant,
         source=str(source),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.writer import ArrayImages, SourceSplit, channel_stats
+from training.data.writer import ArrayImages, SourceSplit, array_blocks, channel_stats
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -65,7 +65,7 @@ def read_idx_split(
         classes = {name: i for i, name in enumerate(names)}
     if labels.max() >= len(classes):
         raise ValueError(f"{source}: label {labels.max()} in the {prefix} files, but only {len(classes)} classes")
-    mean, std = channel_stats(images)
+    mean, std = channel_stats(array_blocks(images))
     return SourceSplit(
         format="idx",
         source=str(source),

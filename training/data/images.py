@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from training.data.writer import evenly_spread
+from training.data.writer import channel_stats, evenly_spread
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".bmp", ".webp", ".tif", ".tiff"})
 STATS_SAMPLE = 500  # images decoded to estimate the per-channel mean and std
@@ -54,17 +54,9 @@ def sample_stats(
     files: Sequence[Path], boxes: Sequence[tuple[int, int, int, int] | None] | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (0–255) over up to `STATS_SAMPLE` images spread evenly over ``files``."""
-    total = np.zeros(3)
-    square = np.zeros(3)
-    count = 0
-    for index in evenly_spread(len(files), STATS_SAMPLE):
-        pixels = load_rgb(files[index], boxes[index] if boxes else None).reshape(-1, 3).astype(np.float64)
-        total += pixels.sum(0)
-        square += (pixels**2).sum(0)
-        count += len(pixels)
-    mean = total / count
-    std = np.sqrt(square / count - mean**2)
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    return channel_stats(
+        load_rgb(files[index], boxes[index] if boxes else None) for index in evenly_spread(len(files), STATS_SAMPLE)
+    )
 
 
 class FileImages:

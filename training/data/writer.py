@@ -2,7 +2,7 @@
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -138,17 +138,23 @@ def write_beton(split: SourceSplit, out: Path, options: WriterOptions) -> Manife
     return manifest
 
 
-def channel_stats(pixels: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (0–255 scale) of ``N×H×W×C`` or ``N×H×W`` uint8 pixels, in float64."""
-    if pixels.ndim == 3:
-        pixels = pixels[..., None]
-    flat = pixels.reshape(-1, pixels.shape[-1])
-    mean = np.zeros(flat.shape[1])
-    square = np.zeros(flat.shape[1])
-    for start in range(0, len(flat), 1 << 22):  # in blocks: float64 copies of a whole set would not fit
-        block = flat[start : start + (1 << 22)].astype(np.float64)
-        mean += block.sum(0)
-        square += (block**2).sum(0)
-    mean /= len(flat)
-    std = np.sqrt(square / len(flat) - mean**2)
+def channel_stats(blocks: Iterable[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0–255 scale), in float64, of uint8 pixels given as blocks of shape ``(..., C)``
+    (C = 1 for greyscale): the whole set is never held as float64 at once."""
+    total = square = None
+    count = 0
+    for block in blocks:
+        flat = block.reshape(-1, block.shape[-1]).astype(np.float64)
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        square = (flat**2).sum(0) if square is None else square + (flat**2).sum(0)
+        count += len(flat)
+    mean = total / count
+    std = np.sqrt(square / count - mean**2)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def array_blocks(pixels: np.ndarray, rows: int = 1 << 22) -> Iterator[np.ndarray]:
+    """An ``N×H×W[×C]`` uint8 array as blocks of at most ``rows`` pixels, shaped ``(rows, C)``."""
+    flat = pixels.reshape(-1, pixels.shape[-1] if pixels.ndim == 4 else 1)
+    for start in range(0, len(flat), rows):
+        yield flat[start : start + rows]
