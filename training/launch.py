@@ -14,25 +14,8 @@ from training.config import JobSpec
 from training.data.catalog import EMBEDDED, dataset_info
 from training.data.manifest import load_manifest
 from training.loop import FAIL_ONCE_ENV, train_worker
+from training.paths import data_root, storage_root, under_root
 from training.tracking import create_run
-
-DATA_ROOT_ENV, STORAGE_ROOT_ENV = "SAN_DATA_ROOT", "SAN_STORAGE_ROOT"
-
-
-def data_root() -> Path:
-    return Path(os.environ.get(DATA_ROOT_ENV, "data")).resolve()
-
-
-def storage_root() -> Path:
-    return Path(os.environ.get(STORAGE_ROOT_ENV, "runs")).resolve()
-
-
-def under_root(path: Path, root: Path, field: str) -> Path:
-    """``path`` resolved under ``root`` (relative paths are relative to it); anything outside is refused."""
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"{field}: {path} is outside the data root {root}")
-    return resolved
 
 
 @dataclass(frozen=True)
@@ -41,9 +24,10 @@ class ResolvedData:
     val: Path
 
 
-def resolve_data(spec: JobSpec, root: Path | None = None) -> ResolvedData:
-    """The job's .beton files, checked before any Ray work: they exist with manifests, and one global batch fits
-    in the training set. An embedded catalog dataset that is not built yet is built here, once."""
+def resolve_data(spec: JobSpec, root: Path | None = None, build_missing: bool = True) -> ResolvedData:
+    """The job's .beton files, checked before any Ray work: inside the data root, existing with manifests, and
+    one global batch fits in the training set. An embedded catalog dataset that is not built yet is built here,
+    once — or, with ``build_missing=False`` (the service's check at submission), left for the job to build."""
     root = root or data_root()
     if spec.data.train_path or spec.data.val_path:
         if not (spec.data.train_path and spec.data.val_path):
@@ -57,6 +41,8 @@ def resolve_data(spec: JobSpec, root: Path | None = None) -> ResolvedData:
             raise ValueError(f"data.dataset: {error}") from None
         train, val = root / spec.data.dataset / "train.beton", root / spec.data.dataset / "val.beton"
         if not train.is_file() and spec.data.dataset in EMBEDDED:
+            if not build_missing:
+                return ResolvedData(train, val)
             from training.data.build import build_dataset  # writing needs ffcv's writer: only here
 
             build_dataset(spec.data.dataset, None, root / spec.data.dataset)

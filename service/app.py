@@ -1,0 +1,101 @@
+"""The FastAPI application: ``create_app(settings)`` wires the store, the Ray Jobs client (and, in local mode,
+a Ray head this process owns), the queue's dispatcher and the MLflow reader, then mounts the routers."""
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from san import __version__
+from service.auth import principals_by_hash
+from service.progress import RunReader
+from service.queue import Dispatcher
+from service.ray_jobs import LocalRayHead, RayJobs, auth_token
+from service.routes import catalog, health, jobs
+from service.settings import ServiceSettings
+from service.store import JobStore
+from service.validation import ClusterSize
+from training.config import JobSpec
+from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
+from training.tracking import tracking_uri
+
+log = logging.getLogger("san.service")
+
+
+class BodySizeLimit:
+    """413 for request bodies above ``limit`` bytes, by header or as they stream in (pure ASGI, no buffering)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.too_large(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except BodyTooLarge:
+            return await self.too_large(scope, receive, send)
+
+    async def too_large(self, scope, receive, send):
+        response = JSONResponse({"detail": f"request body larger than {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    principals = principals_by_hash(settings.tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        head = None
+        address = settings.ray_address
+        if address == "local":
+            head = LocalRayHead(settings.local_ray_port, settings.local_ray_dashboard_port, settings.local_ray_cpus)
+            await asyncio.to_thread(head.start)
+            address = head.address
+            log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)
+        token = auth_token(settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None)
+        env = {DATA_ROOT_ENV: str(settings.data_root.resolve()), STORAGE_ROOT_ENV: str(settings.storage_root.resolve())}
+        ray = RayJobs(address, token, settings.python, env)
+        store = JobStore(settings.database)
+        dispatcher = Dispatcher(store, ray, settings.jobs_dir(), settings.max_submitted)
+        app.state.settings, app.state.store, app.state.ray, app.state.dispatcher = settings, store, ray, dispatcher
+        app.state.principals, app.state.runs, app.state.cluster = principals, RunReader(), ClusterSize(ray)
+        app.state.default_mlflow_uri = settings.mlflow_uri or tracking_uri(JobSpec(), settings.storage_root)
+        task = asyncio.create_task(dispatcher.run(settings.poll_interval_s))  # its first tick reconciles
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.close()
+            if head is not None:
+                await asyncio.to_thread(head.stop)
+
+    app = FastAPI(title="SAN training service", version=__version__, lifespan=lifespan,
+                  description="Submit and follow Scale-Space Attention Network training jobs on Ray.")  # fmt: skip
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    for router in (jobs.router, catalog.router, health.router):
+        app.include_router(router)
+    return app

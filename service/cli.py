@@ -1,0 +1,165 @@
+"""``san serve`` runs the API (uvicorn); ``san jobs …`` talks to it over HTTP with a bearer token.
+
+    san serve [--host 127.0.0.1] [--port 8000] [--env-file service.env]
+    san jobs submit SPEC [--idempotency-key K] | list [--status S] | show ID | cancel ID | logs ID [--tail N]
+    san jobs hash-token TOKEN        # the value to put in SAN_TOKENS
+The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN``.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    if args.env_file and not os.path.isfile(args.env_file):
+        print(f"san serve: error: {args.env_file}: no such settings file", file=sys.stderr)
+        return 2
+    settings = ServiceSettings(_env_file=args.env_file) if args.env_file else ServiceSettings()
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    import httpx
+
+    token = args.token or os.environ.get("SAN_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=30)
+
+
+def _fail(response) -> int:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # pydantic's errors: name the field of the first
+        first = detail[0]
+        detail = f"{'.'.join(str(p) for p in first.get('loc', [])[1:])}: {first.get('msg')}"
+    print(f"san jobs: error: HTTP {response.status_code}: {detail}", file=sys.stderr)
+    return 2
+
+
+def _call(args: argparse.Namespace, method: str, path: str, **kwargs):
+    import httpx
+
+    try:
+        with _client(args) as client:
+            return client.request(method, path, **kwargs)
+    except httpx.HTTPError as error:
+        print(f"san jobs: error: cannot reach {args.url}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _show(job: dict) -> str:
+    progress = job.get("progress") or {}
+    line = f"{job['id']}  {job['status']}"
+    if progress:
+        line += f"  epoch {progress['epoch']}/{progress['epochs']}"
+        if progress.get("eta_s") is not None:
+            line += f"  eta {progress['eta_s']:.0f} s"
+    for key in ("val/top1", "val/top5", "train/loss"):
+        if key in job.get("metrics", {}):
+            line += f"  {key} {job['metrics'][key]:.4f}"
+    if job.get("mlflow_url"):
+        line += f"  {job['mlflow_url']}"
+    if job.get("error"):
+        line += f"\n  error: {job['error']}"
+    return line
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from training.run import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except (ValidationError, ValueError, FileNotFoundError) as error:
+        print(f"san jobs: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    response = _call(args, "POST", "/v1/jobs", json=spec.model_dump(mode="json"), headers=headers)
+    if response.status_code not in (200, 201):
+        return _fail(response)
+    print(_show(response.json()))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    params = {"limit": args.limit, **({"status": args.status} if args.status else {})}
+    response = _call(args, "GET", "/v1/jobs", params=params)
+    if response.status_code != 200:
+        return _fail(response)
+    for job in response.json()["items"]:
+        print(_show(job))
+    return 0
+
+
+def _one(method: str, suffix: str = ""):
+    def handler(args: argparse.Namespace) -> int:
+        response = _call(args, method, f"/v1/jobs/{args.id}{suffix}")
+        if response.status_code != 200:
+            return _fail(response)
+        print(json.dumps(response.json(), indent=2) if args.json else _show(response.json()))
+        return 0
+
+    return handler
+
+
+def _logs(args: argparse.Namespace) -> int:
+    response = _call(args, "GET", f"/v1/jobs/{args.id}/logs", params={"tail": args.tail})
+    if response.status_code != 200:
+        return _fail(response)
+    sys.stdout.write(response.text)
+    return 0
+
+
+def _hash_token(args: argparse.Namespace) -> int:
+    from service.auth import hash_token
+
+    print(hash_token(args.token))
+    return 0
+
+
+def register(commands) -> None:
+    """Add ``san serve`` and ``san jobs`` to the ``san`` command line (entry point ``san.cli``)."""
+    serve = commands.add_parser("serve", help="run the job service (FastAPI on uvicorn)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--env-file", help="SAN_* settings in KEY=VALUE lines (environment variables win)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(handler=_serve)
+
+    jobs = commands.add_parser("jobs", help="submit and follow jobs through the service's REST API")
+    jobs.add_argument("--url", default=os.environ.get("SAN_API_URL", DEFAULT_URL), help="the service's base URL")
+    jobs.add_argument("--token", help="bearer token (default: $SAN_API_TOKEN)")
+    actions = jobs.add_subparsers(dest="action", required=True, parser_class=type(jobs))
+    submit = actions.add_parser("submit", help="submit a JobSpec (YAML/JSON)")
+    submit.add_argument("spec")
+    submit.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
+    submit.set_defaults(handler=_submit)
+    listing = actions.add_parser("list", help="your jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "submitted", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(handler=_list)
+    for name, method, suffix, text in (("show", "GET", "", "one job"), ("cancel", "POST", "/cancel", "cancel a job")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("id")
+        action.add_argument("--json", action="store_true", help="the whole job as JSON")
+        action.set_defaults(handler=_one(method, suffix))
+    logs = actions.add_parser("logs", help="the Ray job's driver log")
+    logs.add_argument("id")
+    logs.add_argument("--tail", type=int, default=200)
+    logs.set_defaults(handler=_logs)
+    hashing = actions.add_parser("hash-token", help="print the sha256 hash of a token, for SAN_TOKENS")
+    hashing.add_argument("token")
+    hashing.set_defaults(handler=_hash_token)

@@ -1,0 +1,47 @@
+"""What a job's MLflow run says about it: the run (found by the ``san.job_id`` tag the driver sets), epochs
+done, the latest metrics and the per-epoch history."""
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from training.tracking import METRIC_KEYS
+
+log = logging.getLogger("san.service")
+
+
+class RunReader:
+    def __init__(self) -> None:
+        self._clients: dict[str, MlflowClient] = {}
+
+    def client(self, uri: str) -> MlflowClient:
+        if uri not in self._clients:
+            self._clients[uri] = MlflowClient(uri)
+        return self._clients[uri]
+
+    def find_run(self, uri: str, job_id: str) -> str | None:
+        client = self.client(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return None
+        runs = client.search_runs(experiments, filter_string=f"tags.`san.job_id` = '{job_id}'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def latest(self, uri: str, run_id: str) -> tuple[dict[str, float], int, str]:
+        """(latest metrics, epochs logged, experiment id)."""
+        client = self.client(uri)
+        run = client.get_run(run_id)
+        epochs = len(client.get_metric_history(run_id, "val/top1"))
+        metrics = {key: value for key, value in run.data.metrics.items() if key in METRIC_KEYS}
+        return metrics, epochs, run.info.experiment_id
+
+    def history(self, uri: str, run_id: str) -> list[dict[str, Any]]:
+        """One row per epoch: ``{"epoch": k, "train/loss": …, "val/top1": …, …}``, in epoch order."""
+        client = self.client(uri)
+        rows: dict[int, dict[str, Any]] = defaultdict(dict)
+        for key in METRIC_KEYS:
+            for metric in client.get_metric_history(run_id, key):
+                rows[metric.step][key] = metric.value
+        return [{"epoch": epoch, **rows[epoch]} for epoch in sorted(rows)]

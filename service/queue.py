@@ -1,0 +1,99 @@
+"""The service's own durable queue: Ray Jobs has none (submitted jobs contend for resources), so jobs wait in
+the store as ``queued`` and at most ``max_submitted`` are on Ray at once. Each tick first reconciles the
+active jobs with Ray — so a restart, or a job that ended while the API was down, shows its true state — then
+submits queued jobs in order while there is room."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from pathlib import Path
+
+from service.ray_jobs import RayJobs, RayUnavailable
+from service.store import ACTIVE, Job, JobStore
+from training.data.manifest import write_atomically
+
+log = logging.getLogger("san.service")
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, ray: RayJobs, jobs_dir: Path, max_submitted: int) -> None:
+        self.store, self.ray, self.jobs_dir, self.max_submitted = store, ray, jobs_dir, max_submitted
+        self._lock = threading.Lock()
+        self._kick = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def spec_path(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id / "spec.json"
+
+    def tick(self) -> None:
+        with self._lock:
+            try:
+                for job in self.store.in_states(ACTIVE):
+                    self.reconcile(job)
+                self.fill()
+            except RayUnavailable as error:
+                log.warning("queue: %s; retrying in the next tick", error)
+
+    def reconcile(self, job: Job) -> str:
+        """Bring one active job's state in line with Ray's; returns the state it ends in."""
+        info = self.ray.info(job.id)
+        if info is None:
+            if job.status == "submitted":  # claimed, then the process stopped before Ray got it: submit again
+                self.submit(job)
+                return "submitted"
+            self.store.transition(job.id, "failed", error="Ray has no record of this job (cluster restarted?)")
+            return "failed"
+        if info.state == job.status:
+            return job.status
+        if info.state == "running" or info.state == "submitted":
+            self.store.transition(job.id, info.state)
+        else:
+            error = info.message if info.state == "failed" else None
+            self.store.transition(job.id, info.state, error=error)
+        return info.state
+
+    def fill(self) -> None:
+        room = self.max_submitted - self.store.count(ACTIVE)
+        for job in self.store.in_states(("queued",))[: max(room, 0)]:
+            if self.store.transition(job.id, "submitted"):  # claimed: no other dispatcher submits it
+                self.submit(job)
+
+    def submit(self, job: Job) -> None:
+        path = self.spec_path(job.id)
+        write_atomically(path, lambda temp: temp.write_text(json.dumps(job.spec, indent=2)))
+        try:
+            self.ray.submit(job.id, path)
+        except RayUnavailable:
+            self.store.transition(job.id, "queued")  # back in line; the next tick tries again
+            raise
+        except Exception as error:  # Ray refused the job itself: it will never run
+            self.store.transition(job.id, "failed", error=f"Ray refused the submission: {error}")
+
+    def cancel(self, job: Job) -> str:
+        """A queued job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
+        cancelled (reconciliation agrees once Ray reports it stopped)."""
+        self.store.update(job.id, cancel_requested=True)
+        if job.status == "queued" and self.store.transition(job.id, "cancelled"):
+            return "cancelled"
+        with self._lock:
+            current = self.store.get(job.id)
+            if current is None or current.status not in ACTIVE:
+                return current.status if current else "cancelled"
+            self.ray.stop(job.id)
+            self.store.transition(job.id, "cancelled")
+            return "cancelled"
+
+    def kick(self) -> None:
+        """Tick now rather than at the next interval (callable from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._kick.set)
+
+    async def run(self, interval_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.to_thread(self.tick)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=interval_s)
+            self._kick.clear()

@@ -1,0 +1,1 @@
+"""The API's routers: jobs, the catalog (models, attention, datasets) and health."""

@@ -1,0 +1,38 @@
+"""``/healthz`` (the process answers; no token needed) and ``/readyz`` (database, Ray and MLflow reachable)."""
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    state = request.app.state
+
+    def check(probe) -> dict[str, str]:
+        try:
+            detail = probe()
+            return {"status": "ok", **({"detail": str(detail)} if detail else {})}
+        except Exception as error:
+            return {"status": "error", "detail": str(error).splitlines()[0] if str(error) else type(error).__name__}
+
+    def mlflow() -> str:
+        state.runs.client(state.default_mlflow_uri).search_experiments(max_results=1)
+        return state.default_mlflow_uri
+
+    results = await asyncio.gather(
+        asyncio.to_thread(check, state.store.ping),
+        asyncio.to_thread(check, state.ray.ping),
+        asyncio.to_thread(check, mlflow),
+    )
+    checks = dict(zip(("database", "ray", "mlflow"), results, strict=True))
+    ready = all(c["status"] == "ok" for c in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

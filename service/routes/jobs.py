@@ -1,0 +1,211 @@
+"""``/v1/jobs``: submit, list, show, cancel, logs and per-epoch metrics. Another principal's job is a 404."""
+
+import logging
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+
+from service.auth import Principal
+from service.ray_jobs import RayUnavailable
+from service.store import ACTIVE, TERMINAL, IdempotencyConflict, Job, State
+from service.validation import Rejected, admit
+from training.config import JobSpec
+
+log = logging.getLogger("san.service")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class Transition(BaseModel):
+    status: str
+    at: datetime
+
+
+class Progress(BaseModel):
+    epoch: int  # epochs finished
+    epochs: int
+    eta_s: float | None
+
+
+class JobView(BaseModel):
+    id: str
+    status: str
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    transitions: list[Transition]
+    ray_submission_id: str | None  # the job id, once the job reached Ray
+    cancel_requested: bool
+    error: str | None
+    mlflow_run_id: str | None = None
+    mlflow_url: str | None = None
+    progress: Progress | None = None
+    metrics: dict[str, float] = {}
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+    total: int
+    limit: int
+    offset: int
+
+
+class EpochMetrics(BaseModel):
+    job_id: str
+    mlflow_run_id: str | None
+    epochs: list[dict[str, float]]
+
+
+def summary(job: Job) -> JobView:
+    reached_ray = any(state == "submitted" for state, _ in job.transitions)
+    return JobView(id=job.id, status=job.status, spec=job.spec, created_at=job.created_at, updated_at=job.updated_at,
+                   transitions=[Transition(status=s, at=a) for s, a in job.transitions],
+                   ray_submission_id=job.id if reached_ray else None, cancel_requested=job.cancel_requested,
+                   error=job.error, mlflow_run_id=job.mlflow_run_id)  # fmt: skip
+
+
+def owned(request: Request, job_id: str, principal: str) -> Job:
+    job = request.app.state.store.get(job_id, principal)
+    if job is None:
+        raise HTTPException(404, detail=f"no job {job_id!r}")
+    return job
+
+
+def reconciled(request: Request, job: Job) -> Job:
+    """The job with its state checked against Ray (on read, as on startup)."""
+    if job.status in ACTIVE:
+        try:
+            request.app.state.dispatcher.reconcile(job)
+        except RayUnavailable as error:
+            log.warning("reconcile %s: %s", job.id, error)
+        job = request.app.state.store.get(job.id) or job
+    return job
+
+
+def run_id(request: Request, job: Job) -> str | None:
+    """The job's MLflow run (found by its tag once the driver created it, then remembered)."""
+    if job.mlflow_run_id or job.status in ("queued", "submitted"):
+        return job.mlflow_run_id
+    try:
+        found = request.app.state.runs.find_run(job.spec["tracking"]["mlflow_uri"], job.id)
+    except Exception as error:  # MLflow down: the view goes without its run
+        log.warning("mlflow for %s: %s", job.id, error)
+        return None
+    if found:
+        request.app.state.store.update(job.id, mlflow_run_id=found)
+    return found
+
+
+def detailed(request: Request, job: Job) -> JobView:
+    view = summary(job)
+    view.mlflow_run_id = run_id(request, job)
+    if view.mlflow_run_id is None:
+        return view
+    uri = job.spec["tracking"]["mlflow_uri"]
+    try:
+        metrics, done, experiment = request.app.state.runs.latest(uri, view.mlflow_run_id)
+    except Exception as error:
+        log.warning("mlflow for %s: %s", job.id, error)
+        return view
+    epochs = job.spec["training"]["epochs"]
+    eta = None
+    running_since = job.at("running")
+    if job.status == "running" and running_since and done:
+        elapsed = (datetime.now(UTC) - running_since).total_seconds()
+        eta = elapsed / done * (epochs - done)
+    view.progress = Progress(epoch=done, epochs=epochs, eta_s=eta)
+    view.metrics = metrics
+    ui = request.app.state.settings.mlflow_ui_url or (uri if uri.startswith("http") else None)
+    if ui:
+        view.mlflow_url = f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{view.mlflow_run_id}"
+    return view
+
+
+@router.post("", status_code=201, response_model=JobView)
+def submit_job(
+    spec: JobSpec,
+    request: Request,
+    response: Response,
+    principal: Principal,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobView:
+    """Queue a training job. With an ``Idempotency-Key`` header a retry returns the job the first call made
+    (200 instead of 201); the same key with a different spec is a 409."""
+    state = request.app.state
+    try:
+        admitted = admit(spec, state.settings, state.cluster)
+    except Rejected as error:
+        raise HTTPException(422, detail=error.detail()) from None
+    try:
+        job, created = state.store.create(principal, admitted.model_dump(mode="json"), idempotency_key)
+    except IdempotencyConflict as error:
+        raise HTTPException(409, detail=str(error)) from None
+    if created:
+        state.dispatcher.kick()
+    else:
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return summary(job)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    principal: Principal,
+    status: State | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """This principal's jobs, newest first."""
+    jobs, total = request.app.state.store.page(principal, status, limit, offset)
+    return JobList(items=[summary(job) for job in jobs], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobView)
+def show_job(job_id: str, request: Request, principal: Principal) -> JobView:
+    """Status, progress (epoch k of N, ETA), latest metrics, the MLflow run and its link, timestamps, error."""
+    return detailed(request, reconciled(request, owned(request, job_id, principal)))
+
+
+@router.post("/{job_id}/cancel", response_model=JobView)
+def cancel_job(job_id: str, request: Request, principal: Principal) -> JobView:
+    """A queued job is cancelled without reaching Ray; a submitted or running one is stopped on Ray."""
+    job = reconciled(request, owned(request, job_id, principal))
+    if job.status in TERMINAL:
+        raise HTTPException(409, detail=f"job {job_id} already ended: {job.status}")
+    try:
+        request.app.state.dispatcher.cancel(job)
+    except RayUnavailable as error:
+        raise HTTPException(503, detail=f"cannot reach Ray to stop the job: {error}") from None
+    return summary(request.app.state.store.get(job_id) or job)
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+def job_logs(
+    job_id: str, request: Request, principal: Principal, tail: Annotated[int, Query(ge=1, le=100_000)] = 200
+) -> str:
+    """The last ``tail`` lines of the Ray job's driver log (empty while queued)."""
+    job = owned(request, job_id, principal)
+    if job.status == "queued":
+        return ""
+    try:
+        text = request.app.state.ray.logs(job.id)
+    except RayUnavailable as error:
+        raise HTTPException(503, detail=f"cannot reach Ray for the logs: {error}") from None
+    return "\n".join(text.splitlines()[-tail:]) + "\n" if text else ""
+
+
+@router.get("/{job_id}/metrics", response_model=EpochMetrics)
+def job_metrics(job_id: str, request: Request, principal: Principal) -> EpochMetrics:
+    """Per-epoch history, read from the job's MLflow run."""
+    job = owned(request, job_id, principal)
+    found = run_id(request, job)
+    if found is None:
+        return EpochMetrics(job_id=job.id, mlflow_run_id=None, epochs=[])
+    try:
+        epochs = request.app.state.runs.history(job.spec["tracking"]["mlflow_uri"], found)
+    except Exception as error:
+        raise HTTPException(503, detail=f"cannot read the MLflow run {found}: {error}") from None
+    return EpochMetrics(job_id=job.id, mlflow_run_id=found, epochs=epochs)

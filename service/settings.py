@@ -1,0 +1,43 @@
+"""The service's settings, from ``SAN_*`` environment variables or an env file (pydantic-settings).
+
+Tokens are stored hashed: ``SAN_TOKENS='{"alice": "sha256:<hex>"}'``; make a hash with ``san jobs hash-token``.
+"""
+
+import sys
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.paths import data_root, storage_root
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAN_", extra="ignore")
+
+    database_url: str | None = None  # None: sqlite:///<storage root>/service.db; PostgreSQL by URL
+    # "local": start (and stop, by PID) a Ray head with dashboard; otherwise the head's dashboard URL.
+    ray_address: str = "local"
+    ray_auth_token: SecretStr | None = None  # None: $RAY_AUTH_TOKEN, then the token file Ray wrote
+    local_ray_cpus: int | None = Field(default=None, ge=1)  # None: this machine's cores
+    local_ray_port: int = 6380
+    local_ray_dashboard_port: int = 8265
+    mlflow_uri: str | None = None  # jobs that name none are tracked here; None: sqlite under the storage root
+    mlflow_ui_url: str | None = None  # for links in job views, e.g. http://127.0.0.1:5000
+    data_root: Path = Field(default_factory=data_root)
+    storage_root: Path = Field(default_factory=storage_root)
+    python: str = sys.executable  # the interpreter the Ray job runs (the cluster's venv)
+    tokens: dict[str, str] = Field(default_factory=dict)  # principal → "sha256:<hex>"
+    max_submitted: int = Field(default=1, ge=0)  # jobs on Ray at once; the rest wait in the queue
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    max_epochs: int = Field(default=1000, ge=1)
+    max_batch_size: int = Field(default=4096, ge=1)
+    max_workers: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.storage_root.resolve() / 'service.db'}"
+
+    def jobs_dir(self) -> Path:
+        return self.storage_root.resolve() / "jobs"

@@ -1,0 +1,227 @@
+"""The jobs table (SQLAlchemy 2): SQLite by default, PostgreSQL by URL. Every state change is a compare-and-set
+on the current state, recorded with its time in ``job_events``, so concurrent writers never both win."""
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+State = Literal["queued", "submitted", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[str, ...] = get_args(State)
+ACTIVE = ("submitted", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+TRANSITIONS = {
+    "queued": {"submitted", "cancelled"},
+    "submitted": {"queued", "running", "succeeded", "failed", "cancelled"},  # → queued: Ray was unreachable
+    "running": {"succeeded", "failed", "cancelled"},
+}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("principal", "idempotency_key", name="one_job_per_key"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # queue order
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    principal: Mapped[str] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass
+class Job:
+    """A job as read: detached from any session."""
+
+    id: str
+    principal: str
+    status: str
+    spec: dict[str, Any]
+    idempotency_key: str | None
+    cancel_requested: bool
+    mlflow_run_id: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    transitions: list[tuple[str, datetime]] = field(default_factory=list)
+
+    def at(self, status: str) -> datetime | None:
+        return next((at for state, at in reversed(self.transitions) if state == status), None)
+
+
+def _job(row: JobRow, events: list[JobEvent]) -> Job:
+    def aware(moment: datetime) -> datetime:  # SQLite hands back naive datetimes
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    return Job(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.cancel_requested,
+               row.mlflow_run_id, row.error, aware(row.created_at), aware(row.updated_at),
+               [(e.status, aware(e.at)) for e in events])  # fmt: skip
+
+
+class IdempotencyConflict(ValueError):
+    """The same Idempotency-Key was used before with a different spec."""
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            database = make_url(url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(select(1))
+
+    def create(self, principal: str, spec: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """A new queued job, or — for an Idempotency-Key this principal used before — the job it made then."""
+        if idempotency_key:
+            existing = self._by_key(principal, idempotency_key)
+            if existing:
+                return self._same_spec(existing, spec), False
+        moment = now()
+        row = JobRow(id=f"job-{uuid.uuid4().hex[:16]}", principal=principal, status="queued", spec=spec,
+                     idempotency_key=idempotency_key, created_at=moment, updated_at=moment)  # fmt: skip
+        try:
+            with self.session.begin() as session:
+                session.add(row)
+                session.flush()
+                session.add(JobEvent(job_id=row.id, status="queued", at=moment))
+        except IntegrityError:  # a concurrent request with the same key won the insert
+            existing = self._by_key(principal, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return self._same_spec(existing, spec), False
+        return self.get(row.id), True
+
+    @staticmethod
+    def _same_spec(job: Job, spec: dict[str, Any]) -> Job:
+        if json.dumps(job.spec, sort_keys=True) != json.dumps(spec, sort_keys=True):
+            raise IdempotencyConflict(f"Idempotency-Key {job.idempotency_key!r} was used for job {job.id} "
+                                      "with a different spec")  # fmt: skip
+        return job
+
+    def _by_key(self, principal: str, key: str) -> Job | None:
+        with self.session() as session:
+            row = session.scalar(select(JobRow).where(JobRow.principal == principal, JobRow.idempotency_key == key))
+            return self._read(session, row) if row else None
+
+    @staticmethod
+    def _read(session: Session, row: JobRow) -> Job:
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == row.id).order_by(JobEvent.seq)).all()
+        return _job(row, list(events))
+
+    def get(self, job_id: str, principal: str | None = None) -> Job | None:
+        """The job, or None when it does not exist or (with ``principal``) belongs to someone else."""
+        with self.session() as session:
+            query = select(JobRow).where(JobRow.id == job_id)
+            if principal is not None:
+                query = query.where(JobRow.principal == principal)
+            row = session.scalar(query)
+            return self._read(session, row) if row else None
+
+    def page(self, principal: str | None = None, status: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[Job], int]:  # fmt: skip
+        """Newest first, with the total count of matching jobs."""
+        with self.session() as session:
+            query = select(JobRow)
+            if principal is not None:
+                query = query.where(JobRow.principal == principal)
+            if status is not None:
+                query = query.where(JobRow.status == status)
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.scalars(query.order_by(JobRow.seq.desc()).limit(limit).offset(offset)).all()
+            return [self._read(session, row) for row in rows], total
+
+    def in_states(self, states: tuple[str, ...]) -> list[Job]:
+        """Oldest first: the queue's order."""
+        with self.session() as session:
+            rows = session.scalars(select(JobRow).where(JobRow.status.in_(states)).order_by(JobRow.seq)).all()
+            return [self._read(session, row) for row in rows]
+
+    def count(self, states: tuple[str, ...]) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).where(JobRow.status.in_(states))) or 0
+
+    def transition(self, job_id: str, to: str, **fields: Any) -> bool:
+        """Move the job to ``to`` if its current state allows it (compare-and-set); False if another writer
+        moved it first or the move is not allowed. ``fields``: error, mlflow_run_id."""
+        allowed = [state for state, targets in TRANSITIONS.items() if to in targets]
+        moment = now()
+        with self.session.begin() as session:
+            changed = session.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status.in_(allowed))
+                .values(status=to, updated_at=moment, **fields)
+            ).rowcount  # fmt: skip
+            if changed:
+                session.add(JobEvent(job_id=job_id, status=to, at=moment))
+        return bool(changed)
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Fields that are not a state change: cancel_requested, mlflow_run_id."""
+        with self.session.begin() as session:
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now(), **fields))
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    # WAL lets readers proceed while a writer commits; NORMAL sync is durable across process crashes.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,68 @@
+"""Checks a valid `JobSpec` must also pass to be admitted here: the service's limits, the cluster's size, and
+data inside the data root. Each failure names its field, as pydantic's own errors do."""
+
+import time
+
+from service.ray_jobs import RayJobs, RayUnavailable
+from service.settings import ServiceSettings
+from training.config import JobSpec
+from training.launch import resolve_data
+from training.tracking import tracking_uri
+
+
+class Rejected(ValueError):
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+    def detail(self) -> list[dict]:
+        return [{"loc": ["body", *self.loc], "msg": self.message, "type": "value_error"}]
+
+
+class ClusterSize:
+    """The cluster's CPUs and GPUs, asked of Ray at most every ``ttl_s`` seconds; None while Ray is down."""
+
+    def __init__(self, ray: RayJobs, ttl_s: float = 10.0) -> None:
+        self.ray, self.ttl_s = ray, ttl_s
+        self._value: dict[str, float] | None = None
+        self._at = float("-inf")
+
+    def get(self) -> dict[str, float] | None:
+        if time.monotonic() - self._at > self.ttl_s:
+            try:
+                self._value = self.ray.resources()
+            except RayUnavailable:
+                self._value = None
+            self._at = time.monotonic()
+        return self._value
+
+
+def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> JobSpec:
+    """``spec`` as the job will run it — with the MLflow URI it will log to, the service's when the spec names
+    none — or `Rejected`."""
+    limits = (
+        (("training", "epochs"), spec.training.epochs, settings.max_epochs),
+        (("training", "batch_size"), spec.training.batch_size, settings.max_batch_size),
+        (("scaling", "num_workers"), spec.scaling.num_workers, settings.max_workers),
+    )
+    for loc, value, limit in limits:
+        if value > limit:
+            raise Rejected(loc, f"{'.'.join(loc)} {value} is above this service's limit of {limit}")
+    size = cluster.get()
+    if size is not None:
+        cpus = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+        if cpus > size["CPU"]:
+            raise Rejected(("scaling", "num_workers"), f"{spec.scaling.num_workers} workers × "
+                           f"{spec.scaling.cpus_per_worker} CPUs = {cpus} CPUs, but the cluster has "
+                           f"{size['CPU']:g}")  # fmt: skip
+        if spec.scaling.use_gpu and spec.scaling.num_workers > size["GPU"]:
+            raise Rejected(("scaling", "num_workers"), f"{spec.scaling.num_workers} GPU workers, but the cluster "
+                           f"has {size['GPU']:g} GPUs")  # fmt: skip
+    try:
+        resolve_data(spec, settings.data_root.resolve(), build_missing=False)
+    except ValueError as error:
+        field = str(error).partition(": ")[0]
+        loc = tuple(field.split(".")) if field.startswith(("data.", "training.")) else ("data",)
+        raise Rejected(loc, str(error)) from None
+    uri = spec.tracking.mlflow_uri or settings.mlflow_uri or tracking_uri(spec, settings.storage_root)
+    return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"mlflow_uri": uri})})
