@@ -79,12 +79,15 @@ def _show(job: dict) -> str:
 def _submit(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from training.run import load_spec
+    from training.run import load_spec, spec_error
 
     try:
         spec = load_spec(args.spec)
-    except (ValidationError, ValueError, FileNotFoundError) as error:
-        print(f"san jobs: error: {str(error).splitlines()[0]}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"san jobs: error: {spec_error(error)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as error:
+        print(f"san jobs: error: {error}", file=sys.stderr)
         return 2
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     response = _call(args, "POST", "/v1/jobs", json=spec.model_dump(mode="json"), headers=headers)

@@ -44,4 +44,4 @@ class RunReader:
         for key in METRIC_KEYS:
             for metric in client.get_metric_history(run_id, key):
                 rows[metric.step][key] = metric.value
-        return [{"epoch": epoch, **rows[epoch]} for epoch in sorted(rows)]
+        return [{"epoch": int(epoch), **rows[epoch]} for epoch in sorted(rows)]

@@ -30,13 +30,18 @@ def load_spec(path: str, workers: int | None = None, epochs: int | None = None) 
     return JobSpec.model_validate(data)
 
 
+def spec_error(error: ValidationError) -> str:
+    """One line for a bad spec: the first error's field and message."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "spec"
+    return f"{where}: {first['msg']}"
+
+
 def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None) -> int:
     try:
         spec = load_spec(path, workers, epochs)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "spec"
-        print(f"error: {where}: {first['msg']}", file=sys.stderr)
+        print(f"error: {spec_error(error)}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

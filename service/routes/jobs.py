@@ -55,7 +55,7 @@ class JobList(BaseModel):
 class EpochMetrics(BaseModel):
     job_id: str
     mlflow_run_id: str | None
-    epochs: list[dict[str, float]]
+    epochs: list[dict[str, Any]]
 
 
 def summary(job: Job) -> JobView:

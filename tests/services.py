@@ -1,0 +1,127 @@
+"""Real processes for the service tests: uvicorn running ``san serve``, a Ray head with dashboard, an MLflow
+server and a PostgreSQL cluster — each started on a free port and stopped by PID (its own process group)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from service.auth import hash_token
+
+BIN = Path(sys.executable).parent
+TOKENS = {"alice": "alice-token", "bob": "bob-token"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(probe, timeout_s: float, what: str, interval_s: float = 0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not within {timeout_s:.0f} s")
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+class Service:
+    """``san serve`` in a subprocess with ``SAN_*`` settings; `restart` keeps the same settings and database."""
+
+    def __init__(self, root: Path, **settings) -> None:
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        tokens = "{" + ",".join(f'"{who}": "{hash_token(token)}"' for who, token in TOKENS.items()) + "}"
+        self.env = {**os.environ, "SAN_TOKENS": tokens, "SAN_STORAGE_ROOT": str(root / "runs"),
+                    "SAN_DATA_ROOT": str(root / "data"), "SAN_POLL_INTERVAL_S": "0.5"}  # fmt: skip
+        self.env.update({f"SAN_{key.upper()}": str(value) for key, value in settings.items()})
+        self.process: subprocess.Popen | None = None
+        self.log = root / f"serve-{self.port}.log"
+
+    def start(self) -> "Service":
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([str(BIN / "san"), "serve", "--port", str(self.port)], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        wait_until(lambda: self.process.poll() is None and httpx.get(f"{self.url}/healthz").status_code == 200,
+                   60, f"the service on {self.url} (log: {self.log})")  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            stop_group(self.process)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self, who: str | None = "alice") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(root / "mlflow.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, 90, "mlflow server")
+    return process, url
+
+
+def postgres_bin() -> Path:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not versions:
+        raise RuntimeError("PostgreSQL is not installed (make setup installs the Debian package 'postgresql')")
+    return versions[-1].parent
+
+
+class Postgres:
+    """A throwaway cluster in a temp dir on a free port. PostgreSQL refuses to run as root, so as root it runs as
+    the 'postgres' user that the Debian package creates."""
+
+    def __init__(self) -> None:
+        # Not under pytest's tmp dir: that is private to root, and the server runs as 'postgres'.
+        self.dir, self.port, self.bin = Path(tempfile.mkdtemp(prefix="san-pg-")), free_port(), postgres_bin()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def run(self, *command: str) -> None:
+        subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> str:
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.run(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "san", "--auth=trust", "-E", "UTF8")
+        self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
+                 f"-p {self.port} -k {self.dir} -h 127.0.0.1", "start")  # fmt: skip
+        self.run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", "jobs")
+        return f"postgresql+psycopg://san@127.0.0.1:{self.port}/jobs"
+
+    def stop(self) -> None:
+        self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""The jobs store on SQLite and on a real PostgreSQL: queue order, compare-and-set transitions with timestamps,
+idempotency keys under concurrency, ownership."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.store import TRANSITIONS, IdempotencyConflict, JobStore
+from tests.services import Postgres
+
+pytestmark = pytest.mark.timeout(300, method="thread")
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    server = Postgres()
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    sqlite = f"sqlite:///{tmp_path / 'jobs.db'}"
+    store = JobStore(sqlite if request.param == "sqlite" else request.getfixturevalue("postgres_url"))
+    yield store
+    if request.param == "postgresql":  # one database for the module: empty it between tests
+        with store.engine.begin() as connection:
+            connection.exec_driver_sql("TRUNCATE job_events, jobs")
+    store.close()
+
+
+SPEC = {"model": {"name": "lenet5"}, "training": {"epochs": 2}}
+
+
+def test_jobs_are_queued_in_order_and_listed_newest_first_per_principal(store):
+    made = [store.create("alice", {**SPEC, "n": n})[0] for n in range(3)] + [store.create("bob", SPEC)[0]]
+    assert [job.status for job in made] == ["queued"] * 4
+    assert [job.id for job in store.in_states(("queued",))] == [job.id for job in made]
+    page, total = store.page("alice", limit=2)
+    assert total == 3 and [job.spec["n"] for job in page] == [2, 1]
+    assert [job.spec["n"] for job in store.page("alice", limit=2, offset=2)[0]] == [0]
+    assert store.get(made[0].id, "bob") is None and store.get(made[0].id, "alice").id == made[0].id
+
+
+def test_transitions_are_compare_and_set_and_timestamped(store):
+    job, _ = store.create("alice", SPEC)
+    assert not store.transition(job.id, "running")  # queued → running skips submitted: refused
+    assert store.transition(job.id, "submitted")
+    assert not store.transition(job.id, "submitted")  # the second claim loses
+    assert store.transition(job.id, "running") and store.transition(job.id, "succeeded")
+    assert not store.transition(job.id, "cancelled")  # terminal
+    stored = store.get(job.id)
+    assert [state for state, _ in stored.transitions] == ["queued", "submitted", "running", "succeeded"]
+    times = [at for _, at in stored.transitions]
+    assert times == sorted(times) and stored.at("running") == times[2]
+    assert set(TRANSITIONS) == {"queued", "submitted", "running"}
+
+
+def test_concurrent_claims_of_one_queued_job_have_exactly_one_winner(store):
+    job, _ = store.create("alice", SPEC)
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda _: store.transition(job.id, "submitted"), range(16)))
+    assert wins.count(True) == 1
+    assert [state for state, _ in store.get(job.id).transitions] == ["queued", "submitted"]
+
+
+def test_an_idempotency_key_gives_one_job_even_under_concurrency(store):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: store.create("alice", SPEC, "key-1"), range(16)))
+    assert len({job.id for job, _ in results}) == 1
+    assert [created for _, created in results].count(True) == 1
+    assert store.create("bob", SPEC, "key-1")[1]  # keys are per principal
+    with pytest.raises(IdempotencyConflict, match="different spec"):
+        store.create("alice", {**SPEC, "training": {"epochs": 3}}, "key-1")
+    assert store.page("alice")[1] == 1
