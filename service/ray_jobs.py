@@ -167,14 +167,16 @@ class LocalRayHead:
         raise RuntimeError(f"ray head not answering at {self.address} after {timeout_s:.0f} s")
 
     def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM to ``ray start`` alone — it ends its own processes in order (a group-wide SIGTERM leaves it
+        waiting) — then SIGKILL to whatever of the group is left."""
         if self.process is None or self.process.poll() is not None:
             return
         group = os.getpgid(self.process.pid)
-        os.killpg(group, signal.SIGTERM)
+        self.process.terminate()
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(group, signal.SIGKILL)
+            self.process.kill()
             self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # the raylet's workers share the group: leave none
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)

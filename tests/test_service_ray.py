@@ -1,0 +1,145 @@
+"""The service end to end: uvicorn (``san serve``) → a real Ray head with dashboard (Ray Jobs) → Ray Train on
+real Fashion-MNIST slices → a real ``mlflow server``. Queue limit 1, so jobs wait their turn."""
+
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from service.ray_jobs import LocalRayHead, RayJobs, auth_token
+from tests.services import Service, free_port, mlflow_server, stop_group
+from training.data.build import build_dataset
+from training.data.writer import WriterOptions
+from training.loop import CHECKPOINT_FILE
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
+
+
+def spec(epochs: int, **training) -> dict:
+    return {
+        "model": {"name": "lenet5", "attention": "san-c"},
+        "data": {"train_path": "fmnist-train/train.beton", "val_path": "fmnist-val/val.beton"},
+        "training": {"epochs": epochs, "batch_size": 32, **training},
+        "validation": {"batch_size": 128},
+        "lr": {"lr": 0.2, "peak_epoch": 1},
+        "scaling": {"num_workers": 2},
+        "tracking": {"system_metrics_interval_s": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    build_dataset("fashion-mnist", None, root / "data" / "fmnist-train", WriterOptions(num_workers=2, subset=512))
+    build_dataset("fashion-mnist", None, root / "data" / "fmnist-val", WriterOptions(num_workers=2, subset=256))
+    head = LocalRayHead(free_port(), free_port(), num_cpus=2)
+    head.start()
+    mlflow, mlflow_url = mlflow_server(root)
+    service = Service(root, ray_address=head.address, mlflow_uri=mlflow_url, max_submitted=1).start()
+    yield service, head, mlflow_url
+    service.stop()
+    stop_group(mlflow)
+    head.stop()
+
+
+def wait_for(client, job_id: str, states: set[str], timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in states:
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"{job_id} still {job['status']} after {timeout_s:.0f} s, not in {states}")
+
+
+def ray_jobs(head: LocalRayHead) -> RayJobs:
+    return RayJobs(head.address, auth_token(None), "python", {})
+
+
+def test_a_job_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
+    service, head, mlflow_url = stack
+    with service.client() as alice:
+        job_id = alice.post("/v1/jobs", json=spec(2)).json()["id"]
+        job = wait_for(alice, job_id, {"succeeded", "failed", "cancelled"})
+        assert job["status"] == "succeeded", job["error"]
+        assert [t["status"] for t in job["transitions"]] == ["queued", "submitted", "running", "succeeded"]
+        assert job["ray_submission_id"] == job_id and job["progress"]["epoch"] == job["progress"]["epochs"] == 2
+        assert job["mlflow_url"].startswith(mlflow_url) and job["mlflow_url"].endswith(job["mlflow_run_id"])
+        served = alice.get(f"/v1/jobs/{job_id}/metrics").json()
+        logs = alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 50}).text
+    client = MlflowClient(mlflow_url)
+    run = client.get_run(served["mlflow_run_id"])
+    assert run.data.tags["san.job_id"] == job_id and run.info.status == "FINISHED"
+    for key in ("train/loss", "val/top1", "val/top5", "throughput/img_s"):
+        from_mlflow = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                         key=lambda m: m.step)]  # fmt: skip
+        assert [(row["epoch"], row[key]) for row in served["epochs"]] == from_mlflow
+    # …and both are what the training loop itself checkpointed.
+    checkpoints = sorted((service.root / "runs" / "ray" / job_id).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    history = torch.load(checkpoints[-1], weights_only=False)["history"]
+    assert [round(row["val/top1"], 6) for row in served["epochs"]] == [round(m["val/top1"], 6) for m in history]
+    assert f"{job_id}: 2 epochs" in logs
+    assert ray_jobs(head).info(job_id).state == "succeeded"
+
+
+def test_workers_beyond_the_cluster_are_refused_with_the_numbers(stack):
+    service, _, _ = stack
+    with service.client() as alice:
+        response = alice.post("/v1/jobs", json={**spec(1), "scaling": {"num_workers": 3}})
+    assert response.status_code == 422
+    assert "3 CPUs, but the cluster has 2" in response.json()["detail"][0]["msg"]
+    with service.client(None) as anonymous:
+        ready = anonymous.get("/readyz").json()
+    assert ready["ready"] and {c["status"] for c in ready["checks"].values()} == {"ok"}
+
+
+def test_cancelling_a_queued_job_never_reaches_ray_and_a_running_one_is_stopped(stack):
+    service, head, _ = stack
+    ray = ray_jobs(head)
+    with service.client() as alice:
+        long_id = alice.post("/v1/jobs", json=spec(40)).json()["id"]
+        queued_id = alice.post("/v1/jobs", json=spec(1)).json()["id"]
+        wait_for(alice, long_id, {"running"})
+        assert alice.get(f"/v1/jobs/{queued_id}").json()["status"] == "queued"  # the limit is 1
+        assert alice.post(f"/v1/jobs/{queued_id}/cancel").json()["status"] == "cancelled"
+        assert ray.info(queued_id) is None
+        cancelled = alice.post(f"/v1/jobs/{long_id}/cancel").json()
+        assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"]
+        deadline = time.monotonic() + 60
+        while ray.info(long_id).state != "cancelled" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert ray.info(long_id).state == "cancelled"  # Ray's STOPPED
+        time.sleep(2)  # a few queue ticks: the cancelled queued job must still not be submitted
+        assert ray.info(queued_id) is None
+        assert alice.get(f"/v1/jobs/{queued_id}").json()["status"] == "cancelled"
+
+
+def test_a_job_survives_a_restart_of_the_api_and_ends_succeeded(stack):
+    service, _, _ = stack
+    with service.client() as alice:
+        job_id = alice.post("/v1/jobs", json=spec(4)).json()["id"]
+        wait_for(alice, job_id, {"running"})
+    service.restart()
+    with service.client() as alice:
+        assert job_id in {job["id"] for job in alice.get("/v1/jobs").json()["items"]}
+        job = wait_for(alice, job_id, {"succeeded", "failed", "cancelled"})
+        assert job["status"] == "succeeded", job["error"]
+        assert [row["epoch"] for row in alice.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]] == [0, 1, 2, 3]
+
+
+def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):
+    service = Service(tmp_path, ray_address="local", local_ray_port=free_port(), max_submitted=0,
+                      local_ray_dashboard_port=free_port(), local_ray_cpus=1).start()  # fmt: skip
+    try:
+        with service.client(None) as anonymous:
+            ready = anonymous.get("/readyz").json()
+        assert ready["checks"]["ray"] == {"status": "ok", "detail": "2.60.0"}
+        heads = [p for p in psutil.Process(service.process.pid).children(recursive=True) if "gcs_server" in p.name()]
+        assert len(heads) == 1
+    finally:
+        service.stop()
+    assert not heads[0].is_running()
+    assert not Path(service.log).read_text().count("Traceback")
