@@ -129,6 +129,7 @@ class JobStore:
 
     def create(self, principal: str, spec: dict[str, Any], idempotency_key: str | None = None) -> tuple[Job, bool]:
         """A new queued job, or — for an Idempotency-Key this principal used before — the job it made then."""
+        idempotency_key = idempotency_key or None  # an empty key is no key
         if idempotency_key:
             existing = self._by_key(principal, idempotency_key)
             if existing:

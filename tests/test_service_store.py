@@ -71,6 +71,7 @@ def test_an_idempotency_key_gives_one_job_even_under_concurrency(store):
     assert len({job.id for job, _ in results}) == 1
     assert [created for _, created in results].count(True) == 1
     assert store.create("bob", SPEC, "key-1")[1]  # keys are per principal
+    assert store.create("bob", SPEC, "")[1] and store.create("bob", SPEC, "")[1]  # an empty key is no key
     with pytest.raises(IdempotencyConflict, match="different spec"):
         store.create("alice", {**SPEC, "training": {"epochs": 3}}, "key-1")
     assert store.page("alice")[1] == 1

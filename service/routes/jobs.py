@@ -156,7 +156,7 @@ def list_jobs(
     principal: Principal,
     status: State | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> JobList:
     """This principal's jobs, newest first."""
     jobs, total = request.app.state.store.page(principal, status, limit, offset)
@@ -186,9 +186,9 @@ def cancel_job(job_id: str, request: Request, principal: Principal) -> JobView:
 def job_logs(
     job_id: str, request: Request, principal: Principal, tail: Annotated[int, Query(ge=1, le=100_000)] = 200
 ) -> str:
-    """The last ``tail`` lines of the Ray job's driver log (empty while queued)."""
+    """The last ``tail`` lines of the Ray job's driver log (empty for a job that never reached Ray)."""
     job = owned(request, job_id, principal)
-    if job.status == "queued":
+    if summary(job).ray_submission_id is None:
         return ""
     try:
         text = request.app.state.ray.logs(job.id)
