@@ -56,7 +56,9 @@ class Dispatcher:
 
     def fill(self) -> None:
         room = self.max_submitted - self.store.count(ACTIVE)
-        for job in self.store.in_states(("queued",))[: max(room, 0)]:
+        if room <= 0:
+            return
+        for job in self.store.in_states(("queued",), limit=room):
             if self.store.transition(job.id, "submitted"):  # claimed: no other dispatcher submits it
                 self.submit(job)
 

@@ -188,10 +188,11 @@ class JobStore:
             rows = session.scalars(query.order_by(JobRow.seq.desc()).limit(limit).offset(offset)).all()
             return [self._read(session, row) for row in rows], total
 
-    def in_states(self, states: tuple[str, ...]) -> list[Job]:
+    def in_states(self, states: tuple[str, ...], limit: int | None = None) -> list[Job]:
         """Oldest first: the queue's order."""
         with self.session() as session:
-            rows = session.scalars(select(JobRow).where(JobRow.status.in_(states)).order_by(JobRow.seq)).all()
+            query = select(JobRow).where(JobRow.status.in_(states)).order_by(JobRow.seq).limit(limit)
+            rows = session.scalars(query).all()
             return [self._read(session, row) for row in rows]
 
     def count(self, states: tuple[str, ...]) -> int:

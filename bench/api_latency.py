@@ -1,0 +1,79 @@
+"""Latency of the job service's two hot endpoints over real HTTP: ``POST /v1/jobs`` (jobs stay queued: limit 0,
+so this is validation + the durable insert) and ``GET /v1/jobs/{id}``, at 1, 10 and 50 concurrent clients
+against ``san serve`` (uvicorn, one process, SQLite). Target: POST p99 < 50 ms at 50 clients.
+
+    python bench/api_latency.py [--requests 400]
+"""
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.services import TOKENS, Service, free_port  # the tests' real-process helper
+
+SPEC = {"model": {"name": "lenet5", "attention": "san-c"}, "training": {"epochs": 2, "batch_size": 32},
+        "lr": {"peak_epoch": 1}}  # fmt: skip
+
+
+async def measure(url: str, clients: int, requests: int, method: str, job_id: str | None) -> list[float]:
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as client:
+        remaining = requests
+
+        async def one_client() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                if method == "POST":
+                    response = await client.post("/v1/jobs", json=SPEC)
+                else:
+                    response = await client.get(f"/v1/jobs/{job_id}")
+                latencies.append(time.perf_counter() - started)
+                if response.status_code not in (200, 201):
+                    raise RuntimeError(f"{method}: HTTP {response.status_code} {response.text[:200]}")
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=400, help="per endpoint and concurrency level")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temp:
+        service = Service(Path(temp), max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}").start()
+        try:
+            with service.client() as client:
+                job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
+            asyncio.run(measure(service.url, 10, 100, "POST", None))  # warm-up
+            rows = []
+            for clients in (1, 10, 50):
+                for method in ("POST", "GET"):
+                    latencies = asyncio.run(measure(service.url, clients, args.requests, method, job_id))
+                    rows.append((method, clients, percentile(latencies, 50), percentile(latencies, 99)))
+        finally:
+            service.stop()
+    print(f"\nsan serve (uvicorn, 1 process, SQLite), {args.requests} requests per row, client on the same 2 cores\n")
+    print("| request | clients | p50 ms | p99 ms |")
+    print("|---|---:|---:|---:|")
+    for method, clients, p50, p99 in rows:
+        path = "/v1/jobs" if method == "POST" else "/v1/jobs/{id}"
+        print(f"| {method} {path} | {clients} | {p50:.1f} | {p99:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
