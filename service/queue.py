@@ -15,6 +15,7 @@ from service.store import ACTIVE, Job, JobStore
 from training.data.manifest import write_atomically
 
 log = logging.getLogger("san.service")
+KICK_GAP_S = 0.05
 
 
 class Dispatcher:
@@ -96,6 +97,7 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         while True:
             await asyncio.to_thread(self.tick)
+            await asyncio.sleep(KICK_GAP_S)  # under a burst of POSTs, one tick per gap rather than one per POST
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout=interval_s)
             self._kick.clear()

@@ -137,17 +137,18 @@ class JobStore:
         moment = now()
         row = JobRow(id=f"job-{uuid.uuid4().hex[:16]}", principal=principal, status="queued", spec=spec,
                      idempotency_key=idempotency_key, created_at=moment, updated_at=moment)  # fmt: skip
+        queued = JobEvent(job_id=row.id, status="queued", at=moment)
         try:
             with self.session.begin() as session:
                 session.add(row)
                 session.flush()
-                session.add(JobEvent(job_id=row.id, status="queued", at=moment))
+                session.add(queued)
         except IntegrityError:  # a concurrent request with the same key won the insert
             existing = self._by_key(principal, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
             return self._same_spec(existing, spec), False
-        return self.get(row.id), True
+        return _job(row, [queued]), True
 
     @staticmethod
     def _same_spec(job: Job, spec: dict[str, Any]) -> Job:

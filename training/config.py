@@ -3,6 +3,7 @@
 Named, typed sections in the manner of ffcv-imagenet's config; validated once, before any Ray work starts.
 """
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,15 @@ class ModelSection(Section):
     attention_kwargs: dict[str, Any] = Field(default_factory=dict)
     stem: Literal["imagenet", "small"] | None = None  # None: the model's default
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
+
+    def build(self, num_classes: int, in_chans: int) -> torch.nn.Module:
+        kwargs: dict[str, Any] = {"in_chans": in_chans, "attention_kwargs": self.attention_kwargs}
+        if self.stem is not None:
+            kwargs["stem"] = self.stem
+        model = build_model(self.name, num_classes, self.attention, self.placement, **kwargs)
+        if self.blurpool:
+            add_blurpool(model)
+        return model
 
     @field_validator("name")
     @classmethod
@@ -130,6 +140,15 @@ class TrackingSection(Section):
     system_metrics_interval_s: float = Field(default=10.0, gt=0)  # CPU, memory (and GPU) sampled by rank 0
 
 
+@functools.lru_cache(maxsize=256)
+def _model_builds(model_section: str) -> bool:
+    """Cached by the model section alone: a ResNet-50 takes ~25 ms to build even on the meta device, and the
+    service validates every submitted spec."""
+    with torch.device("meta"):
+        ModelSection.model_validate_json(model_section).build(num_classes=10, in_chans=3)
+    return True
+
+
 class JobSpec(Section):
     """A training job: what to train, on what, how, where it runs and where it is recorded."""
 
@@ -158,19 +177,12 @@ class JobSpec(Section):
     def _check_model_builds(self) -> None:
         """Build the model on the meta device (no memory, no arithmetic) so bad attention kwargs fail here."""
         try:
-            with torch.device("meta"):
-                self.build_model(num_classes=10, in_chans=3)
+            _model_builds(self.model.model_dump_json())
         except (ValueError, TypeError) as error:
             raise ValueError(f"model: {error}") from None
 
     def build_model(self, num_classes: int, in_chans: int) -> torch.nn.Module:
-        kwargs: dict[str, Any] = {"in_chans": in_chans, "attention_kwargs": self.model.attention_kwargs}
-        if self.model.stem is not None:
-            kwargs["stem"] = self.model.stem
-        model = build_model(self.model.name, num_classes, self.model.attention, self.model.placement, **kwargs)
-        if self.model.blurpool:
-            add_blurpool(model)
-        return model
+        return self.model.build(num_classes, in_chans)
 
     @property
     def run_name(self) -> str:

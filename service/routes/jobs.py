@@ -124,7 +124,7 @@ def detailed(request: Request, job: Job) -> JobView:
 
 
 @router.post("", status_code=201, response_model=JobView)
-def submit_job(
+async def submit_job(
     spec: JobSpec,
     request: Request,
     response: Response,
