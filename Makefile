@@ -38,7 +38,8 @@ test: lint pytest
 DEMO_DATA := data/fashion-mnist
 
 # The most complete real job so far: the models table, the embedded Fashion-MNIST as FFCV files, then the
-# paper's LeNet-5 + SAN-d setting trained on it by two Ray Train workers, tracked in MLflow (runs/mlflow.db).
+# paper's LeNet-5 + SAN-d setting trained on it by two Ray Train workers, tracked in MLflow (runs/mlflow.db);
+# then the same job through the REST API (san serve with its own Ray head, san jobs submit --wait).
 demo: setup
 	$(VENV)/bin/san models --table --input-size 28 --num-classes 10 --models lenet5
 	$(VENV)/bin/san models --table --input-size 32 --num-classes 10 --stem small --models vgg16,resnet18
@@ -46,11 +47,13 @@ demo: setup
 	$(VENV)/bin/san data build fashion-mnist --out $(DEMO_DATA)
 	$(VENV)/bin/san data info $(DEMO_DATA)/train.beton
 	$(VENV)/bin/san train configs/lenet5-fmnist.yaml --workers 2 --epochs 3
+	deploy/api-demo.sh configs/lenet5-fmnist.yaml --workers 2 --epochs 3
 
 bench: setup
 	$(PY) bench/attention_overhead.py
 	$(PY) bench/loader.py
 	$(PY) bench/ray_overhead.py
+	$(PY) bench/api_latency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,8 @@
 """``san serve`` runs the API (uvicorn); ``san jobs …`` talks to it over HTTP with a bearer token.
 
     san serve [--host 127.0.0.1] [--port 8000] [--env-file service.env]
-    san jobs submit SPEC [--idempotency-key K] | list [--status S] | show ID | cancel ID | logs ID [--tail N]
+    san jobs submit SPEC [--workers N] [--epochs N] [--wait]
+    san jobs list [--status S] | show ID | cancel ID | logs ID [--tail N]
     san jobs hash-token TOKEN        # the value to put in SAN_TOKENS
 The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN``.
 """
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -82,7 +84,7 @@ def _submit(args: argparse.Namespace) -> int:
     from training.run import load_spec, spec_error
 
     try:
-        spec = load_spec(args.spec)
+        spec = load_spec(args.spec, args.workers, args.epochs)
     except ValidationError as error:
         print(f"san jobs: error: {spec_error(error)}", file=sys.stderr)
         return 2
@@ -93,8 +95,25 @@ def _submit(args: argparse.Namespace) -> int:
     response = _call(args, "POST", "/v1/jobs", json=spec.model_dump(mode="json"), headers=headers)
     if response.status_code not in (200, 201):
         return _fail(response)
-    print(_show(response.json()))
-    return 0
+    job = response.json()
+    print(_show(job), flush=True)
+    return _follow(args, job) if args.wait else 0
+
+
+def _follow(args: argparse.Namespace, job: dict) -> int:
+    """Print a line whenever the job's state or epoch changes, until it ends: exit 0 if it succeeded."""
+    last = (job["status"], None)
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(args.poll_s)
+        response = _call(args, "GET", f"/v1/jobs/{job['id']}")
+        if response.status_code != 200:
+            return _fail(response)
+        job = response.json()
+        now = (job["status"], (job.get("progress") or {}).get("epoch"))
+        if now != last:
+            print(_show(job), flush=True)
+            last = now
+    return 0 if job["status"] == "succeeded" else 1
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -149,6 +168,10 @@ def register(commands) -> None:
     submit = actions.add_parser("submit", help="submit a JobSpec (YAML/JSON)")
     submit.add_argument("spec")
     submit.add_argument("--idempotency-key", help="a retry with the same key returns the same job")
+    submit.add_argument("--workers", type=int, help="override scaling.num_workers")
+    submit.add_argument("--epochs", type=int, help="override training.epochs")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends (exit 1 unless it succeeds)")
+    submit.add_argument("--poll-s", type=float, default=2.0, help="seconds between polls with --wait")
     submit.set_defaults(handler=_submit)
     listing = actions.add_parser("list", help="your jobs, newest first")
     listing.add_argument("--status", choices=["queued", "submitted", "running", "succeeded", "failed", "cancelled"])
