@@ -23,6 +23,7 @@ from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
 from training.tracking import tracking_uri
 
 log = logging.getLogger("san.service")
+CLUSTER_REFRESH_S = 10.0  # how often the cluster's size (for the workers check) is asked of Ray
 
 
 class BodySizeLimit:
@@ -82,14 +83,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.state.settings, app.state.store, app.state.ray, app.state.dispatcher = settings, store, ray, dispatcher
         app.state.principals, app.state.runs, app.state.cluster = principals, RunReader(), ClusterSize(ray)
         app.state.default_mlflow_uri = settings.mlflow_uri or tracking_uri(JobSpec(), settings.storage_root)
-        task = asyncio.create_task(dispatcher.run(settings.poll_interval_s))  # its first tick reconciles
+        tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
+                 asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S))]  # fmt: skip
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             store.close()
+            ray.close()
             if head is not None:
                 await asyncio.to_thread(head.stop)
 

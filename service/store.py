@@ -1,8 +1,11 @@
 """The jobs table (SQLAlchemy 2): SQLite by default, PostgreSQL by URL. Every state change is a compare-and-set
 on the current state, recorded with its time in ``job_events``, so concurrent writers never both win."""
 
+import contextlib
 import json
+import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -117,8 +120,14 @@ class JobStore:
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite allows one writer; a thread that finds the file locked sleeps in SQLite's busy handler (up to
+        # 100 ms at a time). Queueing this process's writers on a lock wakes each as soon as the last commits.
+        self._write_lock = threading.Lock() if url.startswith("sqlite") else None
         Base.metadata.create_all(self.engine)
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _writing(self):
+        return self._write_lock if self._write_lock is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -139,7 +148,7 @@ class JobStore:
                      idempotency_key=idempotency_key, created_at=moment, updated_at=moment)  # fmt: skip
         queued = JobEvent(job_id=row.id, status="queued", at=moment)
         try:
-            with self.session.begin() as session:
+            with self._writing(), self.session.begin() as session:
                 session.add(row)
                 session.flush()
                 session.add(queued)
@@ -164,8 +173,17 @@ class JobStore:
 
     @staticmethod
     def _read(session: Session, row: JobRow) -> Job:
-        events = session.scalars(select(JobEvent).where(JobEvent.job_id == row.id).order_by(JobEvent.seq)).all()
-        return _job(row, list(events))
+        return JobStore._read_all(session, [row])[0]
+
+    @staticmethod
+    def _read_all(session: Session, rows: Sequence[JobRow]) -> list[Job]:
+        """The rows with their events, in one more query (not one per job)."""
+        events: dict[str, list[JobEvent]] = {row.id: [] for row in rows}
+        if rows:
+            query = select(JobEvent).where(JobEvent.job_id.in_(list(events))).order_by(JobEvent.seq)
+            for event in session.scalars(query):
+                events[event.job_id].append(event)
+        return [_job(row, events[row.id]) for row in rows]
 
     def get(self, job_id: str, principal: str | None = None) -> Job | None:
         """The job, or None when it does not exist or (with ``principal``) belongs to someone else."""
@@ -187,14 +205,13 @@ class JobStore:
                 query = query.where(JobRow.status == status)
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.scalars(query.order_by(JobRow.seq.desc()).limit(limit).offset(offset)).all()
-            return [self._read(session, row) for row in rows], total
+            return self._read_all(session, rows), total
 
     def in_states(self, states: tuple[str, ...], limit: int | None = None) -> list[Job]:
         """Oldest first: the queue's order."""
         with self.session() as session:
             query = select(JobRow).where(JobRow.status.in_(states)).order_by(JobRow.seq).limit(limit)
-            rows = session.scalars(query).all()
-            return [self._read(session, row) for row in rows]
+            return self._read_all(session, session.scalars(query).all())
 
     def count(self, states: tuple[str, ...]) -> int:
         with self.session() as session:
@@ -205,7 +222,7 @@ class JobStore:
         moved it first or the move is not allowed. ``fields``: error, mlflow_run_id."""
         allowed = [state for state, targets in TRANSITIONS.items() if to in targets]
         moment = now()
-        with self.session.begin() as session:
+        with self._writing(), self.session.begin() as session:
             changed = session.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status.in_(allowed))
@@ -217,7 +234,7 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Fields that are not a state change: cancel_requested, mlflow_run_id."""
-        with self.session.begin() as session:
+        with self._writing(), self.session.begin() as session:
             session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now(), **fields))
 
 

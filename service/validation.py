@@ -1,7 +1,7 @@
 """Checks a valid `JobSpec` must also pass to be admitted here: the service's limits, the cluster's size, and
 data inside the data root. Each failure names its field, as pydantic's own errors do."""
 
-import time
+import asyncio
 
 from service.ray_jobs import RayJobs, RayUnavailable
 from service.settings import ServiceSettings
@@ -20,21 +20,23 @@ class Rejected(ValueError):
 
 
 class ClusterSize:
-    """The cluster's CPUs and GPUs, asked of Ray at most every ``ttl_s`` seconds; None while Ray is down."""
+    """The cluster's CPUs and GPUs as last asked of Ray (None while unknown or Ray is down). `refresh` runs in
+    the background (`run`), so admitting a job never waits on Ray."""
 
-    def __init__(self, ray: RayJobs, ttl_s: float = 10.0) -> None:
-        self.ray, self.ttl_s = ray, ttl_s
-        self._value: dict[str, float] | None = None
-        self._at = float("-inf")
+    def __init__(self, ray: RayJobs) -> None:
+        self.ray = ray
+        self.value: dict[str, float] | None = None
 
-    def get(self) -> dict[str, float] | None:
-        if time.monotonic() - self._at > self.ttl_s:
-            try:
-                self._value = self.ray.resources()
-            except RayUnavailable:
-                self._value = None
-            self._at = time.monotonic()
-        return self._value
+    def refresh(self) -> None:
+        try:
+            self.value = self.ray.resources()
+        except RayUnavailable:
+            self.value = None
+
+    async def run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.to_thread(self.refresh)
+            await asyncio.sleep(interval_s)
 
 
 def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> JobSpec:
@@ -48,7 +50,7 @@ def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> Job
     for loc, value, limit in limits:
         if value > limit:
             raise Rejected(loc, f"{'.'.join(loc)} {value} is above this service's limit of {limit}")
-    size = cluster.get()
+    size = cluster.value
     if size is not None:
         cpus = spec.scaling.num_workers * spec.scaling.cpus_per_worker
         if cpus > size["CPU"]:

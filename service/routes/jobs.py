@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
@@ -139,7 +140,9 @@ async def submit_job(
     except Rejected as error:
         raise HTTPException(422, detail=error.detail()) from None
     try:
-        job, created = state.store.create(principal, admitted.model_dump(mode="json"), idempotency_key)
+        # The write goes to a thread: a commit may wait on the disk (fsync, WAL checkpoint), the event loop must not.
+        job, created = await run_in_threadpool(state.store.create, principal, admitted.model_dump(mode="json"),
+                                               idempotency_key)  # fmt: skip
     except IdempotencyConflict as error:
         raise HTTPException(409, detail=str(error)) from None
     if created:
@@ -151,7 +154,7 @@ async def submit_job(
 
 
 @router.get("", response_model=JobList)
-def list_jobs(
+async def list_jobs(
     request: Request,
     principal: Principal,
     status: State | None = None,
@@ -164,9 +167,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobView)
-def show_job(job_id: str, request: Request, principal: Principal) -> JobView:
+async def show_job(job_id: str, request: Request, principal: Principal) -> JobView:
     """Status, progress (epoch k of N, ETA), latest metrics, the MLflow run and its link, timestamps, error."""
-    return detailed(request, reconciled(request, owned(request, job_id, principal)))
+    job = owned(request, job_id, principal)  # a local read: on the event loop
+    if job.status == "queued":
+        return summary(job)
+    return await run_in_threadpool(lambda: detailed(request, reconciled(request, job)))  # Ray and MLflow calls
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
