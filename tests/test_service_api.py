@@ -91,7 +91,7 @@ def test_100_concurrent_posts_store_100_distinct_queued_jobs_and_a_repeated_key_
         with service.client() as alice:
             return alice.post("/v1/jobs", json={**SPEC, "training": {"epochs": 2, "seed": n}})
 
-    with ThreadPoolExecutor(20) as pool:
+    with ThreadPoolExecutor(100) as pool:  # all 100 in flight at once
         responses = list(pool.map(post, range(100)))
     assert [r.status_code for r in responses] == [201] * 100
     ids = {r.json()["id"] for r in responses}
