@@ -20,7 +20,7 @@ from training.data.build import build_dataset
 from training.data.loaders import make_loader
 from training.data.writer import WriterOptions
 from training.launch import launch
-from training.loop import CHECKPOINT_FILE, parameter_groups, train_one_epoch
+from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
 
 
 def spec_for(workers: int, epochs: int, batch_size: int) -> JobSpec:
@@ -43,6 +43,7 @@ def plain_epochs(spec: JobSpec, data: Path) -> list[float]:
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     device = torch.device("cpu")
+    flush_denormals_on_cpu(device)  # as every Ray worker does
     return [train_one_epoch(model, loader, optimizer, scaler, spec, e, device, 1)["seconds"]
             for e in range(spec.training.epochs)]  # fmt: skip
 
