@@ -1,19 +1,24 @@
 """What Ray Train costs and what a second worker buys, on the same lenet5 + SAN-c job over Fashion-MNIST.
 
 1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
-2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread.
+2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, and of 2 plain processes in a gloo DDP
+   group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--images 20000] [--epochs 4] [--batch-size 128]
 """
 
 import argparse
+import json
+import socket
 import statistics
 import tempfile
 from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from training.config import JobSpec
 from training.data.build import build_dataset
@@ -35,17 +40,39 @@ def spec_for(workers: int, epochs: int, batch_size: int) -> JobSpec:
     })  # fmt: skip
 
 
-def plain_epochs(spec: JobSpec, data: Path) -> list[float]:
-    torch.manual_seed(0)
-    loader = make_loader(data / "fmnist" / "train.beton", train=True, batch_size=spec.training.batch_size, in_chans=1)
+def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1) -> list[dict]:
+    """The worker's loop without Ray: ``train_one_epoch`` in this process (in a gloo group when ``world`` > 1)."""
+    torch.manual_seed(spec.training.seed)
+    loader = make_loader(data / "fmnist" / "train.beton", train=True, batch_size=spec.training.batch_size,
+                         in_chans=1, distributed=world > 1, seed=spec.training.seed)  # fmt: skip
     torch.set_num_threads(1)
     model = spec.build_model(10, 1)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     device = torch.device("cpu")
     flush_denormals_on_cpu(device)  # as every Ray worker does
-    return [train_one_epoch(model, loader, optimizer, scaler, spec, e, device, 1)["seconds"]
+    return [train_one_epoch(model, loader, optimizer, scaler, spec, e, device, world)
             for e in range(spec.training.epochs)]  # fmt: skip
+
+
+def _ddp_process(rank: int, world: int, port: int, spec: JobSpec, data: Path, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    epochs = plain_epochs(spec, data, rank, world)
+    if rank == 0:
+        out.write_text(json.dumps([e["images"] / e["seconds"] for e in epochs]))
+    dist.destroy_process_group()
+
+
+def plain_ddp_rate(spec: JobSpec, data: Path, temp: Path) -> float:
+    """Images/s of 2 plain processes in a gloo DDP group, no Ray: what DDP itself costs on this machine."""
+    out = temp / "ddp.json"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_process, args=(2, port, spec, data, out), nprocs=2)
+    return statistics.median(json.loads(out.read_text())[1:])
 
 
 def ray_epochs(spec: JobSpec, data: Path, runs: Path, name: str) -> tuple[list[float], list[float]]:
@@ -63,7 +90,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         data, runs = Path(temp) / "data", Path(temp) / "runs"
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
-        plain = statistics.median(plain_epochs(spec_for(1, args.epochs, args.batch_size), data)[1:])
+        plain = statistics.median(
+            [e["seconds"] for e in plain_epochs(spec_for(1, args.epochs, args.batch_size), data)][1:]
+        )
+        ddp = plain_ddp_rate(spec_for(2, args.epochs, args.batch_size), data, Path(temp))
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         one_time, one_rate = ray_epochs(spec_for(1, args.epochs, args.batch_size), data, runs, "one-worker")
         two_time, two_rate = ray_epochs(spec_for(2, args.epochs, args.batch_size), data, runs, "two-workers")
@@ -81,6 +111,8 @@ def main() -> None:
     print(f"| 2 workers img/s | {rate2:,.0f} |")
     print(f"| 2 workers / 1 worker | {rate2 / rate1:.2f} |")
     print(f"| 2 workers epoch s | {two:.2f} |")
+    print(f"| 2 plain DDP processes (no Ray) img/s | {ddp:,.0f} |")
+    print(f"| 2 plain DDP / 1 plain loop | {ddp / (args.images / plain):.2f} |")
 
 
 if __name__ == "__main__":
