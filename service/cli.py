@@ -79,16 +79,11 @@ def _show(job: dict) -> str:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from training.run import load_spec, spec_error
+    from training.run import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec, args.workers, args.epochs)
-    except ValidationError as error:
-        print(f"san jobs: error: {spec_error(error)}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as error:
+    except SpecError as error:
         print(f"san jobs: error: {error}", file=sys.stderr)
         return 2
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}

@@ -40,3 +40,16 @@ def test_bad_model_name_is_one_line_and_exit_2():
     result = run("models", "--table", "--models", "resnet34")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "unknown model ['resnet34']" in result.stderr
+
+
+def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("model: {name: lenet9}\n")
+    cases = [
+        ((str(spec),), "model.name: Value error, unknown model 'lenet9'"),
+        ((str(tmp_path / "missing.yaml"),), "no such spec file"),
+        (("configs/lenet5-fmnist.yaml", "--epochs", "0"), "training.epochs: Input should be greater"),
+    ]
+    for args, text in cases:
+        result = run("train", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr

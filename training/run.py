@@ -19,31 +19,31 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.spec, args.job_id, args.workers, args.epochs)
 
 
+class SpecError(ValueError):
+    """A spec file that cannot run, said in one line that names the field."""
+
+
 def load_spec(path: str, workers: int | None = None, epochs: int | None = None) -> JobSpec:
-    """The spec file, with ``--workers``/``--epochs`` applied through validation (so their checks hold too)."""
-    spec = JobSpec.load(path)
-    data = spec.model_dump()
-    if workers is not None:
-        data["scaling"]["num_workers"] = workers
-    if epochs is not None:
-        data["training"]["epochs"] = epochs
-    return JobSpec.model_validate(data)
-
-
-def spec_error(error: ValidationError) -> str:
-    """One line for a bad spec: the first error's field and message."""
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "spec"
-    return f"{where}: {first['msg']}"
+    """The spec file, with ``--workers``/``--epochs`` applied through validation (so their checks hold too);
+    `SpecError` when it is missing or invalid."""
+    try:
+        data = JobSpec.load(path).model_dump()
+        if workers is not None:
+            data["scaling"]["num_workers"] = workers
+        if epochs is not None:
+            data["training"]["epochs"] = epochs
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise SpecError(f"{'.'.join(str(part) for part in first['loc']) or 'spec'}: {first['msg']}") from None
+    except (ValueError, FileNotFoundError) as error:
+        raise SpecError(str(error)) from None
 
 
 def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None) -> int:
     try:
         spec = load_spec(path, workers, epochs)
-    except ValidationError as error:
-        print(f"error: {spec_error(error)}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as error:
+    except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = launch(spec, job_id)
