@@ -22,6 +22,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
     update,
 )
@@ -143,21 +144,21 @@ class JobStore:
             existing = self._by_key(principal, idempotency_key)
             if existing:
                 return self._same_spec(existing, spec), False
-        moment = now()
-        row = JobRow(id=f"job-{uuid.uuid4().hex[:16]}", principal=principal, status="queued", spec=spec,
-                     idempotency_key=idempotency_key, created_at=moment, updated_at=moment)  # fmt: skip
-        queued = JobEvent(job_id=row.id, status="queued", at=moment)
-        try:
-            with self._writing(), self.session.begin() as session:
-                session.add(row)
-                session.flush()
-                session.add(queued)
+        moment, job_id = now(), f"job-{uuid.uuid4().hex[:16]}"
+        try:  # Core inserts, not the ORM's unit of work: this is the service's hot path
+            with self._writing(), self.engine.begin() as connection:
+                connection.execute(insert(JobRow).values(id=job_id, principal=principal, status="queued", spec=spec,
+                                                         idempotency_key=idempotency_key, cancel_requested=False,
+                                                         created_at=moment, updated_at=moment))  # fmt: skip
+                connection.execute(insert(JobEvent).values(job_id=job_id, status="queued", at=moment))
         except IntegrityError:  # a concurrent request with the same key won the insert
             existing = self._by_key(principal, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
             return self._same_spec(existing, spec), False
-        return _job(row, [queued]), True
+        job = Job(job_id, principal, "queued", spec, idempotency_key, False, None, None, moment, moment,
+                  [("queued", moment)])  # fmt: skip
+        return job, True
 
     @staticmethod
     def _same_spec(job: Job, spec: dict[str, Any]) -> Job:
