@@ -29,14 +29,16 @@ class ClusterSize:
 
     def refresh(self) -> None:
         try:
-            self.value = self.ray.resources()
+            size = self.ray.resources()
         except RayUnavailable:
-            self.value = None
+            size = None
+        # A head that has just started lists no live node's CPUs yet: that is "unknown", not "no room".
+        self.value = size if size and size["CPU"] > 0 else None
 
     async def run(self, interval_s: float) -> None:
         while True:
             await asyncio.to_thread(self.refresh)
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(interval_s if self.value is not None else min(interval_s, 1.0))
 
 
 def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> JobSpec:

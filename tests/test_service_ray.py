@@ -134,6 +134,9 @@ def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):
     service = Service(tmp_path, ray_address="local", local_ray_port=free_port(), max_submitted=0,
                       local_ray_dashboard_port=free_port(), local_ray_cpus=1).start()  # fmt: skip
     try:
+        with service.client() as alice:  # at once: a head that lists no CPUs yet must not make this a 422
+            response = alice.post("/v1/jobs", json={**spec(1), "data": {}, "scaling": {"num_workers": 1}})
+            assert response.status_code == 201, response.text
         with service.client(None) as anonymous:
             ready = anonymous.get("/readyz").json()
         assert ready["checks"]["ray"] == {"status": "ok", "detail": "2.60.0"}
