@@ -27,7 +27,8 @@ CLUSTER_REFRESH_S = 10.0  # how often the cluster's size (for the workers check)
 
 
 class BodySizeLimit:
-    """413 for request bodies above ``limit`` bytes, by header or as they stream in (pure ASGI, no buffering)."""
+    """413 for request bodies above ``limit`` bytes, by header or as they stream in (pure ASGI, no buffering), with a
+    JSON body naming the limit — FastAPI's own ``max_body_size`` answers with plain text "Content Too Large"."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit

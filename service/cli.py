@@ -97,8 +97,10 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace, job: dict) -> int:
     """Print a line whenever the job's state or epoch changes, until it ends: exit 0 if it succeeded."""
+    from service.store import TERMINAL
+
     last = (job["status"], None)
-    while job["status"] not in ("succeeded", "failed", "cancelled"):
+    while job["status"] not in TERMINAL:
         time.sleep(args.poll_s)
         response = _call(args, "GET", f"/v1/jobs/{job['id']}")
         if response.status_code != 200:
@@ -149,6 +151,8 @@ def _hash_token(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     """Add ``san serve`` and ``san jobs`` to the ``san`` command line (entry point ``san.cli``)."""
+    from service.store import STATES
+
     serve = commands.add_parser("serve", help="run the job service (FastAPI on uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -169,7 +173,7 @@ def register(commands) -> None:
     submit.add_argument("--poll-s", type=float, default=2.0, help="seconds between polls with --wait")
     submit.set_defaults(handler=_submit)
     listing = actions.add_parser("list", help="your jobs, newest first")
-    listing.add_argument("--status", choices=["queued", "submitted", "running", "succeeded", "failed", "cancelled"])
+    listing.add_argument("--status", choices=STATES)
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=_list)
     for name, method, suffix, text in (("show", "GET", "", "one job"), ("cancel", "POST", "/cancel", "cancel a job")):

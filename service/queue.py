@@ -37,23 +37,16 @@ class Dispatcher:
             except RayUnavailable as error:
                 log.warning("queue: %s; retrying in the next tick", error)
 
-    def reconcile(self, job: Job) -> str:
-        """Bring one active job's state in line with Ray's; returns the state it ends in."""
+    def reconcile(self, job: Job) -> None:
+        """Bring one active job's state in line with Ray's."""
         info = self.ray.info(job.id)
         if info is None:
             if job.status == "submitted":  # claimed, then the process stopped before Ray got it: submit again
                 self.submit(job)
-                return "submitted"
-            self.store.transition(job.id, "failed", error="Ray has no record of this job (cluster restarted?)")
-            return "failed"
-        if info.state == job.status:
-            return job.status
-        if info.state == "running" or info.state == "submitted":
-            self.store.transition(job.id, info.state)
-        else:
-            error = info.message if info.state == "failed" else None
-            self.store.transition(job.id, info.state, error=error)
-        return info.state
+            else:
+                self.store.transition(job.id, "failed", error="Ray has no record of this job (cluster restarted?)")
+        elif info.state != job.status:
+            self.store.transition(job.id, info.state, error=info.message if info.state == "failed" else None)
 
     def fill(self) -> None:
         room = self.max_submitted - self.store.count(ACTIVE)
@@ -74,19 +67,17 @@ class Dispatcher:
         except Exception as error:  # Ray refused the job itself: it will never run
             self.store.transition(job.id, "failed", error=f"Ray refused the submission: {error}")
 
-    def cancel(self, job: Job) -> str:
+    def cancel(self, job: Job) -> None:
         """A queued job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
         cancelled (reconciliation agrees once Ray reports it stopped)."""
         self.store.update(job.id, cancel_requested=True)
         if job.status == "queued" and self.store.transition(job.id, "cancelled"):
-            return "cancelled"
-        with self._lock:
+            return
+        with self._lock:  # not while a tick is submitting it
             current = self.store.get(job.id)
-            if current is None or current.status not in ACTIVE:
-                return current.status if current else "cancelled"
-            self.ray.stop(job.id)
-            self.store.transition(job.id, "cancelled")
-            return "cancelled"
+            if current is not None and current.status in ACTIVE:
+                self.ray.stop(job.id)
+                self.store.transition(job.id, "cancelled")
 
     def kick(self) -> None:
         """Tick now rather than at the next interval (callable from any thread)."""

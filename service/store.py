@@ -91,6 +91,11 @@ class Job:
     updated_at: datetime
     transitions: list[tuple[str, datetime]] = field(default_factory=list)
 
+    @property
+    def reached_ray(self) -> bool:
+        """Whether the job was ever submitted (its id is then Ray's submission id)."""
+        return any(state == "submitted" for state, _ in self.transitions)
+
     def at(self, status: str) -> datetime | None:
         return next((at for state, at in reversed(self.transitions) if state == status), None)
 

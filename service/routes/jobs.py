@@ -60,10 +60,9 @@ class EpochMetrics(BaseModel):
 
 
 def summary(job: Job) -> JobView:
-    reached_ray = any(state == "submitted" for state, _ in job.transitions)
     return JobView(id=job.id, status=job.status, spec=job.spec, created_at=job.created_at, updated_at=job.updated_at,
                    transitions=[Transition(status=s, at=a) for s, a in job.transitions],
-                   ray_submission_id=job.id if reached_ray else None, cancel_requested=job.cancel_requested,
+                   ray_submission_id=job.id if job.reached_ray else None, cancel_requested=job.cancel_requested,
                    error=job.error, mlflow_run_id=job.mlflow_run_id)  # fmt: skip
 
 
@@ -194,7 +193,7 @@ def job_logs(
 ) -> str:
     """The last ``tail`` lines of the Ray job's driver log (empty for a job that never reached Ray)."""
     job = owned(request, job_id, principal)
-    if summary(job).ray_submission_id is None:
+    if not job.reached_ray:
         return ""
     try:
         text = request.app.state.ray.logs(job.id)
