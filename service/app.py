@@ -3,6 +3,7 @@ a Ray head this process owns), the queue's dispatcher and the MLflow reader, the
 
 import asyncio
 import contextlib
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -16,11 +17,9 @@ from service.queue import Dispatcher
 from service.ray_jobs import LocalRayHead, RayJobs, auth_token
 from service.routes import catalog, health, jobs
 from service.settings import ServiceSettings
-from service.store import JobStore
+from service.store import GroupCommit, JobStore
 from service.validation import ClusterSize
-from training.config import JobSpec
 from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
-from training.tracking import tracking_uri
 
 log = logging.getLogger("san.service")
 CLUSTER_REFRESH_S = 10.0  # how often the cluster's size (for the workers check) is asked of Ray
@@ -77,15 +76,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             address = head.address
             log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)
         token = auth_token(settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None)
-        env = {DATA_ROOT_ENV: str(settings.data_root.resolve()), STORAGE_ROOT_ENV: str(settings.storage_root.resolve())}
+        env = {DATA_ROOT_ENV: str(settings.data_root), STORAGE_ROOT_ENV: str(settings.storage_root)}
         ray = RayJobs(address, token, settings.python, env)
         store = JobStore(settings.database)
         dispatcher = Dispatcher(store, ray, settings.jobs_dir(), settings.max_submitted)
         app.state.settings, app.state.store, app.state.ray, app.state.dispatcher = settings, store, ray, dispatcher
         app.state.principals, app.state.runs, app.state.cluster = principals, RunReader(), ClusterSize(ray)
-        app.state.default_mlflow_uri = settings.mlflow_uri or tracking_uri(JobSpec(), settings.storage_root)
+        app.state.new_jobs = GroupCommit(store)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S))]  # fmt: skip
+        gc.freeze()
         try:
             yield
         finally:

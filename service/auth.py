@@ -29,8 +29,11 @@ def unauthorized(message: str) -> HTTPException:
     return HTTPException(401, detail=message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def principal(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
-    """The caller's principal; 401 without a known token."""
+async def principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    """The caller's principal; 401 without a known token. Async: a plain ``def`` dependency would hop to the
+    threadpool on every request for a dictionary lookup."""
     if credentials is None:
         raise unauthorized("missing bearer token (Authorization: Bearer <token>)")
     found = request.app.state.principals.get(hash_token(credentials.credentials))

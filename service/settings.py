@@ -4,12 +4,13 @@ Tokens are stored hashed: ``SAN_TOKENS='{"alice": "sha256:<hex>"}'``; make a has
 """
 
 import sys
+from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.paths import data_root, storage_root
+from training.paths import data_root, default_tracking_uri, storage_root
 
 
 class ServiceSettings(BaseSettings):
@@ -35,9 +36,19 @@ class ServiceSettings(BaseSettings):
     max_workers: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    @field_validator("data_root", "storage_root")
+    @classmethod
+    def absolute(cls, path: Path) -> Path:
+        return path.resolve()  # once here, not on every request that checks a path against a root
+
     @property
     def database(self) -> str:
-        return self.database_url or f"sqlite:///{self.storage_root.resolve() / 'service.db'}"
+        return self.database_url or f"sqlite:///{self.storage_root / 'service.db'}"
+
+    @cached_property
+    def default_mlflow_uri(self) -> str:
+        """Where jobs that name no MLflow URI are tracked: ``mlflow_uri``, else SQLite under the storage root."""
+        return self.mlflow_uri or default_tracking_uri(self.storage_root)
 
     def jobs_dir(self) -> Path:
-        return self.storage_root.resolve() / "jobs"
+        return self.storage_root / "jobs"

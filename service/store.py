@@ -1,11 +1,12 @@
 """The jobs table (SQLAlchemy 2): SQLite by default, PostgreSQL by URL. Every state change is a compare-and-set
 on the current state, recorded with its time in ``job_events``, so concurrent writers never both win."""
 
+import asyncio
 import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,18 @@ def _job(row: JobRow, events: list[JobEvent]) -> Job:
                [(e.status, aware(e.at)) for e in events])  # fmt: skip
 
 
+# Built once, values passed as parameters: ``insert(...).values(...)`` per call spent more time building and
+# cache-keying the statement than SQLite spent running it (0.37 vs 0.13 ms a job).
+INSERT_JOB, INSERT_EVENT = insert(JobRow), insert(JobEvent)
+
+
+def new_job(principal: str, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
+    """A queued job as it will be stored (see `JobStore.add`)."""
+    moment = now()
+    return Job(f"job-{uuid.uuid4().hex[:16]}", principal, "queued", spec, idempotency_key, False, None, None, moment,
+               moment, [("queued", moment)])  # fmt: skip
+
+
 class IdempotencyConflict(ValueError):
     """The same Idempotency-Key was used before with a different spec."""
 
@@ -149,21 +162,25 @@ class JobStore:
             existing = self._by_key(principal, idempotency_key)
             if existing:
                 return self._same_spec(existing, spec), False
-        moment, job_id = now(), f"job-{uuid.uuid4().hex[:16]}"
-        try:  # Core inserts, not the ORM's unit of work: this is the service's hot path
-            with self._writing(), self.engine.begin() as connection:
-                connection.execute(insert(JobRow).values(id=job_id, principal=principal, status="queued", spec=spec,
-                                                         idempotency_key=idempotency_key, cancel_requested=False,
-                                                         created_at=moment, updated_at=moment))  # fmt: skip
-                connection.execute(insert(JobEvent).values(job_id=job_id, status="queued", at=moment))
+        job = new_job(principal, spec, idempotency_key)
+        try:
+            self.add([job])
         except IntegrityError:  # a concurrent request with the same key won the insert
             existing = self._by_key(principal, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
             return self._same_spec(existing, spec), False
-        job = Job(job_id, principal, "queued", spec, idempotency_key, False, None, None, moment, moment,
-                  [("queued", moment)])  # fmt: skip
         return job, True
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        """New queued jobs (from `new_job`), in this order, in one transaction."""
+        rows = [{"id": job.id, "principal": job.principal, "status": "queued", "spec": job.spec,
+                 "idempotency_key": job.idempotency_key, "cancel_requested": False, "created_at": job.created_at,
+                 "updated_at": job.created_at} for job in jobs]  # fmt: skip
+        events = [{"job_id": job.id, "status": "queued", "at": job.created_at} for job in jobs]
+        with self._writing(), self.engine.begin() as connection:  # the hot path: Core, statements built once
+            connection.execute(INSERT_JOB, rows)
+            connection.execute(INSERT_EVENT, events)
 
     @staticmethod
     def _same_spec(job: Job, spec: dict[str, Any]) -> Job:
@@ -242,6 +259,57 @@ class JobStore:
         """Fields that are not a state change: cancel_requested, mlflow_run_id."""
         with self._writing(), self.session.begin() as session:
             session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now(), **fields))
+
+
+class GroupCommit:
+    """New jobs from requests that arrive together, written in one transaction on the event loop.
+
+    Each `create` waits for the commit that holds its job, so a 201 still means "stored". Under load the loop
+    has many POSTs ready at once, and one transaction for all of them costs little more than one for a single
+    job (bench/api_latency.py at 50 clients: 17 jobs a commit on average; the server's CPU time per POST fell
+    from 0.81 to 0.50 ms). A request with an Idempotency-Key takes `JobStore.create`'s own path: it must first
+    look for the job its key made before.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.waiting: list[tuple[Job, asyncio.Future[None]]] = []
+
+    async def create(
+        self, principal: str, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        if idempotency_key:
+            return self.store.create(principal, spec, idempotency_key)
+        job = new_job(principal, spec)
+        loop = asyncio.get_running_loop()
+        stored: asyncio.Future[None] = loop.create_future()
+        self.waiting.append((job, stored))
+        if len(self.waiting) == 1:  # the first of a group: commit once the requests ready now have joined it
+            loop.call_soon(self._commit)
+        await stored
+        return job, True
+
+    def _commit(self) -> None:
+        group, self.waiting = self.waiting, []
+        try:
+            self.store.add([job for job, _ in group])
+        except Exception:  # one job must not fail the others: write each alone, each answered on its own
+            for job, stored in group:
+                self._answer(stored, lambda job=job: self.store.add([job]))
+            return
+        for _, stored in group:
+            self._answer(stored, lambda: None)
+
+    @staticmethod
+    def _answer(stored: asyncio.Future[None], write: Callable[[], None]) -> None:
+        try:
+            write()
+        except Exception as error:
+            if not stored.done():  # done: its request was cancelled (the client went away)
+                stored.set_exception(error)
+            return
+        if not stored.done():
+            stored.set_result(None)
 
 
 def _sqlite_pragmas(connection, _record) -> None:

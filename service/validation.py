@@ -7,7 +7,6 @@ from service.ray_jobs import RayJobs, RayUnavailable
 from service.settings import ServiceSettings
 from training.config import JobSpec
 from training.launch import resolve_data
-from training.tracking import tracking_uri
 
 
 class Rejected(ValueError):
@@ -63,10 +62,10 @@ def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> Job
             raise Rejected(("scaling", "num_workers"), f"{spec.scaling.num_workers} GPU workers, but the cluster "
                            f"has {size['GPU']:g} GPUs")  # fmt: skip
     try:
-        resolve_data(spec, settings.data_root.resolve(), build_missing=False)
+        resolve_data(spec, settings.data_root, build_missing=False)
     except ValueError as error:
         field = str(error).partition(": ")[0]
         loc = tuple(field.split(".")) if field.startswith(("data.", "training.")) else ("data",)
         raise Rejected(loc, str(error)) from None
-    uri = spec.tracking.mlflow_uri or settings.mlflow_uri or tracking_uri(spec, settings.storage_root)
+    uri = spec.tracking.mlflow_uri or settings.default_mlflow_uri
     return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"mlflow_uri": uri})})

@@ -1,11 +1,13 @@
 """The jobs store on SQLite and on a real PostgreSQL: queue order, compare-and-set transitions with timestamps,
 idempotency keys under concurrency, ownership."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import event
 
-from service.store import TRANSITIONS, IdempotencyConflict, JobStore
+from service.store import TRANSITIONS, GroupCommit, IdempotencyConflict, JobStore
 from tests.services import Postgres
 
 pytestmark = pytest.mark.timeout(300, method="thread")
@@ -75,3 +77,37 @@ def test_an_idempotency_key_gives_one_job_even_under_concurrency(store):
     with pytest.raises(IdempotencyConflict, match="different spec"):
         store.create("alice", {**SPEC, "training": {"epochs": 3}}, "key-1")
     assert store.page("alice")[1] == 1
+
+
+def commits_of(store: JobStore) -> list[int]:
+    commits = [0]
+    event.listen(store.engine, "commit", lambda _connection: commits.__setitem__(0, commits[0] + 1))
+    return commits
+
+
+def test_requests_that_arrive_together_share_one_commit(store):
+    new_jobs, commits = GroupCommit(store), commits_of(store)
+
+    async def together(first: int, count: int):
+        return await asyncio.gather(*(new_jobs.create("alice", {**SPEC, "n": n}) for n in range(first, first + count)))
+
+    made = asyncio.run(together(0, 30))
+    assert commits[0] == 1 and all(created for _, created in made)
+    made += asyncio.run(together(30, 5))
+    assert commits[0] == 2
+    queued = store.in_states(("queued",))
+    assert [job.spec["n"] for job in queued] == list(range(35))  # queue order = arrival order
+    assert [job.id for job in queued] == [job.id for job, _ in made]
+    assert all([state for state, _ in job.transitions] == ["queued"] for job in queued)
+
+
+def test_a_job_that_cannot_be_written_fails_alone(store):
+    new_jobs = GroupCommit(store)
+
+    async def together():
+        specs = [{**SPEC, "n": 0}, {**SPEC, "n": object()}, {**SPEC, "n": 2}]  # the second is not JSON
+        return await asyncio.gather(*(new_jobs.create("alice", spec) for spec in specs), return_exceptions=True)
+
+    first, second, third = asyncio.run(together())
+    assert isinstance(second, Exception) and "not JSON serializable" in str(second)
+    assert [job.spec["n"] for job in store.in_states(("queued",))] == [0, 2] == [first[0].spec["n"], third[0].spec["n"]]

@@ -21,3 +21,8 @@ def under_root(path: Path, root: Path, field: str) -> Path:
     if not resolved.is_relative_to(root):
         raise ValueError(f"{field}: {path} is outside the data root {root}")
     return resolved
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The MLflow store of a job that names none: SQLite under the storage root."""
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"

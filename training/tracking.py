@@ -10,6 +10,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from training.config import JobSpec
+from training.paths import default_tracking_uri
 
 METRIC_KEYS = (
     "train/loss", "val/loss", "val/top1", "val/top5", "time/epoch_s", "throughput/img_s", "lr", "resolution",
@@ -17,7 +18,7 @@ METRIC_KEYS = (
 
 
 def tracking_uri(spec: JobSpec, storage_root: Path) -> str:
-    return spec.tracking.mlflow_uri or f"sqlite:///{Path(storage_root).resolve() / 'mlflow.db'}"
+    return spec.tracking.mlflow_uri or default_tracking_uri(storage_root)
 
 
 def git_commit() -> str:

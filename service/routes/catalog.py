@@ -26,7 +26,7 @@ def attention() -> dict[str, list[str]]:
 def datasets(request: Request) -> dict[str, list[dict]]:
     """Each catalog dataset, whether it is embedded (built on first use) and whether it is built under the data
     root now."""
-    root = request.app.state.settings.data_root.resolve()
+    root = request.app.state.settings.data_root
     rows = []
     for name, info in CATALOG.items():
         row = {key: value for key, value in asdict(info).items() if key != "embedded_source"}

@@ -25,8 +25,8 @@ async def readyz(request: Request) -> JSONResponse:
             return {"status": "error", "detail": str(error).splitlines()[0] if str(error) else type(error).__name__}
 
     def mlflow() -> str:
-        state.runs.client(state.default_mlflow_uri).search_experiments(max_results=1)
-        return state.default_mlflow_uri
+        state.runs.client(state.settings.default_mlflow_uri).search_experiments(max_results=1)
+        return state.settings.default_mlflow_uri
 
     results = await asyncio.gather(
         asyncio.to_thread(check, state.store.ping),
