@@ -1,6 +1,6 @@
 """Latency of the job service's two hot endpoints over real HTTP: ``POST /v1/jobs`` (jobs stay queued: limit 0,
 so this is validation + the durable insert) and ``GET /v1/jobs/{id}``, at 1, 10 and 50 concurrent clients
-against ``san serve`` (uvicorn, one process, SQLite). Target: POST p99 < 50 ms at 50 clients.
+against ``san serve`` (uvicorn, one process, SQLite). Target: POST p99 < 50 ms at 50 clients (met: see README).
 
     python bench/api_latency.py [--requests 400]
 """
