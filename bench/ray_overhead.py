@@ -1,11 +1,12 @@
-"""What Ray Train costs and what a second worker buys, on the same lenet5 + SAN-c job over Fashion-MNIST.
+"""What Ray Train costs and what a second worker buys, on the same lenet5 (or resnet18) + SAN-c job over
+Fashion-MNIST.
 
 1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
 2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, and of 2 plain processes in a gloo DDP
    group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
-    python bench/ray_overhead.py [--images 20000] [--epochs 4] [--batch-size 128]
+    python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
 """
 
 import argparse
@@ -28,9 +29,9 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
 
 
-def spec_for(workers: int, epochs: int, batch_size: int) -> JobSpec:
+def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5") -> JobSpec:
     return JobSpec.model_validate({
-        "model": {"name": "lenet5", "attention": "san-c"},
+        "model": {"name": model, "attention": "san-c"},
         "data": {"train_path": "fmnist/train.beton", "val_path": "fmnist/val.beton"},
         "training": {"epochs": epochs, "batch_size": batch_size},
         "validation": {"batch_size": 1000},
@@ -83,24 +84,24 @@ def ray_epochs(spec: JobSpec, data: Path, runs: Path, name: str) -> tuple[list[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("lenet5", "resnet18"), default="lenet5")
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
     args = parser.parse_args()
+    job = (args.epochs, args.batch_size, args.model)
     with tempfile.TemporaryDirectory() as temp:
         data, runs = Path(temp) / "data", Path(temp) / "runs"
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
-        plain = statistics.median(
-            [e["seconds"] for e in plain_epochs(spec_for(1, args.epochs, args.batch_size), data)][1:]
-        )
-        ddp = plain_ddp_rate(spec_for(2, args.epochs, args.batch_size), data, Path(temp))
+        plain = statistics.median([e["seconds"] for e in plain_epochs(spec_for(1, *job), data)][1:])
+        ddp = plain_ddp_rate(spec_for(2, *job), data, Path(temp))
         ray.init(address="local", num_cpus=2, include_dashboard=False)
-        one_time, one_rate = ray_epochs(spec_for(1, args.epochs, args.batch_size), data, runs, "one-worker")
-        two_time, two_rate = ray_epochs(spec_for(2, args.epochs, args.batch_size), data, runs, "two-workers")
+        one_time, one_rate = ray_epochs(spec_for(1, *job), data, runs, "one-worker")
+        two_time, two_rate = ray_epochs(spec_for(2, *job), data, runs, "two-workers")
         ray.shutdown()
     one, two = statistics.median(one_time[1:]), statistics.median(two_time[1:])
     rate1, rate2 = statistics.median(one_rate[1:]), statistics.median(two_rate[1:])
-    print(f"\nlenet5 + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
+    print(f"\n{args.model} + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
           "1 thread per worker\n")  # fmt: skip
     print("| measurement | value |")
     print("|---|---:|")
