@@ -85,6 +85,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.state.new_jobs = GroupCommit(store)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S))]  # fmt: skip
+        # torch, MLflow and SQLAlchemy leave ~540,000 objects behind; a full collection over them took 214 ms, during
+        # which every request in flight waited. Frozen, the collector never scans them again.
         gc.freeze()
         try:
             yield
