@@ -52,6 +52,7 @@ demo: setup
 bench: setup
 	$(PY) bench/attention_overhead.py
 	$(PY) bench/loader.py
+	$(PY) bench/memory_format.py
 	$(PY) bench/ray_overhead.py
 	$(PY) bench/api_latency.py
 

@@ -3,7 +3,8 @@ Fashion-MNIST.
 
 1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
 2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, and of 2 plain processes in a gloo DDP
-   group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray.
+   group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray; and of the same 2
+   processes with no gradient sync (each trains its own copy): the ceiling this machine sets.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
@@ -29,11 +30,11 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
 
 
-def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5") -> JobSpec:
+def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5", channels_last: bool = True) -> JobSpec:
     return JobSpec.model_validate({
         "model": {"name": model, "attention": "san-c"},
         "data": {"train_path": "fmnist/train.beton", "val_path": "fmnist/val.beton"},
-        "training": {"epochs": epochs, "batch_size": batch_size},
+        "training": {"epochs": epochs, "batch_size": batch_size, "channels_last": channels_last},
         "validation": {"batch_size": 1000},
         "lr": {"peak_epoch": 1},
         "scaling": {"num_workers": workers, "cpus_per_worker": 1},
@@ -41,14 +42,15 @@ def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5") 
     })  # fmt: skip
 
 
-def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1) -> list[dict]:
-    """The worker's loop without Ray: ``train_one_epoch`` in this process (in a gloo group when ``world`` > 1)."""
+def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1, sync: bool = True) -> list[dict]:
+    """The worker's loop without Ray: ``train_one_epoch`` in this process (in a gloo group when ``world`` > 1,
+    averaging gradients with DDP unless ``sync`` is False: then each process trains its own copy on its shard)."""
     torch.manual_seed(spec.training.seed)
     loader = make_loader(data / "fmnist" / "train.beton", train=True, batch_size=spec.training.batch_size,
                          in_chans=1, distributed=world > 1, seed=spec.training.seed)  # fmt: skip
     torch.set_num_threads(1)
     model = spec.build_model(10, 1)
-    if world > 1:
+    if world > 1 and sync:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -58,21 +60,22 @@ def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1) -> li
             for e in range(spec.training.epochs)]  # fmt: skip
 
 
-def _ddp_process(rank: int, world: int, port: int, spec: JobSpec, data: Path, out: Path) -> None:
+def _ddp_process(rank: int, world: int, port: int, spec: JobSpec, data: Path, out: Path, sync: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    epochs = plain_epochs(spec, data, rank, world)
+    epochs = plain_epochs(spec, data, rank, world, sync)
     if rank == 0:
         out.write_text(json.dumps([e["images"] / e["seconds"] for e in epochs]))
     dist.destroy_process_group()
 
 
-def plain_ddp_rate(spec: JobSpec, data: Path, temp: Path) -> float:
-    """Images/s of 2 plain processes in a gloo DDP group, no Ray: what DDP itself costs on this machine."""
+def plain_ddp_rate(spec: JobSpec, data: Path, temp: Path, sync: bool = True) -> float:
+    """Images/s of 2 plain processes in a gloo DDP group, no Ray: what DDP itself costs on this machine. Without
+    ``sync`` no gradient is all-reduced: the most two processes that share this machine can do."""
     out = temp / "ddp.json"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_process, args=(2, port, spec, data, out), nprocs=2)
+    mp.spawn(_ddp_process, args=(2, port, spec, data, out, sync), nprocs=2)
     return statistics.median(json.loads(out.read_text())[1:])
 
 
@@ -86,15 +89,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("lenet5", "resnet18"), default="lenet5")
     parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument(
+        "--memory-format",
+        choices=("auto", "nchw", "channels-last"),
+        default="auto",
+        help="auto: what bench/memory_format.py found faster on CPU (channels-last for lenet5 only)",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
     args = parser.parse_args()
-    job = (args.epochs, args.batch_size, args.model)
+    channels_last = args.memory_format == "channels-last" or (args.memory_format == "auto" and args.model == "lenet5")
+    job = (args.epochs, args.batch_size, args.model, channels_last)
     with tempfile.TemporaryDirectory() as temp:
         data, runs = Path(temp) / "data", Path(temp) / "runs"
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
         plain = statistics.median([e["seconds"] for e in plain_epochs(spec_for(1, *job), data)][1:])
         ddp = plain_ddp_rate(spec_for(2, *job), data, Path(temp))
+        unsynced = plain_ddp_rate(spec_for(2, *job), data, Path(temp), sync=False)
         ray.init(address="local", num_cpus=2, include_dashboard=False)
         one_time, one_rate = ray_epochs(spec_for(1, *job), data, runs, "one-worker")
         two_time, two_rate = ray_epochs(spec_for(2, *job), data, runs, "two-workers")
@@ -102,7 +113,7 @@ def main() -> None:
     one, two = statistics.median(one_time[1:]), statistics.median(two_time[1:])
     rate1, rate2 = statistics.median(one_rate[1:]), statistics.median(two_rate[1:])
     print(f"\n{args.model} + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
-          "1 thread per worker\n")  # fmt: skip
+          f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker\n")  # fmt: skip
     print("| measurement | value |")
     print("|---|---:|")
     print(f"| plain loop epoch s | {plain:.2f} |")
@@ -114,6 +125,8 @@ def main() -> None:
     print(f"| 2 workers epoch s | {two:.2f} |")
     print(f"| 2 plain DDP processes (no Ray) img/s | {ddp:,.0f} |")
     print(f"| 2 plain DDP / 1 plain loop | {ddp / (args.images / plain):.2f} |")
+    print(f"| 2 plain processes, no gradient sync, img/s | {unsynced:,.0f} |")
+    print(f"| 2 plain, no sync / 1 plain loop | {unsynced / (args.images / plain):.2f} |")
 
 
 if __name__ == "__main__":
