@@ -30,7 +30,7 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
 
 
-def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5", channels_last: bool = True) -> JobSpec:
+def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5", channels_last: bool = False) -> JobSpec:
     return JobSpec.model_validate({
         "model": {"name": model, "attention": "san-c"},
         "data": {"train_path": "fmnist/train.beton", "val_path": "fmnist/val.beton"},

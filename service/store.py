@@ -6,7 +6,7 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -297,23 +297,23 @@ class GroupCommit:
         group, self.waiting = self.waiting, []
         try:
             self.store.add([job for job, _ in group])
+            errors: list[Exception | None] = [None] * len(group)
         except Exception:  # one job must not fail the others: write each alone, each answered on its own
-            for job, stored in group:
-                self._answer(stored, lambda job=job: self.store.add([job]))
-            return
-        for _, stored in group:
-            self._answer(stored, lambda: None)
-
-    @staticmethod
-    def _answer(stored: asyncio.Future[None], write: Callable[[], None]) -> None:
-        try:
-            write()
-        except Exception as error:
-            if not stored.done():  # done: its request was cancelled (the client went away)
+            errors = [self._add_alone(job) for job, _ in group]
+        for (_, stored), error in zip(group, errors, strict=True):
+            if stored.done():  # its request was cancelled (the client went away)
+                continue
+            if error is None:
+                stored.set_result(None)
+            else:
                 stored.set_exception(error)
-            return
-        if not stored.done():
-            stored.set_result(None)
+
+    def _add_alone(self, job: Job) -> Exception | None:
+        try:
+            self.store.add([job])
+        except Exception as error:
+            return error
+        return None
 
 
 def _sqlite_pragmas(connection, _record) -> None:
