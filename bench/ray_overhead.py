@@ -2,19 +2,24 @@
 Fashion-MNIST.
 
 1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
-2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, and of 2 plain processes in a gloo DDP
-   group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray; and of the same 2
-   processes with no gradient sync (each trains its own copy): the ceiling this machine sets.
+2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, ``--repeats`` times in alternating order
+   (1-2, 2-1, ...: run-to-run noise here is up to 10 %, so one pair of runs proves little); of 2 plain processes in
+   a gloo DDP group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray; and of the
+   same 2 processes with no gradient sync (each trains its own copy): the ceiling this machine sets.
+3. The latency of one blocking gloo all-reduce of the model's gradient between 2 idle processes (p50 and p90): the
+   floor under every DDP step's wait.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
+                                 [--repeats 3]
 """
 
 import argparse
 import json
-import socket
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -28,6 +33,9 @@ from training.data.loaders import make_loader
 from training.data.writer import WriterOptions
 from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.services import free_port  # the tests' helper
 
 
 def spec_for(workers: int, epochs: int, batch_size: int, model: str = "lenet5", channels_last: bool = False) -> JobSpec:
@@ -50,6 +58,8 @@ def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1, sync:
                          in_chans=1, distributed=world > 1, seed=spec.training.seed)  # fmt: skip
     torch.set_num_threads(1)
     model = spec.build_model(10, 1)
+    if spec.training.channels_last:  # as train_worker does, before DDP takes the gradients' layout
+        model = model.to(memory_format=torch.channels_last)
     if world > 1 and sync:
         model = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
@@ -72,11 +82,31 @@ def plain_ddp_rate(spec: JobSpec, data: Path, temp: Path, sync: bool = True) -> 
     """Images/s of 2 plain processes in a gloo DDP group, no Ray: what DDP itself costs on this machine. Without
     ``sync`` no gradient is all-reduced: the most two processes that share this machine can do."""
     out = temp / "ddp.json"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_process, args=(2, port, spec, data, out, sync), nprocs=2)
+    mp.spawn(_ddp_process, args=(2, free_port(), spec, data, out, sync), nprocs=2)
     return statistics.median(json.loads(out.read_text())[1:])
+
+
+def _allreduce_process(rank: int, world: int, port: int, numel: int, calls: int, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    tensor, seconds = torch.zeros(numel), []
+    for call in range(calls + 20):  # the first 20 warm up the connections
+        dist.barrier()
+        started = time.perf_counter()
+        dist.all_reduce(tensor)
+        if call >= 20:
+            seconds.append(time.perf_counter() - started)
+    if rank == 0:
+        out.write_text(json.dumps(seconds))
+    dist.destroy_process_group()
+
+
+def allreduce_latency(numel: int, temp: Path, calls: int = 200) -> tuple[float, float]:
+    """p50 and p90 seconds of one blocking gloo all-reduce of ``numel`` floats between 2 otherwise idle processes."""
+    out = temp / "allreduce.json"
+    mp.spawn(_allreduce_process, args=(2, free_port(), numel, calls, out), nprocs=2)
+    seconds = sorted(json.loads(out.read_text()))
+    return seconds[len(seconds) // 2], seconds[len(seconds) * 9 // 10]
 
 
 def ray_epochs(spec: JobSpec, data: Path, runs: Path, name: str) -> tuple[list[float], list[float]]:
@@ -97,32 +127,45 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
+    parser.add_argument("--repeats", type=int, default=3, help="pairs of 1- and 2-worker Ray runs")
     args = parser.parse_args()
     channels_last = args.memory_format == "channels-last" or (args.memory_format == "auto" and args.model == "lenet5")
     job = (args.epochs, args.batch_size, args.model, channels_last)
     with tempfile.TemporaryDirectory() as temp:
         data, runs = Path(temp) / "data", Path(temp) / "runs"
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
+        gradient = sum(p.numel() for p in spec_for(1, *job).build_model(10, 1).parameters())
+        latency = allreduce_latency(gradient, Path(temp))
         plain = statistics.median([e["seconds"] for e in plain_epochs(spec_for(1, *job), data)][1:])
         ddp = plain_ddp_rate(spec_for(2, *job), data, Path(temp))
         unsynced = plain_ddp_rate(spec_for(2, *job), data, Path(temp), sync=False)
         ray.init(address="local", num_cpus=2, include_dashboard=False)
-        one_time, one_rate = ray_epochs(spec_for(1, *job), data, runs, "one-worker")
-        two_time, two_rate = ray_epochs(spec_for(2, *job), data, runs, "two-workers")
+        times: dict[int, list[float]] = {1: [], 2: []}
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for repeat in range(args.repeats):
+            for workers in (1, 2) if repeat % 2 == 0 else (2, 1):
+                epoch_s, img_s = ray_epochs(spec_for(workers, *job), data, runs, f"w{workers}-r{repeat}")
+                times[workers].append(statistics.median(epoch_s[1:]))
+                rates[workers].append(statistics.median(img_s[1:]))
         ray.shutdown()
-    one, two = statistics.median(one_time[1:]), statistics.median(two_time[1:])
-    rate1, rate2 = statistics.median(one_rate[1:]), statistics.median(two_rate[1:])
+    ratios = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
     print(f"\n{args.model} + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
-          f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker\n")  # fmt: skip
+          f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker; Ray rows: median of "
+          f"{args.repeats} runs each (min–max)\n")  # fmt: skip
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
     print("| measurement | value |")
     print("|---|---:|")
+    print(f"| gloo all-reduce of the {gradient:,}-float gradient, 2 idle processes: p50 / p90 ms | "
+          f"{latency[0] * 1000:.2f} / {latency[1] * 1000:.2f} |")  # fmt: skip
     print(f"| plain loop epoch s | {plain:.2f} |")
-    print(f"| 1 Ray worker epoch s | {one:.2f} |")
-    print(f"| Ray / plain | {one / plain:.3f} |")
-    print(f"| 1 worker img/s | {rate1:,.0f} |")
-    print(f"| 2 workers img/s | {rate2:,.0f} |")
-    print(f"| 2 workers / 1 worker | {rate2 / rate1:.2f} |")
-    print(f"| 2 workers epoch s | {two:.2f} |")
+    print(f"| 1 Ray worker epoch s | {spread(times[1], '.2f')} |")
+    print(f"| Ray / plain | {statistics.median(times[1]) / plain:.3f} |")
+    print(f"| 1 worker img/s | {spread(rates[1], ',.0f')} |")
+    print(f"| 2 workers img/s | {spread(rates[2], ',.0f')} |")
+    print(f"| 2 workers / 1 worker (run pairs) | {spread(ratios, '.2f')} |")
     print(f"| 2 plain DDP processes (no Ray) img/s | {ddp:,.0f} |")
     print(f"| 2 plain DDP / 1 plain loop | {ddp / (args.images / plain):.2f} |")
     print(f"| 2 plain processes, no gradient sync, img/s | {unsynced:,.0f} |")
