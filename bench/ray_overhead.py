@@ -139,7 +139,6 @@ def main() -> None:
         plain = statistics.median([e["seconds"] for e in plain_epochs(spec_for(1, *job), data)][1:])
         ddp = plain_ddp_rate(spec_for(2, *job), data, Path(temp))
         unsynced = plain_ddp_rate(spec_for(2, *job), data, Path(temp), sync=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
         times: dict[int, list[float]] = {1: [], 2: []}
         rates: dict[int, list[float]] = {1: [], 2: []}
         for repeat in range(args.repeats):

@@ -1,10 +1,16 @@
 """The ``san`` console script, run as a user runs it."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import san
+from training.data.build import build_dataset
+from training.data.writer import WriterOptions
 
 SAN = str(Path(sys.executable).with_name("san"))
 
@@ -53,3 +59,28 @@ def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
     for args, text in cases:
         result = run("train", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_train_runs_a_job_on_a_local_ray_with_one_progress_line_per_epoch(tmp_path):
+    data = tmp_path / "data"
+    build_dataset("fashion-mnist", None, data / "fmnist-train", WriterOptions(num_workers=2, subset=256))
+    build_dataset("fashion-mnist", None, data / "fmnist-val", WriterOptions(num_workers=2, subset=128))
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(
+        "model: {name: lenet5, attention: san-c}\n"
+        "data: {train_path: fmnist-train/train.beton, val_path: fmnist-val/val.beton}\n"
+        "training: {epochs: 2, batch_size: 32}\n"
+        "validation: {batch_size: 64}\n"
+    )
+    env = {**os.environ, "SAN_DATA_ROOT": str(data), "SAN_STORAGE_ROOT": str(tmp_path / "runs")}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([SAN, "train", str(spec), "--workers", "2"], capture_output=True, text=True, env=env,
+                            timeout=400)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    progress = [line for line in output.splitlines() if re.search(r"\bepoch \d/2  train/loss", line)]
+    assert [re.search(r"epoch (\d)/2", line).group(1) for line in progress] == ["1", "2"], progress
+    # the local Ray has its dashboard, so Ray Train's placement-group cleaner can see the controller
+    assert "Failed to query Ray Train Controller" not in output
+    assert re.search(r": 2 epochs, val/top1 0\.\d+", result.stdout), result.stdout

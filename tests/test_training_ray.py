@@ -6,11 +6,12 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
 
 from training.config import JobSpec
 from training.data.build import build_dataset
 from training.data.writer import WriterOptions
-from training.launch import launch
+from training.launch import connect_ray, launch
 from training.loop import CHECKPOINT_FILE, FAIL_ONCE_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
@@ -18,11 +19,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    """A 512 / 256-image slice of the real Fashion-MNIST, and a local Ray without dashboard."""
+    """A 512 / 256-image slice of the real Fashion-MNIST, and the local Ray `san train` starts."""
     root = tmp_path_factory.mktemp("training")
     build_dataset("fashion-mnist", None, root / "data" / "fmnist-train", WriterOptions(num_workers=2, subset=512))
     build_dataset("fashion-mnist", None, root / "data" / "fmnist-val", WriterOptions(num_workers=2, subset=256))
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    connect_ray(2)
     yield root
     ray.shutdown()
 
@@ -75,6 +76,10 @@ def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
     assert any(key.startswith("system/cpu") for key in run_data.data.metrics)
     artifacts = {a.path for a in MlflowClient(result.mlflow_uri).list_artifacts(result.mlflow_run_id)}
     assert {"spec.json", "checkpoints"} <= artifacts
+    # The State API answers on the cluster `san train` starts: Ray Train's placement-group cleaner asks it every
+    # second whether the controller lives (without it, a warning every second).
+    controllers = list_actors(filters=[("class_name", "=", "TrainController")], raise_on_missing_output=False)
+    assert [actor.class_name for actor in controllers] == ["TrainController"]
 
 
 def test_a_worker_failure_resumes_from_the_last_checkpoint_without_gaps_or_repeats(roots, tmp_path, monkeypatch):

@@ -94,6 +94,17 @@ class JobResult:
     checkpoint_path: str | None
 
 
+def connect_ray(cpus_needed: int) -> None:
+    """Attach to the cluster at ``$RAY_ADDRESS``, else start a local one with this machine's cores (at least
+    ``cpus_needed``) and its dashboard."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner asks every second whether
+        # the controller still lives; without it the cleaner logs a warning every second, all run long.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=True)
+
+
 def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, data: Path | None = None) -> JobResult:
     """Validate, record and run ``spec`` on the Ray cluster this process is attached to (or a local one)."""
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
@@ -101,11 +112,7 @@ def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, d
     resolved = resolve_data(spec, data)
     mlflow_uri, run_id = create_run(spec, root, job_id, ray_run_name=job_id)
     if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            needed = spec.scaling.num_workers * spec.scaling.cpus_per_worker
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+        connect_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
     result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id).fit()
     if result.error:
         raise result.error

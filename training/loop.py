@@ -1,6 +1,7 @@
 """The training loop: `train_one_epoch`, `evaluate` (global top-1/top-5) and `train_worker`, the function each
 Ray Train worker runs."""
 
+import logging
 import os
 import tempfile
 import time
@@ -20,6 +21,8 @@ from training.data.loaders import make_loader
 from training.data.manifest import load_manifest
 from training.schedule import learning_rate, resolution_at
 from training.tracking import RunLogger
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FAIL_ONCE_ENV = "SAN_TEST_FAIL_ONCE"  # test-only: "<epoch>:<marker file>" makes rank 1 (or 0) raise once there
@@ -191,8 +194,8 @@ def train_worker(config: dict) -> None:
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
-            if rank == 0:
-                print(progress_line(metrics, spec.training.epochs), flush=True)
+            if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
+                log.info(progress_line(metrics, spec.training.epochs))
             if logger:
                 logger.log_epochs(history)
                 if saved is not None:
