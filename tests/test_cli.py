@@ -1,5 +1,6 @@
 """The ``san`` console script, run as a user runs it."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import san
-from training.data.build import build_dataset
-from training.data.writer import WriterOptions
+from tests.slices import SLICE_PATHS, build_fmnist_slices
 
 SAN = str(Path(sys.executable).with_name("san"))
 
@@ -64,12 +64,11 @@ def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
 @pytest.mark.slow
 def test_train_runs_a_job_on_a_local_ray_with_one_progress_line_per_epoch(tmp_path):
     data = tmp_path / "data"
-    build_dataset("fashion-mnist", None, data / "fmnist-train", WriterOptions(num_workers=2, subset=256))
-    build_dataset("fashion-mnist", None, data / "fmnist-val", WriterOptions(num_workers=2, subset=128))
+    build_fmnist_slices(data, train=256, val=128)
     spec = tmp_path / "tiny.yaml"
     spec.write_text(
         "model: {name: lenet5, attention: san-c}\n"
-        "data: {train_path: fmnist-train/train.beton, val_path: fmnist-val/val.beton}\n"
+        f"data: {json.dumps(SLICE_PATHS)}\n"  # JSON is YAML
         "training: {epochs: 2, batch_size: 32}\n"
         "validation: {batch_size: 64}\n"
     )

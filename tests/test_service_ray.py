@@ -11,8 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from service.ray_jobs import LocalRayHead, RayJobs, auth_token
 from tests.services import Service, free_port, mlflow_server, stop_group
-from training.data.build import build_dataset
-from training.data.writer import WriterOptions
+from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.loop import CHECKPOINT_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
@@ -21,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 def spec(epochs: int, **training) -> dict:
     return {
         "model": {"name": "lenet5", "attention": "san-c"},
-        "data": {"train_path": "fmnist-train/train.beton", "val_path": "fmnist-val/val.beton"},
+        "data": SLICE_PATHS,
         "training": {"epochs": epochs, "batch_size": 32, **training},
         "validation": {"batch_size": 128},
         "lr": {"lr": 0.2, "peak_epoch": 1},
@@ -33,8 +32,7 @@ def spec(epochs: int, **training) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
-    build_dataset("fashion-mnist", None, root / "data" / "fmnist-train", WriterOptions(num_workers=2, subset=512))
-    build_dataset("fashion-mnist", None, root / "data" / "fmnist-val", WriterOptions(num_workers=2, subset=256))
+    build_fmnist_slices(root / "data", train=512, val=256)
     head = LocalRayHead(free_port(), free_port(), num_cpus=2)
     head.start()
     mlflow, mlflow_url = mlflow_server(root)

@@ -8,9 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors
 
+from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
-from training.data.build import build_dataset
-from training.data.writer import WriterOptions
 from training.launch import connect_ray, launch
 from training.loop import CHECKPOINT_FILE, FAIL_ONCE_ENV
 
@@ -21,8 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
 def roots(tmp_path_factory):
     """A 512 / 256-image slice of the real Fashion-MNIST, and the local Ray `san train` starts."""
     root = tmp_path_factory.mktemp("training")
-    build_dataset("fashion-mnist", None, root / "data" / "fmnist-train", WriterOptions(num_workers=2, subset=512))
-    build_dataset("fashion-mnist", None, root / "data" / "fmnist-val", WriterOptions(num_workers=2, subset=256))
+    build_fmnist_slices(root / "data", train=512, val=256)
     connect_ray(2)
     yield root
     ray.shutdown()
@@ -31,7 +29,7 @@ def roots(tmp_path_factory):
 def job(roots: Path, **overrides) -> JobSpec:
     sections = {
         "model": {"name": "lenet5", "attention": "san-c"},
-        "data": {"train_path": "fmnist-train/train.beton", "val_path": "fmnist-val/val.beton"},
+        "data": SLICE_PATHS,
         "training": {"epochs": 2, "batch_size": 32},
         "validation": {"batch_size": 100},
         "lr": {"lr": 0.2, "peak_epoch": 1},
