@@ -15,9 +15,10 @@ from service.auth import principals_by_hash
 from service.progress import RunReader
 from service.queue import Dispatcher
 from service.ray_jobs import LocalRayHead, RayJobs, auth_token
-from service.routes import catalog, health, jobs
+from service.routes import catalog, health, jobs, studies
 from service.settings import ServiceSettings
-from service.store import GroupCommit, JobStore
+from service.store import GroupCommit, JobStore, StudyStore
+from service.studies import StudyFinisher
 from service.validation import ClusterSize
 from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
 
@@ -83,8 +84,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         app.state.settings, app.state.store, app.state.ray, app.state.dispatcher = settings, store, ray, dispatcher
         app.state.principals, app.state.runs, app.state.cluster = principals, RunReader(), ClusterSize(ray)
         app.state.new_jobs = GroupCommit(store)
+        app.state.studies = StudyStore(store)
+        finisher = StudyFinisher(app.state.studies, settings)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
-                 asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S))]  # fmt: skip
+                 asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S)),
+                 asyncio.create_task(finisher.run(settings.poll_interval_s))]  # fmt: skip
         # torch, MLflow and SQLAlchemy leave ~540,000 objects behind; a full collection over them took 214 ms, during
         # which every request in flight waited. Frozen, the collector never scans them again.
         gc.freeze()
@@ -103,6 +107,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="SAN training service", version=__version__, lifespan=lifespan,
                   description="Submit and follow Scale-Space Attention Network training jobs on Ray.")  # fmt: skip
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
-    for router in (jobs.router, catalog.router, health.router):
+    for router in (jobs.router, studies.router, catalog.router, health.router):
         app.include_router(router)
     return app

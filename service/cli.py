@@ -4,6 +4,8 @@
     san jobs submit SPEC [--workers N] [--epochs N] [--wait]
     san jobs list [--status S] | show ID | cancel ID | logs ID [--tail N]
     san jobs hash-token TOKEN        # the value to put in SAN_TOKENS
+    san study run SPEC [--seeds N] [--epochs N]      # on the local Ray, children one after another
+    san study submit SPEC [--seeds N] [--epochs N] [--wait] | list | show ID | table ID [--format md] | cancel ID
 The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN``.
 """
 
@@ -142,6 +144,80 @@ def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_run(args: argparse.Namespace) -> int:
+    from training.study_run import run_study  # imports Ray and MLflow: only when training
+
+    return run_study(args.spec, args.seeds, args.epochs)
+
+
+def _study_line(study: dict) -> str:
+    cells, jobs = study["cells"], study["jobs"]
+    line = f"{study['id']}  {study['name']}  {study['status']}  cells: " + \
+        ", ".join(f"{n} {state}" for state, n in cells.items() if n) + \
+        f"  (children: {', '.join(f'{n} {s}' for s, n in jobs.items())})"  # fmt: skip
+    return line
+
+
+def _study_submit(args: argparse.Namespace) -> int:
+    from training.study_run import load_study
+
+    try:
+        study = load_study(args.spec, args.seeds, args.epochs)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"san study: error: {error}", file=sys.stderr)
+        return 2
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    response = _call(args, "POST", "/v1/studies", json=study.model_dump(mode="json"), headers=headers)
+    if response.status_code not in (200, 201):
+        return _fail(response)
+    found = response.json()
+    print(_study_line(found), flush=True)
+    if not args.wait:
+        return 0
+    last = None
+    while found["status"] == "running":
+        time.sleep(args.poll_s)
+        response = _call(args, "GET", f"/v1/studies/{found['id']}")
+        if response.status_code != 200:
+            return _fail(response)
+        found = response.json()
+        line = _study_line(found)
+        if line != last:
+            print(line, flush=True)
+            last = line
+    table = _call(args, "GET", f"/v1/studies/{found['id']}/table", params={"format": "md"})
+    print(table.text if table.status_code == 200 else "", flush=True)
+    return 0 if found["status"] == "succeeded" else 1
+
+
+def _study_one(method: str, suffix: str = ""):
+    def handler(args: argparse.Namespace) -> int:
+        response = _call(args, method, f"/v1/studies/{args.id}{suffix}")
+        if response.status_code != 200:
+            return _fail(response)
+        print(json.dumps(response.json(), indent=2) if args.json else _study_line(response.json()))
+        return 0
+
+    return handler
+
+
+def _study_table(args: argparse.Namespace) -> int:
+    response = _call(args, "GET", f"/v1/studies/{args.id}/table", params={"format": args.format})
+    if response.status_code != 200:
+        return _fail(response)
+    sys.stdout.write(json.dumps(response.json(), indent=2) + "\n" if args.format == "json" else response.text)
+    return 0
+
+
+def _study_list(args: argparse.Namespace) -> int:
+    response = _call(args, "GET", "/v1/studies", params={"limit": args.limit})
+    if response.status_code != 200:
+        return _fail(response)
+    for study in response.json()["items"]:
+        print(_study_line(study))
+    return 0
+
+
 def _hash_token(args: argparse.Namespace) -> int:
     from service.auth import hash_token
 
@@ -188,3 +264,34 @@ def register(commands) -> None:
     hashing = actions.add_parser("hash-token", help="print the sha256 hash of a token, for SAN_TOKENS")
     hashing.add_argument("token")
     hashing.set_defaults(handler=_hash_token)
+
+    study = commands.add_parser("study", help="a grid of jobs over seeds as one table (the paper's comparisons)")
+    study.add_argument("--url", default=os.environ.get("SAN_API_URL", DEFAULT_URL), help="the service's base URL")
+    study.add_argument("--token", help="bearer token (default: $SAN_API_TOKEN)")
+    verbs = study.add_subparsers(dest="action", required=True, parser_class=type(study))
+    for name, text in (("run", "run a study on the local Ray (or $RAY_ADDRESS), children one after another"),
+                       ("submit", "submit a study to the service")):  # fmt: skip
+        verb = verbs.add_parser(name, help=text)
+        verb.add_argument("spec", help="e.g. configs/studies/table4-fmnist.yaml")
+        verb.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the spec's")
+        verb.add_argument("--epochs", type=int, help="override base.training.epochs")
+        if name == "run":
+            verb.set_defaults(handler=_study_run)
+            continue
+        verb.add_argument("--idempotency-key", help="a retry with the same key returns the same study")
+        verb.add_argument("--wait", action="store_true", help="follow it until it ends, then print the table")
+        verb.add_argument("--poll-s", type=float, default=5.0, help="seconds between polls with --wait")
+        verb.set_defaults(handler=_study_submit)
+    listing = verbs.add_parser("list", help="your studies, newest first")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(handler=_study_list)
+    for name, method, suffix, text in (("show", "GET", "", "one study's progress"),
+                                       ("cancel", "POST", "/cancel", "cancel every child not finished")):  # fmt: skip
+        action = verbs.add_parser(name, help=text)
+        action.add_argument("id")
+        action.add_argument("--json", action="store_true", help="the whole study (with its table) as JSON")
+        action.set_defaults(handler=_study_one(method, suffix))
+    table = verbs.add_parser("table", help="the table so far")
+    table.add_argument("id")
+    table.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    table.set_defaults(handler=_study_table)

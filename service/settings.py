@@ -35,6 +35,7 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(default=4096, ge=1)
     max_workers: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_study_cells: int = Field(default=200, ge=1)  # grid cells of one study (before merging equal networks)
 
     @field_validator("data_root", "storage_root")
     @classmethod
@@ -52,3 +53,7 @@ class ServiceSettings(BaseSettings):
 
     def jobs_dir(self) -> Path:
         return self.storage_root / "jobs"
+
+    def studies_dir(self) -> Path:
+        """Where each finished study's tables and figures are written (and logged on its parent run)."""
+        return self.storage_root / "studies"

@@ -77,6 +77,59 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+StudyState = Literal["running", "succeeded", "failed", "cancelled"]
+STUDY_STATES: tuple[str, ...] = get_args(StudyState)
+
+
+class StudyRow(Base):
+    __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("principal", "idempotency_key", name="one_study_per_key"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    principal: Mapped[str] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyJobRow(Base):
+    """A study's child: a job of the jobs table, with the cell and seed it stands for."""
+
+    __tablename__ = "study_jobs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("studies.id"), index=True)
+    cell: Mapped[str] = mapped_column(String(16))
+    seed: Mapped[int] = mapped_column(Integer)
+
+
+@dataclass
+class Study:
+    id: str
+    principal: str
+    status: str
+    spec: dict[str, Any]
+    idempotency_key: str | None
+    mlflow_run_id: str | None
+    cancel_requested: bool
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyChild:
+    cell: str
+    seed: int
+    job: "Job"
+
+
 @dataclass
 class Job:
     """A job as read: detached from any session."""
@@ -102,10 +155,16 @@ class Job:
         return next((at for state, at in reversed(self.transitions) if state == status), None)
 
 
-def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
-    def aware(moment: datetime) -> datetime:  # SQLite hands back naive datetimes
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+def aware(moment: datetime) -> datetime:  # SQLite hands back naive datetimes
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
+
+def _study(row: StudyRow) -> Study:
+    return Study(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.mlflow_run_id,
+                 row.cancel_requested, row.error, aware(row.created_at), aware(row.updated_at))  # fmt: skip
+
+
+def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
     return Job(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.cancel_requested,
                row.mlflow_run_id, row.error, aware(row.created_at), aware(row.updated_at),
                [(e.status, aware(e.at)) for e in events])  # fmt: skip
@@ -263,6 +322,83 @@ class JobStore:
         """Fields that are not a state change: cancel_requested, mlflow_run_id."""
         with self._writing(), self.session.begin() as session:
             session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now(), **fields))
+
+
+class StudyStore:
+    """Studies and their children, in the jobs' database: a study's children are ordinary queued jobs (the same
+    durable queue), linked to it with their cell and seed, all written in one transaction with the study."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+
+    def create(self, principal: str, study_id: str, spec: dict[str, Any], idempotency_key: str | None,
+               mlflow_run_id: str, children: Sequence[tuple[str, int, dict[str, Any]]]) -> Study:  # fmt: skip
+        """``children``: (cell, seed, job spec) in queue order. Raises IntegrityError when the key was taken."""
+        moment = now()
+        jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            row = StudyRow(id=study_id, principal=principal, status="running", spec=spec,
+                           idempotency_key=idempotency_key or None, mlflow_run_id=mlflow_run_id,
+                           cancel_requested=False, created_at=moment, updated_at=moment)  # fmt: skip
+            session.add(row)
+            session.flush()
+            for job in jobs:
+                session.add(JobRow(id=job.id, principal=principal, status="queued", spec=job.spec,
+                                   cancel_requested=False, created_at=job.created_at,
+                                   updated_at=job.created_at))  # fmt: skip
+            session.flush()
+            session.add_all(JobEvent(job_id=job.id, status="queued", at=job.created_at) for job in jobs)
+            session.add_all(StudyJobRow(job_id=job.id, study_id=study_id, cell=cell, seed=seed)
+                            for job, (cell, seed, _) in zip(jobs, children, strict=True))  # fmt: skip
+            return _study(row)
+
+    def get(self, study_id: str, principal: str | None = None) -> Study | None:
+        with self.jobs.session() as session:
+            query = select(StudyRow).where(StudyRow.id == study_id)
+            if principal is not None:
+                query = query.where(StudyRow.principal == principal)
+            row = session.scalar(query)
+            return _study(row) if row else None
+
+    def by_key(self, principal: str, key: str) -> Study | None:
+        with self.jobs.session() as session:
+            row = session.scalar(select(StudyRow).where(StudyRow.principal == principal,
+                                                        StudyRow.idempotency_key == key))  # fmt: skip
+            return _study(row) if row else None
+
+    def page(self, principal: str, limit: int = 50, offset: int = 0) -> tuple[list[Study], int]:
+        with self.jobs.session() as session:
+            query = select(StudyRow).where(StudyRow.principal == principal)
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.scalars(query.order_by(StudyRow.seq.desc()).limit(limit).offset(offset)).all()
+            return [_study(row) for row in rows], total
+
+    def in_state(self, status: str) -> list[Study]:
+        with self.jobs.session() as session:
+            rows = session.scalars(select(StudyRow).where(StudyRow.status == status).order_by(StudyRow.seq)).all()
+            return [_study(row) for row in rows]
+
+    def children(self, study_id: str) -> list[StudyChild]:
+        """In queue order, with each job's current state."""
+        with self.jobs.session() as session:
+            query = (select(StudyJobRow, JobRow).join(JobRow, JobRow.id == StudyJobRow.job_id)
+                     .where(StudyJobRow.study_id == study_id).order_by(JobRow.seq))  # fmt: skip
+            pairs = session.execute(query).all()
+            jobs = JobStore._read_all(session, [job for _, job in pairs])
+            return [StudyChild(link.cell, link.seed, job) for (link, _), job in zip(pairs, jobs, strict=True)]
+
+    def finish(self, study_id: str, status: str, error: str | None = None) -> bool:
+        """``running`` → ``status`` (compare-and-set: one finisher wins)."""
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            return bool(session.execute(
+                update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == "running")
+                .values(status=status, error=error, updated_at=now())
+            ).rowcount)  # fmt: skip
+
+    def request_cancel(self, study_id: str) -> None:
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            session.execute(update(StudyRow).where(StudyRow.id == study_id)
+                            .values(cancel_requested=True, updated_at=now()))  # fmt: skip
 
 
 class GroupCommit:

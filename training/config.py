@@ -140,6 +140,11 @@ class TrackingSection(Section):
     system_metrics_interval_s: float = Field(default=10.0, gt=0)  # CPU, memory (and GPU) sampled by rank 0
 
 
+# Where a run is recorded, not what it trains: the tracking URI (None from `san train`, the resolved URI through the
+# service) and the tags (already the run's tags; a study's differ per child).
+UNRECORDED_PARAMS = ("tracking.mlflow_uri", "tracking.tags")
+
+
 @functools.lru_cache(maxsize=256)
 def _model_builds(model_section: str) -> bool:
     """Cached by the model section alone: a ResNet-50 takes ~25 ms to build even on the meta device, and the
@@ -194,14 +199,15 @@ class JobSpec(Section):
         return self.tracking.experiment or f"san/{self.data.dataset}"
 
     def flat(self) -> dict[str, str]:
-        """``{"model.name": "lenet5", ...}``: the spec as flat strings, for MLflow params."""
+        """``{"model.name": "lenet5", ...}``: the spec as flat strings, for MLflow params — less where the run is
+        recorded (`UNRECORDED_PARAMS`), so the same job launched two ways logs the same params."""
         flat: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
             if isinstance(value, dict) and value and prefix.count(".") < 1:
                 for key, inner in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, inner)
-            else:
+            elif prefix not in UNRECORDED_PARAMS:
                 flat[prefix] = json.dumps(value) if isinstance(value, dict | list) else str(value)
 
         walk("", self.model_dump(mode="json"))

@@ -25,6 +25,7 @@ from training.tracking import RunLogger
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+ATTENTION_IMAGES = 4  # validation images whose attention maps rank 0 logs at the end (the paper's Fig. 4 and 8)
 FAIL_ONCE_ENV = "SAN_TEST_FAIL_ONCE"  # test-only: "<epoch>:<marker file>" makes rank 1 (or 0) raise once there
 
 
@@ -87,13 +88,17 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: JobSpec, device) -> dict:
+def evaluate(model, loader, spec: JobSpec, device, keep: int = 0) -> dict:
     """Loss, top-1 and top-5 over the *whole* validation set: every worker counts its exact shard, then the
-    counts are summed across workers (not averaged, not rank 0's shard alone)."""
+    counts are summed across workers (not averaged, not rank 0's shard alone). With ``keep``, the first ``keep``
+    images of this worker's shard and their labels come back too (``sample``), for the attention pictures."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    sample = None
     for inputs, targets in loader:
         inputs = inputs.contiguous(memory_format=memory_format(spec))
+        if sample is None and keep:
+            sample = (inputs[:keep].clone(), targets[:keep].clone())
         with autocast(spec, device):
             logits = model(inputs).float()
             if spec.validation.flip_tta:
@@ -108,7 +113,7 @@ def evaluate(model, loader, spec: JobSpec, device) -> dict:
         dist.all_reduce(totals)
     count = totals[3].item()
     return {"loss": totals[0].item() / count, "top1": totals[1].item() / count, "top5": totals[2].item() / count,
-            "images": int(count)}  # fmt: skip
+            "images": int(count), "sample": sample}  # fmt: skip
 
 
 def _fail_once_if_asked(epoch: int, rank: int, world_size: int) -> None:
@@ -161,13 +166,16 @@ def train_worker(config: dict) -> None:
     if rank == 0:
         logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"], spec.tracking.system_metrics_interval_s)
     if logger:
+        logger.log_model_size(unwrap(model))
         logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
+    sample = None
 
     for epoch in range(start_epoch, spec.training.epochs):
         train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
         _fail_once_if_asked(epoch, rank, world_size)
         trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size)
-        validated = evaluate(model, val_loader, spec, device)
+        last = epoch == spec.training.epochs - 1
+        validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0)
         metrics = {
             "epoch": epoch,
             "train/loss": trained["loss"],
@@ -184,7 +192,6 @@ def train_worker(config: dict) -> None:
         history.append(metrics)
         improved = metrics["val/top1"] > best_top1
         best_top1 = max(best_top1, metrics["val/top1"])
-        last = epoch == spec.training.epochs - 1
         with tempfile.TemporaryDirectory() as directory:
             saved = None
             if rank == 0 and ((epoch + 1) % spec.checkpoint.every_epochs == 0 or last):
@@ -193,6 +200,7 @@ def train_worker(config: dict) -> None:
                          "spec": spec.model_dump(mode="json")}  # fmt: skip
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 saved = ray.train.Checkpoint.from_directory(directory)
+            sample = validated["sample"]
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
             if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
                 log.info(progress_line(metrics, spec.training.epochs))
@@ -203,6 +211,8 @@ def train_worker(config: dict) -> None:
                     if improved:
                         logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "best")
     if logger:
+        if sample is not None:
+            logger.log_attention_maps(unwrap(model), *sample)
         logger.finish(unwrap(model))
 
 

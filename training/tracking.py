@@ -1,14 +1,17 @@
 """Every MLflow call of a training job. The driver creates the experiment and the run; rank 0 logs into it."""
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
+import numpy as np
 import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from san.masks import capture_masks
 from training.config import JobSpec
 from training.paths import default_tracking_uri
 
@@ -30,17 +33,28 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it trains models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def ensure_experiment(client: MlflowClient, name: str, storage_root: Path) -> str:
+    """The experiment's id, created with an explicit artifact location (so every process agrees on paths) and
+    tagged as model development, or tagged so if it was created without."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = (Path(storage_root).resolve() / "mlartifacts").as_uri()
+        return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 def create_run(spec: JobSpec, storage_root: Path, job_id: str, ray_run_name: str) -> tuple[str, str]:
     """In the driver: the experiment (with an explicit artifact location, so every process agrees on paths) and a
     run holding the flat spec as params and the job's tags. Returns (tracking URI, run id)."""
     uri = tracking_uri(spec, storage_root)
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(spec.experiment)
-    if experiment is None:
-        artifacts = (Path(storage_root).resolve() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(spec.experiment, artifact_location=artifacts)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = ensure_experiment(client, spec.experiment, storage_root)
     tags = {**spec.tracking.tags, "san.job_id": job_id, "git.commit": git_commit(), "ray.run_name": ray_run_name}
     run = client.create_run(experiment_id, run_name=spec.run_name, tags=tags)
     params = [Param(key, value[:6000]) for key, value in spec.flat().items()]
@@ -48,6 +62,24 @@ def create_run(spec: JobSpec, storage_root: Path, job_id: str, ray_run_name: str
         client.log_batch(run.info.run_id, params=params[start : start + 100])
     client.log_text(run.info.run_id, spec.model_dump_json(indent=2), "spec.json")
     return uri, run.info.run_id
+
+
+ATTENTION_MAPS = "attention/maps.npz"
+MAP_CHANNELS = 16  # channels kept per map: a picture shows a grid of these, and a ResNet stem's 64 at 112 px is large
+
+
+def attention_maps(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray] | None:
+    """What the paper's Fig. 4 and Fig. 8 draw, for the model's first attention module: its inputs (``previous``
+    for SAN, ``current``) and its taps (``doc``, ``extrema``, ``smoothed``, ``mask``, …) from `capture_masks`, the
+    first `MAP_CHANNELS` channels in float16; the ``image``s, ``label``s, the module's ``path``. None without
+    attention."""
+    captured = capture_masks(model, images, inputs=True)
+    if not captured:
+        return None
+    path, maps = next(iter(captured.items()))
+    out = {name: tensor[:, :MAP_CHANNELS].float().cpu().numpy().astype(np.float16) for name, tensor in maps.items()}
+    out.update(image=images.float().cpu().numpy(), label=labels.cpu().numpy(), path=np.array(path))
+    return out
 
 
 class RunLogger:
@@ -75,6 +107,19 @@ class RunLogger:
     def log_checkpoint(self, path: Path, name: str) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path=f"checkpoints/{name}")
 
+    def log_model_size(self, model: torch.nn.Module) -> None:
+        self.client.log_param(self.run_id, "model.num_params", str(sum(p.numel() for p in model.parameters())))
+
+    def log_attention_maps(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The first attention module's maps (`attention_maps`) for ``images``, as ``attention/maps.npz``."""
+        maps = attention_maps(model, images, labels)
+        if maps is None:
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / ATTENTION_MAPS.rsplit("/", 1)[1]
+            np.savez_compressed(path, **maps)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=ATTENTION_MAPS.rsplit("/", 1)[0])
+
     def finish(self, model) -> None:
         """Log the final model and end the run as FINISHED."""
         # Explicit requirements: MLflow's inference re-imports the model in a subprocess, slowly. Pickle, not
@@ -82,3 +127,53 @@ class RunLogger:
         torch_pin = f"torch=={torch.__version__.split('+')[0]}"
         mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
         mlflow.end_run("FINISHED")
+
+
+RUN_STATES = {"FINISHED": "succeeded", "RUNNING": "running", "SCHEDULED": "queued", "FAILED": "failed",
+              "KILLED": "cancelled"}  # fmt: skip
+
+
+def create_study_run(uri: str, experiment: str, storage_root: Path, study_id: str, name: str, spec_json: str) -> str:
+    """The study's parent run (its children nest under it by their ``mlflow.parentRunId`` tag), holding the study
+    spec; returns its id."""
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, experiment, storage_root)
+    tags = {"san.study_id": study_id, "san.kind": "study", "git.commit": git_commit()}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    client.log_text(run.info.run_id, spec_json, "study.json")
+    return run.info.run_id
+
+
+def study_child_runs(uri: str, parent_run_id: str) -> list:
+    """The runs nested under a study's parent run, oldest first."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=5000, order_by=["attributes.start_time ASC"])  # fmt: skip
+    return runs
+
+
+def metric_history(uri: str, run_id: str, keys: tuple[str, ...] = METRIC_KEYS) -> list[dict[str, float]]:
+    """One dict per epoch (step) with the run's metrics, in epoch order."""
+    client = MlflowClient(uri)
+    rows: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            rows.setdefault(metric.step, {})[key] = metric.value
+    return [rows[step] for step in sorted(rows)]
+
+
+def download_attention_maps(uri: str, run_id: str, directory: Path) -> dict[str, np.ndarray] | None:
+    try:
+        path = MlflowClient(uri).download_artifacts(run_id, ATTENTION_MAPS, str(directory))
+    except Exception:  # a run without attention, or one that ended before logging them
+        return None
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def finish_study_run(uri: str, run_id: str, results: Path, status: str) -> None:
+    """Log the study's results directory (tables, figures) on its parent run and end it with ``status``."""
+    client = MlflowClient(uri)
+    client.log_artifacts(run_id, str(results), artifact_path="results")
+    client.set_terminated(run_id, status)

@@ -5,7 +5,7 @@ from functools import partial
 from torch import nn
 
 from san.attention.bam import BAM
-from san.attention.base import AttentionModule, Tap, attention_modules
+from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap, attention_modules
 from san.attention.cbam import CBAM
 from san.attention.san import SAN
 
@@ -65,6 +65,7 @@ __all__ = [
     "CBAM",
     "SAN",
     "AttentionModule",
+    "IncompatibleConfiguration",
     "Tap",
     "apply_attention",
     "attention_class",

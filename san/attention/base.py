@@ -3,6 +3,11 @@
 from torch import nn
 
 
+class IncompatibleConfiguration(ValueError):
+    """A setting the paper itself leaves undefined at some position of a model (Table IX's "-"), as opposed to a
+    mistaken argument: studies report such a cell as "-" with this message instead of failing."""
+
+
 class Tap(nn.Identity):
     """A named pass-through point inside an attention module.
 

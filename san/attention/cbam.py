@@ -19,12 +19,16 @@ class ChannelAttention(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """A ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps."""
+    """A ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps.
+
+    The BN's running statistics move with momentum 0.01, as in the authors' code (their ``BasicConv``), not
+    PyTorch's default 0.1: a 1-channel map's batch statistics are noisy, and the slower average is theirs.
+    """
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from san.attention.base import AttentionModule, Tap
+from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap
 
 _ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 _NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
@@ -120,7 +120,7 @@ class SAN(AttentionModule):
 
     def _check_alignment(self, prev_channels: int) -> None:
         if not self.use_cca and prev_channels != self.channels:
-            raise ValueError(
+            raise IncompatibleConfiguration(
                 f"use_cca=False needs equal channel counts, got C'={prev_channels} (previous) and "
                 f"C={self.channels} (current); the paper leaves this case undefined (Table IX '-')"
             )

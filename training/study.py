@@ -1,0 +1,310 @@
+"""Studies: one request that stands for a whole table of the paper.
+
+A `StudySpec` is a base `JobSpec`, a grid of axes (dotted JobSpec paths with value lists), the seeds and the
+baseline cell. `expand` turns it into cells and child JobSpecs, by the rules users expect:
+
+- cells that are the same network run once and serve every cell they stand for: the base model
+  (``attention: none``) does not depend on placement or attention kwargs, and LeNet-5's bottleneck and full
+  placements are the same network (the paper's Table IV note). "The same network" is decided by building both
+  on the meta device and comparing the architectures, not by a list of special cases;
+- a cell the library refuses as undefined (`san.attention.IncompatibleConfiguration`, Table IX's "-") is
+  reported as "-" with the reason; any other invalid cell is the user's mistake: a `StudyError` naming the axis.
+
+The result table is built by `training.report` from `Observation`s, read from the children's MLflow runs.
+"""
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from san.attention import IncompatibleConfiguration, attention_modules
+from training.config import JobSpec, ModelSection, Section
+from training.data.catalog import CATALOG
+
+# Set by the study for every child, so never an axis: seeds come from ``seeds``, tracking from the study.
+RESERVED_PATHS = ("training.seed", "tracking")
+DISPLAY = {"none": "Base Model", "cbam": "CBAM", "bam": "BAM", "san-c": "SAN-c", "san-d": "SAN-d"}
+ATTENTION, PLACEMENT, KWARGS = "model.attention", "model.placement", "model.attention_kwargs"
+NETWORK_AXES = ("model.name", ATTENTION, PLACEMENT)  # named in the run name already
+
+
+class StudyError(ValueError):
+    """A study that cannot run, located like pydantic's errors (``("axes", "model.attention")``)."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(f"{'.'.join(loc)}: {message}")
+        self.loc, self.message = loc, message
+
+    def detail(self) -> list[dict]:
+        return [{"loc": ["body", *self.loc], "msg": self.message, "type": "value_error"}]
+
+
+class PaperCell(Section):
+    """One of the paper's figures, for the cells whose axis values include ``match`` (a value or its label)."""
+
+    match: dict[str, Any]
+    top1: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)  # percent, as printed
+    top5: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+
+
+class PaperFigures(Section):
+    source: str = Field(max_length=200)  # e.g. "Table IV, FMNIST"
+    cells: list[PaperCell] = Field(default_factory=list, max_length=1000)
+
+
+class StudySpec(Section):
+    """A grid of jobs over a base `JobSpec`, repeated over seeds, compared with a baseline cell."""
+
+    name: str = Field(default="study", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = Field(default="", max_length=2000)
+    base: JobSpec = Field(default_factory=JobSpec)
+    axes: dict[str, list[Any]] = Field(default_factory=dict)  # in order: the first axis varies slowest
+    labels: dict[str, list[str]] = Field(default_factory=dict)  # display labels, one per axis value
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    baseline: dict[str, Any] = Field(default_factory=lambda: {ATTENTION: "none"})
+    paper: PaperFigures | None = None
+
+    @field_validator("axes")
+    @classmethod
+    def _known_paths(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in axes.items():
+            check_path(path)
+            if not values:
+                raise ValueError(f"axis {path!r} has no values")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ValueError(f"axis {path!r} repeats a value")
+        return axes
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds repeat a value")
+        return seeds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudySpec":
+        for path, labels in self.labels.items():
+            if path not in self.axes:
+                raise ValueError(f"labels.{path}: no such axis")
+            if len(labels) != len(self.axes[path]):
+                raise ValueError(f"labels.{path}: {len(labels)} labels for {len(self.axes[path])} values")
+        for path, value in self.baseline.items():
+            if path not in self.axes:
+                raise ValueError(f"baseline.{path}: no such axis")
+            if value not in self.axes[path]:
+                raise ValueError(f"baseline.{path}: {value!r} is not one of the axis' values")
+        for cell in self.paper.cells if self.paper else []:
+            for path in cell.match:
+                if path not in self.axes:
+                    raise ValueError(f"paper: match on {path!r}, which is no axis")
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.base.experiment
+
+    def label(self, path: str, value: Any) -> str:
+        """How a value of an axis is shown: its given label, else a readable form of the value."""
+        if path in self.labels:
+            return self.labels[path][self.axes[path].index(value)]
+        if path == ATTENTION:
+            return DISPLAY.get(value, str(value))
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={v}" for k, v in value.items()) or "default"
+        return str(value)
+
+    @classmethod
+    def load(cls, path) -> "StudySpec":
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such study file")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.model_validate(data or {})
+
+
+def check_path(path: str) -> None:
+    """A dotted path into a JobSpec: ``section.field``, or ``section.field.key`` inside a dict field."""
+    parts = path.split(".")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"axis {path!r}: write it as section.field, e.g. model.attention")
+    section, name = parts[0], parts[1]
+    sections = JobSpec.model_fields
+    if section not in sections:
+        raise ValueError(f"axis {path!r}: no section {section!r}; sections: {', '.join(sections)}")
+    fields = sections[section].annotation.model_fields  # type: ignore[union-attr]
+    if name not in fields:
+        raise ValueError(f"axis {path!r}: {section} has no field {name!r}; fields: {', '.join(fields)}")
+    if len(parts) == 3 and not str(fields[name].annotation).startswith("dict"):
+        raise ValueError(f"axis {path!r}: {section}.{name} is not a mapping")
+    if any(path == reserved or path.startswith(reserved + ".") for reserved in RESERVED_PATHS):
+        raise ValueError(f"axis {path!r}: set by the study itself (seeds: use 'seeds')")
+
+
+@dataclass
+class Cell:
+    """One combination of axis values. ``runs_as``: the key of the cell whose runs serve this one (itself if it
+    runs); ``refused``: why the library cannot build it, when it cannot."""
+
+    key: str
+    values: dict[str, Any]
+    labels: dict[str, str]
+    runs_as: str | None = None
+    refused: str | None = None
+    spec: JobSpec | None = None  # seed and tracking not yet set
+    paper: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> bool:
+        return self.runs_as == self.key
+
+    def slug(self) -> str:
+        """The ablation part of the run name: labels of the axes the run name does not already say."""
+        extra = [label for path, label in self.labels.items() if path not in NETWORK_AXES]
+        return "-".join(re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() for label in extra)
+
+
+@dataclass(frozen=True)
+class Child:
+    cell: str
+    seed: int
+    spec: JobSpec
+
+
+@dataclass
+class Expansion:
+    study: StudySpec
+    cells: list[Cell]
+    children: list[Child]
+
+    def cell(self, key: str) -> Cell:
+        return next(c for c in self.cells if c.key == key)
+
+    def baseline_of(self, cell: Cell) -> Cell | None:
+        """The cell this one is compared with: its own values with the baseline's put in."""
+        values = {**cell.values, **self.study.baseline}
+        return next((c for c in self.cells if c.values == values), None)
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    target = data
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def axis_of(study: StudySpec, loc: tuple) -> tuple[str, ...]:
+    """Where an error in a child's field points in the study: the axis that set the field, else the base."""
+    dotted = ".".join(str(part) for part in loc)
+    for path in study.axes:
+        if dotted == path or dotted.startswith(path + ".") or (dotted and path.startswith(dotted + ".")):
+            return ("axes", path)
+    return ("base", *(str(part) for part in loc)) if loc else ("axes",)
+
+
+def network_identity(model: ModelSection, in_chans: int, num_classes: int) -> str:
+    """What makes two cells the same network: the architecture built on the meta device, and the attention
+    kwargs when it has attention modules at all. Raises `IncompatibleConfiguration` for Table IX's "-"."""
+    with torch.device("meta"):
+        built = model.build(num_classes, in_chans)
+    kwargs = json.dumps(model.attention_kwargs, sort_keys=True) if attention_modules(built) else ""
+    return repr(built) + kwargs
+
+
+def _dataset_shape(data: dict[str, Any]) -> tuple[int, int]:
+    info = CATALOG.get(data.get("dataset", ""))
+    return (info.channels, info.num_classes) if info else (3, 10)
+
+
+def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_run_id: str | None = None) -> Expansion:
+    """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`."""
+    paths = list(study.axes)
+    grid = list(itertools.product(*study.axes.values())) if paths else [()]
+    if len(grid) > max_cells:
+        sizes = " × ".join(str(len(v)) for v in study.axes.values())
+        raise StudyError(("axes",), f"{len(grid)} cells ({sizes}) is more than this service's limit of {max_cells}")
+    base = study.base.model_dump(mode="json")
+    cells: list[Cell] = []
+    identities: dict[str, str] = {}  # canonical job (less seed and tracking) → the key of the cell that runs it
+    for index, combo in enumerate(grid):
+        values = dict(zip(paths, combo, strict=True))
+        labels = {path: study.label(path, value) for path, value in values.items()}
+        if values.get(ATTENTION) == "none":  # kwargs of no attention mean nothing: don't label the base with them
+            labels.pop(KWARGS, None)
+        cell = Cell(f"c{index:03d}", values, labels)
+        cells.append(cell)
+        data = json.loads(json.dumps(base))
+        for path, value in values.items():
+            set_path(data, path, value)
+        try:
+            model = ModelSection.model_validate(data["model"])
+            in_chans, num_classes = _dataset_shape(data.get("data", {}))
+            identity = network_identity(model, in_chans, num_classes)
+        except IncompatibleConfiguration as error:
+            cell.refused = str(error)
+            continue
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise StudyError(axis_of(study, ("model", *first["loc"])), first["msg"]) from None
+        except (ValueError, TypeError) as error:
+            raise StudyError(axis_of(study, ("model", "attention_kwargs")), str(error)) from None
+        try:
+            spec = JobSpec.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise StudyError(axis_of(study, first["loc"]), first["msg"]) from None
+        data["model"] = identity
+        data["training"].pop("seed", None)
+        data.pop("tracking", None)
+        canonical = json.dumps(data, sort_keys=True)
+        cell.runs_as = identities.setdefault(canonical, cell.key)
+        cell.spec = spec
+        cell.paper = paper_figures(study, cell)
+    expansion = Expansion(study, cells, [])
+    expansion.children = [Child(cell.key, seed, child_spec(study, cell, seed, study_id, parent_run_id))
+                          for cell in cells if cell.runs for seed in study.seeds]  # fmt: skip
+    return expansion
+
+
+def paper_figures(study: StudySpec, cell: Cell) -> dict[str, float | None]:
+    for figure in study.paper.cells if study.paper else []:
+        if all(cell.values.get(path) == want or cell.labels.get(path) == want for path, want in figure.match.items()):
+            return {"top1": figure.top1, "top5": figure.top5}
+    return {}
+
+
+def child_spec(study: StudySpec, cell: Cell, seed: int, study_id: str, parent_run_id: str | None) -> JobSpec:
+    """The cell's job for one seed: named ``<model>-<attention>-<placement>-s<seed>`` (+ the ablation label),
+    in the study's experiment, tagged with the study, the cell and the seed, nested under the parent run."""
+    assert cell.spec is not None
+    m = cell.spec.model
+    name = f"{m.name}-{m.attention}-{m.placement}-s{seed}" + (f"-{cell.slug()}" if cell.slug() else "")
+    tags = {**study.base.tracking.tags, "san.study_id": study_id, "san.cell": cell.key, "san.seed": str(seed)}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    tracking = cell.spec.tracking.model_copy(update={"run_name": name[:250], "experiment": study.experiment,
+                                                     "tags": tags})  # fmt: skip
+    training = cell.spec.training.model_copy(update={"seed": seed})
+    return cell.spec.model_copy(update={"tracking": tracking, "training": training})
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one child's run says: its state, per-epoch metrics (from MLflow) and the model's size."""
+
+    cell: str
+    seed: int
+    state: str  # "succeeded", "running", "queued", "failed", "cancelled"
+    history: list[dict[str, float]]
+    params: int | None = None
+    run_id: str | None = None

@@ -1,0 +1,73 @@
+"""``san study run SPEC``: a study on the local Ray (or the cluster in ``RAY_ADDRESS``), its children one after
+another, a progress line per child, the table at the end — tracked in MLflow as a parent run with nested runs."""
+
+import sys
+import uuid
+from pathlib import Path
+
+import ray
+from pydantic import ValidationError
+
+from training.launch import connect_ray, launch, resolve_data
+from training.paths import storage_root
+from training.report import markdown
+from training.study import StudySpec, expand
+from training.study_results import write_results
+from training.tracking import create_study_run, finish_study_run, tracking_uri
+
+MAX_CELLS = 200
+
+
+def load_study(path: str, seeds: int | None = None, epochs: int | None = None) -> StudySpec:
+    """The study file with ``--seeds N`` (seeds 0..N-1) and ``--epochs`` applied through validation; ValueError
+    in one line naming the field when it is missing or invalid."""
+    try:
+        data = StudySpec.load(path).model_dump(mode="json")
+        if seeds is not None:
+            data["seeds"] = list(range(seeds))
+        if epochs is not None:
+            data["base"]["training"]["epochs"] = epochs
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "study"
+        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def run_study(path: str, seeds: int | None = None, epochs: int | None = None, out: Path | None = None) -> int:
+    try:
+        study = load_study(path, seeds, epochs)
+        for child in expand(study, MAX_CELLS).children:  # every child checked before anything is recorded
+            resolve_data(child.spec)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"san study run: error: {error}", file=sys.stderr)
+        return 2
+    study_id = f"study-{uuid.uuid4().hex[:12]}"
+    root = storage_root()
+    uri = tracking_uri(study.base, root)
+    parent = create_study_run(uri, study.experiment, root, study_id, study.name, study.model_dump_json(indent=2))
+    expansion = expand(study, MAX_CELLS, study_id, parent)
+    children = expansion.children
+    print(f"{study_id}: {len(children)} runs ({sum(c.runs for c in expansion.cells)} cells × {len(study.seeds)} "
+          f"seeds); MLflow parent run {parent} at {uri}", flush=True)  # fmt: skip
+    if not ray.is_initialized():
+        connect_ray(max(c.spec.scaling.num_workers * c.spec.scaling.cpus_per_worker for c in children))
+    states = {(child.cell, child.seed): "queued" for child in children}
+    for index, child in enumerate(children, 1):
+        print(f"[{index}/{len(children)}] {child.spec.run_name} …", flush=True)
+        try:
+            result = launch(child.spec, f"{study_id}-{index:03d}")
+            states[(child.cell, child.seed)] = "succeeded"
+        except Exception as error:  # one child's failure is a row of the table, not the end of the study
+            states[(child.cell, child.seed)] = "failed"
+            print(f"[{index}/{len(children)}] {child.spec.run_name} failed: {error}", flush=True)
+            continue
+        print(f"[{index}/{len(children)}] {child.spec.run_name} val/top1 {result.metrics.get('val/top1', 0):.4f} "
+              f"val/top5 {result.metrics.get('val/top5', 0):.4f}", flush=True)  # fmt: skip
+    results = out or root / "studies" / study_id
+    table = write_results(expansion, uri, parent, results, states)
+    failed = sum(state == "failed" for state in states.values())
+    finish_study_run(uri, parent, results, "FAILED" if failed else "FINISHED")
+    print(markdown(table))
+    print(f"tables and figures: {results}  (MLflow parent run {parent})")
+    return 1 if failed else 0
