@@ -6,6 +6,7 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,18 @@ class RayJobs:
         return error
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports no process listens on now (held open together, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class LocalRayHead:
     """``ray start --head --block`` with the dashboard, in its own process group, so stopping it ends exactly the
     processes it started. Its temp dir is short and private: Ray's socket paths have a length limit."""
@@ -152,6 +165,11 @@ class LocalRayHead:
         command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--disable-usage-stats",
                    f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"]  # fmt: skip
+        # Ray's per-node agents default to fixed ports (52365, …): a second cluster on this machine (a `san train`
+        # run's, a test's) would find them taken and its job submissions hang. Free ports, asked of the OS, instead.
+        agents = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                  "metrics-export-port")  # fmt: skip
+        command += [f"--{flag}={port}" for flag, port in zip(agents, free_ports(len(agents)), strict=True)]
         if self.num_cpus:
             command.append(f"--num-cpus={self.num_cpus}")
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head outlives this call

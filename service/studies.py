@@ -3,8 +3,11 @@ queued), its progress from its children's job states, and the finisher that — 
 writes the table and figures, logs them on the parent run and ends the study."""
 
 import asyncio
+import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.settings import ServiceSettings
@@ -32,9 +35,15 @@ def admit_study(study: StudySpec, settings: ServiceSettings, cluster: ClusterSiz
 
 
 def expansion_of(study: Study) -> Expansion:
-    """The stored study's cells (the same as at submission: expansion is deterministic)."""
-    return expand(StudySpec.model_validate(study.spec), max_cells=10**9, study_id=study.id,
-                  parent_run_id=study.mlflow_run_id)  # fmt: skip
+    """The stored study's cells (the same as at submission: expansion is deterministic). Cached: expanding builds
+    every cell's model on the meta device, and a study's spec never changes."""
+    return _expansion(study.id, json.dumps(study.spec, sort_keys=True), study.mlflow_run_id)
+
+
+@functools.lru_cache(maxsize=256)
+def _expansion(study_id: str, spec: str, parent_run_id: str | None) -> Expansion:
+    return expand(StudySpec.model_validate_json(spec), max_cells=10**9, study_id=study_id,
+                  parent_run_id=parent_run_id)  # fmt: skip
 
 
 JOB_TO_OBSERVED = {"queued": "queued", "submitted": "queued", "running": "running", "succeeded": "succeeded",
@@ -126,8 +135,11 @@ class StudyFinisher:
             await asyncio.sleep(interval_s)
 
 
-def table_of(study: Study, studies: StudyStore) -> dict[str, Any]:
-    """The table so far, read from MLflow (the finished table is the same numbers, also on disk)."""
+def table_of(study: Study, studies: StudyStore, studies_dir: Path) -> dict[str, Any]:
+    """The table so far, read from MLflow; once the study has ended, the table its finisher wrote."""
+    written = studies_dir / study.id / "table.json"
+    if study.status != "running" and written.is_file():
+        return json.loads(written.read_text())
     children = studies.children(study.id)
     uri = study.spec["base"]["tracking"]["mlflow_uri"]
     return table(expansion_of(study), uri, study.mlflow_run_id, child_states(children))

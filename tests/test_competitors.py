@@ -18,6 +18,7 @@ def test_cbam_applies_channel_then_spatial_attention():
     assert torch.allclose(module(x), refined * spatial, atol=1e-6)
     assert module.channel.mlp[0].out_channels == 2  # reduction 16
     assert module.spatial.conv.kernel_size == (7, 7)
+    assert module.spatial.bn.momentum == 0.01 and module.spatial.bn.eps == 1e-5  # the authors' BasicConv
 
 
 @pytest.mark.parametrize("combine", ["sum", "product"])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from training.config import JobSpec
+from training.study import StudySpec, expand
 
 PRESETS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -18,3 +19,20 @@ def test_the_four_presets_exist():
 def test_preset_is_a_valid_spec(path):
     spec = JobSpec.load(path)
     assert path.stem.startswith(spec.model.name.removesuffix("_bn"))
+
+
+STUDIES = sorted((Path(__file__).parent.parent / "configs" / "studies").glob("*.yaml"))
+
+
+def test_the_study_presets_exist():
+    assert [p.stem for p in STUDIES] == ["table1-resnet18-imagenet", "table2-vgg16-cifar10", "table3-resnet18-cifar10",
+                                         "table4-fmnist", "table9-fmnist"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_study_preset_expands_and_knows_the_papers_figure_of_every_cell_that_runs(path):
+    study = StudySpec.load(path)
+    expansion = expand(study)
+    assert expansion.children and study.paper is not None
+    for cell in expansion.cells:
+        assert cell.refused or cell.paper.get("top1") is not None, (cell.key, cell.labels)

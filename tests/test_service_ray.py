@@ -4,14 +4,18 @@ real Fashion-MNIST slices → a real ``mlflow server``. Queue limit 1, so jobs w
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from san.masks import capture_masks
 from service.ray_jobs import LocalRayHead, RayJobs, auth_token
 from tests.services import Service, free_port, mlflow_server, stop_group
 from tests.slices import SLICE_PATHS, build_fmnist_slices
+from training.config import JobSpec
 from training.loop import CHECKPOINT_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
@@ -144,3 +148,86 @@ def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):
         service.stop()
     assert not heads[0].is_running()
     assert not Path(service.log).read_text().count("Traceback")
+
+
+def study_body(epochs: int, attention: list[str], seeds: list[int]) -> dict:
+    return {"name": "tiny", "base": {**spec(epochs), "scaling": {"num_workers": 1}}, "seeds": seeds,
+            "axes": {"model.attention": attention, "model.placement": ["bottleneck", "full"]}}  # fmt: skip
+
+
+def wait_for_study(client, study_id: str, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        study = client.get(f"/v1/studies/{study_id}").json()
+        if study["status"] != "running":
+            return study
+        time.sleep(2)
+    raise TimeoutError(f"{study_id} still running after {timeout_s:.0f} s: {study['jobs']}")
+
+
+def last_value(client: MlflowClient, run_id: str, key: str) -> float:
+    return max(client.get_metric_history(run_id, key), key=lambda m: m.step).value
+
+
+def test_a_study_runs_its_children_nested_under_a_parent_run_and_its_table_is_their_metrics(stack, tmp_path):
+    service, _, mlflow_url = stack
+    with service.client() as alice:
+        study = alice.post("/v1/studies", json=study_body(1, ["none", "san-c"], [0, 1])).json()
+        ended = wait_for_study(alice, study["id"])
+        table = alice.get(f"/v1/studies/{study['id']}/table").json()
+        markdown = alice.get(f"/v1/studies/{study['id']}/table", params={"format": "md"}).text
+    assert ended["status"] == "succeeded" and ended["jobs"] == {"succeeded": 4}
+    assert ended["cells"]["done"] == 2
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(study["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
+    runs = {(r.data.tags["san.cell"], int(r.data.tags["san.seed"])): r for r in children}
+    assert sorted(runs) == [("c000", 0), ("c000", 1), ("c002", 0), ("c002", 1)]  # lenet5: one run per network
+    top1 = {key: last_value(client, run.info.run_id, "val/top1") for key, run in runs.items()}
+    cells = {cell["key"]: cell for cell in table["cells"]}
+    for key in ("c000", "c002"):
+        values = [top1[(key, 0)], top1[(key, 1)]]
+        assert cells[key]["top1"]["values"] == values
+        assert cells[key]["top1"]["mean"] == pytest.approx(sum(values) / 2)
+        assert cells[key]["top1"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    diffs = [top1[("c002", s)] - top1[("c000", s)] for s in (0, 1)]
+    assert cells["c003"]["diff_top1"]["mean"] == pytest.approx(sum(diffs) / 2)  # full = bottleneck's runs
+    assert cells["c003"]["diff_top1"]["positive"] == sum(d > 0 for d in diffs)
+    assert int(runs[("c002", 0)].data.params["model.num_params"]) == cells["c002"]["params"]
+    assert f"| SAN-c | {100 * cells['c002']['top1']['mean']:.2f} ± " in markdown
+    # The results on the parent run: tables and figures, valid PNGs.
+    results = Path(client.download_artifacts(parent.info.run_id, "results", str(tmp_path)))
+    for name in ("val_top1", "epoch_seconds", "fig4_scale_space"):
+        with Image.open(results / "figures" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 300
+    # Fig. 4's data are capture_masks on the run's final checkpoint and the same input.
+    san = runs[("c002", 0)].info.run_id
+    maps = dict(np.load(client.download_artifacts(san, "attention/maps.npz", str(tmp_path / "maps"))))
+    state = torch.load(client.download_artifacts(san, "checkpoints/last/checkpoint.pt", str(tmp_path / "ckpt")),
+                       weights_only=False)  # fmt: skip
+    model = JobSpec.model_validate(state["spec"]).build_model(10, 1)
+    model.load_state_dict(state["model"])
+    captured = capture_masks(model, torch.from_numpy(maps["image"]), inputs=True)[str(maps["path"])]
+    assert list(captured) == ["current", "previous", "doc", "extrema", "smoothed", "mask"]
+    for stage, tensor in captured.items():
+        np.testing.assert_allclose(maps[stage].astype(np.float32), tensor[:, :16].numpy(), rtol=1e-2, atol=2e-3)
+
+
+def test_cancelling_a_study_stops_the_running_child_and_never_starts_the_others(stack):
+    service, head, mlflow_url = stack
+    ray = ray_jobs(head)
+    with service.client() as alice:
+        study = alice.post("/v1/studies", json=study_body(40, ["none", "cbam", "bam"], [0])).json()
+        first, *others = study["job_ids"]
+        wait_for(alice, first, {"running"})
+        cancelled = alice.post(f"/v1/studies/{study['id']}/cancel").json()
+        assert cancelled["jobs"] == {"cancelled": 3} and cancelled["cancel_requested"]
+        ended = wait_for_study(alice, study["id"], timeout_s=120)
+    assert ended["status"] == "cancelled" and ended["cells"]["cancelled"] == 3
+    deadline = time.monotonic() + 60
+    while ray.info(first).state != "cancelled" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.info(first).state == "cancelled" and all(ray.info(job) is None for job in others)
+    assert MlflowClient(mlflow_url).get_run(study["mlflow_run_id"]).info.status == "KILLED"

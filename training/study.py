@@ -67,7 +67,8 @@ class StudySpec(Section):
     axes: dict[str, list[Any]] = Field(default_factory=dict)  # in order: the first axis varies slowest
     labels: dict[str, list[str]] = Field(default_factory=dict)  # display labels, one per axis value
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
-    baseline: dict[str, Any] = Field(default_factory=lambda: {ATTENTION: "none"})
+    # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
+    baseline: dict[str, Any] | None = None
     paper: PaperFigures | None = None
 
     @field_validator("axes")
@@ -95,7 +96,7 @@ class StudySpec(Section):
                 raise ValueError(f"labels.{path}: no such axis")
             if len(labels) != len(self.axes[path]):
                 raise ValueError(f"labels.{path}: {len(labels)} labels for {len(self.axes[path])} values")
-        for path, value in self.baseline.items():
+        for path, value in (self.baseline or {}).items():
             if path not in self.axes:
                 raise ValueError(f"baseline.{path}: no such axis")
             if value not in self.axes[path]:
@@ -105,6 +106,12 @@ class StudySpec(Section):
                 if path not in self.axes:
                     raise ValueError(f"paper: match on {path!r}, which is no axis")
         return self
+
+    @property
+    def baseline_values(self) -> dict[str, Any]:
+        if self.baseline is not None:
+            return self.baseline
+        return {ATTENTION: "none"} if "none" in self.axes.get(ATTENTION, []) else {}
 
     @property
     def experiment(self) -> str:
@@ -191,7 +198,9 @@ class Expansion:
 
     def baseline_of(self, cell: Cell) -> Cell | None:
         """The cell this one is compared with: its own values with the baseline's put in."""
-        values = {**cell.values, **self.study.baseline}
+        if not self.study.baseline_values:
+            return None
+        values = {**cell.values, **self.study.baseline_values}
         return next((c for c in self.cells if c.values == values), None)
 
 
@@ -203,13 +212,19 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def axis_of(study: StudySpec, loc: tuple) -> tuple[str, ...]:
-    """Where an error in a child's field points in the study: the axis that set the field, else the base."""
+def axis_of(study: StudySpec, loc: tuple, message: str = "") -> tuple[str, ...]:
+    """Where an error in a child's field points in the study: the axis that set the field (for an error of the
+    whole spec, an axis its message names), else the base."""
     dotted = ".".join(str(part) for part in loc)
     for path in study.axes:
         if dotted == path or dotted.startswith(path + ".") or (dotted and path.startswith(dotted + ".")):
             return ("axes", path)
-    return ("base", *(str(part) for part in loc)) if loc else ("axes",)
+        if not dotted and path in message:
+            return ("axes", path)
+    for path in study.axes:  # a field the axis implies (data.dataset → data.train_path)
+        if loc and path.split(".")[0] == str(loc[0]):
+            return ("axes", path)
+    return ("base", *(str(part) for part in loc))
 
 
 def network_identity(model: ModelSection, in_chans: int, num_classes: int) -> str:
@@ -262,7 +277,7 @@ def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_ru
             spec = JobSpec.model_validate(data)
         except ValidationError as error:
             first = error.errors()[0]
-            raise StudyError(axis_of(study, first["loc"]), first["msg"]) from None
+            raise StudyError(axis_of(study, first["loc"], first["msg"]), first["msg"]) from None
         data["model"] = identity
         data["training"].pop("seed", None)
         data.pop("tracking", None)

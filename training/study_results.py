@@ -13,6 +13,7 @@ from training.study import ATTENTION, PLACEMENT, Expansion, Observation
 from training.tracking import RUN_STATES, download_attention_maps, metric_history, study_child_runs
 
 FIG8_MODULES = ("cbam", "bam", "san-c", "san-d")
+TABLE_KEYS = ("val/top1", "val/top5", "time/epoch_s")  # what the table and the figures read of each run
 
 
 def observations(uri: str, parent_run_id: str, states: dict[tuple[str, int], str] | None = None) -> list[Observation]:
@@ -27,7 +28,7 @@ def observations(uri: str, parent_run_id: str, states: dict[tuple[str, int], str
     for (cell, seed), run in latest.items():
         state = (states or {}).get((cell, seed)) or RUN_STATES.get(run.info.status, "running")
         params = run.data.params.get("model.num_params")
-        found.append(Observation(cell, seed, state, metric_history(uri, run.info.run_id),
+        found.append(Observation(cell, seed, state, metric_history(uri, run.info.run_id, TABLE_KEYS),
                                  int(params) if params else None, run.info.run_id))  # fmt: skip
     for (cell, seed), state in (states or {}).items():  # children whose run does not exist yet
         if (cell, seed) not in latest:

@@ -1,0 +1,156 @@
+"""/v1/studies over real HTTP against uvicorn (``san serve``) with no job leaving the queue (limit 0) and no Ray:
+admission (422 naming the axis, nothing queued), ownership, idempotency, the table so far, cancel → the study
+ends cancelled and its MLflow parent run KILLED; and property-based study specs that never get a 5xx."""
+
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from tests.services import Service, free_port
+
+pytestmark = pytest.mark.timeout(300, method="thread")
+
+BASE = {"model": {"name": "lenet5"}, "training": {"epochs": 2, "batch_size": 32}, "lr": {"peak_epoch": 1}}
+STUDY = {"name": "small", "base": BASE, "seeds": [0, 1],
+         "axes": {"model.attention": ["none", "san-c"], "model.placement": ["bottleneck", "full"]}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    service = Service(root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", max_epochs=100,
+                      max_study_cells=12).start()  # fmt: skip
+    yield service
+    service.stop()
+
+
+def total_jobs(client) -> int:
+    return client.get("/v1/jobs").json()["total"]
+
+
+def test_a_study_queues_one_job_per_network_and_seed_under_an_mlflow_parent_run(service):
+    with service.client("alice") as alice, service.client("bob") as bob:
+        before = total_jobs(alice)
+        created = alice.post("/v1/studies", json=STUDY)
+        assert created.status_code == 201, created.text
+        study = created.json()
+        assert created.headers["location"] == f"/v1/studies/{study['id']}"
+        # lenet5: none and san-c each run once for both placements, × 2 seeds
+        assert study["status"] == "running" and study["jobs"] == {"queued": 4} and len(study["job_ids"]) == 4
+        assert study["cells"] == {"done": 0, "running": 0, "queued": 2, "failed": 0, "cancelled": 0}
+        assert study["merged_cells"] == 2 and study["refused_cells"] == 0
+        assert total_jobs(alice) == before + 4
+        child = alice.get(f"/v1/jobs/{study['job_ids'][1]}").json()
+        tags = child["spec"]["tracking"]["tags"]
+        assert tags == {"san.study_id": study["id"], "san.cell": "c000", "san.seed": "1",
+                        "mlflow.parentRunId": study["mlflow_run_id"]}  # fmt: skip
+        assert child["spec"]["tracking"]["run_name"] == "lenet5-none-bottleneck-s1"
+        uri = child["spec"]["tracking"]["mlflow_uri"]
+        parent = MlflowClient(uri).get_run(study["mlflow_run_id"])
+        assert parent.info.status == "RUNNING" and parent.data.tags["san.study_id"] == study["id"]
+        experiment = MlflowClient(uri).get_experiment(parent.info.experiment_id)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        for method, suffix in (("GET", ""), ("GET", "/table"), ("POST", "/cancel")):
+            assert bob.request(method, f"/v1/studies/{study['id']}{suffix}").status_code == 404, suffix
+        assert bob.get("/v1/studies").json()["total"] == 0
+        shown = alice.get(f"/v1/studies/{study['id']}").json()
+        assert [c["runs_as"] for c in shown["table"]["cells"]] == ["c000", "c000", "c002", "c002"]
+        markdown = alice.get(f"/v1/studies/{study['id']}/table", params={"format": "md"})
+        assert markdown.headers["content-type"].startswith("text/markdown")
+        assert "| Base Model | … | … |" in markdown.text and "| SAN-c | … | … |" in markdown.text
+        csv = alice.get(f"/v1/studies/{study['id']}/table", params={"format": "csv"}).text.splitlines()
+        assert csv[0].startswith("cell,labels,runs_as") and len(csv) == 5
+        assert alice.get(f"/v1/studies/{study['id']}/table", params={"format": "xml"}).status_code == 422
+
+
+def test_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
+    with service.client("alice") as alice:
+        study = alice.post("/v1/studies", json={**STUDY, "name": "to-cancel"}).json()
+        cancelled = alice.post(f"/v1/studies/{study['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["jobs"] == {"cancelled": 4}
+        deadline = time.monotonic() + 60
+        while alice.get(f"/v1/studies/{study['id']}").json()["status"] == "running":
+            assert time.monotonic() < deadline, "the finisher did not end the study"
+            time.sleep(0.5)
+        ended = alice.get(f"/v1/studies/{study['id']}").json()
+        assert ended["status"] == "cancelled" and ended["cancel_requested"]
+        assert alice.post(f"/v1/studies/{study['id']}/cancel").status_code == 409
+        uri = alice.get(f"/v1/jobs/{study['job_ids'][0]}").json()["spec"]["tracking"]["mlflow_uri"]
+    client = MlflowClient(uri)
+    assert client.get_run(study["mlflow_run_id"]).info.status == "KILLED"
+    logged = {a.path for a in client.list_artifacts(study["mlflow_run_id"], "results")}
+    assert {"results/table.md", "results/table.csv", "results/table.json"} <= logged
+    assert (service.root / "runs" / "studies" / study["id"] / "table.md").is_file()
+
+
+def test_an_idempotency_key_returns_the_same_study_and_refuses_another_spec(service):
+    with service.client("alice") as alice:
+        key = {"Idempotency-Key": "study-key-1"}
+        first = alice.post("/v1/studies", json=STUDY, headers=key)
+        again = alice.post("/v1/studies", json=STUDY, headers=key)
+        assert (first.status_code, again.status_code) == (201, 200) and first.json()["id"] == again.json()["id"]
+        other = alice.post("/v1/studies", json={**STUDY, "seeds": [5]}, headers=key)
+        assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+
+
+@pytest.mark.parametrize(("change", "loc", "text"), [
+    ({"axes": {"model.colour": ["red"]}}, ["body", "axes"], "model has no field 'colour'"),
+    ({"axes": {"model.attention": []}}, ["body", "axes"], "has no values"),
+    ({"axes": {"model.attention": ["none", "magic"]}}, ["body", "axes", "model.attention"], "unknown attention"),
+    ({"axes": {"training.epochs": [2, 500]}}, ["body", "axes", "training.epochs"], "limit of 100"),
+    ({"axes": {"data.dataset": ["fashion-mnist", "cifar10"]}}, ["body", "axes", "data.dataset"], "does not exist"),
+    ({"axes": {"model.attention": ["none", "cbam", "bam", "san-c", "san-d"], "training.batch_size": [8, 16, 32]}},
+     ["body", "axes"], "15 cells (5 × 3) is more than this service's limit of 12"),
+    ({"base": {**BASE, "training": {"epochs": 101}}}, ["body", "base", "training", "epochs"], "limit of 100"),
+])  # fmt: skip
+def test_bad_studies_get_422_naming_the_axis_and_queue_nothing(service, change, loc, text):
+    with service.client("alice") as alice:
+        before, studies = total_jobs(alice), alice.get("/v1/studies").json()["total"]
+        response = alice.post("/v1/studies", json={**STUDY, **change})
+        assert response.status_code == 422, response.text
+        error = response.json()["detail"][0]
+        assert error["loc"][: len(loc)] == loc and text in error["msg"], error
+        assert total_jobs(alice) == before and alice.get("/v1/studies").json()["total"] == studies
+
+
+AXIS_VALUES = {
+    "model.attention": st.sampled_from(["none", "cbam", "bam", "san-c", "san-d", "sand", ""]),
+    "model.placement": st.sampled_from(["bottleneck", "full", "reference", "middle"]),
+    "model.attention_kwargs": st.dictionaries(
+        st.sampled_from(["use_abs", "use_cca", "reduction", "dilation", "x"]),
+        st.one_of(st.booleans(), st.integers(-3, 40)),
+        max_size=2,
+    ),
+    "training.batch_size": st.integers(-2, 70_000),
+    "lr.lr": st.floats(allow_nan=False, allow_infinity=False, min_value=-1, max_value=10),
+    "model.name": st.sampled_from(["lenet5", "vgg16", "resnet18", "lenet9"]),
+    "modle.name": st.just("lenet5"),
+}
+optional_fields = {
+    "baseline": st.dictionaries(st.sampled_from(["model.attention", "x.y"]), st.sampled_from(["none", 1])),
+    "name": st.text(max_size=12),
+    "labels": st.dictionaries(st.sampled_from(["model.attention"]), st.lists(st.text(max_size=5), max_size=3)),
+}
+study_specs = st.fixed_dictionaries({
+    "base": st.just(BASE),
+    "axes": st.dictionaries(st.sampled_from(sorted(AXIS_VALUES)), st.just(None), max_size=3).flatmap(
+        lambda axes: st.fixed_dictionaries({path: st.lists(AXIS_VALUES[path], max_size=3) for path in axes})),
+    "seeds": st.lists(st.integers(-5, 5), max_size=3),
+}, optional=optional_fields)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=study_specs)
+def test_any_study_spec_gets_a_json_answer_never_a_5xx(service, body):
+    with service.client("bob") as bob:
+        response = bob.post("/v1/studies", json=body)
+        assert response.status_code in (201, 422), response.text
+        detail = response.json()
+        if response.status_code == 422:
+            assert detail["detail"][0]["msg"]
+        else:
+            assert len(detail["job_ids"]) <= 12 * len(body["seeds"])
+            assert bob.post(f"/v1/studies/{detail['id']}/cancel").status_code == 200
