@@ -125,12 +125,14 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one(method: str, suffix: str = ""):
+def _one(method: str, suffix: str = "", resource: str = "jobs", show=None):
+    """A handler that calls ``METHOD /v1/<resource>/<id><suffix>`` and prints the answer (``--json``: all of it)."""
+
     def handler(args: argparse.Namespace) -> int:
-        response = _call(args, method, f"/v1/jobs/{args.id}{suffix}")
+        response = _call(args, method, f"/v1/{resource}/{args.id}{suffix}")
         if response.status_code != 200:
             return _fail(response)
-        print(json.dumps(response.json(), indent=2) if args.json else _show(response.json()))
+        print(json.dumps(response.json(), indent=2) if args.json else (show or _show)(response.json()))
         return 0
 
     return handler
@@ -159,7 +161,7 @@ def _study_line(study: dict) -> str:
 
 
 def _study_submit(args: argparse.Namespace) -> int:
-    from training.study_run import load_study
+    from training.study import load_study
 
     try:
         study = load_study(args.spec, args.seeds, args.epochs)
@@ -177,7 +179,7 @@ def _study_submit(args: argparse.Namespace) -> int:
     last = None
     while found["status"] == "running":
         time.sleep(args.poll_s)
-        response = _call(args, "GET", f"/v1/studies/{found['id']}")
+        response = _call(args, "GET", f"/v1/studies/{found['id']}", params={"table": "false"})
         if response.status_code != 200:
             return _fail(response)
         found = response.json()
@@ -188,17 +190,6 @@ def _study_submit(args: argparse.Namespace) -> int:
     table = _call(args, "GET", f"/v1/studies/{found['id']}/table", params={"format": "md"})
     print(table.text if table.status_code == 200 else "", flush=True)
     return 0 if found["status"] == "succeeded" else 1
-
-
-def _study_one(method: str, suffix: str = ""):
-    def handler(args: argparse.Namespace) -> int:
-        response = _call(args, method, f"/v1/studies/{args.id}{suffix}")
-        if response.status_code != 200:
-            return _fail(response)
-        print(json.dumps(response.json(), indent=2) if args.json else _study_line(response.json()))
-        return 0
-
-    return handler
 
 
 def _study_table(args: argparse.Namespace) -> int:
@@ -290,7 +281,7 @@ def register(commands) -> None:
         action = verbs.add_parser(name, help=text)
         action.add_argument("id")
         action.add_argument("--json", action="store_true", help="the whole study (with its table) as JSON")
-        action.set_defaults(handler=_study_one(method, suffix))
+        action.set_defaults(handler=_one(method, suffix, "studies", _study_line))
     table = verbs.add_parser("table", help="the table so far")
     table.add_argument("id")
     table.add_argument("--format", choices=["md", "csv", "json"], default="md")

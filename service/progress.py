@@ -2,12 +2,11 @@
 done, the latest metrics and the per-epoch history."""
 
 import logging
-from collections import defaultdict
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from training.tracking import METRIC_KEYS
+from training.tracking import METRIC_KEYS, metric_history
 
 log = logging.getLogger("san.service")
 
@@ -39,9 +38,4 @@ class RunReader:
 
     def history(self, uri: str, run_id: str) -> list[dict[str, Any]]:
         """One row per epoch: ``{"epoch": k, "train/loss": …, "val/top1": …, …}``, in epoch order."""
-        client = self.client(uri)
-        rows: dict[int, dict[str, Any]] = defaultdict(dict)
-        for key in METRIC_KEYS:
-            for metric in client.get_metric_history(run_id, key):
-                rows[metric.step][key] = metric.value
-        return [{"epoch": int(epoch), **rows[epoch]} for epoch in sorted(rows)]
+        return metric_history(self.client(uri), run_id)

@@ -53,7 +53,9 @@ class Dispatcher:
         if room <= 0:
             return
         for job in self.store.in_states(("queued",), limit=room):
-            if self.store.transition(job.id, "submitted"):  # claimed: no other dispatcher submits it
+            if job.cancel_requested:  # a cancel is under way: it must not reach Ray
+                continue
+            if self.store.transition(job.id, "submitted", only_from=("queued",)):  # claimed: no other dispatcher
                 self.submit(job)
 
     def submit(self, job: Job) -> None:
@@ -71,7 +73,8 @@ class Dispatcher:
         """A queued job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
         cancelled (reconciliation agrees once Ray reports it stopped)."""
         self.store.update(job.id, cancel_requested=True)
-        if job.status == "queued" and self.store.transition(job.id, "cancelled"):
+        # Only from queued: a job read as queued may have been submitted since, and must then be stopped on Ray.
+        if self.store.transition(job.id, "cancelled", only_from=("queued",)):
             return
         with self._lock:  # not while a tick is submitting it
             current = self.store.get(job.id)

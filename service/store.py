@@ -303,10 +303,11 @@ class JobStore:
         with self.session() as session:
             return session.scalar(select(func.count()).where(JobRow.status.in_(states))) or 0
 
-    def transition(self, job_id: str, to: str, **fields: Any) -> bool:
-        """Move the job to ``to`` if its current state allows it (compare-and-set); False if another writer
-        moved it first or the move is not allowed. ``fields``: error, mlflow_run_id."""
-        allowed = [state for state, targets in TRANSITIONS.items() if to in targets]
+    def transition(self, job_id: str, to: str, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Move the job to ``to`` if its current state allows it (and is one of ``only_from``, when given):
+        compare-and-set; False if another writer moved it first or the move is not allowed. ``fields``: error,
+        mlflow_run_id."""
+        allowed = [state for state, targets in TRANSITIONS.items() if to in targets and state in (only_from or STATES)]
         moment = now()
         with self._writing(), self.session.begin() as session:
             changed = session.execute(

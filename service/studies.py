@@ -108,15 +108,21 @@ class StudyFinisher:
     parent run, which ends FINISHED, FAILED or KILLED; then the study's state. A failure (MLflow down) is retried
     at the next pass; state lives in the store, so a restarted service finishes what the last one could not."""
 
+    MAX_ATTEMPTS = 5  # then the study ends failed, with the error, instead of being retried every pass
+
     def __init__(self, studies: StudyStore, settings: ServiceSettings) -> None:
         self.studies, self.settings = studies, settings
+        self.attempts: dict[str, int] = {}
 
     def tick(self) -> None:
         for study in self.studies.in_state("running"):
             try:
                 self.finish(study)
-            except Exception as error:  # the next pass tries again
-                log.warning("study %s: could not finish yet: %s", study.id, error)
+            except Exception as error:  # the next pass tries again, a few times
+                self.attempts[study.id] = attempts = self.attempts.get(study.id, 0) + 1
+                log.warning("study %s: could not finish (attempt %d): %s", study.id, attempts, error)
+                if attempts >= self.MAX_ATTEMPTS:
+                    self.studies.finish(study.id, "failed", error=f"writing the results failed: {error}")
 
     def finish(self, study: Study) -> bool:
         children = self.studies.children(study.id)
@@ -127,6 +133,7 @@ class StudyFinisher:
         results = self.settings.studies_dir() / study.id
         write_results(expansion_of(study), uri, study.mlflow_run_id, results, child_states(children))
         finish_study_run(uri, study.mlflow_run_id, results, MLFLOW_STATUS[final])
+        self.attempts.pop(study.id, None)
         return self.studies.finish(study.id, final)
 
     async def run(self, interval_s: float) -> None:

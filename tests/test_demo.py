@@ -30,7 +30,7 @@ def test_make_demo_prints_table_iv_beside_the_papers_figures_and_stops_what_it_s
                             text=True, timeout=1100)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "640 images" in out  # the demo trained on the slice it found, not a new build
+    assert '"count": 640' in out  # the demo trained on the slice it found, not a new build
     assert re.search(r"cells: 5 done\s+\(children: 5 succeeded\)", out), out[-3000:]
     rows = {m[1]: m[2:] for m in re.finditer(r"^\| (Base Model|CBAM|BAM|SAN-c|SAN-d) \| ([\d.]+) \| ([\d.]+) \| "
                                             r"([\d.]+) \| ([\d.]+) \|$", out, re.MULTILINE)}  # fmt: skip

@@ -6,7 +6,7 @@ Named, typed sections in the manner of ffcv-imagenet's config; validated once, b
 import functools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 import yaml
@@ -24,6 +24,16 @@ def one_of(name: str, allowed: list[str], what: str) -> str:
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def load(cls, path: Path | str) -> Self:
+        """From a YAML or JSON file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such spec file")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return cls.model_validate(data or {})
 
 
 class ModelSection(Section):
@@ -140,9 +150,10 @@ class TrackingSection(Section):
     system_metrics_interval_s: float = Field(default=10.0, gt=0)  # CPU, memory (and GPU) sampled by rank 0
 
 
-# Where a run is recorded, not what it trains: the tracking URI (None from `san train`, the resolved URI through the
-# service) and the tags (already the run's tags; a study's differ per child).
-UNRECORDED_PARAMS = ("tracking.mlflow_uri", "tracking.tags")
+# Where and how a run is recorded, not what it trains: the tracking section (its URI is None from `san train` and the
+# resolved URI through the service; a study names its children and tags them). The run has its name, experiment and
+# tags anyway; as params they would be the only difference between one job launched two ways.
+UNRECORDED_SECTIONS = ("tracking",)
 
 
 @functools.lru_cache(maxsize=256)
@@ -183,7 +194,7 @@ class JobSpec(Section):
         """Build the model on the meta device (no memory, no arithmetic) so bad attention kwargs fail here."""
         try:
             _model_builds(self.model.model_dump_json())
-        except (ValueError, TypeError) as error:
+        except Exception as error:  # any constructor failure on bad kwargs (a zero reduction divides by zero)
             raise ValueError(f"model: {error}") from None
 
     def build_model(self, num_classes: int, in_chans: int) -> torch.nn.Module:
@@ -200,25 +211,15 @@ class JobSpec(Section):
 
     def flat(self) -> dict[str, str]:
         """``{"model.name": "lenet5", ...}``: the spec as flat strings, for MLflow params — less where the run is
-        recorded (`UNRECORDED_PARAMS`), so the same job launched two ways logs the same params."""
+        recorded (`UNRECORDED_SECTIONS`), so the same job launched two ways logs the same params."""
         flat: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
             if isinstance(value, dict) and value and prefix.count(".") < 1:
                 for key, inner in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, inner)
-            elif prefix not in UNRECORDED_PARAMS:
+            elif prefix.split(".")[0] not in UNRECORDED_SECTIONS:
                 flat[prefix] = json.dumps(value) if isinstance(value, dict | list) else str(value)
 
         walk("", self.model_dump(mode="json"))
         return flat
-
-    @classmethod
-    def load(cls, path: Path) -> "JobSpec":
-        """From a YAML or JSON file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such spec file")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls.model_validate(data or {})

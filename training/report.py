@@ -75,9 +75,11 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
             if stats:
                 stats["positive"] = sum(d > 0 for d in diffs)
             entry[f"diff_{metric}"] = stats
-        base_seconds = mean_std([v for s in base if (v := epoch_seconds(base[s])) is not None])
-        if entry["epoch_s"] and base_seconds:
-            entry["epoch_s_ratio"] = entry["epoch_s"]["mean"] / base_seconds["mean"]
+        # On the seeds both have, as the accuracy differences.
+        cell_seconds = mean_std([v for s in paired if (v := epoch_seconds(finished[s])) is not None])
+        base_seconds = mean_std([v for s in paired if (v := epoch_seconds(base[s])) is not None])
+        if cell_seconds and base_seconds and base_seconds["mean"] > 0:
+            entry["epoch_s_ratio"] = cell_seconds["mean"] / base_seconds["mean"]
     return {"study": expansion.study.name, "seeds": expansion.study.seeds,
             "paper_source": expansion.study.paper.source if expansion.study.paper else None,
             "cells": cells, "layout": layout(expansion)}  # fmt: skip

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from san.attention import IncompatibleConfiguration, attention_modules
@@ -127,16 +126,21 @@ class StudySpec(Section):
             return ", ".join(f"{k}={v}" for k, v in value.items()) or "default"
         return str(value)
 
-    @classmethod
-    def load(cls, path) -> "StudySpec":
-        from pathlib import Path
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such study file")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls.model_validate(data or {})
+def load_study(path: str, seeds: int | None = None, epochs: int | None = None) -> StudySpec:
+    """The study file with ``--seeds N`` (seeds 0..N-1) and ``--epochs`` applied through validation; ValueError
+    in one line naming the field when it is missing or invalid."""
+    try:
+        data = StudySpec.load(path).model_dump(mode="json")
+        if seeds is not None:
+            data["seeds"] = list(range(seeds))
+        if epochs is not None:
+            data["base"]["training"]["epochs"] = epochs
+        return StudySpec.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "study"
+        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def check_path(path: str) -> None:
@@ -212,19 +216,35 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def axis_of(study: StudySpec, loc: tuple, message: str = "") -> tuple[str, ...]:
-    """Where an error in a child's field points in the study: the axis that set the field (for an error of the
-    whole spec, an axis its message names), else the base."""
+def axis_of(study: StudySpec, loc: tuple, message: str = "", cell: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """Where an error in a child's field points in the study: the axis that set the field; for an error of the
+    whole spec, the axis whose value (in ``cell``) alone makes the base invalid, else the one its message names
+    first; else the base."""
     dotted = ".".join(str(part) for part in loc)
     for path in study.axes:
         if dotted == path or dotted.startswith(path + ".") or (dotted and path.startswith(dotted + ".")):
             return ("axes", path)
-        if not dotted and path in message:
-            return ("axes", path)
+    if not dotted:
+        culprit = _culprit(study, cell or {})
+        named = sorted((message.find(path), path) for path in study.axes if path in message)
+        if culprit or named:
+            return ("axes", culprit or named[0][1])
     for path in study.axes:  # a field the axis implies (data.dataset → data.train_path)
         if loc and path.split(".")[0] == str(loc[0]):
             return ("axes", path)
     return ("base", *(str(part) for part in loc))
+
+
+def _culprit(study: StudySpec, cell: dict[str, Any]) -> str | None:
+    """The axis whose value in ``cell``, set alone on the base, makes an invalid job."""
+    for path, value in cell.items():
+        data = study.base.model_dump(mode="json")
+        set_path(data, path, value)
+        try:
+            JobSpec.model_validate(data)
+        except ValidationError:
+            return path
+    return None
 
 
 def network_identity(model: ModelSection, in_chans: int, num_classes: int) -> str:
@@ -271,13 +291,15 @@ def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_ru
         except ValidationError as error:
             first = error.errors()[0]
             raise StudyError(axis_of(study, ("model", *first["loc"])), first["msg"]) from None
-        except (ValueError, TypeError) as error:
-            raise StudyError(axis_of(study, ("model", "attention_kwargs")), str(error)) from None
+        except Exception as error:  # a constructor's own failure on bad kwargs (e.g. a zero reduction) is input too
+            message = f"{type(error).__name__}: {error}"
+            raise StudyError(axis_of(study, ("model", "attention_kwargs")), message) from None
         try:
             spec = JobSpec.model_validate(data)
         except ValidationError as error:
             first = error.errors()[0]
-            raise StudyError(axis_of(study, first["loc"], first["msg"]), first["msg"]) from None
+            message = first["msg"].removeprefix("Value error, ")
+            raise StudyError(axis_of(study, first["loc"], message, values), message) from None
         data["model"] = identity
         data["training"].pop("seed", None)
         data.pop("tracking", None)

@@ -7,10 +7,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from training import figures
 from training.report import build_table, epoch_seconds, markdown, to_csv
 from training.study import ATTENTION, PLACEMENT, Expansion, Observation
-from training.tracking import RUN_STATES, download_attention_maps, metric_history, study_child_runs
+from training.tracking import (
+    RUN_STATES,
+    download_attention_maps,
+    end_unfinished_runs,
+    metric_history,
+    study_child_runs,
+)
 
 FIG8_MODULES = ("cbam", "bam", "san-c", "san-d")
 TABLE_KEYS = ("val/top1", "val/top5", "time/epoch_s")  # what the table and the figures read of each run
@@ -25,10 +33,11 @@ def observations(uri: str, parent_run_id: str, states: dict[tuple[str, int], str
         if "san.cell" in tags and "san.seed" in tags:
             latest[(tags["san.cell"], int(tags["san.seed"]))] = run
     found = []
+    client = MlflowClient(uri)
     for (cell, seed), run in latest.items():
         state = (states or {}).get((cell, seed)) or RUN_STATES.get(run.info.status, "running")
         params = run.data.params.get("model.num_params")
-        found.append(Observation(cell, seed, state, metric_history(uri, run.info.run_id, TABLE_KEYS),
+        found.append(Observation(cell, seed, state, metric_history(client, run.info.run_id, TABLE_KEYS),
                                  int(params) if params else None, run.info.run_id))  # fmt: skip
     for (cell, seed), state in (states or {}).items():  # children whose run does not exist yet
         if (cell, seed) not in latest:
@@ -51,17 +60,22 @@ def cell_label(expansion: Expansion, key: str) -> str:
 def write_results(expansion: Expansion, uri: str, parent_run_id: str, directory: Path, states=None) -> dict[str, Any]:
     """``table.json``, ``table.md``, ``table.csv`` and ``figures/*.png`` in ``directory``; returns the table."""
     found = observations(uri, parent_run_id, states)
+    end_unfinished_runs(uri, {o.run_id: o.state for o in found if o.run_id})
     result = build_table(expansion, found)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    old = directory.with_name(f".{directory.name}.old")
     try:
+        temp.chmod(0o755)
         (temp / "table.json").write_text(json.dumps(result, indent=2, default=str))
         (temp / "table.md").write_text(markdown(result))
         (temp / "table.csv").write_text(to_csv(result))
         draw_figures(expansion, uri, found, temp / "figures")
-        if directory.exists():
-            shutil.rmtree(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():  # aside, not deleted, until the new one is in place
+            directory.rename(old)
         temp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return result
@@ -76,7 +90,7 @@ def draw_figures(expansion: Expansion, uri: str, found: list[Observation], direc
     for observation in sorted(found, key=lambda o: o.seed):
         by_cell.setdefault(observation.cell, []).append(observation)
     curves = {cell_label(expansion, c.key): [[row["val/top1"] for row in o.history if "val/top1" in row]
-                                             for o in by_cell.get(c.key, []) if o.history]
+                                             for o in by_cell.get(c.key, []) if o.history and o.state == "succeeded"]
               for c in running}  # fmt: skip
     curves = {label: series for label, series in curves.items() if series}
     drawn = []

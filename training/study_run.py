@@ -6,32 +6,16 @@ import uuid
 from pathlib import Path
 
 import ray
-from pydantic import ValidationError
+from mlflow.tracking import MlflowClient
 
 from training.launch import connect_ray, launch, resolve_data
 from training.paths import storage_root
 from training.report import markdown
-from training.study import StudySpec, expand
+from training.study import StudySpec, expand, load_study
 from training.study_results import write_results
 from training.tracking import create_study_run, finish_study_run, tracking_uri
 
 MAX_CELLS = 200
-
-
-def load_study(path: str, seeds: int | None = None, epochs: int | None = None) -> StudySpec:
-    """The study file with ``--seeds N`` (seeds 0..N-1) and ``--epochs`` applied through validation; ValueError
-    in one line naming the field when it is missing or invalid."""
-    try:
-        data = StudySpec.load(path).model_dump(mode="json")
-        if seeds is not None:
-            data["seeds"] = list(range(seeds))
-        if epochs is not None:
-            data["base"]["training"]["epochs"] = epochs
-        return StudySpec.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "study"
-        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def run_study(path: str, seeds: int | None = None, epochs: int | None = None, out: Path | None = None) -> int:
@@ -46,11 +30,19 @@ def run_study(path: str, seeds: int | None = None, epochs: int | None = None, ou
     root = storage_root()
     uri = tracking_uri(study.base, root)
     parent = create_study_run(uri, study.experiment, root, study_id, study.name, study.model_dump_json(indent=2))
+    try:
+        return _run_children(study, study_id, parent, uri, root, out)
+    except BaseException:  # an error or Ctrl-C: the parent run must not stay RUNNING
+        MlflowClient(uri).set_terminated(parent, "KILLED")
+        raise
+
+
+def _run_children(study: StudySpec, study_id: str, parent: str, uri: str, root: Path, out: Path | None) -> int:
     expansion = expand(study, MAX_CELLS, study_id, parent)
     children = expansion.children
     print(f"{study_id}: {len(children)} runs ({sum(c.runs for c in expansion.cells)} cells × {len(study.seeds)} "
           f"seeds); MLflow parent run {parent} at {uri}", flush=True)  # fmt: skip
-    if not ray.is_initialized():
+    if children and not ray.is_initialized():
         connect_ray(max(c.spec.scaling.num_workers * c.spec.scaling.cpus_per_worker for c in children))
     states = {(child.cell, child.seed): "queued" for child in children}
     for index, child in enumerate(children, 1):

@@ -148,19 +148,33 @@ def study_child_runs(uri: str, parent_run_id: str) -> list:
     """The runs nested under a study's parent run, oldest first."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              max_results=5000, order_by=["attributes.start_time ASC"])  # fmt: skip
-    return runs
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                  max_results=1000, order_by=["attributes.start_time ASC"],
+                                  page_token=token)  # fmt: skip
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
-def metric_history(uri: str, run_id: str, keys: tuple[str, ...] = METRIC_KEYS) -> list[dict[str, float]]:
-    """One dict per epoch (step) with the run's metrics, in epoch order."""
-    client = MlflowClient(uri)
+def metric_history(client: MlflowClient, run_id: str, keys: tuple[str, ...] = METRIC_KEYS) -> list[dict[str, float]]:
+    """One row per epoch, ``{"epoch": k, "train/loss": …, "val/top1": …, …}``, in epoch order."""
     rows: dict[int, dict[str, float]] = {}
     for key in keys:
         for metric in client.get_metric_history(run_id, key):
             rows.setdefault(metric.step, {})[key] = metric.value
-    return [rows[step] for step in sorted(rows)]
+    return [{"epoch": step, **rows[step]} for step in sorted(rows)]
+
+
+def end_unfinished_runs(uri: str, runs: dict[str, str]) -> None:
+    """``{run id: job state}``: end as FAILED or KILLED the runs still RUNNING whose job failed or was cancelled (a
+    driver stopped on Ray cannot end its own run)."""
+    client = MlflowClient(uri)
+    for run_id, state in runs.items():
+        if state in ("failed", "cancelled") and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED" if state == "failed" else "KILLED")
 
 
 def download_attention_maps(uri: str, run_id: str, directory: Path) -> dict[str, np.ndarray] | None:

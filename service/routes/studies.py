@@ -1,6 +1,7 @@
 """``/v1/studies``: one request for a whole table of the paper. Its children are ordinary jobs in the same durable
 queue; the table is read from their MLflow runs. Another principal's study is a 404."""
 
+import contextlib
 import json
 import logging
 import uuid
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
@@ -116,11 +118,13 @@ def submit_study(
     children = [(child.cell, child.seed, child.spec.model_dump(mode="json")) for child in expansion.children]
     try:
         stored = state.studies.create(principal, study_id, spec, idempotency_key, parent, children)
-    except IntegrityError:  # a concurrent request with the same key won
+    except Exception as error:
+        with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
+            MlflowClient(uri).set_terminated(parent, "FAILED")
         existing = state.studies.by_key(principal, idempotency_key) if idempotency_key else None
-        if existing is None:
+        if not isinstance(error, IntegrityError) or existing is None:
             raise
-        return _same(request, existing, spec, response)
+        return _same(request, existing, spec, response)  # a concurrent request with the same key won
     state.dispatcher.kick()
     response.headers["Location"] = f"/v1/studies/{stored.id}"
     return view(request, stored)
@@ -148,9 +152,10 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyView)
-def show_study(study_id: str, request: Request, principal: Principal) -> StudyView:
-    """Progress (cells done/running/queued/failed, children by state) and the table so far."""
-    return view(request, owned(request, study_id, principal), with_table=True)
+def show_study(study_id: str, request: Request, principal: Principal, table: bool = True) -> StudyView:
+    """Progress (cells done/running/queued/failed, children by state) and the table so far (``table=false``: the
+    progress alone, without reading MLflow — for polling)."""
+    return view(request, owned(request, study_id, principal), with_table=table)
 
 
 @router.get("/{study_id}/table")
