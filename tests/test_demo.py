@@ -32,8 +32,8 @@ def test_make_demo_prints_table_iv_beside_the_papers_figures_and_stops_what_it_s
     out = result.stdout
     assert '"count": 640' in out  # the demo trained on the slice it found, not a new build
     assert re.search(r"cells: 5 done\s+\(children: 5 succeeded\)", out), out[-3000:]
-    rows = {m[1]: m[2:] for m in re.finditer(r"^\| (Base Model|CBAM|BAM|SAN-c|SAN-d) \| ([\d.]+) \| ([\d.]+) \| "
-                                            r"([\d.]+) \| ([\d.]+) \|$", out, re.MULTILINE)}  # fmt: skip
+    row = re.compile(r"^\| (Base Model|CBAM|BAM|SAN-c|SAN-d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", re.M)
+    rows = {match[1]: match.groups()[1:] for match in row.finditer(out)}
     assert set(rows) == set(PAPER)
     for module, (top1, top5, paper1, paper5) in rows.items():
         assert (paper1, paper5) == PAPER[module]

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event
 
-from service.store import TRANSITIONS, GroupCommit, IdempotencyConflict, JobStore
+from service.store import TRANSITIONS, GroupCommit, IdempotencyConflict, JobStore, StudyStore
 from tests.services import Postgres
 
 pytestmark = pytest.mark.timeout(300, method="thread")
@@ -28,7 +28,7 @@ def store(request, tmp_path):
     yield store
     if request.param == "postgresql":  # one database for the module: empty it between tests
         with store.engine.begin() as connection:
-            connection.exec_driver_sql("TRUNCATE job_events, jobs")
+            connection.exec_driver_sql("TRUNCATE study_jobs, studies, job_events, jobs")
     store.close()
 
 
@@ -111,3 +111,25 @@ def test_a_job_that_cannot_be_written_fails_alone(store):
     first, second, third = asyncio.run(together())
     assert isinstance(second, Exception) and "not JSON serializable" in str(second)
     assert [job.spec["n"] for job in store.in_states(("queued",))] == [0, 2] == [first[0].spec["n"], third[0].spec["n"]]
+
+
+def test_a_cancel_that_read_the_job_as_queued_does_not_win_once_it_was_submitted(store):
+    job, _ = store.create("alice", {"n": 1})
+    stale = store.get(job.id)  # read as queued by a cancel…
+    assert store.transition(job.id, "submitted", only_from=("queued",))  # …then the queue claims it
+    assert stale.status == "queued"
+    assert not store.transition(job.id, "cancelled", only_from=("queued",))  # so Dispatcher.cancel must stop it
+    assert store.get(job.id).status == "submitted"
+    assert store.transition(job.id, "cancelled")  # from submitted, as the Ray-stop path does
+
+
+def test_a_study_and_its_children_are_written_together_and_read_in_queue_order(store):
+    studies = StudyStore(store)
+    children = [("c000", 0, {"n": 0}), ("c000", 1, {"n": 1}), ("c002", 0, {"n": 2})]
+    study = studies.create("alice", "study-1", {"name": "s"}, None, "parent-run", children)
+    assert study.status == "running" and studies.get("study-1", "bob") is None
+    read = studies.children("study-1")
+    assert [(c.cell, c.seed, c.job.spec["n"], c.job.status) for c in read] == [
+        ("c000", 0, 0, "queued"), ("c000", 1, 1, "queued"), ("c002", 0, 2, "queued")]  # fmt: skip
+    assert studies.finish("study-1", "cancelled") and not studies.finish("study-1", "succeeded")
+    assert studies.get("study-1").status == "cancelled"
