@@ -183,13 +183,28 @@ def _study_submit(args: argparse.Namespace) -> int:
         if response.status_code != 200:
             return _fail(response)
         found = response.json()
-        line = _study_line(found)
+        line = _study_line(found) + _running_children(args, found)
         if line != last:
             print(line, flush=True)
             last = line
     table = _call(args, "GET", f"/v1/studies/{found['id']}/table", params={"format": "md"})
     print(table.text if table.status_code == 200 else "", flush=True)
     return 0 if found["status"] == "succeeded" else 1
+
+
+def _running_children(args: argparse.Namespace, study: dict) -> str:
+    """``\n  running: <run name> epoch k/N`` for each of the study's children on the cluster now."""
+    running = _call(args, "GET", "/v1/jobs", params={"status": "running", "limit": 500})
+    if running.status_code != 200:
+        return ""
+    lines = ""
+    for job in running.json()["items"]:
+        if job["id"] in study["job_ids"]:
+            detail = _call(args, "GET", f"/v1/jobs/{job['id']}").json()
+            progress = detail.get("progress") or {}
+            epoch = f"  epoch {progress['epoch']}/{progress['epochs']}" if progress else ""
+            lines += f"\n  running: {job['spec']['tracking']['run_name']}{epoch}"
+    return lines
 
 
 def _study_table(args: argparse.Namespace) -> int:

@@ -66,9 +66,12 @@ def test_a_study_queues_one_job_per_network_and_seed_under_an_mlflow_parent_run(
         assert alice.get(f"/v1/studies/{study['id']}/table", params={"format": "xml"}).status_code == 422
 
 
-def test_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
+def test_after_a_restart_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
     with service.client("alice") as alice:
         study = alice.post("/v1/studies", json={**STUDY, "name": "to-cancel"}).json()
+    service.restart()  # the study and its children are in the store: a new process finds and ends them
+    with service.client("alice") as alice:
+        assert alice.get(f"/v1/studies/{study['id']}").json()["jobs"] == {"queued": 4}
         cancelled = alice.post(f"/v1/studies/{study['id']}/cancel")
         assert cancelled.status_code == 200 and cancelled.json()["jobs"] == {"cancelled": 4}
         deadline = time.monotonic() + 60
