@@ -49,9 +49,14 @@ for _ in $(seq 60); do  # the service writes the figures once the last child has
   [ -d "$STORAGE/studies/$STUDY/figures" ] && break
   sleep 1
 done
-EXPERIMENT="$(curl -s -H "Authorization: Bearer $SAN_API_TOKEN" "$SAN_API_URL/v1/studies/$STUDY" |
-  "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["spec"]["base"]["data"]["dataset"])')"
+EXPERIMENT="$(curl -s -H "Authorization: Bearer $SAN_API_TOKEN" "$SAN_API_URL/v1/studies/$STUDY?table=false" |
+  "$BIN/python" -c 'import json, sys; s = json.load(sys.stdin)["spec"]; print(s["base"]["tracking"]["experiment"] or "san/" + s["base"]["data"]["dataset"])')"
+EXPERIMENT_ID="$(curl -s -G "$SAN_MLFLOW_URI/api/2.0/mlflow/experiments/get-by-name" --data-urlencode "experiment_name=$EXPERIMENT" |
+  "$BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')"
+# workflowType: MLflow 3.17's UI opens in its GenAI view unless the link (or the browser's last choice) says otherwise.
+RUNS="#/experiments/$EXPERIMENT_ID?workflowType=machine_learning"
 echo
 echo "tables and figures: $STORAGE/studies/$STUDY/  ($(ls "$STORAGE/studies/$STUDY/figures" 2>/dev/null | tr '\n' ' '))"
-echo "MLflow UI (while the demo runs): $SAN_MLFLOW_URI — experiment san/$EXPERIMENT, the study's parent run (tag"
-echo "san.study_id=$STUDY) with its children nested. To browse it later: $BIN/mlflow server --backend-store-uri sqlite:///$STORAGE/mlflow.db --port $MLFLOW_PORT"
+echo "MLflow UI (while the demo runs): $SAN_MLFLOW_URI/$RUNS — experiment $EXPERIMENT, the study's parent run"
+echo "(tag san.study_id=$STUDY) with its children nested. To browse it later:"
+echo "  $BIN/mlflow server --backend-store-uri sqlite:///$STORAGE/mlflow.db --port $MLFLOW_PORT  → http://127.0.0.1:$MLFLOW_PORT/$RUNS"

@@ -41,7 +41,8 @@ def test_make_demo_prints_table_iv_beside_the_papers_figures_and_stops_what_it_s
     study = re.search(r"tables and figures: (\S+)/", out)[1]
     figures = sorted(p.name for p in (Path(study) / "figures").glob("*.png"))
     assert figures == ["epoch_seconds.png", "fig4_scale_space.png", "fig8_masks.png", "val_top1.png"]
-    assert "MLflow UI (while the demo runs): http://127.0.0.1:" in out
+    link = r"MLflow UI \(while the demo runs\): http://127.0.0.1:\d+/#/experiments/\d+\?workflowType=machine_learning"
+    assert re.search(link, out), out[-1000:]
     left = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in before
             and any(word in " ".join(p.info["cmdline"] or []) for word in ("ray", "mlflow", "san serve"))]  # fmt: skip
     assert not left, [" ".join(p.info["cmdline"]) for p in left]
