@@ -43,6 +43,14 @@ def test_make_demo_prints_table_iv_beside_the_papers_figures_and_stops_what_it_s
     assert figures == ["epoch_seconds.png", "fig4_scale_space.png", "fig8_masks.png", "val_top1.png"]
     link = r"MLflow UI \(while the demo runs\): http://127.0.0.1:\d+/#/experiments/\d+\?workflowType=machine_learning"
     assert re.search(link, out), out[-1000:]
-    left = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in before
-            and any(word in " ".join(p.info["cmdline"] or []) for word in ("ray", "mlflow", "san serve"))]  # fmt: skip
-    assert not left, [" ".join(p.info["cmdline"]) for p in left]
+    left = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in before and started_here(p, env)]
+    assert not left, [" ".join(p.info["cmdline"] or []) for p in left]
+
+
+def started_here(process: psutil.Process, env: dict[str, str]) -> bool:
+    """Whether ``process`` belongs to the demo: it (and every Ray process its head spawned) inherited its storage
+    root. Other Ray clusters on the machine are not the demo's to stop."""
+    try:
+        return process.environ().get("SAN_STORAGE_ROOT") == env["SAN_STORAGE_ROOT"]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
