@@ -36,8 +36,8 @@ test: lint pytest
 
 # Where the demo study's catalog name resolves (SAN_DATA_ROOT defaults to ./data).
 DEMO_DATA := $(or $(SAN_DATA_ROOT),data)/fashion-mnist
-# The demo's budget: 1 seed and 8 epochs keep the whole demo under 15 minutes on a 2-core machine (12 min measured,
-# with the data already built); the full run is `SEEDS=3 EPOCHS=15 make demo`.
+# The demo's budget: 1 seed and 8 epochs keep the whole demo under 15 minutes on a 2-core machine (12 min measured);
+# the full run is `SEEDS=3 EPOCHS=15 make demo`.
 SEEDS ?= 1
 EPOCHS ?= 8
 
