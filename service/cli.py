@@ -154,10 +154,9 @@ def _study_run(args: argparse.Namespace) -> int:
 
 def _study_line(study: dict) -> str:
     cells, jobs = study["cells"], study["jobs"]
-    line = f"{study['id']}  {study['name']}  {study['status']}  cells: " + \
+    return f"{study['id']}  {study['name']}  {study['status']}  cells: " + \
         ", ".join(f"{n} {state}" for state, n in cells.items() if n) + \
         f"  (children: {', '.join(f'{n} {s}' for s, n in jobs.items())})"  # fmt: skip
-    return line
 
 
 def _study_submit(args: argparse.Namespace) -> int:

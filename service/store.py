@@ -7,7 +7,7 @@ import json
 import threading
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Row, make_url
+from sqlalchemy.engine import Connection, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -190,6 +190,14 @@ class IdempotencyConflict(ValueError):
     """The same Idempotency-Key was used before with a different spec."""
 
 
+def same_spec(kind: str, found, spec: dict[str, Any]):
+    """``found`` (a job or study an Idempotency-Key made before) when it was made with ``spec``; else the conflict."""
+    if json.dumps(found.spec, sort_keys=True) != json.dumps(spec, sort_keys=True):
+        raise IdempotencyConflict(f"Idempotency-Key {found.idempotency_key!r} was used for {kind} {found.id} "
+                                  "with a different spec")  # fmt: skip
+    return found
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         kwargs: dict[str, Any] = {}
@@ -238,20 +246,24 @@ class JobStore:
 
     def add(self, jobs: Sequence[Job]) -> None:
         """New queued jobs (from `new_job`), in this order, in one transaction."""
+        with self._writing(), self.engine.begin() as connection:
+            self.insert(connection, jobs)
+
+    @staticmethod
+    def insert(connection: Connection, jobs: Sequence[Job]) -> None:
+        """New queued jobs and their first event, inside the caller's transaction (the hot path: Core, statements
+        built once)."""
+        if not jobs:  # an empty parameter list would insert one row of defaults
+            return
         rows = [{"id": job.id, "principal": job.principal, "status": "queued", "spec": job.spec,
                  "idempotency_key": job.idempotency_key, "cancel_requested": False, "created_at": job.created_at,
                  "updated_at": job.created_at} for job in jobs]  # fmt: skip
-        events = [{"job_id": job.id, "status": "queued", "at": job.created_at} for job in jobs]
-        with self._writing(), self.engine.begin() as connection:  # the hot path: Core, statements built once
-            connection.execute(INSERT_JOB, rows)
-            connection.execute(INSERT_EVENT, events)
+        connection.execute(INSERT_JOB, rows)
+        connection.execute(INSERT_EVENT, [{"job_id": job.id, "status": "queued", "at": job.created_at} for job in jobs])
 
     @staticmethod
     def _same_spec(job: Job, spec: dict[str, Any]) -> Job:
-        if json.dumps(job.spec, sort_keys=True) != json.dumps(spec, sort_keys=True):
-            raise IdempotencyConflict(f"Idempotency-Key {job.idempotency_key!r} was used for job {job.id} "
-                                      "with a different spec")  # fmt: skip
-        return job
+        return same_spec("job", job, spec)
 
     def _by_key(self, principal: str, key: str) -> Job | None:
         with self.session() as session:
@@ -336,22 +348,17 @@ class StudyStore:
                mlflow_run_id: str, children: Sequence[tuple[str, int, dict[str, Any]]]) -> Study:  # fmt: skip
         """``children``: (cell, seed, job spec) in queue order. Raises IntegrityError when the key was taken."""
         moment = now()
+        study = Study(study_id, principal, "running", spec, idempotency_key or None, mlflow_run_id, False, None,
+                      moment, moment)  # fmt: skip
         jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
-        with self.jobs._writing(), self.jobs.session.begin() as session:
-            row = StudyRow(id=study_id, principal=principal, status="running", spec=spec,
-                           idempotency_key=idempotency_key or None, mlflow_run_id=mlflow_run_id,
-                           cancel_requested=False, created_at=moment, updated_at=moment)  # fmt: skip
-            session.add(row)
-            session.flush()
-            for job in jobs:
-                session.add(JobRow(id=job.id, principal=principal, status="queued", spec=job.spec,
-                                   cancel_requested=False, created_at=job.created_at,
-                                   updated_at=job.created_at))  # fmt: skip
-            session.flush()
-            session.add_all(JobEvent(job_id=job.id, status="queued", at=job.created_at) for job in jobs)
-            session.add_all(StudyJobRow(job_id=job.id, study_id=study_id, cell=cell, seed=seed)
-                            for job, (cell, seed, _) in zip(jobs, children, strict=True))  # fmt: skip
-            return _study(row)
+        links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
+                 for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
+        with self.jobs._writing(), self.jobs.engine.begin() as connection:
+            connection.execute(insert(StudyRow), [asdict(study)])
+            JobStore.insert(connection, jobs)
+            if links:
+                connection.execute(insert(StudyJobRow), links)
+        return study
 
     def get(self, study_id: str, principal: str | None = None) -> Study | None:
         with self.jobs.session() as session:

@@ -20,18 +20,19 @@ from training.tracking import finish_study_run
 log = logging.getLogger("san.service")
 
 
-def admit_study(study: StudySpec, settings: ServiceSettings, cluster: ClusterSize) -> StudySpec:
-    """``study`` with the MLflow URI its runs will log to, after every cell passed `expand` and every child the
-    job admission rules; `StudyError` naming the axis (or the base field) otherwise."""
+def admit_study(study: StudySpec, settings: ServiceSettings, cluster: ClusterSize) -> Expansion:
+    """The expansion of ``study`` with the MLflow URI its runs will log to, once every cell passed `expand` and
+    every child the job admission rules; `StudyError` naming the axis (or the base field) otherwise."""
+    uri = study.base.tracking.mlflow_uri or settings.default_mlflow_uri
+    tracking = study.base.tracking.model_copy(update={"mlflow_uri": uri})
+    study = study.model_copy(update={"base": study.base.model_copy(update={"tracking": tracking})})
     expansion = expand(study, settings.max_study_cells)
     for child in expansion.children:
         try:
             admit(child.spec, settings, cluster)
         except Rejected as error:
             raise StudyError(axis_of(study, error.loc), error.message) from None
-    uri = study.base.tracking.mlflow_uri or settings.default_mlflow_uri
-    tracking = study.base.tracking.model_copy(update={"mlflow_uri": uri})
-    return study.model_copy(update={"base": study.base.model_copy(update={"tracking": tracking})})
+    return expansion
 
 
 def expansion_of(study: Study) -> Expansion:

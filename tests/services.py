@@ -4,7 +4,6 @@ server and a PostgreSQL cluster — each started on a free port and stopped by P
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,14 @@ from pathlib import Path
 import httpx
 
 from service.auth import hash_token
+from service.ray_jobs import free_ports
 
 BIN = Path(sys.executable).parent
 TOKENS = {"alice": "alice-token", "bob": "bob-token"}
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until(probe, timeout_s: float, what: str, interval_s: float = 0.3):

@@ -218,8 +218,8 @@ class JobSpec(Section):
             if isinstance(value, dict) and value and prefix.count(".") < 1:
                 for key, inner in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, inner)
-            elif prefix.split(".")[0] not in UNRECORDED_SECTIONS:
+            else:
                 flat[prefix] = json.dumps(value) if isinstance(value, dict | list) else str(value)
 
-        walk("", self.model_dump(mode="json"))
+        walk("", self.model_dump(mode="json", exclude=set(UNRECORDED_SECTIONS)))
         return flat

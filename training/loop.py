@@ -176,6 +176,7 @@ def train_worker(config: dict) -> None:
         trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size)
         last = epoch == spec.training.epochs - 1
         validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0)
+        sample = validated["sample"]
         metrics = {
             "epoch": epoch,
             "train/loss": trained["loss"],
@@ -200,7 +201,6 @@ def train_worker(config: dict) -> None:
                          "spec": spec.model_dump(mode="json")}  # fmt: skip
                 torch.save(state, Path(directory) / CHECKPOINT_FILE)
                 saved = ray.train.Checkpoint.from_directory(directory)
-            sample = validated["sample"]
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
             if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
                 log.info(progress_line(metrics, spec.training.epochs))

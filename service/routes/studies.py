@@ -2,7 +2,6 @@
 queue; the table is read from their MLflow runs. Another principal's study is a 404."""
 
 import contextlib
-import json
 import logging
 import uuid
 from datetime import datetime
@@ -18,10 +17,10 @@ from sqlalchemy.exc import IntegrityError
 from service.auth import Principal
 from service.ray_jobs import RayUnavailable
 from service.routes.jobs import reconciled
-from service.store import TERMINAL, Study
+from service.store import TERMINAL, IdempotencyConflict, Study, same_spec
 from service.studies import admit_study, expansion_of, progress, table_of
 from training.report import FORMATS
-from training.study import StudyError, StudySpec, expand
+from training.study import StudyError, StudySpec, child_spec
 from training.tracking import create_study_run
 
 log = logging.getLogger("san.service")
@@ -99,9 +98,10 @@ def submit_study(
     a 409."""
     state = request.app.state
     try:
-        admitted = admit_study(study, state.settings, state.cluster)
+        expansion = admit_study(study, state.settings, state.cluster)
     except StudyError as error:
         raise HTTPException(422, detail=error.detail()) from None
+    admitted = expansion.study
     spec = admitted.model_dump(mode="json")
     if idempotency_key:
         existing = state.studies.by_key(principal, idempotency_key)
@@ -114,8 +114,9 @@ def submit_study(
                                   admitted.model_dump_json(indent=2))  # fmt: skip
     except Exception as error:
         raise HTTPException(503, detail=f"cannot reach MLflow to record the study: {error}") from None
-    expansion = expand(admitted, state.settings.max_study_cells, study_id, parent)
-    children = [(child.cell, child.seed, child.spec.model_dump(mode="json")) for child in expansion.children]
+    children = [(child.cell, child.seed,
+                 child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
+                for child in expansion.children]  # fmt: skip
     try:
         stored = state.studies.create(principal, study_id, spec, idempotency_key, parent, children)
     except Exception as error:
@@ -131,9 +132,10 @@ def submit_study(
 
 
 def _same(request: Request, existing: Study, spec: dict[str, Any], response: Response) -> StudyView:
-    if json.dumps(existing.spec, sort_keys=True) != json.dumps(spec, sort_keys=True):
-        raise HTTPException(409, detail=f"Idempotency-Key {existing.idempotency_key!r} was used for study "
-                                        f"{existing.id} with a different spec")  # fmt: skip
+    try:
+        same_spec("study", existing, spec)
+    except IdempotencyConflict as error:
+        raise HTTPException(409, detail=str(error)) from None
     response.status_code = 200
     response.headers["Location"] = f"/v1/studies/{existing.id}"
     return view(request, existing)
