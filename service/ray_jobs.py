@@ -165,11 +165,11 @@ class LocalRayHead:
         command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--disable-usage-stats",
                    f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"]  # fmt: skip
-        # Ray's per-node agents default to fixed ports (52365, …): a second cluster on this machine (a `san train`
-        # run's, a test's) would find them taken and its job submissions hang. Free ports, asked of the OS, instead.
-        agents = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                  "metrics-export-port")  # fmt: skip
-        command += [f"--{flag}={port}" for flag, port in zip(agents, free_ports(len(agents)), strict=True)]
+        # The dashboard agent's HTTP port is fixed by default (52365): a second cluster on this machine (a `san train`
+        # run's, a test's) finds it taken and its job submissions hang. A free port, asked of the OS, instead. Only
+        # that one: Ray picks the other agents' ports itself, and each port picked here can be taken before Ray binds
+        # it (a runtime-env agent given one that was lost that race, and the head died).
+        command.append(f"--dashboard-agent-listen-port={free_ports(1)[0]}")
         if self.num_cpus:
             command.append(f"--num-cpus={self.num_cpus}")
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head outlives this call
