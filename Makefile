@@ -3,10 +3,13 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist postgresql
+# One list of what gets installed, read here, by both Dockerfiles and by CI: deploy/apt-packages.txt (Debian) and
+# deploy/requirements.lock (the exact Python versions tested together, applied as pip constraints).
+APT_PACKAGES := $(shell deploy/packages.sh build data stack)
+LOCK := deploy/requirements.lock
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv test lint pytest demo bench clean
+.PHONY: setup apt venv test lint pytest demo bench clean lock stack-up stack-down stack-status image
 
 setup: apt $(VENV)/.installed
 
@@ -18,12 +21,18 @@ apt:
 	fi
 
 # torch goes in first and alone so pip takes the CPU build that lies on disk, never a CUDA one.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c $(LOCK) torch
+	$(PIP) install -q -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# Rewrite the lock from the working venv (after changing pyproject.toml and installing): exact versions, torch
+# without its local build label so the CUDA image resolves the same version from its own index.
+lock:
+	{ echo "# Made by \`make lock\` from a working venv; installed with pip -c (see the Makefile). Do not edit."; \
+	  $(PIP) freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 
 lint: setup
 	$(VENV)/bin/ruff check san training service bench tests
@@ -50,6 +59,21 @@ demo: setup
 	[ -f $(DEMO_DATA)/val.beton ] || $(VENV)/bin/san data build fashion-mnist --out $(DEMO_DATA)
 	$(VENV)/bin/san data info $(DEMO_DATA)/train.beton
 	deploy/study-demo.sh configs/studies/table4-fmnist.yaml --seeds $(SEEDS) --epochs $(EPOCHS)
+
+# The deployed topology as processes here: Ray head + a second Ray node (1 CPU each), PostgreSQL, an mlflow server
+# serving its artifacts, the API. `stack-down` stops exactly what `stack-up` started (by PID, never `ray stop`).
+STACK_DIR ?= runs/stack
+stack-up: setup
+	$(VENV)/bin/san stack --dir $(STACK_DIR) up
+stack-down:
+	$(VENV)/bin/san stack --dir $(STACK_DIR) down
+stack-status:
+	$(VENV)/bin/san stack --dir $(STACK_DIR) status
+
+# The CPU image, built with buildah from a debootstrapped Debian base (no registry, no Docker engine), then checked
+# inside with `buildah run`: `san --version`, the imports, a 1-epoch job on a Fashion-MNIST slice.
+image:
+	deploy/build-image.sh
 
 bench: setup
 	$(PY) bench/attention_overhead.py

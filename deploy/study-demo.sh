@@ -25,7 +25,8 @@ for port in "$PORT" "$MLFLOW_PORT"; do
 done
 
 # Each in its own process group, so stopping it stops its workers too (and nothing else).
-setsid "$BIN/mlflow" server --backend-store-uri "sqlite:///$STORAGE/mlflow.db" --host 127.0.0.1 \
+setsid "$BIN/mlflow" server --backend-store-uri "sqlite:///$STORAGE/mlflow.db" --artifacts-destination "$STORAGE/mlartifacts" \
+  --host 127.0.0.1 \
   --port "$MLFLOW_PORT" --workers 1 >"$LOGS/mlflow.log" 2>&1 &
 MLFLOW=$!
 setsid "$BIN/san" serve --port "$PORT" >"$LOGS/serve.log" 2>&1 &
@@ -59,4 +60,4 @@ echo
 echo "tables and figures: $STORAGE/studies/$STUDY/  ($(ls "$STORAGE/studies/$STUDY/figures" 2>/dev/null | tr '\n' ' '))"
 echo "MLflow UI (while the demo runs): $SAN_MLFLOW_URI/$RUNS — experiment $EXPERIMENT, the study's parent run"
 echo "(tag san.study_id=$STUDY) with its children nested. To browse it later:"
-echo "  $BIN/mlflow server --backend-store-uri sqlite:///$STORAGE/mlflow.db --port $MLFLOW_PORT  → http://127.0.0.1:$MLFLOW_PORT/$RUNS"
+echo "  $BIN/mlflow server --backend-store-uri sqlite:///$STORAGE/mlflow.db --artifacts-destination $STORAGE/mlartifacts --port $MLFLOW_PORT  → http://127.0.0.1:$MLFLOW_PORT/$RUNS"

@@ -6,6 +6,7 @@
     san jobs hash-token TOKEN        # the value to put in SAN_TOKENS
     san study run SPEC [--seeds N] [--epochs N]      # on the local Ray, children one after another
     san study submit SPEC [--seeds N] [--epochs N] [--wait] | list | show ID | table ID [--format md] | cancel ID
+    san stack up [--dir runs/stack] [--api-port 8000] [--mlflow-port 5000] [--dashboard-port 8265] | down | status
 The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN``.
 """
 
@@ -230,6 +231,38 @@ def _hash_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stack(args: argparse.Namespace) -> int:
+    from service.stack import LocalStack, StackError, StackState
+
+    stack = LocalStack(args.dir)
+    try:
+        if args.action == "up":
+            state = stack.up(args.api_port, args.mlflow_port, args.dashboard_port, args.timeout_s)
+            print(f"API        {state.api_url}  (token: {state.api_token})")
+            print(f"MLflow     {state.mlflow_url}  (PostgreSQL 127.0.0.1:{state.ports['postgres']}, artifacts served)")
+            head = f"127.0.0.1:{state.ports['ray']}"
+            print(f"Ray        {state.dashboard_url}  (head {head} + a second node, 1 CPU each)")
+            print(f"logs       {stack.dir / 'logs'}")
+            print(f"use it:    source {stack.dir / 'stack.env'}   then e.g. san jobs submit configs/lenet5-fmnist.yaml")
+            print("stop it:   make stack-down")
+        elif args.action == "down":
+            stopped = stack.down()
+            print(f"stopped: {', '.join(stopped)}" if stopped else f"no stack running from {stack.dir}")
+        else:
+            running = stack.status()
+            if running is None:
+                print(f"no stack in {stack.dir}")
+                return 1
+            state = StackState.load(stack.dir)
+            print(f"API {state.api_url}, MLflow {state.mlflow_url}, Ray {state.dashboard_url}")
+            print("  ".join(f"{name}: {'up' if up else 'DOWN'}" for name, up in running.items()))
+            return 0 if all(running.values()) else 1
+    except StackError as error:
+        print(f"san stack {args.action}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def register(commands) -> None:
     """Add ``san serve`` and ``san jobs`` to the ``san`` command line (entry point ``san.cli``)."""
     from service.store import STATES
@@ -300,3 +333,15 @@ def register(commands) -> None:
     table.add_argument("id")
     table.add_argument("--format", choices=["md", "csv", "json"], default="md")
     table.set_defaults(handler=_study_table)
+
+    stack = commands.add_parser("stack", help="the deployed topology as local processes (Ray head + node, "
+                                "PostgreSQL, mlflow server, API)")  # fmt: skip
+    stack.add_argument("--dir", default="runs/stack", help="its storage root, MLflow artifacts, database and logs")
+    verbs = stack.add_subparsers(dest="action", required=True, parser_class=type(stack))
+    up = verbs.add_parser("up", help="start it and wait until the API is ready")
+    for name, default in (("api", 8000), ("mlflow", 5000), ("dashboard", 8265)):
+        up.add_argument(f"--{name}-port", type=int, default=default, help=f"default {default}; 0: any free port")
+    up.add_argument("--timeout-s", type=float, default=180)
+    for name, text in (("down", "stop exactly what `up` started, by PID"), ("status", "which parts are running")):
+        verbs.add_parser(name, help=text)
+    stack.set_defaults(handler=_stack)

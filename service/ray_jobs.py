@@ -151,8 +151,8 @@ class LocalRayHead:
     """``ray start --head --block`` with the dashboard, in its own process group, so stopping it ends exactly the
     processes it started. Its temp dir is short and private: Ray's socket paths have a length limit."""
 
-    def __init__(self, port: int, dashboard_port: int, num_cpus: int | None) -> None:
-        self.port, self.dashboard_port, self.num_cpus = port, dashboard_port, num_cpus
+    def __init__(self, port: int, dashboard_port: int, num_cpus: int | None, env: dict[str, str] | None = None) -> None:
+        self.port, self.dashboard_port, self.num_cpus, self.env = port, dashboard_port, num_cpus, env
         self.process: subprocess.Popen | None = None
         self.temp_dir = tempfile.mkdtemp(prefix="san-ray-")
 
@@ -173,7 +173,8 @@ class LocalRayHead:
         if self.num_cpus:
             command.append(f"--num-cpus={self.num_cpus}")
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head outlives this call
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

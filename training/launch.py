@@ -79,7 +79,13 @@ def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, ml
             name=job_id,
             storage_path=str(root / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+            # A worker group that cannot start (a node lost and no capacity left for its workers) is a controller
+            # failure, which Ray retries forever by default: counted like a worker failure instead, the job ends
+            # with Ray's "startup timed out … waiting for N workers" rather than waiting for capacity that may never
+            # come (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default, is each attempt's patience).
+            failure_config=FailureConfig(
+                max_failures=spec.checkpoint.max_failures, controller_failure_limit=spec.checkpoint.max_failures
+            ),
             worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
     )

@@ -38,11 +38,15 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def ensure_experiment(client: MlflowClient, name: str, storage_root: Path) -> str:
-    """The experiment's id, created with an explicit artifact location (so every process agrees on paths) and
-    tagged as model development, or tagged so if it was created without."""
+    """The experiment's id, created and tagged as model development, or tagged so if it was created without.
+
+    On a local store (SQLite, files) the artifact location is explicit, under the storage root, so every process
+    agrees on paths; a tracking server chooses its own (with ``--serve-artifacts``, its artifact store proxied
+    through it, so workers need no storage credentials)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        artifacts = (Path(storage_root).resolve() / "mlartifacts").as_uri()
+        served = client.tracking_uri.startswith(("http://", "https://"))
+        artifacts = None if served else (Path(storage_root).resolve() / "mlartifacts").as_uri()
         return client.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
