@@ -14,6 +14,7 @@ import httpx
 
 from service.auth import hash_token
 from service.ray_jobs import free_ports
+from service.stack import PostgresCluster
 
 BIN = Path(sys.executable).parent
 TOKENS = {"alice": "alice-token", "bob": "bob-token"}
@@ -92,34 +93,18 @@ def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def postgres_bin() -> Path:
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not versions:
-        raise RuntimeError("PostgreSQL is not installed (make setup installs the Debian package 'postgresql')")
-    return versions[-1].parent
-
-
 class Postgres:
-    """A throwaway cluster in a temp dir on a free port. PostgreSQL refuses to run as root, so as root it runs as
-    the 'postgres' user that the Debian package creates."""
+    """A throwaway cluster in a temp dir on a free port, with one database ``jobs``."""
 
     def __init__(self) -> None:
-        # Not under pytest's tmp dir: that is private to root, and the server runs as 'postgres'.
-        self.dir, self.port, self.bin = Path(tempfile.mkdtemp(prefix="san-pg-")), free_port(), postgres_bin()
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    def run(self, *command: str) -> None:
-        subprocess.run([*self.as_user, *command], check=True, capture_output=True, timeout=120)
+        # Not under pytest's tmp dir: that is private to root, and the server runs as 'postgres' under root.
+        self.dir = Path(tempfile.mkdtemp(prefix="san-pg-"))
+        self.cluster = PostgresCluster(self.dir, free_port())
 
     def start(self) -> str:
-        if self.as_user:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self.run(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "san", "--auth=trust", "-E", "UTF8")
-        self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
-                 f"-p {self.port} -k {self.dir} -h 127.0.0.1", "start")  # fmt: skip
-        self.run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", "jobs")
-        return f"postgresql+psycopg://san@127.0.0.1:{self.port}/jobs"
+        self.cluster.start()
+        return self.cluster.create_database("jobs")
 
     def stop(self) -> None:
-        self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+        self.cluster.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
