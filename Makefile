@@ -81,6 +81,7 @@ bench: setup
 	$(PY) bench/memory_format.py
 	$(PY) bench/ray_overhead.py
 	$(PY) bench/api_latency.py
+	$(PY) bench/api_latency.py --database postgresql
 
 clean:
 	rm -rf $(VENV) build *.egg-info

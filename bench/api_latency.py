@@ -1,8 +1,9 @@
 """Latency of the job service's two hot endpoints over real HTTP: ``POST /v1/jobs`` (jobs stay queued: limit 0,
 so this is validation + the durable insert) and ``GET /v1/jobs/{id}``, at 1, 10 and 50 concurrent clients
-against ``san serve`` (uvicorn, one process, SQLite). Target: POST p99 < 50 ms at 50 clients (met: see README).
+against ``san serve`` (uvicorn, one process, SQLite or PostgreSQL). Target: POST p99 < 50 ms at 50 clients (met:
+see README).
 
-    python bench/api_latency.py [--requests 400]
+    python bench/api_latency.py [--requests 400] [--database sqlite|postgresql]
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.services import TOKENS, Service, free_port  # the tests' real-process helper
+from tests.services import TOKENS, Postgres, Service, free_port  # the tests' real-process helpers
 
 SPEC = {"model": {"name": "lenet5", "attention": "san-c"}, "training": {"epochs": 2, "batch_size": 32},
         "lr": {"peak_epoch": 1}}  # fmt: skip
@@ -57,9 +58,14 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=400, help="per endpoint and concurrency level")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                        help="the job store: a SQLite file, or a PostgreSQL cluster on this machine (TCP)")  # fmt: skip
     args = parser.parse_args()
+    postgres = Postgres() if args.database == "postgresql" else None
     with tempfile.TemporaryDirectory() as temp:
-        service = Service(Path(temp), max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}").start()
+        settings = {"database_url": postgres.start()} if postgres else {}
+        service = Service(Path(temp), max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", **settings)
+        service.start()
         try:
             with service.client() as client:
                 job_id = client.post("/v1/jobs", json=SPEC).json()["id"]
@@ -71,7 +77,10 @@ def main() -> None:
                     rows.append((method, clients, percentile(latencies, 50), percentile(latencies, 99)))
         finally:
             service.stop()
-    print(f"\nsan serve (uvicorn, 1 process, SQLite), {args.requests} requests per row, client on the same 2 cores\n")
+            if postgres:
+                postgres.stop()
+    store = "PostgreSQL on this machine" if postgres else "SQLite"
+    print(f"\nsan serve (uvicorn, 1 process, {store}), {args.requests} requests per row, client on the same 2 cores\n")
     print("| request | clients | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|")
     for method, clients, p50, p99 in rows:

@@ -5,9 +5,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from san import __version__
@@ -63,6 +66,33 @@ class BodyTooLarge(Exception):
     pass
 
 
+ECHOED_CHARS = 200  # of a string input, in a 422's body
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON can always write it: NaN and ±inf as their names, long strings and huge integers cut, an
+    exception as its message, anything else JSON lacks as its ``str``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= 256 else f"<{value.bit_length()}-bit integer>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= ECHOED_CHARS else f"{value[:ECHOED_CHARS]}… ({len(value)} characters)"
+    if isinstance(value, dict):
+        return {str(json_safe(key)): json_safe(inner) for key, inner in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(inner) for inner in value]
+    return str(value)
+
+
+async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 with pydantic's errors, each made JSON-safe: its own handler echoes the input as it was
+    parsed, and a NaN or an infinity there (Python's JSON parser reads them) made the 422 itself a 500."""
+    return JSONResponse({"detail": json_safe(list(error.errors()))}, status_code=422)
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     principals = principals_by_hash(settings.tokens)
@@ -77,12 +107,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             address = head.address
             log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)
         token = auth_token(settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None)
-        env = {DATA_ROOT_ENV: str(settings.data_root), STORAGE_ROOT_ENV: str(settings.storage_root)}
+        env = {DATA_ROOT_ENV: str(settings.data_root), STORAGE_ROOT_ENV: str(settings.storage_root),
+               # Ray Jobs' stop_job sends SIGTERM, then SIGKILL after this wait (3 s by default): long enough for the
+               # driver to have the workers checkpoint at a step boundary and end the MLflow run KILLED.
+               "RAY_JOB_STOP_WAIT_TIME_S": f"{settings.job_stop_wait_s:g}"}  # fmt: skip
         ray = RayJobs(address, token, settings.python, env)
         store = JobStore(settings.database)
-        dispatcher = Dispatcher(store, ray, settings.jobs_dir(), settings.max_submitted)
+        dispatcher = Dispatcher(store, ray, settings.jobs_dir(), settings.max_submitted, settings.max_interruptions)
         app.state.settings, app.state.store, app.state.ray, app.state.dispatcher = settings, store, ray, dispatcher
-        app.state.principals, app.state.runs, app.state.cluster = principals, RunReader(), ClusterSize(ray)
+        runs = RunReader(settings.mlflow_uris.values())  # never a URI a request named
+        app.state.principals, app.state.runs, app.state.cluster = principals, runs, ClusterSize(ray)
         app.state.new_jobs = GroupCommit(store)
         app.state.studies = StudyStore(store)
         finisher = StudyFinisher(app.state.studies, settings)
@@ -107,6 +141,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="SAN training service", version=__version__, lifespan=lifespan,
                   description="Submit and follow Scale-Space Attention Network training jobs on Ray.")  # fmt: skip
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     for router in (jobs.router, studies.router, catalog.router, health.router):
         app.include_router(router)
     return app

@@ -43,3 +43,12 @@ async def principal(
 
 
 Principal = Annotated[str, Depends(principal)]
+
+
+def known_principal(request: Request) -> str | None:
+    """The principal of the request's bearer token when it is a known one, else None (no 401: for open routes that
+    say more to a known caller)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return request.app.state.principals.get(hash_token(token.strip()))

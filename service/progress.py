@@ -2,6 +2,7 @@
 done, the latest metrics and the per-epoch history."""
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -12,10 +13,16 @@ log = logging.getLogger("san.service")
 
 
 class RunReader:
-    def __init__(self) -> None:
+    """Reads only from the MLflow URIs it was given (the service's configured ones): a stored spec naming another
+    — a job admitted before the allow-list, a hand-edited row — gets a ValueError, and the view goes without it."""
+
+    def __init__(self, allowed: Collection[str]) -> None:
+        self.allowed = frozenset(allowed)
         self._clients: dict[str, MlflowClient] = {}
 
     def client(self, uri: str) -> MlflowClient:
+        if uri not in self.allowed:
+            raise ValueError("not an MLflow URI this service reads")
         if uri not in self._clients:
             self._clients[uri] = MlflowClient(uri)
         return self._clients[uri]

@@ -10,8 +10,8 @@ import logging
 import threading
 from pathlib import Path
 
-from service.ray_jobs import RayJobs, RayUnavailable
-from service.store import ACTIVE, Job, JobStore
+from service.ray_jobs import RayJobs, RayRefused, RayUnavailable
+from service.store import ACTIVE, WAITING, Job, JobStore
 from training.data.manifest import write_atomically
 
 log = logging.getLogger("san.service")
@@ -19,8 +19,10 @@ KICK_GAP_S = 0.05
 
 
 class Dispatcher:
-    def __init__(self, store: JobStore, ray: RayJobs, jobs_dir: Path, max_submitted: int) -> None:
+    def __init__(self, store: JobStore, ray: RayJobs, jobs_dir: Path, max_submitted: int,
+                 max_interruptions: int = 3) -> None:  # fmt: skip
         self.store, self.ray, self.jobs_dir, self.max_submitted = store, ray, jobs_dir, max_submitted
+        self.max_interruptions = max_interruptions
         self._lock = threading.Lock()
         self._kick = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -38,24 +40,55 @@ class Dispatcher:
                 log.warning("queue: %s; retrying in the next tick", error)
 
     def reconcile(self, job: Job) -> None:
-        """Bring one active job's state in line with Ray's."""
+        """Bring one active job's state in line with Ray's (the caller holds the lock)."""
         info = self.ray.info(job.id)
         if info is None:
-            if job.status == "submitted":  # claimed, then the process stopped before Ray got it: submit again
+            ran = (running := job.at("running")) is not None and running > job.at("submitted")
+            if job.status == "submitted" and not ran:
+                # claimed, then the process stopped before Ray got it (or Ray lost it before it ran): submit again
                 self.submit(job)
-            else:
-                self.store.transition(job.id, "failed", error="Ray has no record of this job (cluster restarted?)")
+            else:  # Ray answered without it: the cluster that ran it is gone (a head restarted empty)
+                self.interrupt(job)
         elif info.state != job.status:
-            self.store.transition(job.id, info.state, error=info.message if info.state == "failed" else None)
+            self.store.transition(job.id, info.state, only_from=(job.status,),
+                                  error=info.message if info.state == "failed" else None)  # fmt: skip
+
+    def reconcile_now(self, job: Job) -> Job:
+        """The read path's reconcile: only when no tick is at work (a tick between its claim and Ray's answer
+        must not see its job reconciled, and submitted, twice), and never a submit — that is the tick's."""
+        if not self._lock.acquire(blocking=False):
+            return job
+        try:
+            current = self.store.get(job.id)
+            if current is None or current.status not in ACTIVE:
+                return current or job
+            info = self.ray.info(current.id)
+            if info is not None and info.state != current.status:
+                self.store.transition(current.id, info.state, only_from=(current.status,),
+                                      error=info.message if info.state == "failed" else None)  # fmt: skip
+            return self.store.get(job.id) or current
+        finally:
+            self._lock.release()
+
+    def interrupt(self, job: Job) -> None:
+        """A job its cluster lost goes back to Ray ahead of the queue — up to ``max_interruptions`` times, then
+        it fails saying so; each time the training resumes from its last checkpoint into the same MLflow run."""
+        times = sum(1 for state, _ in job.transitions if state == "interrupted")
+        if times >= self.max_interruptions:
+            self.store.transition(job.id, "failed", only_from=(job.status,), error=f"the Ray cluster lost this job "
+                                  f"{times + 1} times (SAN_MAX_INTERRUPTIONS={self.max_interruptions})")  # fmt: skip
+        else:
+            self.store.transition(job.id, "interrupted", only_from=(job.status,),
+                                  error="the Ray cluster lost it; it resumes from its last checkpoint")  # fmt: skip
 
     def fill(self) -> None:
         room = self.max_submitted - self.store.count(ACTIVE)
         if room <= 0:
             return
-        for job in self.store.in_states(("queued",), limit=room):
+        for job in self.store.in_states(WAITING, limit=room):
             if job.cancel_requested:  # a cancel is under way: it must not reach Ray
                 continue
-            if self.store.transition(job.id, "submitted", only_from=("queued",)):  # claimed: no other dispatcher
+            if self.store.transition(job.id, "submitted", only_from=(job.status,)):  # claimed: no other dispatcher
                 self.submit(job)
 
     def submit(self, job: Job) -> None:
@@ -64,17 +97,19 @@ class Dispatcher:
         try:
             self.ray.submit(job.id, path)
         except RayUnavailable:
-            self.store.transition(job.id, "queued")  # back in line; the next tick tries again
+            # back in line (and to the state it was claimed from); the next tick tries again
+            self.store.transition(job.id, "interrupted" if job.status == "interrupted" else "queued",
+                                  only_from=("submitted",))  # fmt: skip
             raise
-        except Exception as error:  # Ray refused the job itself: it will never run
-            self.store.transition(job.id, "failed", error=f"Ray refused the submission: {error}")
+        except RayRefused as error:  # Ray refused the job itself: it will never run
+            self.store.transition(job.id, "failed", only_from=("submitted",), error=f"Ray refused it: {error}")
 
     def cancel(self, job: Job) -> None:
-        """A queued job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
+        """A waiting job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
         cancelled (reconciliation agrees once Ray reports it stopped)."""
         self.store.update(job.id, cancel_requested=True)
-        # Only from queued: a job read as queued may have been submitted since, and must then be stopped on Ray.
-        if self.store.transition(job.id, "cancelled", only_from=("queued",)):
+        # Only from waiting states: a job read as queued may have been submitted since, and must then be stopped.
+        if self.store.transition(job.id, "cancelled", only_from=WAITING):
             return
         with self._lock:  # not while a tick is submitting it
             current = self.store.get(job.id)

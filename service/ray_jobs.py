@@ -15,19 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from ray.job_submission import JobStatus, JobSubmissionClient
 
 RAY_STATES = {  # Ray's job status → the service's state
-    JobStatus.PENDING: "submitted",
-    JobStatus.RUNNING: "running",
-    JobStatus.SUCCEEDED: "succeeded",
-    JobStatus.FAILED: "failed",
-    JobStatus.STOPPED: "cancelled",
+    "PENDING": "submitted",
+    "RUNNING": "running",
+    "SUCCEEDED": "succeeded",
+    "FAILED": "failed",
+    "STOPPED": "cancelled",
 }
 
 
 class RayUnavailable(RuntimeError):
     """The cluster did not answer (not a rejection of the job)."""
+
+
+class RayRefused(RuntimeError):
+    """The cluster answered and refused the request (HTTP 4xx): retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -47,70 +50,71 @@ def auth_token(configured: str | None) -> str | None:
 
 
 class RayJobs:
+    """The Ray Jobs REST API of a head's dashboard, over plain HTTP: each answer is told apart by its status code
+    (200, 404 no such job, other 4xx a refusal, 5xx or no answer: unavailable), never by its text; and the API
+    process imports no Ray for it."""
+
     def __init__(self, address: str, token: str | None, python: str, env_vars: dict[str, str]) -> None:
         self.address = address.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.python, self.env_vars = python, env_vars
-        self._client: JobSubmissionClient | None = None
-        self.http = httpx.Client(base_url=self.address, headers=self.headers, timeout=5)  # reused: no setup per call
+        self.http = httpx.Client(base_url=self.address, headers=self.headers, timeout=10)  # reused: no setup per call
 
     def close(self) -> None:
         self.http.close()
 
-    @property
-    def client(self) -> JobSubmissionClient:
-        if self._client is None:
-            try:
-                self._client = JobSubmissionClient(self.address, headers=self.headers)
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                raise RayUnavailable(f"Ray at {self.address}: {error}") from None
-        return self._client
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response | None:
+        """The answer, or None for 404; `RayUnavailable` for no answer or a 5xx, `RayRefused` for another 4xx."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise RayUnavailable(f"Ray at {self.address}: {error}") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 500:
+            raise RayUnavailable(f"Ray at {self.address}: HTTP {response.status_code} on {method} {path}")
+        if response.status_code >= 400:
+            first = response.text.strip().splitlines()[-1:] or [""]
+            raise RayRefused(f"HTTP {response.status_code} on {method} {path}: {first[0][:500]}")
+        return response
 
     def entrypoint(self, spec_path: Path, job_id: str) -> str:
         return shlex.join([self.python, "-m", "training.run", str(spec_path), "--job-id", job_id])
 
     def submit(self, job_id: str, spec_path: Path) -> None:
         """Submit once: a submission id Ray already holds (a retry after a crash) counts as submitted."""
+        body = {"entrypoint": self.entrypoint(spec_path, job_id), "submission_id": job_id,
+                "runtime_env": {"env_vars": self.env_vars}}  # fmt: skip
         try:
-            self.client.submit_job(entrypoint=self.entrypoint(spec_path, job_id), submission_id=job_id,
-                                   runtime_env={"env_vars": self.env_vars})  # fmt: skip
-        except RuntimeError as error:
-            if "already exists" in str(error):
-                return
-            raise self._unavailable_or(error) from None
+            self.request("POST", "/api/jobs/", json=body)
+        except (RayRefused, RayUnavailable):
+            # A submission id Ray already holds is answered with an error like any other (Ray 2.60: a 500 from its
+            # job agent); asked again by id, it is a job Ray knows.
+            with contextlib.suppress(RayUnavailable):
+                if self.info(job_id) is not None:
+                    return
+            raise
 
     def info(self, job_id: str) -> RayJobInfo | None:
         """The job's state as the service names it, or None when Ray has no such submission."""
-        try:
-            details = self.client.get_job_info(job_id)
-        except RuntimeError as error:
-            if "does not exist" in str(error):
-                return None
-            raise self._unavailable_or(error) from None
-        return RayJobInfo(RAY_STATES[details.status], details.message)
+        response = self.request("GET", f"/api/jobs/{job_id}")
+        if response is None:
+            return None
+        details = response.json()
+        return RayJobInfo(RAY_STATES[details["status"]], details.get("message"))
 
     def stop(self, job_id: str) -> None:
-        try:
-            self.client.stop_job(job_id)
-        except RuntimeError as error:
-            if "does not exist" not in str(error):
-                raise self._unavailable_or(error) from None
+        self.request("POST", f"/api/jobs/{job_id}/stop")
 
     def logs(self, job_id: str) -> str:
-        try:
-            return self.client.get_job_logs(job_id)
-        except RuntimeError as error:
-            if "does not exist" in str(error):
-                return ""
-            raise self._unavailable_or(error) from None
+        response = self.request("GET", f"/api/jobs/{job_id}/logs")
+        return "" if response is None else response.json().get("logs", "")
 
     def resources(self) -> dict[str, float]:
         """CPUs and GPUs of the cluster's live nodes (the dashboard's state API)."""
-        try:
-            response = self.http.get("/api/v0/nodes", params={"detail": 1})
-            response.raise_for_status()
-        except httpx.HTTPError as error:
-            raise RayUnavailable(f"Ray at {self.address}: {error}") from None
+        response = self.request("GET", "/api/v0/nodes", params={"detail": 1})
+        if response is None:
+            raise RayUnavailable(f"Ray at {self.address}: no state API")
         totals = {"CPU": 0.0, "GPU": 0.0}
         for node in response.json()["data"]["result"]["result"]:
             if node["state"] == "ALIVE":
@@ -120,19 +124,10 @@ class RayJobs:
 
     def ping(self) -> str:
         """The cluster's Ray version; raises RayUnavailable."""
-        try:
-            response = self.http.get("/api/version")
-            response.raise_for_status()
-        except httpx.HTTPError as error:
-            raise RayUnavailable(f"Ray at {self.address}: {error}") from None
+        response = self.request("GET", "/api/version")
+        if response is None:
+            raise RayUnavailable(f"Ray at {self.address}: no /api/version")
         return response.json().get("ray_version", "unknown")
-
-    def _unavailable_or(self, error: Exception) -> Exception:
-        text = str(error)
-        if "Failed to connect" in text or "Connection" in text or "status code 5" in text:
-            self._client = None  # reconnect next time
-            return RayUnavailable(text.splitlines()[0])
-        return error
 
 
 def free_ports(count: int) -> list[int]:

@@ -13,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from training.paths import data_root, default_tracking_uri, storage_root
 
 
+def uri_key(uri: str) -> str:
+    """What two spellings of one tracking URI share: ``http://mlflow:5000/`` is ``http://mlflow:5000``."""
+    return uri.strip().rstrip("/")
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAN_", extra="ignore")
 
@@ -25,11 +30,19 @@ class ServiceSettings(BaseSettings):
     local_ray_dashboard_port: int = 8265
     mlflow_uri: str | None = None  # jobs that name none are tracked here; None: sqlite under the storage root
     mlflow_ui_url: str | None = None  # for links in job views, e.g. http://127.0.0.1:5000
+    # Other MLflow tracking URIs a spec may name (JSON list): a job logs to the default or one of these, never to a
+    # URI of the user's choosing — the API would open it too, to read the job's metrics.
+    mlflow_allowed_uris: list[str] = Field(default_factory=list)
+    max_model_params: int = Field(default=200_000_000, ge=1)  # parameters of a job's model (counted on meta)
     data_root: Path = Field(default_factory=data_root)
     storage_root: Path = Field(default_factory=storage_root)
     python: str = sys.executable  # the interpreter the Ray job runs (the cluster's venv)
     tokens: dict[str, str] = Field(default_factory=dict)  # principal → "sha256:<hex>"
     max_submitted: int = Field(default=1, ge=0)  # jobs on Ray at once; the rest wait in the queue
+    # A job its Ray cluster lost (a head restarted empty) is resubmitted and resumes from its checkpoint, this
+    # many times; once more and it fails saying so.
+    max_interruptions: int = Field(default=3, ge=0)
+    job_stop_wait_s: float = Field(default=60, gt=0, le=3600)  # a cancelled job's time to checkpoint before SIGKILL
     poll_interval_s: float = Field(default=2.0, gt=0)
     max_epochs: int = Field(default=1000, ge=1)
     max_batch_size: int = Field(default=4096, ge=1)
@@ -50,6 +63,23 @@ class ServiceSettings(BaseSettings):
     def default_mlflow_uri(self) -> str:
         """Where jobs that name no MLflow URI are tracked: ``mlflow_uri``, else SQLite under the storage root."""
         return self.mlflow_uri or default_tracking_uri(self.storage_root)
+
+    @cached_property
+    def mlflow_uris(self) -> dict[str, str]:
+        """The MLflow tracking URIs this service configured, by their comparison key (`uri_key`): the default and
+        the allowed ones."""
+        return {uri_key(uri): uri for uri in [self.default_mlflow_uri, *self.mlflow_allowed_uris]}
+
+    def configured_mlflow_uri(self, uri: str | None) -> str:
+        """The configured spelling of ``uri`` (None: the default); ValueError for a URI this service did not
+        configure."""
+        if uri is None:
+            return self.default_mlflow_uri
+        configured = self.mlflow_uris.get(uri_key(uri))
+        if configured is None:
+            raise ValueError("not an MLflow URI this service logs to; leave it out for the service's own (its "
+                             "operator lists others in SAN_MLFLOW_ALLOWED_URIS)")  # fmt: skip
+        return configured
 
     def jobs_dir(self) -> Path:
         return self.storage_root / "jobs"

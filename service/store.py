@@ -3,6 +3,7 @@ on the current state, recorded with its time in ``job_events``, so concurrent wr
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 import uuid
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -32,14 +34,18 @@ from sqlalchemy.engine import Connection, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-State = Literal["queued", "submitted", "running", "succeeded", "failed", "cancelled"]
+State = Literal["queued", "submitted", "running", "interrupted", "succeeded", "failed", "cancelled"]
 STATES: tuple[str, ...] = get_args(State)
 ACTIVE = ("submitted", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+# interrupted: it was on a Ray cluster that lost it (a head restarted empty); it goes back to Ray ahead of the
+# queue and resumes from its last checkpoint in the storage root, into the same MLflow run.
+WAITING = ("interrupted", "queued")  # the dispatcher's order
 TRANSITIONS = {
     "queued": {"submitted", "cancelled"},
-    "submitted": {"queued", "running", "succeeded", "failed", "cancelled"},  # → queued: Ray was unreachable
-    "running": {"succeeded", "failed", "cancelled"},
+    "submitted": {"queued", "running", "interrupted", "succeeded", "failed", "cancelled"},  # → queued: Ray unreachable
+    "running": {"interrupted", "succeeded", "failed", "cancelled"},
+    "interrupted": {"submitted", "failed", "cancelled"},
 }
 
 
@@ -209,7 +215,10 @@ class JobStore:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
+        # A local SQLite file answers in microseconds, so its calls may run on the event loop (a thread hop costs
+        # more: see GroupCommit); a database across the network (PostgreSQL) must never block the loop.
+        self.local = url.startswith("sqlite")
+        if self.local:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         # SQLite allows one writer; a thread that finds the file locked sleeps in SQLite's busy handler (up to
         # 100 ms at a time). Queueing this process's writers on a lock wakes each as soon as the last commits.
@@ -306,9 +315,10 @@ class JobStore:
             return self._read_all(session, rows), total
 
     def in_states(self, states: tuple[str, ...], limit: int | None = None) -> list[Job]:
-        """Oldest first: the queue's order."""
+        """By the order of ``states``, then oldest first: the queue's order."""
+        order = case({state: rank for rank, state in enumerate(states)}, value=JobRow.status)
         with self.session() as session:
-            query = select(JobRow).where(JobRow.status.in_(states)).order_by(JobRow.seq).limit(limit)
+            query = select(JobRow).where(JobRow.status.in_(states)).order_by(order, JobRow.seq).limit(limit)
             return self._read_all(session, session.scalars(query).all())
 
     def count(self, states: tuple[str, ...]) -> int:
@@ -410,7 +420,8 @@ class StudyStore:
 
 
 class GroupCommit:
-    """New jobs from requests that arrive together, written in one transaction on the event loop.
+    """New jobs from requests that arrive together, written in one transaction: on the event loop for a local
+    SQLite file, in a thread for PostgreSQL (whose round trips must not hold the loop).
 
     Each `create` waits for the commit that holds its job, so a 201 still means "stored". Under load the loop
     has many POSTs ready at once, and one transaction for all of them costs little more than one for a single
@@ -422,12 +433,15 @@ class GroupCommit:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.waiting: list[tuple[Job, asyncio.Future[None]]] = []
+        self.writing: set[asyncio.Task] = set()
 
     async def create(
         self, principal: str, spec: dict[str, Any], idempotency_key: str | None = None
     ) -> tuple[Job, bool]:
         if idempotency_key:
-            return self.store.create(principal, spec, idempotency_key)
+            if self.store.local:
+                return self.store.create(principal, spec, idempotency_key)
+            return await asyncio.to_thread(self.store.create, principal, spec, idempotency_key)
         job = new_job(principal, spec)
         loop = asyncio.get_running_loop()
         stored: asyncio.Future[None] = loop.create_future()
@@ -439,11 +453,26 @@ class GroupCommit:
 
     def _commit(self) -> None:
         group, self.waiting = self.waiting, []
+        if self.store.local:
+            self._answer(group, self._write(group))
+            return
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._write, group))
+        self.writing.add(task)  # the loop keeps only a weak reference to its tasks
+        task.add_done_callback(functools.partial(self._written, group))
+
+    def _written(self, group: list[tuple[Job, asyncio.Future[None]]], task: asyncio.Task) -> None:
+        self.writing.discard(task)
+        self._answer(group, task.result())
+
+    def _write(self, group: list[tuple[Job, asyncio.Future[None]]]) -> list[Exception | None]:
         try:
             self.store.add([job for job, _ in group])
-            errors: list[Exception | None] = [None] * len(group)
+            return [None] * len(group)
         except Exception:  # one job must not fail the others: write each alone, each answered on its own
-            errors = [self._add_alone(job) for job, _ in group]
+            return [self._add_alone(job) for job, _ in group]
+
+    @staticmethod
+    def _answer(group: list[tuple[Job, asyncio.Future[None]]], errors: list[Exception | None]) -> None:
         for (_, stored), error in zip(group, errors, strict=True):
             if stored.done():  # its request was cancelled (the client went away)
                 continue

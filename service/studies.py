@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from service.settings import ServiceSettings
@@ -23,7 +22,10 @@ log = logging.getLogger("san.service")
 def admit_study(study: StudySpec, settings: ServiceSettings, cluster: ClusterSize) -> Expansion:
     """The expansion of ``study`` with the MLflow URI its runs will log to, once every cell passed `expand` and
     every child the job admission rules; `StudyError` naming the axis (or the base field) otherwise."""
-    uri = study.base.tracking.mlflow_uri or settings.default_mlflow_uri
+    try:
+        uri = settings.configured_mlflow_uri(study.base.tracking.mlflow_uri)
+    except ValueError as error:
+        raise StudyError(("base", "tracking", "mlflow_uri"), f"tracking.mlflow_uri: {error}") from None
     tracking = study.base.tracking.model_copy(update={"mlflow_uri": uri})
     study = study.model_copy(update={"base": study.base.model_copy(update={"tracking": tracking})})
     expansion = expand(study, settings.max_study_cells)
@@ -47,8 +49,8 @@ def _expansion(study_id: str, spec: str, parent_run_id: str | None) -> Expansion
                   parent_run_id=parent_run_id)  # fmt: skip
 
 
-JOB_TO_OBSERVED = {"queued": "queued", "submitted": "queued", "running": "running", "succeeded": "succeeded",
-                   "failed": "failed", "cancelled": "cancelled"}  # fmt: skip
+JOB_TO_OBSERVED = {"queued": "queued", "submitted": "queued", "running": "running", "interrupted": "queued",
+                   "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}  # fmt: skip
 
 
 def child_states(children: list[StudyChild]) -> dict[tuple[str, int], str]:
@@ -130,7 +132,7 @@ class StudyFinisher:
         final = outcome(children)
         if final is None:
             return False
-        uri = study.spec["base"]["tracking"]["mlflow_uri"]
+        uri = self.settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])  # never another
         results = self.settings.studies_dir() / study.id
         write_results(expansion_of(study), uri, study.mlflow_run_id, results, child_states(children))
         finish_study_run(uri, study.mlflow_run_id, results, MLFLOW_STATUS[final])
@@ -143,11 +145,12 @@ class StudyFinisher:
             await asyncio.sleep(interval_s)
 
 
-def table_of(study: Study, studies: StudyStore, studies_dir: Path) -> dict[str, Any]:
-    """The table so far, read from MLflow; once the study has ended, the table its finisher wrote."""
-    written = studies_dir / study.id / "table.json"
+def table_of(study: Study, studies: StudyStore, settings: ServiceSettings) -> dict[str, Any]:
+    """The table so far, read from MLflow (only ever a URI this service configured); once the study has ended, the
+    table its finisher wrote."""
+    written = settings.studies_dir() / study.id / "table.json"
     if study.status != "running" and written.is_file():
         return json.loads(written.read_text())
     children = studies.children(study.id)
-    uri = study.spec["base"]["tracking"]["mlflow_uri"]
+    uri = settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])
     return table(expansion_of(study), uri, study.mlflow_run_id, child_states(children))

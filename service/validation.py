@@ -6,7 +6,7 @@ import asyncio
 from service.ray_jobs import RayJobs, RayUnavailable
 from service.settings import ServiceSettings
 from training.config import JobSpec
-from training.launch import resolve_data
+from training.data.resolve import resolve_data
 
 
 class Rejected(ValueError):
@@ -42,7 +42,11 @@ class ClusterSize:
 
 def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> JobSpec:
     """``spec`` as the job will run it — with the MLflow URI it will log to, the service's when the spec names
-    none — or `Rejected`."""
+    none, else one its operator allowed — or `Rejected`."""
+    try:
+        uri = settings.configured_mlflow_uri(spec.tracking.mlflow_uri)
+    except ValueError as error:
+        raise Rejected(("tracking", "mlflow_uri"), f"tracking.mlflow_uri: {error}") from None
     limits = (
         (("training", "epochs"), spec.training.epochs, settings.max_epochs),
         (("training", "batch_size"), spec.training.batch_size, settings.max_batch_size),
@@ -51,6 +55,10 @@ def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> Job
     for loc, value, limit in limits:
         if value > limit:
             raise Rejected(loc, f"{'.'.join(loc)} {value} is above this service's limit of {limit}")
+    params = spec.model_params()  # counted on the meta device when the spec was validated (cached)
+    if params > settings.max_model_params:
+        raise Rejected(("model",), f"model: {params:,} parameters is above this service's limit of "
+                       f"{settings.max_model_params:,}")  # fmt: skip
     size = cluster.value
     if size is not None:
         cpus = spec.scaling.num_workers * spec.scaling.cpus_per_worker
@@ -67,5 +75,4 @@ def admit(spec: JobSpec, settings: ServiceSettings, cluster: ClusterSize) -> Job
         field = str(error).partition(": ")[0]
         loc = tuple(field.split(".")) if field.startswith(("data.", "training.")) else ("data",)
         raise Rejected(loc, str(error)) from None
-    uri = spec.tracking.mlflow_uri or settings.default_mlflow_uri
     return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"mlflow_uri": uri})})

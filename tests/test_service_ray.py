@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from san.masks import capture_masks
-from service.ray_jobs import LocalRayHead, RayJobs, auth_token
+from service.queue import Dispatcher
+from service.ray_jobs import LocalRayHead, RayJobs, RayRefused, RayUnavailable, auth_token
+from service.store import JobStore
 from tests.services import Service, free_port, mlflow_server, stop_group
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
@@ -132,6 +134,41 @@ def test_a_job_survives_a_restart_of_the_api_and_ends_succeeded(stack):
         assert [row["epoch"] for row in alice.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]] == [0, 1, 2, 3]
 
 
+def test_ray_jobs_answers_are_told_apart_by_status_code(stack, tmp_path):
+    _, head, _ = stack
+    ray = ray_jobs(head)
+    assert ray.info("job-never-submitted") is None and ray.logs("job-never-submitted") == ""
+    ray.stop("job-never-submitted")  # 404: nothing to stop, no error
+    with pytest.raises(RayRefused, match="HTTP 403"):  # a wrong token: refused, not "unavailable"
+        RayJobs(head.address, "not-the-token", "python", {}).info("job-never-submitted")
+    with pytest.raises(RayUnavailable):
+        RayJobs(f"http://127.0.0.1:{free_port()}", None, "python", {}).info("job-never-submitted")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(JobSpec.model_validate(spec(1)).model_dump_json())
+    ray = RayJobs(head.address, auth_token(None), "/bin/true", {})  # an entrypoint that ends at once
+    ray.submit("job-twice", spec_file)
+    ray.submit("job-twice", spec_file)  # Ray's error for an id it holds: counted as submitted
+    assert ray.info("job-twice").state in ("submitted", "running", "succeeded")
+
+
+def test_a_read_while_the_queue_claims_a_job_neither_waits_nor_submits_it(stack, tmp_path):
+    _, head, _ = stack
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    dispatcher = Dispatcher(store, RayJobs(head.address, auth_token(None), "/bin/true", {}), tmp_path, 1)
+    job, _ = store.create("alice", JobSpec.model_validate(spec(1)).model_dump(mode="json"))
+    with dispatcher._lock:  # a tick between its claim and Ray's answer
+        assert store.transition(job.id, "submitted", only_from=("queued",))
+        started = time.monotonic()
+        seen = dispatcher.reconcile_now(store.get(job.id))
+        assert time.monotonic() - started < 0.5 and seen.status == "submitted"
+    seen = dispatcher.reconcile_now(store.get(job.id))  # no tick at work, and Ray has no such job: still no submit
+    assert seen.status == "submitted" and dispatcher.ray.info(job.id) is None
+    dispatcher.tick()  # the tick does submit it (once)
+    assert dispatcher.ray.info(job.id) is not None
+    assert [state for state, _ in store.get(job.id).transitions][:2] == ["queued", "submitted"]
+    store.close()
+
+
 def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):
     service = Service(tmp_path, ray_address="local", local_ray_port=free_port(), max_submitted=0,
                       local_ray_dashboard_port=free_port(), local_ray_cpus=1).start()  # fmt: skip
@@ -139,8 +176,8 @@ def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):
         with service.client() as alice:  # at once: a head that lists no CPUs yet must not make this a 422
             response = alice.post("/v1/jobs", json={**spec(1), "data": {}, "scaling": {"num_workers": 1}})
             assert response.status_code == 201, response.text
-        with service.client(None) as anonymous:
-            ready = anonymous.get("/readyz").json()
+        with service.client("alice") as alice:  # a known token: /readyz with its details
+            ready = alice.get("/readyz").json()
         assert ready["checks"]["ray"] == {"status": "ok", "detail": "2.60.0"}
         heads = [p for p in psutil.Process(service.process.pid).children(recursive=True) if "gcs_server" in p.name()]
         assert len(heads) == 1

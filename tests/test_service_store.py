@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event
 
-from service.store import TRANSITIONS, GroupCommit, IdempotencyConflict, JobStore, StudyStore
+from service.store import TRANSITIONS, WAITING, GroupCommit, IdempotencyConflict, JobStore, StudyStore
 from tests.services import Postgres
 
 pytestmark = pytest.mark.timeout(300, method="thread")
@@ -56,7 +56,21 @@ def test_transitions_are_compare_and_set_and_timestamped(store):
     assert [state for state, _ in stored.transitions] == ["queued", "submitted", "running", "succeeded"]
     times = [at for _, at in stored.transitions]
     assert times == sorted(times) and stored.at("running") == times[2]
-    assert set(TRANSITIONS) == {"queued", "submitted", "running"}
+    assert set(TRANSITIONS) == {"queued", "submitted", "running", "interrupted"}  # the terminal states lead nowhere
+
+
+def test_an_interrupted_job_waits_ahead_of_the_queue_and_is_claimed_once(store):
+    first, _ = store.create("alice", SPEC)
+    lost, _ = store.create("alice", SPEC)
+    assert store.transition(lost.id, "submitted") and store.transition(lost.id, "running")
+    assert not store.transition(first.id, "interrupted")  # only a job on Ray can be lost by Ray
+    assert store.transition(lost.id, "interrupted", only_from=("running",))
+    assert [job.id for job in store.in_states(WAITING)] == [lost.id, first.id]  # older, but behind the lost one
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda _: store.transition(lost.id, "submitted", only_from=("interrupted",)), range(8)))
+    assert wins.count(True) == 1
+    states = [state for state, _ in store.get(lost.id).transitions]
+    assert states == ["queued", "submitted", "running", "interrupted", "submitted"]
 
 
 def test_concurrent_claims_of_one_queued_job_have_exactly_one_winner(store):

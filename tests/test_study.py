@@ -66,6 +66,8 @@ def test_children_are_named_tagged_nested_and_seeded():
     ({"axes": {"training.seed": [1, 2]}}, ("axes",), "set by the study itself"),
     ({"seeds": []}, ("seeds",), "at least 1 item"),
     ({"seeds": [1, 1]}, ("seeds",), "seeds repeat a value"),
+    ({"seeds": [-1]}, ("seeds", 0), "greater than or equal to 0"),
+    ({"axes": {"lr.lr": [0.1, float("nan")]}}, ("axes", "lr.lr", 1), "nan is not a finite number"),
     ({"axes": {"model.attention": ["none"]}, "baseline": {"model.placement": "full"}}, (),
      "baseline.model.placement: no such axis"),
 ])  # fmt: skip
@@ -84,7 +86,9 @@ def test_bad_study_specs_are_refused_by_validation_naming_the_field(fields, loc,
     ({"lr.peak_epoch": [1, 3]}, ("axes", "lr.peak_epoch"), "lr.peak_epoch 3.0 is after the last epoch (2)"),
     ({"scaling.use_gpu": [False], "training.amp": ["none", "bf16"]}, ("axes", "training.amp"), "needs scaling.use_gpu"),
     ({"model.attention": ["bam"], "model.attention_kwargs": [{"reduction": 0}]}, ("axes", "model.attention_kwargs"),
-     "ZeroDivisionError"),
+     "greater than or equal to 1"),
+    ({"model.attention": ["san-c"], "model.attention_kwargs": [{"use_abs": "maybe"}]},
+     ("axes", "model.attention_kwargs"), "valid boolean"),
 
 ])  # fmt: skip
 def test_cells_the_job_rules_refuse_are_study_errors_naming_the_axis(axes, loc, message):

@@ -4,16 +4,74 @@ Named, typed sections in the manner of ffcv-imagenet's config; validated once, b
 """
 
 import functools
+import inspect
 import json
+import math
+import posixpath
+import re
+import unicodedata
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from san.attention import attention_class
+from san.attention.bam import COMBINES
+from san.attention.san import _ACTIVATIONS as SMOOTHING_ACTIVATIONS
 from san.models.blurpool import add_blurpool
 from san.registry import build_model, list_attention, list_models, list_placements
+from training.data.catalog import CATALOG
+
+# MLflow 3's limits (mlflow/utils/validation.py, and the SQL store's columns in mlflow/store/tracking/dbmodels/
+# models.py): a spec that passes here never meets them in the middle of a job. tests/test_training_config.py checks
+# them against the installed MLflow.
+MLFLOW_MAX_KEY_LENGTH = 250  # MAX_ENTITY_KEY_LENGTH: tag, param and metric keys
+MLFLOW_MAX_TAG_VALUE_LENGTH = 8000  # MAX_TAG_VAL_LENGTH (MLflow truncates longer values silently by default)
+MLFLOW_MAX_PARAM_VALUE_LENGTH = 6000  # MAX_PARAM_VAL_LENGTH
+MLFLOW_MAX_RUN_NAME_LENGTH = 250  # the runs table's name: String(250)
+MLFLOW_MAX_EXPERIMENT_NAME_LENGTH = 256  # the experiments table's name: String(256) (the REST check allows 500)
+MLFLOW_KEY_PATTERN = re.compile(r"^[/\w.\- :]*$")  # validate_param_and_metric_name (non-Windows)
+MAX_TAGS = 50  # MLflow logs at most 100 tags a batch; the job and a study add their own
+MAX_PATH_LENGTH = 1024
+SEED_MAX = 2**32 - 1  # numpy's generators and the loaders' uint64 hashes take 0 ≤ seed < 2**32
+
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
+def no_control_characters(text: str, allow: str = "") -> str:
+    """``text``, or ValueError when it holds a NUL or another control character (other than those in ``allow``)."""
+    for char in text:
+        if unicodedata.category(char) == "Cc" and char not in allow:
+            raise ValueError(f"control character {char!r} is not allowed")
+    return text
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` (JSON-like), or ValueError naming a NaN or infinite number inside it: a value stored and served
+    back as JSON must be one JSON can write."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    for inner in value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ():
+        finite_json(inner)
+    return value
+
+
+FiniteJson = Annotated[Any, AfterValidator(finite_json)]
 
 
 def one_of(name: str, allowed: list[str], what: str) -> str:
@@ -23,7 +81,7 @@ def one_of(name: str, allowed: list[str], what: str) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and ±inf: never a valid setting
 
     @classmethod
     def load(cls, path: Path | str) -> Self:
@@ -36,11 +94,85 @@ class Section(BaseModel):
         return cls.model_validate(data or {})
 
 
+# The attention modules' keyword arguments: which names each module takes is its constructor's signature
+# (`attention_kwargs_schema`); the type and bounds of each name are here. A bool parameter without an entry must be
+# a JSON bool; a new parameter of another type gets an entry (tests/test_training_config.py checks).
+MAX_KERNEL_SIZE, MAX_DILATION, MAX_REDUCTION, MAX_GROUPS, MAX_DILATED_CONVS = 15, 16, 1024, 4096, 8
+
+
+def _odd(size: int) -> int:
+    if size % 2 == 0:
+        raise ValueError(f"must be odd: a {size}x{size} conv padded by {size // 2} would change the map's size")
+    return size
+
+
+ATTENTION_KWARG_TYPES: dict[str, Any] = {
+    "kernel_size": Annotated[StrictInt, Field(ge=1, le=MAX_KERNEL_SIZE)],  # SAN pads "same": any size
+    "spatial_kernel_size": Annotated[StrictInt, Field(ge=1, le=MAX_KERNEL_SIZE), AfterValidator(_odd)],  # CBAM
+    "dilation": Annotated[StrictInt, Field(ge=1, le=MAX_DILATION)],
+    "reduction": Annotated[StrictInt, Field(ge=1, le=MAX_REDUCTION)],
+    "num_dilated": Annotated[StrictInt, Field(ge=0, le=MAX_DILATED_CONVS)],
+    "smoothing_groups": Annotated[StrictInt, Field(ge=1, le=MAX_GROUPS)] | Literal["depthwise"],
+    "smoothing_activation": Literal[tuple(SMOOTHING_ACTIVATIONS)],
+    "combine": Literal[COMBINES],
+}
+POSITIONAL = ("self", "channels", "prev_channels")  # set by the backbone at each position, never by users
+
+
+def attention_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of attention ``name``'s constructor that a spec may set."""
+    signature = inspect.signature(attention_class(name).__init__, eval_str=True)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n: p for n, p in signature.parameters.items() if n not in POSITIONAL and p.kind in keyword}
+
+
+def attention_kwargs_schema(name: str, parameters: dict[str, inspect.Parameter]) -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    for parameter, declared in parameters.items():
+        kind = ATTENTION_KWARG_TYPES.get(parameter, StrictBool if declared.annotation is bool else declared.annotation)
+        fields[parameter] = (kind, None)  # unset stays unset (the module's default): dumped with exclude_unset
+    config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    return create_model(f"AttentionKwargs[{name}]", __config__=config, **fields)
+
+
+ATTENTION_KWARGS: dict[str, type[BaseModel]] = {
+    name: attention_kwargs_schema(name, attention_parameters(name)) for name in list_attention() if name != "none"
+}
+# "none" builds no module, so its kwargs mean nothing; but a study crosses attention with kwargs (Table IX's base
+# cell carries the SAN switches): any argument some module takes, valid as that module takes it.
+ATTENTION_KWARGS["none"] = attention_kwargs_schema(
+    "none", {k: p for name in reversed(ATTENTION_KWARGS) for k, p in attention_parameters(name).items()}
+)
+
+
+def typed_attention_kwargs(attention: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` checked against attention ``attention``'s arguments — an unknown name, a wrong type or a value
+    out of bounds is a ValidationError located at its key."""
+    schema = ATTENTION_KWARGS[attention]
+    allowed = ", ".join(schema.model_fields)
+    if attention == "none":
+        message = "no attention module takes an argument {key}; they take: {allowed}"
+    else:
+        message = f"attention {attention!r} takes no argument {{key}}; it takes: {{allowed}}"
+    unknown = [
+        InitErrorDetails(
+            type=PydanticCustomError("unknown_argument", message, {"key": repr(key), "allowed": allowed}),
+            loc=(key,),
+            input=value,
+        )
+        for key, value in kwargs.items()
+        if key not in schema.model_fields
+    ]
+    if unknown:
+        raise ValidationError.from_exception_data("attention_kwargs", unknown)
+    return schema.model_validate(kwargs).model_dump(exclude_unset=True)
+
+
 class ModelSection(Section):
     name: str = "lenet5"
     attention: str = "none"
     placement: str = "bottleneck"
-    attention_kwargs: dict[str, Any] = Field(default_factory=dict)
+    attention_kwargs: dict[str, Any] = Field(default_factory=dict)  # typed per attention: ATTENTION_KWARGS
     stem: Literal["imagenet", "small"] | None = None  # None: the model's default
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
 
@@ -68,25 +200,51 @@ class ModelSection(Section):
     def _known_placement(cls, name: str) -> str:
         return one_of(name, list_placements(), "placement")
 
+    @field_validator("attention_kwargs")
+    @classmethod
+    def _typed_kwargs(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        attention = info.data.get("attention")
+        return kwargs if attention is None else typed_attention_kwargs(attention, kwargs)  # None: already an error
+
 
 class DataSection(Section):
-    dataset: str = "fashion-mnist"  # a catalog name, resolved to <data root>/<dataset>/{train,val}.beton
+    dataset: str = Field(default="fashion-mnist", max_length=100)  # a catalog name: <data root>/<dataset>/*.beton
     train_path: Path | None = None  # explicit .beton files override the catalog name
     val_path: Path | None = None
     loader_workers: int = Field(default=1, ge=1, le=64)
     in_memory: bool = True
+
+    @field_validator("dataset")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        return no_control_characters(name)
+
+    @field_validator("train_path", "val_path", mode="before")
+    @classmethod
+    def _sane_path(cls, path: Any) -> Any:
+        if isinstance(path, str | Path):
+            if len(str(path)) > MAX_PATH_LENGTH:
+                raise ValueError(f"longer than {MAX_PATH_LENGTH} characters")
+            no_control_characters(str(path))
+        return path
+
+    def shape(self) -> tuple[int, int]:
+        """(classes, input channels) of the catalog dataset; for explicit files, which only the job reads, the
+        largest usual (1000, 3)."""
+        info = None if self.train_path or self.val_path else CATALOG.get(self.dataset)
+        return (info.num_classes, info.channels) if info else (1000, 3)
 
 
 class ResolutionSection(Section):
     """Progressive resizing: ``min_res`` until ``start_ramp``, rising linearly to ``max_res`` at ``end_ramp``,
     in steps of ``step`` px. ``None`` sizes mean the data's own (no resizing)."""
 
-    min_res: int | None = Field(default=None, ge=8)
-    max_res: int | None = Field(default=None, ge=8)
-    start_ramp: int = Field(default=0, ge=0)
-    end_ramp: int = Field(default=0, ge=0)
-    step: int = Field(default=32, ge=1)
-    val_res: int | None = Field(default=None, ge=8)
+    min_res: int | None = Field(default=None, ge=8, le=1024)
+    max_res: int | None = Field(default=None, ge=8, le=1024)
+    start_ramp: int = Field(default=0, ge=0, le=10_000)
+    end_ramp: int = Field(default=0, ge=0, le=10_000)
+    step: int = Field(default=32, ge=1, le=1024)
+    val_res: int | None = Field(default=None, ge=8, le=1024)
 
     @model_validator(mode="after")
     def _ordered(self) -> "ResolutionSection":
@@ -103,17 +261,17 @@ class LRSection(Section):
     """``lr`` is per 256 images of global batch (scaled linearly); ``cyclic`` rises from 0 to the peak at
     ``peak_epoch`` and falls to 0 at the end, per iteration (ffcv-imagenet's triangle)."""
 
-    lr: float = Field(default=0.5, gt=0)
+    lr: float = Field(default=0.5, gt=0, le=1000)
     schedule: Literal["cyclic", "step", "cosine"] = "cyclic"
     peak_epoch: float = Field(default=2, ge=0)
-    step_epochs: int = Field(default=30, ge=1)  # step: multiply by step_ratio every step_epochs
+    step_epochs: int = Field(default=30, ge=1, le=10_000)  # step: multiply by step_ratio every step_epochs
     step_ratio: float = Field(default=0.1, gt=0, le=1)
 
 
 class OptimizerSection(Section):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(default=5e-5, ge=0)  # not applied to norm layers and biases
+    weight_decay: float = Field(default=5e-5, ge=0, le=1)  # not applied to norm layers and biases
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
 
 
@@ -122,7 +280,7 @@ class TrainingSection(Section):
     batch_size: int = Field(default=512, ge=1, le=65_536)  # per worker
     amp: Literal["none", "bf16", "fp16"] = "none"  # GPU only
     channels_last: bool = False
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ValidationSection(Section):
@@ -137,17 +295,55 @@ class ScalingSection(Section):
 
 
 class CheckpointSection(Section):
-    every_epochs: int = Field(default=1, ge=1)
-    keep: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=1, ge=0)
+    every_epochs: int = Field(default=1, ge=1, le=10_000)
+    keep: int = Field(default=2, ge=1, le=1000)
+    max_failures: int = Field(default=1, ge=0, le=100)
 
 
 class TrackingSection(Section):
-    mlflow_uri: str | None = None  # None: sqlite:///<storage root>/mlflow.db
-    experiment: str | None = None  # None: san/<dataset>
-    run_name: str | None = None  # None: <model>-<attention>-<placement>-s<seed>
-    tags: dict[str, str] = Field(default_factory=dict)
-    system_metrics_interval_s: float = Field(default=10.0, gt=0)  # CPU, memory (and GPU) sampled by rank 0
+    """Where the run is recorded. Any ``mlflow_uri`` for `san train` (the user's machine); through the service,
+    only the MLflow servers its operator configured (service/validation.py). Names and tags within MLflow's limits."""
+
+    # None: sqlite:///<storage root>/mlflow.db
+    mlflow_uri: str | None = Field(default=None, min_length=1, max_length=2048)
+    experiment: str | None = Field(default=None, min_length=1, max_length=MLFLOW_MAX_EXPERIMENT_NAME_LENGTH)
+    # None: <model>-<attention>-<placement>-s<seed>
+    run_name: str | None = Field(default=None, min_length=1, max_length=MLFLOW_MAX_RUN_NAME_LENGTH)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=MAX_TAGS)
+    system_metrics_interval_s: float = Field(default=10.0, ge=0.1, le=3600)  # CPU, memory (and GPU) sampled by rank 0
+
+    @field_validator("mlflow_uri", "experiment")
+    @classmethod
+    def _printable(cls, text: str | None) -> str | None:
+        return None if text is None else no_control_characters(text)
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            no_control_characters(name)
+            if "/" in name or "\\" in name or ".." in name:
+                raise ValueError("a run name holds no path separator ('/', '\\') and no '..'")
+        return name
+
+    @field_validator("tags")
+    @classmethod
+    def _mlflow_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        for key, value in tags.items():
+            if not key or len(key) > MLFLOW_MAX_KEY_LENGTH:
+                raise ValueError(f"tag key {key[:40]!r}: 1 to {MLFLOW_MAX_KEY_LENGTH} characters")
+            if not MLFLOW_KEY_PATTERN.match(key):
+                raise ValueError(f"tag key {key[:40]!r}: MLflow takes letters, digits, '_', '-', '.', ' ', ':', '/'")
+            normal = posixpath.normpath(key)
+            if normal != key or normal == "." or normal.startswith(("..", "/")):
+                raise ValueError(f"tag key {key[:40]!r}: MLflow refuses keys that read as another path")
+            if len(value) > MLFLOW_MAX_TAG_VALUE_LENGTH:
+                raise ValueError(f"tag {key[:40]!r}: longer than MLflow's {MLFLOW_MAX_TAG_VALUE_LENGTH} characters")
+            try:
+                no_control_characters(value, allow="\t\n\r")
+            except ValueError as error:
+                raise ValueError(f"tag {key[:40]!r}: {error}") from None
+        return tags
 
 
 # Where and how a run is recorded, not what it trains: the tracking section (its URI is None from `san train` and the
@@ -157,12 +353,13 @@ UNRECORDED_SECTIONS = ("tracking",)
 
 
 @functools.lru_cache(maxsize=256)
-def _model_builds(model_section: str) -> bool:
-    """Cached by the model section alone: a ResNet-50 takes ~25 ms to build even on the meta device, and the
-    service validates every submitted spec."""
+def _model_params(model_section: str, num_classes: int, in_chans: int) -> int:
+    """The model's parameter count, built on the meta device (shapes only: no memory, no arithmetic). Cached by
+    the model section and the data's shape: a ResNet-50 takes ~25 ms to build even there, and the service
+    validates every submitted spec."""
     with torch.device("meta"):
-        ModelSection.model_validate_json(model_section).build(num_classes=10, in_chans=3)
-    return True
+        model = ModelSection.model_validate_json(model_section).build(num_classes=num_classes, in_chans=in_chans)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 class JobSpec(Section):
@@ -191,11 +388,16 @@ class JobSpec(Section):
         return self
 
     def _check_model_builds(self) -> None:
-        """Build the model on the meta device (no memory, no arithmetic) so bad attention kwargs fail here."""
+        """Build the model on the meta device (no memory, no arithmetic) so kwargs its constructors refuse (a
+        group count that does not divide the channels, Table IX's undefined ablations) fail here."""
         try:
-            _model_builds(self.model.model_dump_json())
-        except Exception as error:  # any constructor failure on bad kwargs (a zero reduction divides by zero)
+            self.model_params()
+        except Exception as error:  # any constructor failure on bad kwargs
             raise ValueError(f"model: {error}") from None
+
+    def model_params(self) -> int:
+        """The model's parameter count for this spec's data (computed on the meta device, cached)."""
+        return _model_params(self.model.model_dump_json(), *self.data.shape())
 
     def build_model(self, num_classes: int, in_chans: int) -> torch.nn.Module:
         return self.model.build(num_classes, in_chans)

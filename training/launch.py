@@ -11,56 +11,18 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training.config import JobSpec
-from training.data.catalog import EMBEDDED, dataset_info
-from training.data.manifest import load_manifest
-from training.loop import FAIL_ONCE_ENV, train_worker
-from training.paths import data_root, storage_root, under_root
-from training.tracking import create_run
+from training.data.resolve import ResolvedData, resolve_data
+from training.loop import train_worker
+from training.paths import storage_root
+from training.stop import Cancelled, StopOnSignal, stop_file
+from training.tracking import create_run, end_run
 
 
-@dataclass(frozen=True)
-class ResolvedData:
-    train: Path
-    val: Path
-
-
-def resolve_data(spec: JobSpec, root: Path | None = None, build_missing: bool = True) -> ResolvedData:
-    """The job's .beton files, checked before any Ray work: inside the data root, existing with manifests, and
-    one global batch fits in the training set. An embedded catalog dataset that is not built yet is built here,
-    once — or, with ``build_missing=False`` (the service's check at submission), left for the job to build."""
-    root = root or data_root()
-    if spec.data.train_path or spec.data.val_path:
-        if not (spec.data.train_path and spec.data.val_path):
-            raise ValueError("data.train_path and data.val_path are given together")
-        train = under_root(spec.data.train_path, root, "data.train_path")
-        val = under_root(spec.data.val_path, root, "data.val_path")
-    else:
-        try:
-            dataset_info(spec.data.dataset)
-        except ValueError as error:
-            raise ValueError(f"data.dataset: {error}") from None
-        train, val = root / spec.data.dataset / "train.beton", root / spec.data.dataset / "val.beton"
-        if not train.is_file() and spec.data.dataset in EMBEDDED:
-            if not build_missing:
-                return ResolvedData(train, val)
-            from training.data.build import build_dataset  # writing needs ffcv's writer: only here
-
-            build_dataset(spec.data.dataset, None, root / spec.data.dataset)
-    for field, path in (("data.train_path", train), ("data.val_path", val)):
-        if not path.is_file():
-            raise ValueError(f"{field}: {path} does not exist (build it with 'san data build')")
-    manifest = load_manifest(train)
-    global_batch = spec.training.batch_size * spec.scaling.num_workers
-    if global_batch > manifest.count:
-        raise ValueError(f"training.batch_size: {spec.training.batch_size} × {spec.scaling.num_workers} workers = "
-                         f"{global_batch} is larger than the training set ({manifest.count} images)")  # fmt: skip
-    return ResolvedData(train, val)
-
-
-def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, mlflow_uri: str, run_id: str):
-    env_vars = {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]} if FAIL_ONCE_ENV in os.environ else {}
+def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, mlflow_uri: str, run_id: str,
+                  worker=train_worker):  # fmt: skip
+    """``worker``: the function each Ray Train worker runs (`train_worker`; the tests' fault harness wraps it)."""
     return TorchTrainer(
-        train_worker,
+        worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "train_path": str(data.train),
@@ -68,6 +30,7 @@ def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, ml
             "mlflow_uri": mlflow_uri,
             "mlflow_run_id": run_id,
             "torch_threads": spec.scaling.cpus_per_worker,
+            "stop_file": str(stop_file(root, job_id)),  # the cancel marker rank 0 watches (training.stop)
         },
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -86,7 +49,6 @@ def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, ml
             failure_config=FailureConfig(
                 max_failures=spec.checkpoint.max_failures, controller_failure_limit=spec.checkpoint.max_failures
             ),
-            worker_runtime_env={"env_vars": env_vars} if env_vars else None,
         ),
     )
 
@@ -111,16 +73,26 @@ def connect_ray(cpus_needed: int) -> None:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=True)
 
 
-def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, data: Path | None = None) -> JobResult:
-    """Validate, record and run ``spec`` on the Ray cluster this process is attached to (or a local one)."""
+def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, data: Path | None = None,
+           worker=train_worker) -> JobResult:  # fmt: skip
+    """Validate, record and run ``spec`` on the Ray cluster this process is attached to (or a local one). SIGTERM
+    meanwhile (Ray Jobs' ``stop_job``) cancels: the workers checkpoint at the next step boundary and stop, the run
+    ends KILLED, and `training.stop.Cancelled` (a BaseException) carries the result."""
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
     root = root or storage_root()
     resolved = resolve_data(spec, data)
     mlflow_uri, run_id = create_run(spec, root, job_id, ray_run_name=job_id)
     if not ray.is_initialized():
         connect_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
-    result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id).fit()
+    # Installed after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver.
+    with StopOnSignal(stop_file(root, job_id), on_stop=lambda: end_run(mlflow_uri, run_id, "KILLED")) as stop:
+        result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, worker).fit()
+    outcome = JobResult(job_id, mlflow_uri, run_id, dict(result.metrics or {}),
+                        result.checkpoint.path if result.checkpoint else None)  # fmt: skip
+    if stop.requested:
+        end_run(mlflow_uri, run_id, "KILLED")  # again: rank 0 may have finished the run meanwhile
+        raise Cancelled(outcome)
     if result.error:
+        end_run(mlflow_uri, run_id, "FAILED")
         raise result.error
-    return JobResult(job_id, mlflow_uri, run_id, dict(result.metrics or {}),
-                     result.checkpoint.path if result.checkpoint else None)  # fmt: skip
+    return outcome

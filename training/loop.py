@@ -2,7 +2,6 @@
 Ray Train worker runs."""
 
 import logging
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -20,13 +19,13 @@ from training.config import JobSpec
 from training.data.loaders import make_loader
 from training.data.manifest import load_manifest
 from training.schedule import learning_rate, resolution_at
+from training.stop import Preempted, Stop, StopWatch
 from training.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 ATTENTION_IMAGES = 4  # validation images whose attention maps rank 0 logs at the end (the paper's Fig. 4 and 8)
-FAIL_ONCE_ENV = "SAN_TEST_FAIL_ONCE"  # test-only: "<epoch>:<marker file>" makes rank 1 (or 0) raise once there
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -56,18 +55,31 @@ def flush_denormals_on_cpu(device: torch.device) -> None:
         torch.set_flush_denormal(True)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int, device, world_size: int) -> dict:
+def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int, device, world_size: int,
+                    resume: dict | None = None, watch: StopWatch | None = None) -> dict:  # fmt: skip
     """One pass over this worker's shard; the LR follows the schedule per iteration. Returns the global mean
-    loss, images seen by all workers, seconds, the last LR and the resolution the loader delivered."""
+    loss, images seen by all workers, seconds, the last LR, the resolution the loader delivered and the steps done.
+
+    ``resume`` (a mid-epoch checkpoint's ``partial``) skips the steps it already holds — the loader repeats an
+    epoch's batches exactly, see `epoch_order` — and carries their loss, images and seconds. With ``watch``, the
+    ranks agree after every step whether to stop: then ``stop`` is a `Stop` and ``partial`` what a checkpoint needs
+    to finish the epoch later."""
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=spec.optimizer.label_smoothing)
     iterations = len(loader)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    images = 0
+    resume = resume or {}
+    first = resume.get("step", 0)
+    carried = not dist.is_initialized() or dist.get_rank() == 0  # the carried sums are global: counted once
+    loss_sum = torch.tensor(resume.get("loss_sum", 0.0) if carried else 0.0, dtype=torch.float64, device=device)
+    images = resume.get("images", 0) if carried else 0
     resolution = 0
-    started = time.perf_counter()
+    lr = learning_rate(spec, epoch + first / iterations, world_size)
+    stop, done = None, first
+    started = time.perf_counter() - resume.get("seconds", 0.0)
     for step, (inputs, targets) in enumerate(loader):
         resolution = inputs.shape[-1]
+        if step < first:
+            continue  # done before the checkpoint this run resumed from
         lr = learning_rate(spec, epoch + step / iterations, world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -80,11 +92,24 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
         scaler.update()
         loss_sum += loss.detach().double() * len(targets)
         images += len(targets)
+        done = step + 1
+        if watch is not None and (stop := watch.check(epoch * iterations + done)):
+            break
     totals = torch.stack([loss_sum, torch.tensor(float(images), dtype=torch.float64, device=device)])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return {"loss": (totals[0] / totals[1]).item(), "images": int(totals[1].item()),
-            "seconds": time.perf_counter() - started, "lr": lr, "resolution": resolution}  # fmt: skip
+    seconds = time.perf_counter() - started
+    partial = {"step": done, "loss_sum": totals[0].item(), "images": int(totals[1].item()), "seconds": seconds}
+    return {"loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"), "images": int(totals[1].item()),
+            "seconds": seconds, "lr": lr, "resolution": resolution, "steps": done - first, "stop": stop,
+            "partial": partial if stop and done < iterations else None}  # fmt: skip
+
+
+def epoch_order(loader, epoch: int) -> None:
+    """FFCV draws an epoch's order from (seed, its count of epochs started): counted from the run's epoch instead,
+    a worker restarted mid-run sees the same batches an uninterrupted run would (the augmentations follow the
+    batches, `training.data.augment`)."""
+    loader.loader.next_epoch = epoch
 
 
 @torch.no_grad()
@@ -116,20 +141,10 @@ def evaluate(model, loader, spec: JobSpec, device, keep: int = 0) -> dict:
             "images": int(count), "sample": sample}  # fmt: skip
 
 
-def _fail_once_if_asked(epoch: int, rank: int, world_size: int) -> None:
-    """The fault-tolerance tests' switch: raise once, on the last rank, at the given epoch."""
-    setting = os.environ.get(FAIL_ONCE_ENV)
-    if not setting or rank != world_size - 1:
-        return
-    at_epoch, marker = setting.split(":", 1)
-    if int(at_epoch) == epoch and not Path(marker).exists():
-        Path(marker).write_text("failed once\n")
-        raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure at epoch {epoch}")
-
-
 def train_worker(config: dict) -> None:
     """Run by every Ray Train worker. ``config``: the spec (JSON), the resolved .beton paths, the MLflow URI and
-    run id. Resumes from ``ray.train.get_checkpoint()`` when Ray restarts the workers after a failure."""
+    run id, and the cancel marker (``stop_file``, `training.stop`). Resumes from ``ray.train.get_checkpoint()`` when
+    Ray restarts the workers after a failure or a preemption: at the next epoch, or at the step a stop saved."""
     spec = JobSpec.model_validate(config["spec"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -153,7 +168,8 @@ def train_worker(config: dict) -> None:
     optimizer = torch.optim.SGD(parameter_groups(model, spec.optimizer.weight_decay), lr=0.0,
                                 momentum=spec.optimizer.momentum, nesterov=spec.optimizer.nesterov)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=spec.training.amp == "fp16")
-    start_epoch, history, best_top1 = 0, [], -1.0
+    # steps: optimizer steps in this model's lineage; stops: the preemptions and cancels it went through
+    start_epoch, history, best_top1, steps, stops, partial = 0, [], -1.0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -161,19 +177,51 @@ def train_worker(config: dict) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, history, best_top1 = state["epoch"] + 1, state["history"], state["best_top1"]
+        history, best_top1, partial = state["history"], state["best_top1"], state.get("partial")
+        steps, stops = state.get("steps", 0), state.get("stops", [])
+        start_epoch = state["epoch"] + (0 if partial else 1)  # a stop's checkpoint holds part of its epoch
+        if partial and rank == 0:
+            log.info("resuming epoch %d at step %d of %d", start_epoch + 1, partial["step"], len(train_loader))
+    watch = StopWatch(config.get("stop_file"), rank, world_size)
     logger = None
     if rank == 0:
         logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"], spec.tracking.system_metrics_interval_s)
     if logger:
         logger.log_model_size(unwrap(model))
         logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
-    sample = None
 
+    def state_at(epoch: int, partial: dict | None = None) -> dict:
+        """What a checkpoint holds: after ``epoch``, or, with ``partial``, ``partial["step"]`` steps into it."""
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "partial": partial, "history": history, "best_top1": best_top1, "steps": steps,
+                "stops": stops, "spec": spec.model_dump(mode="json")}  # fmt: skip
+
+    sample = None
     for epoch in range(start_epoch, spec.training.epochs):
         train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
-        _fail_once_if_asked(epoch, rank, world_size)
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size)
+        epoch_order(train_loader, epoch)
+        trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size,
+                                  resume=partial if epoch == start_epoch else None, watch=watch)  # fmt: skip
+        steps += trained["steps"]
+        stop = trained["stop"]
+        if stop:
+            stops.append({"reason": stop.reason, "epoch": epoch, "step": stop.at_step - epoch * len(train_loader),
+                          "at_step": stop.at_step, "requested_at_step": stop.requested_at_step,
+                          "check_every": stop.check_every})  # fmt: skip
+            if rank == 0:
+                log.warning("%s: stopping at epoch %d step %d (global step %d, asked at %d)", stop.reason, epoch + 1,
+                            stops[-1]["step"], stop.at_step, stop.requested_at_step)  # fmt: skip
+        if trained["partial"]:  # stopped mid-epoch: checkpoint the steps done, finish the epoch after a restart
+            with tempfile.TemporaryDirectory() as directory:
+                saved = None
+                if rank == 0:
+                    torch.save(state_at(epoch, trained["partial"]), Path(directory) / CHECKPOINT_FILE)
+                    saved = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report({"epoch": epoch, "step": trained["partial"]["step"], "stop": stop.reason},
+                                 checkpoint=saved)  # fmt: skip
+                if logger:
+                    logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
+            return stopped(stop, logger)
         last = epoch == spec.training.epochs - 1
         validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0)
         sample = validated["sample"]
@@ -193,27 +241,40 @@ def train_worker(config: dict) -> None:
         history.append(metrics)
         improved = metrics["val/top1"] > best_top1
         best_top1 = max(best_top1, metrics["val/top1"])
+        # Ray keeps the last `checkpoint.keep` of these (restart points); MLflow holds the latest as
+        # checkpoints/last and the best epoch's as checkpoints/best, written whenever an epoch improves.
+        scheduled = (epoch + 1) % spec.checkpoint.every_epochs == 0 or last or stop is not None
         with tempfile.TemporaryDirectory() as directory:
-            saved = None
-            if rank == 0 and ((epoch + 1) % spec.checkpoint.every_epochs == 0 or last):
-                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "best_top1": best_top1,
-                         "spec": spec.model_dump(mode="json")}  # fmt: skip
-                torch.save(state, Path(directory) / CHECKPOINT_FILE)
-                saved = ray.train.Checkpoint.from_directory(directory)
+            path, saved = Path(directory) / CHECKPOINT_FILE, None
+            if rank == 0 and (scheduled or improved):
+                torch.save(state_at(epoch), path)
+                if scheduled:
+                    saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
             if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
                 log.info(progress_line(metrics, spec.training.epochs))
             if logger:
                 logger.log_epochs(history)
-                if saved is not None:
-                    logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
-                    if improved:
-                        logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "best")
+                if scheduled:
+                    logger.log_checkpoint(path, "last")
+                if improved:
+                    logger.log_checkpoint(path, "best")
+        if stop and not last:
+            return stopped(stop, logger)
     if logger:
         if sample is not None:
             logger.log_attention_maps(unwrap(model), *sample)
         logger.finish(unwrap(model))
+
+
+def stopped(stop: Stop, logger: RunLogger | None) -> None:
+    """After a stop's checkpoint: a cancel ends the run KILLED and returns (the driver ends too); a preemption fails
+    on purpose, so Ray Train restarts the workers from that checkpoint."""
+    if stop.reason == "cancelled":
+        if logger:
+            logger.end("KILLED")
+        return
+    raise Preempted(f"SIGTERM: checkpoint at global step {stop.at_step}, resuming from it")
 
 
 def progress_line(metrics: dict, epochs: int) -> str:

@@ -1,12 +1,14 @@
 """The entry point Ray Jobs executes: ``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N]``."""
 
 import argparse
+import signal
 import sys
 
 from pydantic import ValidationError
 
 from training.config import JobSpec
 from training.launch import launch
+from training.stop import Cancelled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +48,13 @@ def run(path: str, job_id: str | None, workers: int | None = None, epochs: int |
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result = launch(spec, job_id)
+    try:
+        result = launch(spec, job_id)
+    except Cancelled as cancel:  # SIGTERM (Ray Jobs' stop_job): a checkpoint at a step boundary, the run KILLED
+        result = cancel.result
+        print(f"{result.job_id}: cancelled; checkpoint {result.checkpoint_path}; MLflow run {result.mlflow_run_id} "
+              f"KILLED at {result.mlflow_uri}")  # fmt: skip
+        return 128 + signal.SIGTERM
     top1, top5 = result.metrics.get("val/top1", float("nan")), result.metrics.get("val/top5", float("nan"))
     print(f"{result.job_id}: {spec.training.epochs} epochs, val/top1 {top1:.4f}, val/top5 {top5:.4f}; "
           f"MLflow run {result.mlflow_run_id} at {result.mlflow_uri}")  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from san.attention import IncompatibleConfiguration, attention_modules
-from training.config import JobSpec, ModelSection, Section
+from training.config import FiniteJson, JobSpec, ModelSection, Section, Seed
 from training.data.catalog import CATALOG
 
 # Set by the study for every child, so never an axis: seeds come from ``seeds``, tracking from the study.
@@ -47,7 +47,7 @@ class StudyError(ValueError):
 class PaperCell(Section):
     """One of the paper's figures, for the cells whose axis values include ``match`` (a value or its label)."""
 
-    match: dict[str, Any]
+    match: dict[str, FiniteJson]
     top1: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)  # percent, as printed
     top5: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
 
@@ -63,11 +63,11 @@ class StudySpec(Section):
     name: str = Field(default="study", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = Field(default="", max_length=2000)
     base: JobSpec = Field(default_factory=JobSpec)
-    axes: dict[str, list[Any]] = Field(default_factory=dict)  # in order: the first axis varies slowest
+    axes: dict[str, list[FiniteJson]] = Field(default_factory=dict)  # in order: the first axis varies slowest
     labels: dict[str, list[str]] = Field(default_factory=dict)  # display labels, one per axis value
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
     # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
-    baseline: dict[str, Any] | None = None
+    baseline: dict[str, FiniteJson] | None = None
     paper: PaperFigures | None = None
 
     @field_validator("axes")

@@ -55,10 +55,15 @@ def ensure_experiment(client: MlflowClient, name: str, storage_root: Path) -> st
 
 def create_run(spec: JobSpec, storage_root: Path, job_id: str, ray_run_name: str) -> tuple[str, str]:
     """In the driver: the experiment (with an explicit artifact location, so every process agrees on paths) and a
-    run holding the flat spec as params and the job's tags. Returns (tracking URI, run id)."""
+    run holding the flat spec as params and the job's tags — or, for a job id that has a run already, that run,
+    which the resumed training continues. Returns (tracking URI, run id)."""
     uri = tracking_uri(spec, storage_root)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, spec.experiment, storage_root)
+    earlier = client.search_runs([experiment_id], f"tags.`san.job_id` = '{job_id}'", max_results=1)
+    if earlier:  # the same job again (the service resubmitted it after its cluster was lost): the same run
+        client.update_run(earlier[0].info.run_id, status="RUNNING")
+        return uri, earlier[0].info.run_id
     tags = {**spec.tracking.tags, "san.job_id": job_id, "git.commit": git_commit(), "ray.run_name": ray_run_name}
     run = client.create_run(experiment_id, run_name=spec.run_name, tags=tags)
     params = [Param(key, value[:6000]) for key, value in spec.flat().items()]
@@ -131,6 +136,15 @@ class RunLogger:
         torch_pin = f"torch=={torch.__version__.split('+')[0]}"
         mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
         mlflow.end_run("FINISHED")
+
+    def end(self, status: str) -> None:
+        """End the run with ``status`` without a final model (a cancel: ``KILLED``); system metrics stop too."""
+        mlflow.end_run(status)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """In the driver: end the job's run as ``FAILED`` or ``KILLED`` (the workers cannot, once they are gone)."""
+    MlflowClient(uri).set_terminated(run_id, status)
 
 
 RUN_STATES = {"FINISHED": "succeeded", "RUNNING": "running", "SCHEDULED": "queued", "FAILED": "failed",

@@ -1,9 +1,14 @@
-"""``/healthz`` (the process answers; no token needed) and ``/readyz`` (database, Ray and MLflow reachable)."""
+"""``/healthz`` (the process answers; no token needed) and ``/readyz`` (database, Ray and MLflow reachable).
+
+``/readyz`` needs no token either, and then says only ``ok`` or ``error`` per dependency: its details (the MLflow
+URI, Ray's version, an error's text, which may hold an address) go only to a caller with a known token."""
 
 import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+from service.auth import known_principal
 
 router = APIRouter(tags=["health"])
 
@@ -34,5 +39,7 @@ async def readyz(request: Request) -> JSONResponse:
         asyncio.to_thread(check, mlflow),
     )
     checks = dict(zip(("database", "ray", "mlflow"), results, strict=True))
+    if known_principal(request) is None:
+        checks = {name: {"status": check["status"]} for name, check in checks.items()}
     ready = all(c["status"] == "ok" for c in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

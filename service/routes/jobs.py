@@ -1,8 +1,10 @@
 """``/v1/jobs``: submit, list, show, cancel, logs and per-epoch metrics. Another principal's job is a 404."""
 
+import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -14,6 +16,8 @@ from service.ray_jobs import RayUnavailable
 from service.store import ACTIVE, TERMINAL, IdempotencyConflict, Job, State
 from service.validation import Rejected, admit
 from training.config import JobSpec
+
+T = TypeVar("T")
 
 log = logging.getLogger("san.service")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -66,6 +70,14 @@ def summary(job: Job) -> JobView:
                    error=job.error, mlflow_run_id=job.mlflow_run_id)  # fmt: skip
 
 
+async def stored(request: Request, call: Callable[..., T], *args: Any) -> T:
+    """A store call from an async route: on the event loop for a local SQLite file (microseconds; a thread hop
+    costs more), in a thread for PostgreSQL, whose network round trips must not hold every other request."""
+    if request.app.state.store.local:
+        return call(*args)
+    return await asyncio.to_thread(call, *args)
+
+
 def owned(request: Request, job_id: str, principal: str) -> Job:
     job = request.app.state.store.get(job_id, principal)
     if job is None:
@@ -77,10 +89,9 @@ def reconciled(request: Request, job: Job) -> Job:
     """The job with its state checked against Ray (on read, as on startup)."""
     if job.status in ACTIVE:
         try:
-            request.app.state.dispatcher.reconcile(job)
+            return request.app.state.dispatcher.reconcile_now(job)
         except RayUnavailable as error:
             log.warning("reconcile %s: %s", job.id, error)
-        job = request.app.state.store.get(job.id) or job
     return job
 
 
@@ -161,14 +172,14 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> JobList:
     """This principal's jobs, newest first."""
-    jobs, total = request.app.state.store.page(principal, status, limit, offset)
+    jobs, total = await stored(request, request.app.state.store.page, principal, status, limit, offset)
     return JobList(items=[summary(job) for job in jobs], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobView)
 async def show_job(job_id: str, request: Request, principal: Principal) -> JobView:
     """Status, progress (epoch k of N, ETA), latest metrics, the MLflow run and its link, timestamps, error."""
-    job = owned(request, job_id, principal)  # a local read: on the event loop
+    job = await stored(request, owned, request, job_id, principal)
     if job.status == "queued":
         return summary(job)
     return await run_in_threadpool(lambda: detailed(request, reconciled(request, job)))  # Ray and MLflow calls

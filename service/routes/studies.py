@@ -71,7 +71,7 @@ def view(request: Request, study: Study, with_table: bool = False) -> StudyView:
                     merged_cells=found.merged)  # fmt: skip
     if with_table:
         try:
-            out.table = table_of(study, studies, request.app.state.settings.studies_dir())
+            out.table = table_of(study, studies, request.app.state.settings)
         except Exception as error:  # MLflow down: the view goes without its table
             log.warning("table of %s: %s", study.id, error)
     return out
@@ -167,7 +167,7 @@ def study_table(
     """The table so far: JSON, Markdown in the paper's layout, or CSV."""
     study = owned(request, study_id, principal)
     try:
-        table = table_of(study, request.app.state.studies, request.app.state.settings.studies_dir())
+        table = table_of(study, request.app.state.studies, request.app.state.settings)
     except Exception as error:
         raise HTTPException(503, detail=f"cannot read the study's runs from MLflow: {error}") from None
     if format == "json":
