@@ -37,6 +37,18 @@ def wait_until(probe, timeout_s: float, what: str, interval_s: float = 0.3):
     raise TimeoutError(f"{what} not within {timeout_s:.0f} s")
 
 
+def wait_for_job(client: httpx.Client, job_id: str, until, timeout_s: float = 300) -> dict:
+    """The job's view once ``until`` holds: a set of states, or a predicate on the view."""
+    done = until if callable(until) else lambda job: job["status"] in until
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"{job_id} still {job['status']} after {timeout_s:.0f} s")
+
+
 def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
     if process.poll() is not None:
         return

@@ -18,21 +18,11 @@ import torch
 from mlflow import MlflowClient
 
 from service.stack import LocalStack, StackState, group_members
-from tests.slices import SLICE_PATHS, build_fmnist_slices
+from tests.services import wait_for_job
+from tests.slices import build_fmnist_slices, slice_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 SAN = str(Path(sys.executable).parent / "san")
-
-
-def spec(epochs: int) -> dict:
-    return {
-        "model": {"name": "lenet5", "attention": "san-c"},
-        "data": SLICE_PATHS,
-        "training": {"epochs": epochs, "batch_size": 32},
-        "validation": {"batch_size": 128},
-        "lr": {"lr": 0.2, "peak_epoch": 1},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +48,6 @@ def ray_get(state: StackState, path: str, **params) -> dict:
     return response.json()
 
 
-def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout_s: float = 400) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(1)
-    raise TimeoutError(f"{job_id} still {job['status']} after {timeout_s:.0f} s, not in {states}")
-
-
 def train_workers(state: StackState, job_id: str, alive_only: bool = False) -> list[dict]:
     """The job's Ray Train worker actors (the State API), by the Ray job id behind the submission id; none while the
     service has not submitted it yet."""
@@ -87,9 +67,9 @@ def test_a_rest_job_spans_both_nodes_tracks_in_postgresql_and_its_checkpoint_is_
     nodes = ray_get(state, "/api/v0/nodes", detail=1)["data"]["result"]["result"]
     assert sorted(n["resources_total"]["CPU"] for n in nodes if n["state"] == "ALIVE") == [1.0, 1.0]
     with api(state) as client:
-        response = client.post("/v1/jobs", json=spec(epochs=1))
+        response = client.post("/v1/jobs", json=slice_job(epochs=1, num_workers=2))
         assert response.status_code == 201, response.text
-        job = wait_for(client, response.json()["id"], {"succeeded", "failed", "cancelled"})
+        job = wait_for_job(client, response.json()["id"], {"succeeded", "failed", "cancelled"}, 400)
     assert job["status"] == "succeeded", job
 
     workers = train_workers(state, job["id"])
@@ -117,7 +97,7 @@ def test_a_rest_job_spans_both_nodes_tracks_in_postgresql_and_its_checkpoint_is_
 def test_a_node_lost_mid_job_ends_it_failed_with_rays_reason_and_nothing_hangs(stack):
     _, state = stack
     with api(state) as client:
-        response = client.post("/v1/jobs", json=spec(epochs=200))
+        response = client.post("/v1/jobs", json=slice_job(epochs=200, num_workers=2))
         assert response.status_code == 201, response.text
         job_id = response.json()["id"]
         deadline = time.monotonic() + 300
@@ -131,7 +111,7 @@ def test_a_node_lost_mid_job_ends_it_failed_with_rays_reason_and_nothing_hangs(s
         raylets[0].send_signal(signal.SIGKILL)
         # One worker group restart is allowed (checkpoint.max_failures=1); neither it nor a retry can place 2
         # workers on the 1 CPU left, so each attempt times out (60 s) and the job fails instead of waiting.
-        job = wait_for(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=420)
+        job = wait_for_job(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=420)
     assert job["status"] == "failed", job
     assert "waiting for 2 workers" in (job["error"] or ""), job["error"]
 

@@ -12,31 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.ray_jobs import LocalRayHead
-from tests.services import TOKENS, Service, free_port, mlflow_server, stop_group
-from tests.slices import SLICE_PATHS, build_fmnist_slices
+from tests.services import TOKENS, Service, free_port, mlflow_server, stop_group, wait_for_job
+from tests.slices import build_fmnist_slices, slice_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
-
-
-def spec(epochs: int) -> dict:
-    return {
-        "model": {"name": "lenet5", "attention": "san-c"},
-        "data": SLICE_PATHS,
-        "training": {"epochs": epochs, "batch_size": 32},
-        "validation": {"batch_size": 128},
-        "lr": {"lr": 0.2, "peak_epoch": 1},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-    }
-
-
-def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 400) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if done(job):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"{job_id}: {job['status']} after {timeout_s:.0f} s")
 
 
 def test_a_job_whose_ray_head_is_lost_resumes_on_a_new_head_into_the_same_mlflow_run(tmp_path):
@@ -48,13 +27,13 @@ def test_a_job_whose_ray_head_is_lost_resumes_on_a_new_head_into_the_same_mlflow
     service = Service(tmp_path, ray_address=head.address, mlflow_uri=mlflow_url).start()
     try:
         with service.client() as alice:
-            job_id = alice.post("/v1/jobs", json=spec(epochs=5)).json()["id"]
-            wait_for(alice, job_id, lambda job: (job.get("progress") or {}).get("epoch", 0) >= 2)
+            job_id = alice.post("/v1/jobs", json=slice_job(epochs=5)).json()["id"]
+            wait_for_job(alice, job_id, lambda job: (job.get("progress") or {}).get("epoch", 0) >= 2, 400)
             os.killpg(head.process.pid, signal.SIGKILL)  # the head, its driver and its workers: all gone at once
             head.process.wait()
             head = LocalRayHead(port, dashboard, num_cpus=2)  # an empty cluster where the old one was
             head.start()
-            job = wait_for(alice, job_id, lambda job: job["status"] in ("succeeded", "failed", "cancelled"))
+            job = wait_for_job(alice, job_id, {"succeeded", "failed", "cancelled"}, 400)
             history = alice.get(f"/v1/jobs/{job_id}/metrics").json()
         assert job["status"] == "succeeded", job["error"]
         states = [t["status"] for t in job["transitions"]]
@@ -84,7 +63,7 @@ def test_the_api_killed_during_a_burst_of_posts_keeps_every_acknowledged_job_onc
     def post(number: int) -> tuple[int, str | None]:
         key = {"Idempotency-Key": f"burst-{number}"} if number % 2 else {}
         try:
-            response = httpx.post(f"{service.url}/v1/jobs", json=spec(1), headers=headers | key, timeout=10)
+            response = httpx.post(f"{service.url}/v1/jobs", json=slice_job(1), headers=headers | key, timeout=10)
         except httpx.HTTPError:
             return number, None
         assert response.status_code in (200, 201), response.text
@@ -105,7 +84,7 @@ def test_the_api_killed_during_a_burst_of_posts_keeps_every_acknowledged_job_onc
             assert set(acknowledged.values()) <= stored  # every 201 was a promise kept
             # A client retries what was not answered, with the same key: one job per key, never two.
             for number in range(1, 400, 2):
-                response = alice.post("/v1/jobs", json=spec(1), headers={"Idempotency-Key": f"burst-{number}"})
+                response = alice.post("/v1/jobs", json=slice_job(1), headers={"Idempotency-Key": f"burst-{number}"})
                 assert response.status_code in (200, 201)
                 if number in acknowledged:
                     assert (response.status_code, response.json()["id"]) == (200, acknowledged[number])

@@ -15,7 +15,7 @@ from san.masks import capture_masks
 from service.queue import Dispatcher
 from service.ray_jobs import LocalRayHead, RayJobs, RayRefused, RayUnavailable, auth_token
 from service.store import JobStore
-from tests.services import Service, free_port, mlflow_server, stop_group
+from tests.services import Service, free_port, mlflow_server, stop_group, wait_for_job
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
 from training.loop import CHECKPOINT_FILE
@@ -49,16 +49,6 @@ def stack(tmp_path_factory):
     head.stop()
 
 
-def wait_for(client, job_id: str, states: set[str], timeout_s: float = 300) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in states:
-            return job
-        time.sleep(1)
-    raise TimeoutError(f"{job_id} still {job['status']} after {timeout_s:.0f} s, not in {states}")
-
-
 def ray_jobs(head: LocalRayHead) -> RayJobs:
     return RayJobs(head.address, auth_token(None), "python", {})
 
@@ -67,7 +57,7 @@ def test_a_job_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
     service, head, mlflow_url = stack
     with service.client() as alice:
         job_id = alice.post("/v1/jobs", json=spec(2)).json()["id"]
-        job = wait_for(alice, job_id, {"succeeded", "failed", "cancelled"})
+        job = wait_for_job(alice, job_id, {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", job["error"]
         assert [t["status"] for t in job["transitions"]] == ["queued", "submitted", "running", "succeeded"]
         assert job["ray_submission_id"] == job_id and job["progress"]["epoch"] == job["progress"]["epochs"] == 2
@@ -106,7 +96,7 @@ def test_cancelling_a_queued_job_never_reaches_ray_and_a_running_one_is_stopped(
     with service.client() as alice:
         long_id = alice.post("/v1/jobs", json=spec(40)).json()["id"]
         queued_id = alice.post("/v1/jobs", json=spec(1)).json()["id"]
-        wait_for(alice, long_id, {"running"})
+        wait_for_job(alice, long_id, {"running"})
         assert alice.get(f"/v1/jobs/{queued_id}").json()["status"] == "queued"  # the limit is 1
         assert alice.post(f"/v1/jobs/{queued_id}/cancel").json()["status"] == "cancelled"
         assert ray.info(queued_id) is None
@@ -125,11 +115,11 @@ def test_a_job_survives_a_restart_of_the_api_and_ends_succeeded(stack):
     service, _, _ = stack
     with service.client() as alice:
         job_id = alice.post("/v1/jobs", json=spec(4)).json()["id"]
-        wait_for(alice, job_id, {"running"})
+        wait_for_job(alice, job_id, {"running"})
     service.restart()
     with service.client() as alice:
         assert job_id in {job["id"] for job in alice.get("/v1/jobs").json()["items"]}
-        job = wait_for(alice, job_id, {"succeeded", "failed", "cancelled"})
+        job = wait_for_job(alice, job_id, {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", job["error"]
         assert [row["epoch"] for row in alice.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]] == [0, 1, 2, 3]
 
@@ -258,7 +248,7 @@ def test_cancelling_a_study_stops_the_running_child_and_never_starts_the_others(
     with service.client() as alice:
         study = alice.post("/v1/studies", json=study_body(40, ["none", "cbam", "bam"], [0])).json()
         first, *others = study["job_ids"]
-        wait_for(alice, first, {"running"})
+        wait_for_job(alice, first, {"running"})
         cancelled = alice.post(f"/v1/studies/{study['id']}/cancel").json()
         assert cancelled["jobs"] == {"cancelled": 3} and cancelled["cancel_requested"]
         ended = wait_for_study(alice, study["id"], timeout_s=120)

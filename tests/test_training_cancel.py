@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from service.ray_jobs import LocalRayHead, RayJobs, auth_token, free_ports
 from tests.faults import checkpoints
+from tests.services import wait_until
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
 from training.loop import CHECKPOINT_FILE
@@ -20,15 +21,6 @@ from training.stop import stop_file
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
 
 STOP_WAIT_S = 60  # RAY_JOB_STOP_WAIT_TIME_S: Ray's default, 3 s, is shorter than a checkpoint through the controller
-
-
-def wait_until(probe, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := probe():
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} not within {timeout_s:.0f} s")
 
 
 def test_stop_job_checkpoints_at_a_step_boundary_and_ends_the_mlflow_run_killed(tmp_path):
