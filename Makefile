@@ -75,13 +75,11 @@ stack-status:
 image:
 	deploy/build-image.sh
 
+# Every benchmark, then BENCHMARKS.md (the machine, each command, each figure against its target); QUICK=1: the
+# small sizes, under 10 minutes on 2 cores. Each benchmark's rows and output are kept in bench/results/.
+QUICK ?=
 bench: setup
-	$(PY) bench/attention_overhead.py
-	$(PY) bench/loader.py
-	$(PY) bench/memory_format.py
-	$(PY) bench/ray_overhead.py
-	$(PY) bench/api_latency.py
-	$(PY) bench/api_latency.py --database postgresql
+	$(PY) bench/run_all.py $(if $(filter-out 0,$(QUICK)),--quick)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,25 +1,40 @@
 """What attention costs: train-step time as a ratio to the bare model, with params, FLOPs and memory.
 
 For each model and input size, every attention × placement (plus SAN with a depthwise smoothing conv, beyond the
-paper) runs forward + backward + SGD step on random data; the median step time after warm-up is divided by the
-bare model's, all in one process. A second table times SAN's soft-extrema weight α against its smoothing conv.
+paper) runs forward + backward + SGD step on random data, in rounds that visit every variant in turn (so drift on
+the machine hits all alike); a variant's step time is its median after warm-up, divided by the bare model's. The
+``fused`` rows are the modules as they run (the fused fast paths of `san.attention.fused`), the ``reference`` rows
+the step-by-step formulation (`san.attention.reference_formulation`) they are tested equal to. Memory is what
+autograd saves for backward (CPU) or the CUDA peak. Each model runs in the layout its CPU jobs use: lenet5
+channels-last (its preset's), the others NCHW (README: NCHW or channels-last on a CPU).
 
-    python bench/attention_overhead.py                 # the full table (several minutes on 2 cores)
-    python bench/attention_overhead.py --quick         # lenet5 and resnet18 at 64 px only
+Targets (issue 14): on lenet5 @28 b64 every module's time ≤ max(2.0, its FLOP ratio) and its saved memory ≤ 2.0×
+base; on resnet18 @224 bottleneck, SAN's memory ≤ 1.4× base and its time ≤ its FLOP ratio. A second table times
+SAN's soft-extrema weight α against its smoothing conv.
+
+    python bench/attention_overhead.py                 # the full table (tens of minutes on 2 cores)
+    python bench/attention_overhead.py --quick         # lenet5 @28 and resnet18 @224 bottleneck only
 """
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import Row, measured, parse_args, this_command, write_rows
+from san.attention import reference_formulation
 from san.attention.san import extrema_count
 from san.placement import PLACEMENTS
-from san.profile import model_stats
+from san.profile import ModelStats, model_stats
 from san.registry import build_model
 
 # (label, attention, attention_kwargs, placements). "dw": depthwise smoothing conv, beyond the paper; "k3": a 3x3
@@ -36,6 +51,7 @@ VARIANTS = [
     ("cbam", "cbam", {}, PLACEMENTS),
     ("bam", "bam", {}, PLACEMENTS),
 ]
+MODULES = ("san-c", "san-d", "cbam", "bam")  # the paper's modules, also timed in their reference formulation
 # (model, input size, batch size)
 CASES = [
     ("lenet5", 28, 64),
@@ -44,7 +60,11 @@ CASES = [
     ("resnet18", 224, 8),
     ("vgg16", 224, 8),
 ]
-QUICK_CASES = [("lenet5", 28, 64), ("resnet18", 64, 32)]
+QUICK_CASES = [("lenet5", 28, 64), ("resnet18", 224, 8)]
+QUICK_VARIANTS = {"lenet5": None, "resnet18": ("none", "san-c", "san-d", "cbam", "bam")}  # None: all
+CHANNELS_LAST = {"lenet5"}
+# Cases whose models all stay in memory at once, so rounds can interleave them; the others run one at a time.
+INTERLEAVED_PARAMS = 400_000_000
 
 
 def median_seconds(step: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -76,47 +96,145 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return sum(size for pointer, size in storages.items() if pointer not in params)
 
 
-def train_step_case(model_name: str, size: int, batch: int, device: torch.device, warmup: int, repeats: int):
+@dataclass
+class Variant:
+    label: str
+    placement: str
+    formulation: str  # "fused" (as the modules run) or "reference" (step by step)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stats: ModelStats
+    samples: list[float]
+    memory: int = 0
+
+
+def build_variants(model_name: str, size: int, device: torch.device, quick: bool) -> list[Variant]:
     stem = {} if model_name == "lenet5" else {"stem": "imagenet" if size >= 64 else "small"}
-    in_chans = 1 if model_name == "lenet5" else 3
-    x = torch.randn(batch, in_chans, size, size, device=device)
-    target = torch.randint(0, 10, (batch,), device=device)
-    rows = []
+    chosen = QUICK_VARIANTS.get(model_name) if quick else None
+    variants = []
     for label, attention, kwargs, placements in VARIANTS:
+        if chosen is not None and label not in chosen:
+            continue
         for placement in placements:
+            if chosen is not None and placement not in ("-", "bottleneck"):
+                continue
             model_kwargs = dict(attention=attention, placement="bottleneck" if placement == "-" else placement,
                                 attention_kwargs=kwargs, **stem)  # fmt: skip
-            torch.manual_seed(0)
-            model = build_model(model_name, 10, **model_kwargs).to(device)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            stats = model_stats(model_name, size, 10, **model_kwargs)
+            formulations = ("fused", "reference") if label in MODULES and placement == "bottleneck" else ("fused",)
+            for formulation in formulations:
+                torch.manual_seed(0)
+                model = build_model(model_name, 10, **model_kwargs).to(device)
+                if model_name in CHANNELS_LAST:
+                    model = model.to(memory_format=torch.channels_last)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                variants.append(Variant(label, placement, formulation, model, optimizer, stats, []))
+    return variants
 
-            def step(model=model, optimizer=optimizer) -> None:
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), target).backward()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
 
+def train_step_case(model_name: str, size: int, batch: int, device: torch.device, warmup: int, repeats: int,
+                    quick: bool) -> list[Variant]:  # fmt: skip
+    in_chans = 1 if model_name == "lenet5" else 3
+    x = torch.randn(batch, in_chans, size, size, device=device)
+    if model_name in CHANNELS_LAST:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (batch,), device=device)
+    variants = build_variants(model_name, size, device, quick)
+
+    def step(variant: Variant) -> None:
+        formulation = reference_formulation() if variant.formulation == "reference" else contextlib.nullcontext()
+        with formulation:
+            variant.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(variant.model(x), target).backward()
+            variant.optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(variant: Variant) -> None:
+        start = time.perf_counter()
+        step(variant)
+        variant.samples.append(time.perf_counter() - start)
+
+    total_params = sum(p.numel() for v in variants for p in v.model.parameters())
+    if total_params <= INTERLEAVED_PARAMS:
+        for variant in variants:
+            for _ in range(warmup):
+                step(variant)
+        for _ in range(repeats):
+            for variant in variants:
+                timed(variant)
+    else:
+        for variant in variants:
+            for _ in range(warmup):
+                step(variant)
+            for _ in range(repeats):
+                timed(variant)
+    for variant in variants:
+        formulation = reference_formulation() if variant.formulation == "reference" else contextlib.nullcontext()
+        with formulation:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = median_seconds(step, warmup, repeats)
-            memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else saved_activation_bytes(model, x)
-            stats = model_stats(model_name, size, 10, **model_kwargs)
-            rows.append((label, placement, seconds, stats, memory))
-            del model, optimizer
+                step(variant)
+                variant.memory = torch.cuda.max_memory_allocated()
+            else:
+                variant.memory = saved_activation_bytes(variant.model, x)
+        variant.model = variant.optimizer = None  # type: ignore[assignment]  # free it before the next case
+    return variants
+
+
+def targets(model_name: str, size: int, variant: Variant, flop_ratio: float) -> dict[str, tuple[str, float] | None]:
+    """The issue's targets for a fused variant's (time, memory) ratios; None where it sets none."""
+    if variant.formulation != "fused" or variant.label == "none":
+        return {"time": None, "memory": None}
+    if model_name == "lenet5" and variant.label in MODULES:
+        return {"time": ("<=", round(max(2.0, flop_ratio), 2)), "memory": ("<=", 2.0)}
+    if (model_name, size, variant.placement) == ("resnet18", 224, "bottleneck") and variant.label in ("san-c", "san-d"):
+        return {"time": ("<=", round(flop_ratio, 2)), "memory": ("<=", 1.4)}
+    return {"time": None, "memory": None}
+
+
+def case_rows(model_name: str, size: int, batch: int, variants: list[Variant], command: str) -> list[Row]:
+    base = variants[0]
+    base_time = statistics.median(base.samples)
+    case = f"{model_name} @{size} b{batch}"
+    rows = []
+    for variant in variants:
+        flop_ratio = variant.stats.flops / base.stats.flops
+        what = f"{case} · {variant.label} · {variant.placement} · {variant.formulation}"
+        goal = targets(model_name, size, variant, flop_ratio)
+        stats = variant.stats
+        note = f"FLOP ratio {flop_ratio:.2f}; params {stats.params:,} (attention {stats.attention_params:,})"
+        time_ratio = statistics.median(variant.samples) / base_time
+        if (
+            variant.formulation == "fused"
+            and variant.label != "none"
+            and time_ratio > flop_ratio
+            and goal["time"] is None
+        ):
+            note += "; time above FLOP ratio"
+        rows.append(measured("attention", f"{what} · step time", [t * 1e3 for t in variant.samples], "ms",
+                             baseline=f"bare {model_name}", ratio=time_ratio, target=goal["time"], note=note,
+                             command=command))  # fmt: skip
+        rows.append(Row("attention", f"{what} · saved activations", variant.memory / 2**20, "MiB",
+                        baseline=f"bare {model_name}", ratio=variant.memory / base.memory, target=goal["memory"],
+                        command=command))  # fmt: skip
     return rows
 
 
-def print_train_step_table(model_name: str, size: int, batch: int, rows) -> None:
-    base_seconds, base_stats, base_memory = rows[0][2], rows[0][3], rows[0][4]
+def print_train_step_table(model_name: str, size: int, batch: int, variants: list[Variant]) -> None:
+    base = variants[0]
+    base_seconds = statistics.median(base.samples)
     print(f"\n### {model_name} @ {size} px, batch {batch}\n")
-    print("| attention | placement | step ms | time × base | FLOPs × base | params | attn params | memory × base |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for label, placement, seconds, stats, memory in rows:
+    print(
+        "| attention | placement | path | step ms | time × base | FLOPs × base | params | attn params | memory × base |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        seconds = statistics.median(v.samples)
         print(
-            f"| {label} | {placement} | {seconds * 1e3:.1f} | {seconds / base_seconds:.2f} "
-            f"| {stats.flops / base_stats.flops:.2f} | {stats.params:,} | {stats.attention_params:,} "
-            f"| {memory / base_memory:.2f} |"
+            f"| {v.label} | {v.placement} | {v.formulation} | {seconds * 1e3:.1f} | {seconds / base_seconds:.2f} "
+            f"| {v.stats.flops / base.stats.flops:.2f} | {v.stats.params:,} | {v.stats.attention_params:,} "
+            f"| {v.memory / base.memory:.2f} |"
         )
 
 
@@ -149,20 +267,24 @@ def alpha_vs_conv(device: torch.device, warmup: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="lenet5 @ 28 and resnet18 @ 64 only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"warmup": 2, "repeats": 9})
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    command = this_command()
     print(f"device {device}, {args.threads} threads, torch {torch.__version__}; median of {args.repeats} steps")
     print("memory: CUDA peak allocated on GPU; on CPU, bytes autograd saves for backward (parameters excluded)")
     alpha_vs_conv(device, args.warmup, max(args.repeats, 10))
+    rows: list[Row] = []
     for model_name, size, batch in QUICK_CASES if args.quick else CASES:
-        rows = train_step_case(model_name, size, batch, device, args.warmup, args.repeats)
-        print_train_step_table(model_name, size, batch, rows)
+        variants = train_step_case(model_name, size, batch, device, args.warmup, args.repeats, args.quick)
+        print_train_step_table(model_name, size, batch, variants)
+        rows += case_rows(model_name, size, batch, variants, command)
+        if args.json:
+            write_rows(args.json, rows)  # after every case, so a cut-short run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ The raw rate is 2 processes doing nothing but decode the same files with PIL: th
 Two trees: real Fashion-MNIST upscaled to 64 px, and an ImageNet-like tree of random crops (up to 400×350) of the
 colour photos scikit-image bundles, whose JPEG sizes resemble ImageNet's.
 
-    python bench/loader.py [--images 4000] [--workers 2] [--epochs 4]
+    python bench/loader.py [--images 4000] [--workers 2] [--epochs 4] [--quick] [--json PATH]
 """
 
 import argparse
 import math
 import random
+import statistics
+import sys
 import tempfile
 import time
 from multiprocessing import get_context
@@ -30,6 +32,9 @@ from training.data.build import build_dataset
 from training.data.idx import read_idx_split
 from training.data.loaders import make_loader
 from training.data.writer import WriterOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import Row, measured, parse_args, this_command, write_rows
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -105,15 +110,17 @@ class PILFolder(Dataset):
         return pixels.float().sub_(self.mean).mul_(self.inverse_std), label
 
 
-def images_per_second(loader, epochs: int) -> float:
-    """Images/s over ``epochs`` epochs after one warm-up epoch."""
+def images_per_second(loader, epochs: int) -> list[float]:
+    """Images/s of each of ``epochs`` epochs after one warm-up epoch."""
     for _ in loader:
         pass
-    count, started = 0, time.perf_counter()
+    rates = []
     for _ in range(epochs):
+        count, started = 0, time.perf_counter()
         for images, _ in loader:
             count += len(images)
-    return count / (time.perf_counter() - started)
+        rates.append(count / (time.perf_counter() - started))
+    return rates
 
 
 def _decode(path: Path) -> int:
@@ -121,12 +128,15 @@ def _decode(path: Path) -> int:
         return np.asarray(image.convert("RGB")).shape[0]
 
 
-def raw_decode_rate(files: list[Path], workers: int) -> float:
+def raw_decode_rate(files: list[Path], workers: int, repeats: int) -> list[float]:
+    rates = []
     with get_context("fork").Pool(workers) as pool:
         pool.map(_decode, files[:64])
-        started = time.perf_counter()
-        pool.map(_decode, files, chunksize=32)
-        return len(files) / (time.perf_counter() - started)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            pool.map(_decode, files, chunksize=32)
+            rates.append(len(files) / (time.perf_counter() - started))
+    return rates
 
 
 def compare(name: str, root: Path, out: Path, size: int, args) -> dict:
@@ -140,7 +150,7 @@ def compare(name: str, root: Path, out: Path, size: int, args) -> dict:
     pil = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                      num_workers=args.workers, persistent_workers=True)  # fmt: skip
     pil_rate = images_per_second(pil, args.epochs)
-    raw = raw_decode_rate([path for path, _ in files], args.workers)
+    raw = raw_decode_rate([path for path, _ in files], args.workers, args.epochs)
     mean_kib = sum(path.stat().st_size for path, _ in files) / len(files) / 1024
     return {
         "tree": name,
@@ -159,7 +169,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"images": 2000, "epochs": 3})
     rows = []
     with tempfile.TemporaryDirectory() as temp:
         temp = Path(temp)
@@ -172,8 +182,31 @@ def main() -> None:
           "| raw decode img/s | FFCV / raw |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tree']} | {r['images']:,} | {r['kib']:.1f} | {r['size']} | {r['ffcv']:,.0f} | {r['pil']:,.0f} "
-              f"| {r['ffcv'] / r['pil']:.2f} | {r['raw']:,.0f} | {r['ffcv'] / r['raw']:.2f} |")  # fmt: skip
+        ffcv, pil, raw = (statistics.median(r[key]) for key in ("ffcv", "pil", "raw"))
+        print(f"| {r['tree']} | {r['images']:,} | {r['kib']:.1f} | {r['size']} | {ffcv:,.0f} | {pil:,.0f} "
+              f"| {ffcv / pil:.2f} | {raw:,.0f} | {ffcv / raw:.2f} |")  # fmt: skip
+    if args.json:
+        write_rows(args.json, report_rows(rows, args))
+
+
+def report_rows(rows: list[dict], args) -> list[Row]:
+    """Per tree: FFCV against the PIL DataLoader and against the raw decode rate, and both of those; medians of
+    the epochs (the raw rate: of as many passes) with their min–max."""
+    out, command = [], this_command()
+    setup = f"{args.workers} workers, batch {args.batch_size}"
+    for r in rows:
+        tree, about = f"{r['size']} px", f"{r['tree']}: {r['images']:,} images, mean JPEG {r['kib']:.1f} KiB"
+        ffcv, pil, raw = (statistics.median(r[key]) for key in ("ffcv", "pil", "raw"))
+        out += [
+            measured("loader", f"{tree} · FFCV vs PIL", r["ffcv"], "img/s", baseline="PIL DataLoader, same work",
+                     ratio=ffcv / pil, note=f"{about}; {setup}", command=command),
+            measured("loader", f"{tree} · FFCV vs raw decode", r["ffcv"], "img/s", ratio=ffcv / raw,
+                     baseline=f"raw PIL decode, {args.workers} processes", note="the machine's decode limit",
+                     command=command),
+            measured("loader", f"{tree} · PIL DataLoader", r["pil"], "img/s", command=command),
+            measured("loader", f"{tree} · raw PIL decode", r["raw"], "img/s", command=command),
+        ]  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

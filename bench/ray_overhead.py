@@ -1,21 +1,24 @@
 """What Ray Train costs and what a second worker buys, on the same lenet5 (or resnet18) + SAN-c job over
 Fashion-MNIST.
 
-1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker.
-2. Throughput of 2 Ray workers × 1 thread vs 1 Ray worker × 1 thread, ``--repeats`` times in alternating order
-   (1-2, 2-1, ...: run-to-run noise here is up to 10 %, so one pair of runs proves little); of 2 plain processes in
-   a gloo DDP group (no Ray) vs the plain loop: what the per-step gradient all-reduce costs without Ray; and of the
-   same 2 processes with no gradient sync (each trains its own copy): the ceiling this machine sets.
+1. Epoch time of a plain loop (``train_one_epoch`` in this process, no Ray) vs the same job on 1 Ray worker
+   (target: ≤ 1.05×).
+2. Throughput of 2 Ray workers × 1 thread vs 2 plain processes in a gloo DDP group (no Ray; target: ≥ 0.97×, Ray
+   adds nothing over DDP) and vs 1 Ray worker × 1 thread; of the DDP group vs the plain loop: what the per-step
+   gradient all-reduce costs without Ray; and of the same 2 processes with no gradient sync (each trains its own
+   copy): the ceiling this machine sets. The plain loop, the DDP group and the 1- and 2-worker Ray runs each run
+   ``--repeats`` times in alternating order (run-to-run noise here is up to 10 %, so one run proves little).
 3. The latency of one blocking gloo all-reduce of the model's gradient between 2 idle processes (p50 and p90): the
    floor under every DDP step's wait.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
-                                 [--repeats 3]
+                                 [--repeats 3] [--quick] [--json PATH]
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +38,7 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import Row, measured, parse_args, this_command, write_rows
 from tests.services import free_port  # the tests' helper
 
 
@@ -78,12 +82,13 @@ def _ddp_process(rank: int, world: int, port: int, spec: JobSpec, data: Path, ou
     dist.destroy_process_group()
 
 
-def plain_ddp_rate(spec: JobSpec, data: Path, temp: Path, sync: bool = True) -> float:
-    """Images/s of 2 plain processes in a gloo DDP group, no Ray: what DDP itself costs on this machine. Without
-    ``sync`` no gradient is all-reduced: the most two processes that share this machine can do."""
+def plain_ddp_rates(spec: JobSpec, data: Path, temp: Path, sync: bool = True) -> list[float]:
+    """Images/s of each epoch after the first of 2 plain processes in a gloo DDP group, no Ray: what DDP itself
+    costs on this machine. Without ``sync`` no gradient is all-reduced: the most two processes that share this
+    machine can do."""
     out = temp / "ddp.json"
     mp.spawn(_ddp_process, args=(2, free_port(), spec, data, out, sync), nprocs=2)
-    return statistics.median(json.loads(out.read_text())[1:])
+    return json.loads(out.read_text())[1:]
 
 
 def _allreduce_process(rank: int, world: int, port: int, numel: int, calls: int, out: Path) -> None:
@@ -127,8 +132,8 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
-    parser.add_argument("--repeats", type=int, default=3, help="pairs of 1- and 2-worker Ray runs")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each: plain, DDP, 1 and 2 Ray workers")
+    args = parse_args(parser, quick={"images": 6000, "epochs": 3, "repeats": 1})
     channels_last = args.memory_format == "channels-last" or (args.memory_format == "auto" and args.model == "lenet5")
     job = (args.epochs, args.batch_size, args.model, channels_last)
     with tempfile.TemporaryDirectory() as temp:
@@ -136,21 +141,31 @@ def main() -> None:
         build_dataset("fashion-mnist", None, data / "fmnist", WriterOptions(num_workers=2, subset=args.images))
         gradient = sum(p.numel() for p in spec_for(1, *job).build_model(10, 1).parameters())
         latency = allreduce_latency(gradient, Path(temp))
-        plain = statistics.median([e["seconds"] for e in plain_epochs(spec_for(1, *job), data)][1:])
-        ddp = plain_ddp_rate(spec_for(2, *job), data, Path(temp))
-        unsynced = plain_ddp_rate(spec_for(2, *job), data, Path(temp), sync=False)
-        times: dict[int, list[float]] = {1: [], 2: []}
-        rates: dict[int, list[float]] = {1: [], 2: []}
+        unsynced = statistics.median(plain_ddp_rates(spec_for(2, *job), data, Path(temp), sync=False))
+        # Every epoch after each run's first: "plain" and 1, 2 (Ray workers) by epoch time and rate, "ddp" by rate.
+        times: dict[int | str, list[float]] = {"plain": [], 1: [], 2: []}
+        rates: dict[int | str, list[float]] = {"plain": [], "ddp": [], 1: [], 2: []}
+        pairs = []  # per repeat: the 2-worker rate over the 1-worker rate
         for repeat in range(args.repeats):
-            for workers in (1, 2) if repeat % 2 == 0 else (2, 1):
-                epoch_s, img_s = ray_epochs(spec_for(workers, *job), data, runs, f"w{workers}-r{repeat}")
-                times[workers].append(statistics.median(epoch_s[1:]))
-                rates[workers].append(statistics.median(img_s[1:]))
+            for run in ("plain", "ddp", 1, 2) if repeat % 2 == 0 else (2, 1, "ddp", "plain"):
+                if run == "plain":
+                    epochs = plain_epochs(spec_for(1, *job), data)[1:]
+                    times[run] += [e["seconds"] for e in epochs]
+                    rates[run] += [e["images"] / e["seconds"] for e in epochs]
+                elif run == "ddp":
+                    rates[run] += plain_ddp_rates(spec_for(2, *job), data, Path(temp))
+                else:
+                    epoch_s, img_s = ray_epochs(spec_for(run, *job), data, runs, f"w{run}-r{repeat}")
+                    times[run] += epoch_s[1:]
+                    rates[run] += img_s[1:]
+            per_run = args.epochs - 1
+            pairs.append(statistics.median(rates[2][-per_run:]) / statistics.median(rates[1][-per_run:]))
         ray.shutdown()
-    ratios = [two / one for one, two in zip(rates[1], rates[2], strict=True)]
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    plain = statistics.median(times["plain"])
     print(f"\n{args.model} + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
-          f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker; Ray rows: median of "
-          f"{args.repeats} runs each (min–max)\n")  # fmt: skip
+          f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker; {args.repeats} runs of each: the "
+          "median (min–max) of every epoch after each run's first\n")  # fmt: skip
 
     def spread(values: list[float], fmt: str) -> str:
         return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
@@ -159,16 +174,48 @@ def main() -> None:
     print("|---|---:|")
     print(f"| gloo all-reduce of the {gradient:,}-float gradient, 2 idle processes: p50 / p90 ms | "
           f"{latency[0] * 1000:.2f} / {latency[1] * 1000:.2f} |")  # fmt: skip
-    print(f"| plain loop epoch s | {plain:.2f} |")
+    print(f"| plain loop epoch s | {spread(times['plain'], '.2f')} |")
     print(f"| 1 Ray worker epoch s | {spread(times[1], '.2f')} |")
     print(f"| Ray / plain | {statistics.median(times[1]) / plain:.3f} |")
     print(f"| 1 worker img/s | {spread(rates[1], ',.0f')} |")
     print(f"| 2 workers img/s | {spread(rates[2], ',.0f')} |")
-    print(f"| 2 workers / 1 worker (run pairs) | {spread(ratios, '.2f')} |")
-    print(f"| 2 plain DDP processes (no Ray) img/s | {ddp:,.0f} |")
-    print(f"| 2 plain DDP / 1 plain loop | {ddp / (args.images / plain):.2f} |")
+    print(f"| 2 workers / 1 worker (run pairs) | {spread(pairs, '.2f')} |")
+    print(f"| 2 plain DDP processes (no Ray) img/s | {spread(rates['ddp'], ',.0f')} |")
+    print(f"| 2 Ray workers / 2 plain DDP | {median[2] / median['ddp']:.3f} |")
+    print(f"| 2 plain DDP / 1 plain loop | {median['ddp'] / median['plain']:.2f} |")
     print(f"| 2 plain processes, no gradient sync, img/s | {unsynced:,.0f} |")
-    print(f"| 2 plain, no sync / 1 plain loop | {unsynced / (args.images / plain):.2f} |")
+    print(f"| 2 plain, no sync / 1 plain loop | {unsynced / median['plain']:.2f} |")
+    if args.json:
+        write_rows(args.json, report_rows(times, rates, pairs, unsynced, latency, gradient, channels_last, args))
+
+
+def report_rows(times, rates, pairs: list[float], unsynced: float, latency: tuple[float, float], gradient: int,
+                channels_last: bool, args) -> list[Row]:  # fmt: skip
+    """Ray against what it wraps: 1 worker against the plain loop, 2 workers against plain DDP; the 2-worker
+    speed-up beside this machine's core count, which bounds it."""
+    command, cores = this_command(), os.cpu_count()
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    job = (f"{args.model} + san-c, {args.images:,} images, batch {args.batch_size} per worker, "
+           f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker")  # fmt: skip
+    ceiling = unsynced / median["plain"]
+    return [
+        measured("ray", "plain loop (no Ray) · epoch", times["plain"], "s", note=job, command=command),
+        measured("ray", "1 Ray worker · epoch", times[1], "s", baseline="plain loop (no Ray)",
+                 ratio=statistics.median(times[1]) / statistics.median(times["plain"]), target=("<=", 1.05),
+                 command=command),
+        measured("ray", "2 plain DDP processes (gloo, no Ray) · throughput", rates["ddp"], "img/s",
+                 baseline="plain loop", ratio=median["ddp"] / median["plain"], command=command),
+        measured("ray", "2 Ray workers · throughput", rates[2], "img/s", baseline="2 plain DDP processes (no Ray)",
+                 ratio=median[2] / median["ddp"], target=(">=", 0.97), note="Ray adds nothing over DDP",
+                 command=command),
+        measured("ray", "2 Ray workers vs 1 · throughput", pairs, "×", command=command,
+                 note=f"bounded by the machine's {cores} cores: 2 plain processes that never sync a gradient reach "
+                      f"{ceiling:.2f}× the plain loop"),
+        Row("ray", "2 plain processes, no gradient sync · throughput", unsynced, "img/s", baseline="plain loop",
+            ratio=ceiling, note="the most 2 training processes get from this machine", command=command),
+        Row("ray", f"gloo all-reduce of {gradient:,} floats, 2 idle processes · p50", latency[0] * 1e3, "ms",
+            note=f"p90 {latency[1] * 1e3:.2f} ms", command=command),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ from functools import partial
 from torch import nn
 
 from san.attention.bam import BAM
-from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap, attention_modules
+from san.attention.base import (
+    AttentionModule,
+    IncompatibleConfiguration,
+    Tap,
+    attention_modules,
+    reference_formulation,
+)
 from san.attention.cbam import CBAM
 from san.attention.san import SAN
 
@@ -71,4 +77,5 @@ __all__ = [
     "attention_class",
     "attention_modules",
     "create_attention",
+    "reference_formulation",
 ]

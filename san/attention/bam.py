@@ -4,6 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from san.attention.base import AttentionModule, Tap
+from san.attention.fused import conv_chain, residual_mask
 
 COMBINES = ("sum", "product")
 
@@ -45,6 +46,12 @@ class SpatialBranch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
 
+    def stages(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]]:
+        """The body as (conv, batch norm, activation) stages, for `conv_chain`."""
+        layers = list(self.body)
+        stages = [(layers[i], layers[i + 1], "relu") for i in range(0, len(layers) - 1, 3)]
+        return [*stages, (layers[-1], None, "identity")]
+
 
 class BAM(AttentionModule):
     """``x * (1 + M)`` with ``M = sigmoid(Mc + Ms)`` as the BAM paper writes it (``combine="sum"``).
@@ -64,6 +71,9 @@ class BAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_fast_path():
+            channel, spatial = self.channel(x), conv_chain(x, self.spatial.stages())
+            return residual_mask(x, channel, spatial, self.combine == "product")
         channel, spatial = self.channel(x), self.spatial(x)
         logits = channel + spatial if self.combine == "sum" else channel * spatial
         return x * (1 + self.mask(torch.sigmoid(logits)))

@@ -24,30 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap
+from san.attention.fused import extrema_count, san_mask
 
+RECOMPUTE_MACS = 1536  # multiply-adds per output of the smoothing conv, up to which the fast path recomputes it
 _ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-_NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
-
-
-@torch.no_grad()
-def extrema_count(doc: Tensor) -> Tensor:
-    """Eq 10's numerator: how many of the 3x3 window's cells (centre included) are <= the centre, per channel.
-
-    Returns a uint8 tensor shaped like ``doc`` with values in 1..9. Each of the 8 neighbour comparisons is made
-    on the sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is
-    "not smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
-    """
-    height, width = doc.shape[-2:]
-    count = torch.ones_like(doc, dtype=torch.uint8)
-    for dh, dw in _NEIGHBOUR_OFFSETS:
-        h0, h1 = max(0, -dh), height - max(0, dh)
-        w0, w1 = max(0, -dw), width - max(0, dw)
-        if h0 >= h1 or w0 >= w1:
-            continue
-        centre = doc[..., h0:h1, w0:w1]
-        neighbour = doc[..., h0 + dh : h1 + dh, w0 + dw : w1 + dw]
-        count[..., h0:h1, w0:w1] += centre >= neighbour
-    return count
 
 
 def soft_extrema_weight(doc: Tensor) -> Tensor:
@@ -113,6 +93,16 @@ class SAN(AttentionModule):
                 channels, channels, kernel_size, padding="same", dilation=dilation, groups=smoothing_groups
             )
             self.smooth_act = _ACTIVATIONS[smoothing_activation]()
+        self.smoothing_activation = smoothing_activation
+        # The fused path pads symmetrically: even kernels ("same" pads them unevenly) keep the stepwise path.
+        self._fast_conv = (
+            (dilation * (kernel_size - 1) // 2, dilation, smoothing_groups)
+            if kernel_size % 2 or not use_smoothing
+            else None
+        )
+        # The fast path's time/memory trade: a cheap smoothing conv (LeNet-size) is recomputed in backward rather
+        # than its output kept; an expensive one (ResNet's 7x7 stem, wide stages) keeps its output.
+        self.recompute_smoothing = channels // smoothing_groups * kernel_size**2 <= RECOMPUTE_MACS
         self.doc = Tap()
         self.extrema = Tap()
         self.smoothed = Tap()
@@ -132,6 +122,22 @@ class SAN(AttentionModule):
         else:
             self._check_alignment(y_prev.shape[1])
             reference = y_prev if y_prev.shape[-2:] == size else F.adaptive_avg_pool2d(y_prev, size)
+        if self.use_fast_path() and self._fast_conv is not None:
+            smooth = self.smooth if self.use_smoothing else None
+            padding, dilation, groups = self._fast_conv
+            return san_mask(
+                y,
+                reference,
+                None if smooth is None else smooth.weight,
+                None if smooth is None else smooth.bias,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                use_abs=self.use_abs,
+                use_extrema=self.use_extrema,
+                activation=self.smoothing_activation if self.use_smoothing else "identity",
+                recompute_smoothing=self.recompute_smoothing,
+            )
         doc = y - reference
         if self.use_abs:
             doc = doc.abs()

@@ -1,0 +1,470 @@
+"""Fused fast paths of the attention modules: the same arithmetic as their step-by-step forward, in autograd
+functions that keep only their inputs (and SAN's 1-byte extrema count) for backward and recompute the rest.
+
+Why: stepwise, every elementwise step of a mask saves a full-size float map for backward and pays one autograd
+node of overhead; on the small maps of LeNet-5 and CIFAR-size nets that overhead, not arithmetic, was most of
+an attention module's cost, and the saved maps were 2–4× the bare model's activation memory. Each function here
+runs the forward's operations in the same order as the reference formulation, so outputs are equal and
+gradients equal to float rounding (tests/test_attention_fused.py checks every switch against
+`reference_formulation`).
+
+Autocast: a function records the dtype autocast gave its convolution and recomputes with the same casts in
+backward, where autocast is off.
+"""
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+_NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
+
+
+@torch.no_grad()
+def extrema_count(doc: Tensor) -> Tensor:
+    """SAN's eq 10 numerator: how many of the 3x3 window's cells (centre included) are <= the centre, per channel.
+
+    Returns a uint8 tensor shaped like ``doc`` with values in 1..9. Each of the 8 neighbour comparisons is made
+    on the sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is
+    "not smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
+    """
+    height, width = doc.shape[-2:]
+    count = torch.ones_like(doc, dtype=torch.uint8)
+    for dh, dw in _NEIGHBOUR_OFFSETS:
+        h0, h1 = max(0, -dh), height - max(0, dh)
+        w0, w1 = max(0, -dw), width - max(0, dw)
+        if h0 >= h1 or w0 >= w1:
+            continue
+        centre = doc[..., h0:h1, w0:w1]
+        neighbour = doc[..., h0 + dh : h1 + dh, w0 + dw : w1 + dw]
+        count[..., h0:h1, w0:w1] += centre >= neighbour
+    return count
+
+
+# Below this many input channels a CPU convolution runs several times faster channels-last: oneDNN pads NCHW
+# channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one (bench/attention_overhead.py).
+SMALL_CHANNELS = 16
+
+
+def small_map_layout(x: Tensor) -> Tensor:
+    """``x`` in the layout where a CPU conv over its channels is fastest: channels-last below `SMALL_CHANNELS`."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] >= SMALL_CHANNELS:
+        return x
+    if x.shape[1] == 1:  # contiguous() keeps a 1-channel map's NCHW strides, which oneDNN reads as NCHW
+        batch, _, height, width = x.shape
+        return x.reshape(batch, height, width, 1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _autocast_dtype(tensor: Tensor) -> torch.dtype | None:
+    device = tensor.device.type
+    if device not in _AUTOCAST_DEVICES:  # e.g. meta, where model_stats counts FLOPs
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager:
+    device = tensor.device.type
+    return torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else contextlib.nullcontext()
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (the inverse of broadcasting, as autograd does)."""
+    if grad.shape == shape:
+        return grad
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True)
+
+
+# σ of SAN's eq 11 and its derivative written with σ's output (identity: no op).
+_ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
+    if name == "relu":
+        return grad * (output > 0)
+    if name == "tanh":
+        return grad * (1 - output * output)
+    if name == "sigmoid":
+        return grad * ((1 - output) * output)
+    return grad
+
+
+class _SANMask(torch.autograd.Function):
+    """``y * sigmoid(σ(smooth(α · |y - reference|)))``, SAN's eqs 8–12 and 4 in one node.
+
+    Keeps ``y`` and ``reference`` (a 1-channel map with CCA) and either the uint8 extrema count
+    (``recompute_smoothing``: backward recomputes the DoC, the weighted map and the smoothing conv's output — one
+    extra conv forward) or the smoothing's output (backward recomputes the DoC, count and weighted map only), then
+    runs the conv's own backward. ``weight is None`` means no smoothing (``use_smoothing=False``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        y: Tensor,
+        reference: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        conv: tuple[int, int, int],  # padding, dilation, groups
+        use_abs: bool,
+        use_extrema: bool,
+        activation: str,
+        recompute_smoothing: bool,
+    ) -> Tensor:
+        conv_dtype = _autocast_dtype(y) if weight is not None else None
+        with _autocast_off(y):
+            weighted, count = _weighted_doc(y, reference, use_abs, use_extrema)
+            logits = _smooth(weighted, weight, bias, conv, conv_dtype)
+            logits = _ACTIVATION_FORWARD[activation](logits)
+            mask = torch.sigmoid(logits)
+            out = mask.mul_(y) if mask.dtype == y.dtype else y * mask  # autocast: y's dtype may be the wider
+        recompute = recompute_smoothing or weight is None
+        ctx.save_for_backward(y, reference, count if recompute else logits, weight, bias)
+        ctx.settings = (conv, use_abs, use_extrema, activation, conv_dtype, recompute)
+        return out
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        y, reference, kept, weight, bias = ctx.saved_tensors
+        conv, use_abs, use_extrema, activation, conv_dtype, recompute = ctx.settings
+        # In-place steps on this function's own temporaries: on ResNet-size maps every fresh tensor costs page
+        # faults as well as a pass over memory.
+        with _autocast_off(y), torch.no_grad():
+            diff = y - reference
+            doc = diff.abs() if use_abs else diff  # diff itself is kept for the sign below
+            count = kept if recompute else None
+            weighted, count = _weight_by_extrema(doc, use_extrema, count)
+            if recompute:
+                logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, conv_dtype))
+            else:
+                logits = kept
+            mask = torch.sigmoid(logits)
+            grad_y = grad_out * mask
+            grad_logits = (grad_out * y).mul_(mask).mul_(mask.neg_().add_(1))  # mul's backward, then sigmoid's
+            grad_logits = _activation_backward(activation, grad_logits, logits)
+            grad_weight = grad_bias = None
+            if weight is None:
+                grad_weighted = grad_logits
+            else:
+                grad_weighted, grad_weight, grad_bias = _smooth_backward(
+                    grad_logits, weighted, weight, bias, conv, conv_dtype
+                )
+            grad_doc = grad_weighted.mul_(1 / 9).mul_(count) if use_extrema else grad_weighted
+            if use_abs:
+                grad_doc.mul_(diff.sgn_())
+            grad_y.add_(grad_doc)
+            grad_reference = _sum_to(grad_doc, reference.shape).neg() if ctx.needs_input_grad[1] else None
+        return grad_y, grad_reference, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool) -> tuple[Tensor, Tensor | None]:
+    doc = y - reference
+    if use_abs:
+        doc.abs_()
+    return _weight_by_extrema(doc, use_extrema, None)
+
+
+def _weight_by_extrema(doc: Tensor, use_extrema: bool, count: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Eq 10's ``α · dY`` and the uint8 count behind α (computed unless given); overwrites ``doc``."""
+    if not use_extrema:
+        return doc, None
+    if count is None:
+        count = extrema_count(doc)
+    return doc.mul_(count).mul_(1 / 9), count
+
+
+def _smooth(
+    weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple[int, int, int], dtype: torch.dtype | None
+) -> Tensor:
+    if weight is None:
+        return weighted
+    padding, dilation, groups = conv
+    if dtype is not None:
+        weighted, weight = weighted.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return F.conv2d(small_map_layout(weighted), weight, bias, padding=padding, dilation=dilation, groups=groups)
+
+
+def _smooth_backward(
+    grad: Tensor,
+    weighted: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv: tuple[int, int, int],
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    padding, dilation, groups = conv
+    conv_weight = weight if dtype is None else weight.to(dtype)
+    conv_input = small_map_layout(weighted if dtype is None else weighted.to(dtype))
+    grad = small_map_layout(grad.to(conv_input.dtype))
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad,
+        conv_input,
+        conv_weight,
+        None if bias is None else [bias.shape[0]],
+        [1, 1],
+        [padding, padding],
+        [dilation, dilation],
+        False,
+        [0, 0],
+        groups,
+        [True, True, bias is not None],
+    )
+    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+    return grad_input.to(weighted.dtype), grad_weight.to(weight.dtype), grad_bias
+
+
+def san_mask(
+    y: Tensor,
+    reference: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    padding: int,
+    dilation: int,
+    groups: int,
+    use_abs: bool,
+    use_extrema: bool,
+    activation: str,
+    recompute_smoothing: bool,
+) -> Tensor:
+    """SAN's output ``y * M`` through the fused function (see `_SANMask`)."""
+    conv = (padding, dilation, groups)
+    return _SANMask.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
+
+
+def _scaled_channel_pool(x: Tensor, channel_mask: Tensor) -> Tensor:
+    scaled = x * channel_mask
+    return torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
+
+
+def _scaled_channel_pool_backward(grad: Tensor, x: Tensor, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    scaled = x * channel_mask
+    # amax's own rule: ties share the gradient equally.
+    is_max = scaled == scaled.amax(1, keepdim=True)
+    grad_scaled = grad[:, :1] / is_max.sum(1, keepdim=True) * is_max + grad[:, 1:] / x.shape[1]
+    return grad_scaled * channel_mask, _sum_to(grad_scaled * x, channel_mask.shape)
+
+
+class _DoubleScale(torch.autograd.Function):
+    """``x · Mc · Ms`` (CBAM's two masks in a row) keeping the inputs only, not the intermediate ``x · Mc``."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(x, channel_mask, spatial_mask)
+        return x * channel_mask * spatial_mask
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, channel_mask, spatial_mask = ctx.saved_tensors
+        with torch.no_grad():
+            grad_scaled = grad * spatial_mask
+            grad_x = grad_scaled * channel_mask
+            grad_channel = _sum_to(grad_scaled * x, channel_mask.shape) if ctx.needs_input_grad[1] else None
+            grad_spatial = _sum_to(grad * (x * channel_mask), spatial_mask.shape) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_channel, grad_spatial
+
+
+class _ResidualMask(torch.autograd.Function):
+    """BAM's ``x · (1 + sigmoid(c ∘ s))`` with ``∘`` = + (``sum``) or × (``product``); keeps ``x`` and the two small
+    logit maps, and recomputes the full-size mask in backward instead of saving it."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
+        ctx.save_for_backward(x, channel, spatial)
+        ctx.product = product
+        logits = channel * spatial if product else channel + spatial
+        return x * (1 + torch.sigmoid(logits))
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, channel, spatial = ctx.saved_tensors
+        with torch.no_grad():
+            mask = torch.sigmoid(channel * spatial if ctx.product else channel + spatial)
+            grad_x = grad * (1 + mask)
+            grad_logits = (grad * x) * (1 - mask) * mask
+            grad_channel = grad_logits * spatial if ctx.product else grad_logits
+            grad_spatial = grad_logits * channel if ctx.product else grad_logits
+            grad_channel = _sum_to(grad_channel, channel.shape) if ctx.needs_input_grad[1] else None
+            grad_spatial = _sum_to(grad_spatial, spatial.shape) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_channel, grad_spatial, None
+
+
+def double_scale(x: Tensor, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
+    return _DoubleScale.apply(x, channel_mask, spatial_mask)
+
+
+def residual_mask(x: Tensor, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
+    return _ResidualMask.apply(x, channel, spatial, product)
+
+
+# --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
+
+
+def _batch_norm_settings(bn: nn.BatchNorm2d) -> tuple[bool, float]:
+    """What ``nn.BatchNorm2d.forward`` would use — batch statistics or running ones, and the update factor —
+    advancing ``num_batches_tracked`` as it does."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return use_batch_stats, factor
+
+
+class _Stage:
+    """One conv (+ batch norm) (+ activation) of a chain, with what its recomputation needs."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: str) -> None:
+        if isinstance(conv.padding, str) or conv.stride != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("fused chains take stride-1 convs with numeric zero padding")
+        self.conv, self.bn, self.activation = conv, bn, activation
+        self.pointwise = conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
+        self.use_batch_stats, self.momentum = _batch_norm_settings(bn) if bn is not None else (False, 0.0)
+
+    def params(self) -> list[Tensor | None]:
+        bn = self.bn
+        return [self.conv.weight, self.conv.bias, None if bn is None else bn.weight, None if bn is None else bn.bias]
+
+    def forward(self, x: Tensor, dtype: torch.dtype | None, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
+        """(activation output, conv output, batch-norm statistics); running statistics move only if ``update``."""
+        conv = self.conv
+        weight, bias = conv.weight, conv.bias
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if self.pointwise:
+            conv_out = _pointwise_conv(x, weight, bias)
+        else:
+            conv_out = F.conv2d(small_map_layout(x), weight, bias, padding=conv.padding, dilation=conv.dilation,
+                                groups=conv.groups)  # fmt: skip
+        if self.bn is None:
+            return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
+        bn = self.bn
+        running = (bn.running_mean, bn.running_var) if update or not self.use_batch_stats else (None, None)
+        normed, mean, invstd = torch.ops.aten.native_batch_norm(
+            conv_out, bn.weight, bn.bias, *running, self.use_batch_stats, self.momentum, bn.eps
+        )
+        return _ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
+
+    def backward(
+        self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, dtype: torch.dtype | None
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        grad = _activation_backward(self.activation, grad, out)
+        bn_grads: list[Tensor | None] = [None, None]
+        if self.bn is not None:
+            bn = self.bn
+            grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+                grad.to(conv_out.dtype), conv_out, bn.weight, bn.running_mean, bn.running_var, *stats,
+                self.use_batch_stats, bn.eps, [True, bn.weight is not None, bn.bias is not None],
+            )  # fmt: skip
+            bn_grads = [grad_bn_weight, grad_bn_bias]
+        conv = self.conv
+        weight = conv.weight if dtype is None else conv.weight.to(dtype)
+        conv_input = x if dtype is None else x.to(dtype)
+        grad = grad.to(conv_input.dtype)
+        if self.pointwise:
+            grad_x, grad_weight, grad_bias = _pointwise_conv_backward(grad, conv_input, weight, conv.bias is not None)
+        else:
+            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                small_map_layout(grad), small_map_layout(conv_input), weight,
+                None if conv.bias is None else [conv.bias.shape[0]], list(conv.stride), list(conv.padding),
+                list(conv.dilation), False, [0, 0], conv.groups, [True, True, conv.bias is not None],
+            )  # fmt: skip
+        grad_bias = None if grad_bias is None else grad_bias.to(conv.bias.dtype)
+        return grad_x.to(x.dtype), [grad_weight.to(conv.weight.dtype), grad_bias, *bn_grads]
+
+
+def _pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 convolution as one matrix product in ``x``'s own layout: on CPU, 2–10× faster than oneDNN's 1x1 conv
+    forward and backward when the output has few channels (BAM's reductions)."""
+    batch, channels, height, width = x.shape
+    matrix = weight.reshape(weight.shape[0], channels)
+    if x.is_contiguous() or channels == 1:
+        out = torch.matmul(matrix, x.reshape(batch, channels, height * width))
+        if bias is not None:
+            out = out + bias[:, None]
+        return out.view(batch, -1, height, width)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, channels)  # a view when x is channels-last
+    out = rows @ matrix.t() if bias is None else torch.addmm(bias, rows, matrix.t())
+    return out.view(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def _pointwise_conv_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    batch, channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    matrix = weight.reshape(out_channels, channels)
+    if x.is_contiguous() or channels == 1:
+        inputs = x.reshape(batch, channels, height * width)
+        grads = grad.reshape(batch, out_channels, height * width)
+        grad_x = torch.matmul(matrix.t(), grads).view(batch, channels, height, width)
+        grad_weight = torch.bmm(grads, inputs.transpose(1, 2)).sum(0)
+        grad_bias = grads.sum((0, 2)) if has_bias else None
+    else:
+        inputs = x.permute(0, 2, 3, 1).reshape(-1, channels)
+        grads = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)
+        grad_x = (grads @ matrix).view(batch, height, width, channels).permute(0, 3, 1, 2)
+        grad_weight = grads.t() @ inputs
+        grad_bias = grads.sum(0) if has_bias else None
+    return grad_x, grad_weight.view_as(weight), grad_bias
+
+
+class _Chain(torch.autograd.Function):
+    """`_Stage`s applied in order to ``x`` — or, given a channel mask, to CBAM's ``[max_c, mean_c](x · Mc)`` —
+    keeping only the inputs for backward and recomputing the intermediate maps there: small convs over few
+    channels, cheap to redo next to the memory their maps would hold."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, stages: list[_Stage], x: Tensor, channel_mask: Tensor | None, *params: Tensor):
+        dtype = _autocast_dtype(x)
+        with _autocast_off(x):
+            h = x if channel_mask is None else _scaled_channel_pool(x, channel_mask)
+            for stage in stages:
+                h = stage.forward(h, dtype, update=True)[0]
+        ctx.stages, ctx.dtype = stages, dtype
+        ctx.save_for_backward(x, channel_mask)
+        return h
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, channel_mask = ctx.saved_tensors
+        stages, dtype = ctx.stages, ctx.dtype
+        with _autocast_off(x), torch.no_grad():
+            h = x if channel_mask is None else _scaled_channel_pool(x, channel_mask)
+            records = []
+            for stage in stages:
+                out, conv_out, stats = stage.forward(h, dtype, update=False)
+                records.append((h, out, conv_out, stats))
+                h = out
+            param_grads: list[Tensor | None] = []
+            for stage, (h_in, out, conv_out, stats) in zip(reversed(stages), reversed(records), strict=True):
+                grad, grads = stage.backward(grad, h_in, out, conv_out, stats, dtype)
+                param_grads = grads + param_grads
+            grad_mask = None
+            if channel_mask is not None:
+                grad, grad_mask = _scaled_channel_pool_backward(grad, x, channel_mask)
+        return None, grad, grad_mask, *param_grads
+
+
+def conv_chain(
+    x: Tensor, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]], channel_mask: Tensor | None = None
+) -> Tensor:
+    """``layers`` — (conv, batch norm or None, activation name) — applied in order to ``x``, or, given
+    ``channel_mask``, to CBAM's ``[max_c, mean_c](x · channel_mask)``, as one autograd node."""
+    stages = [_Stage(*layer) for layer in layers]
+    params = [p for stage in stages for p in stage.params()]
+    return _Chain.apply(stages, x, channel_mask, *params)
