@@ -3,7 +3,7 @@
 For each model and input size, every attention × placement (plus SAN with a depthwise smoothing conv, beyond the
 paper) runs forward + backward + SGD step on random data, in rounds that visit every variant in turn (so drift on
 the machine hits all alike); a variant's step time is its median after warm-up, divided by the bare model's. The
-``fused`` rows are the modules as they run (the fused fast paths of `san.attention.fused`), the ``reference`` rows
+``fused`` rows are the modules as they run (the fused fast paths of `san.attention.fused`), the ``stepwise`` rows
 the step-by-step formulation (`san.attention.reference_formulation`) they are tested equal to. Memory is what
 autograd saves for backward (CPU) or the CUDA peak. Each model runs in the layout its CPU jobs use: lenet5
 channels-last (its preset's), the others NCHW (README: NCHW or channels-last on a CPU).
@@ -100,7 +100,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 class Variant:
     label: str
     placement: str
-    formulation: str  # "fused" (as the modules run) or "reference" (step by step)
+    formulation: str  # "fused" (as the modules run) or "stepwise" (inside reference_formulation)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     stats: ModelStats
@@ -121,7 +121,7 @@ def build_variants(model_name: str, size: int, device: torch.device, quick: bool
             model_kwargs = dict(attention=attention, placement="bottleneck" if placement == "-" else placement,
                                 attention_kwargs=kwargs, **stem)  # fmt: skip
             stats = model_stats(model_name, size, 10, **model_kwargs)
-            formulations = ("fused", "reference") if label in MODULES and placement == "bottleneck" else ("fused",)
+            formulations = ("fused", "stepwise") if label in MODULES and placement == "bottleneck" else ("fused",)
             for formulation in formulations:
                 torch.manual_seed(0)
                 model = build_model(model_name, 10, **model_kwargs).to(device)
@@ -142,7 +142,7 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
     variants = build_variants(model_name, size, device, quick)
 
     def step(variant: Variant) -> None:
-        formulation = reference_formulation() if variant.formulation == "reference" else contextlib.nullcontext()
+        formulation = reference_formulation() if variant.formulation == "stepwise" else contextlib.nullcontext()
         with formulation:
             variant.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(variant.model(x), target).backward()
@@ -170,7 +170,7 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
             for _ in range(repeats):
                 timed(variant)
     for variant in variants:
-        formulation = reference_formulation() if variant.formulation == "reference" else contextlib.nullcontext()
+        formulation = reference_formulation() if variant.formulation == "stepwise" else contextlib.nullcontext()
         with formulation:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -59,6 +59,9 @@ def holds(row: Row) -> bool | None:
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make BENCHMARKS.md private to whoever ran make bench
     try:
         with os.fdopen(fd, "w") as file:
             file.write(text)

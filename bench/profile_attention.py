@@ -1,0 +1,147 @@
+"""Where an attention module's time goes on this CPU: the figures behind the README's "what does not hold".
+
+python bench/profile_attention.py module --attention cbam [--channels 6 --size 28 --batch 64 --nchw]
+    forward + backward of one module alone, the ATen operations that cost most (torch.profiler)
+python bench/profile_attention.py layouts
+    a small-channel conv's forward and backward, NCHW vs channels-last (oneDNN's NCHW backward pads to 16)
+python bench/profile_attention.py compile
+    SAN's α·DoC on a ResNet stem map, eager vs torch.compile
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from san.attention import create_attention
+from san.attention.fused import extrema_count
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def module_profile(args: argparse.Namespace) -> None:
+    module = create_attention(args.attention, args.channels, prev_channels=args.channels, feature_kernel_size=5)
+    x = torch.randn(args.batch, args.channels, args.size, args.size)
+    if not args.nchw:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    inputs = (x, x.detach()) if module.takes_previous else (x,)
+    grad = torch.randn_like(x)
+    for _ in range(10):
+        module(*inputs).backward(grad)
+    steps = 20
+    with profile(record_shapes=True) as prof:
+        for _ in range(steps):
+            module(*inputs).backward(grad)
+    events = prof.key_averages(group_by_input_shape=True)
+    print(f"{args.attention} on {tuple(x.shape)} ({'NCHW' if args.nchw else 'channels-last'}), per forward+backward:")
+    for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"  {event.key[:32]:32s} {event.self_cpu_time_total / steps / 1e3:7.3f} ms  ×{event.count // steps}"
+              f"  {str(event.input_shapes)[:70]}")  # fmt: skip
+    print(f"  all operations: {sum(e.self_cpu_time_total for e in events) / steps / 1e3:.2f} ms")
+
+
+def layouts(_: argparse.Namespace) -> None:
+    backward = torch.ops.aten.convolution_backward
+    print("ms per call | conv (N, Cin→Cout, H, k) | NCHW fwd | NCHW bwd | channels-last fwd | channels-last bwd |")
+    for n, cin, cout, size, k in [(64, 2, 1, 28, 7), (64, 6, 6, 28, 5), (64, 16, 16, 10, 5), (8, 64, 64, 112, 7)]:
+        x, w, g = torch.randn(n, cin, size, size), torch.randn(cout, cin, k, k), torch.randn(n, cout, size, size)
+        figures = []
+        padding = [k // 2] * 2
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl, gl = x.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
+            figures.append(median_ms(lambda xl=xl, w=w, p=padding: F.conv2d(xl, w, padding=p)))
+            figures.append(median_ms(lambda xl=xl, gl=gl, w=w, p=padding, bias=[cout]: backward(
+                gl, xl, w, bias, [1, 1], p, [1, 1], False, [0, 0], 1, [True, True, True])))  # fmt: skip
+        print(f"| {n}, {cin}→{cout}, {size}, {k} | " + " | ".join(f"{f:.2f}" for f in figures) + " |")
+
+
+def weighted_doc(y: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    doc = (y - reference).abs()
+    return doc * extrema_count(doc) / 9
+
+
+def weighted_doc_compilable(y: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    doc = (y - reference).abs()
+    height, width = doc.shape[-2:]
+    padded = F.pad(doc, (1, 1, 1, 1), value=float("inf"))
+    count = torch.ones_like(doc)
+    for dh in range(3):
+        for dw in range(3):
+            if (dh, dw) != (1, 1):
+                count = count + (doc >= padded[..., dh : dh + height, dw : dw + width])
+    return doc * count / 9
+
+
+def compile_comparison(_: argparse.Namespace) -> None:
+    y, reference = torch.randn(8, 64, 112, 112), torch.randn(8, 1, 112, 112)
+    start = time.perf_counter()
+    compiled = torch.compile(weighted_doc_compilable, dynamic=False)
+    torch.testing.assert_close(compiled(y, reference), weighted_doc(y, reference))
+    print(f"compile: {time.perf_counter() - start:.1f} s")
+    print(f"α·DoC on {tuple(y.shape)}: eager {median_ms(lambda: weighted_doc(y, reference)):.1f} ms, "
+          f"torch.compile {median_ms(lambda: compiled(y, reference)):.1f} ms")  # fmt: skip
+
+
+def compile_model(_: argparse.Namespace) -> None:
+    from san.attention import reference_formulation
+    from san.registry import build_model
+
+    x = torch.randn(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (64,))
+    figures: dict[str, tuple[float, float]] = {}
+    for attention in ("none", "san-c", "cbam", "bam"):
+        torch.manual_seed(0)
+        model = build_model("lenet5", 10, attention=attention).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), target).backward()
+            optimizer.step()
+
+        eager = median_ms(lambda model=model, step=step: step(model))
+        with reference_formulation():
+            compiled_model = torch.compile(model)
+            compiled = median_ms(lambda net=compiled_model, step=step: step(net))
+        figures[attention] = (eager, compiled)
+        base_eager, base_compiled = figures["none"]
+        print(f"{attention}: eager {eager:.2f} ms ({eager / base_eager:.2f}× base), torch.compile {compiled:.2f} ms "
+              f"({compiled / base_compiled:.2f}× base)", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    module = commands.add_parser("module")
+    module.add_argument("--attention", default="cbam", choices=["san-c", "san-d", "cbam", "bam"])
+    module.add_argument("--channels", type=int, default=6)
+    module.add_argument("--size", type=int, default=28)
+    module.add_argument("--batch", type=int, default=64)
+    module.add_argument("--nchw", action="store_true")
+    module.set_defaults(run=module_profile)
+    commands.add_parser("layouts").set_defaults(run=layouts)
+    commands.add_parser("compile").set_defaults(run=compile_comparison)
+    commands.add_parser("compile-model").set_defaults(run=compile_model)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
