@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 _NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
 
@@ -136,6 +136,7 @@ class _SANMask(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor):
         y, reference, kept, weight, bias = ctx.saved_tensors
         conv, use_abs, use_extrema, activation, conv_dtype, recompute = ctx.settings
@@ -267,6 +268,7 @@ class _DoubleScale(torch.autograd.Function):
         return x * channel_mask * spatial_mask
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor):
         x, channel_mask, spatial_mask = ctx.saved_tensors
         with torch.no_grad():
@@ -289,6 +291,7 @@ class _ResidualMask(torch.autograd.Function):
         return x * (1 + torch.sigmoid(logits))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor):
         x, channel, spatial = ctx.saved_tensors
         with torch.no_grad():
@@ -440,6 +443,7 @@ class _Chain(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor):
         x, channel_mask = ctx.saved_tensors
         stages, dtype = ctx.stages, ctx.dtype
