@@ -224,9 +224,105 @@ def test_fast_path_in_eval_mode_and_without_grad() -> None:
 
 
 @pytest.mark.parametrize("attention", ["san-c", "cbam", "bam"])
-def test_double_backward_through_a_fast_path_raises_instead_of_returning_wrong_values(attention: str) -> None:
-    model = build_model("lenet5", 10, attention=attention)
-    x = torch.randn(2, 1, 28, 28, requires_grad=True)
-    (grad,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
-        grad.sum().backward()
+def test_higher_order_gradients_raise_on_the_fast_path_and_work_stepwise(attention: str) -> None:
+    model = build_model("lenet5", 10, attention=attention).double().eval()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="reference_formulation"):
+        torch.autograd.grad(model(x).logsumexp(1).sum(), x, create_graph=True)
+    with reference_formulation():
+        (grad,) = torch.autograd.grad(model(x).logsumexp(1).sum(), x, create_graph=True)
+        second = torch.autograd.grad(grad.pow(2).sum(), list(model.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in second)
+
+
+MODULES = {
+    "san": (lambda c: SAN(c, prev_channels=c), 2),
+    "cbam": (lambda c: CBAM(c), 1),
+    "bam": (lambda c: BAM(c), 1),
+}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("name", list(MODULES))
+def test_the_output_keeps_the_input_layout(name: str, layout: torch.memory_format) -> None:
+    factory, inputs = MODULES[name]
+    module = factory(6)
+    x = torch.randn(2, 6, 7, 7).contiguous(memory_format=layout)
+    out = module(*[x] * inputs)
+    with reference_formulation():
+        reference = module(*[x] * inputs)
+    assert out.stride() == reference.stride() == x.stride()
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_any_hook_inside_the_module_or_a_layer_subclass_keeps_the_stepwise_path(name: str) -> None:
+    factory, _ = MODULES[name]
+    module = factory(8)
+    assert module.use_fast_path()
+    inner = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    calls = []
+    handle = inner.register_forward_hook(lambda *_: calls.append(1))
+    assert not module.use_fast_path()
+    handle.remove()
+    handle = module.register_full_backward_hook(lambda *_: None)
+    assert not module.use_fast_path()
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
+    assert not module.use_fast_path()
+    handle.remove()
+    assert module.use_fast_path()
+
+
+def test_a_batch_norm_subclass_keeps_the_stepwise_path() -> None:
+    module = CBAM(8)
+    module.spatial.bn = nn.SyncBatchNorm(1)
+    assert not module.use_fast_path()
+
+
+@pytest.mark.parametrize("name", ["cbam", "bam"])
+def test_a_parameter_changed_in_place_before_backward_is_an_error_as_stepwise(name: str) -> None:
+    factory, inputs = MODULES[name]
+    module = factory(8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    out = module(*[x] * inputs)
+    with torch.no_grad():
+        next(m for m in module.modules() if isinstance(m, nn.Conv2d)).weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["eval", "momentum-none", "untracked-after-build"],
+)
+@pytest.mark.parametrize("name", ["cbam", "bam"])
+def test_batch_norm_settings_behave_as_stepwise(name: str, setting: str) -> None:
+    torch.manual_seed(10)
+    factory, inputs = MODULES[name]
+    module = factory(8)
+    for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+        if setting == "momentum-none":
+            bn.momentum = None
+        elif setting == "untracked-after-build":
+            bn.track_running_stats = False
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    if setting == "eval":
+        module.eval()
+    x = torch.randn(3, 8, 6, 6)
+    for _ in range(2):  # momentum=None averages over the batches seen
+        assert_fast_equals_reference(module, *[x] * inputs)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_float64_under_autocast_runs_in_float64_as_stepwise(name: str) -> None:
+    torch.manual_seed(11)
+    factory, inputs = MODULES[name]
+    module = factory(8).double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(*[x] * inputs)
+        with reference_formulation():
+            reference = module(*[x] * inputs)
+    assert out.dtype == reference.dtype == torch.float64
+    torch.testing.assert_close(out, reference)

@@ -1,24 +1,36 @@
 """What every attention module shares: the two-input flag, the taps that expose intermediate maps, and the switch
 between the step-by-step (reference) formulation and the fused fast path."""
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
-_reference_depth = 0
+_switch = threading.local()  # per thread, like torch's grad mode
+# The fast paths call these layers' functional forms themselves; a subclass (SyncBatchNorm, a custom conv) may do
+# something else, so it keeps the stepwise path.
+_FAST_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
+_LAYER_FAMILIES = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")  # fmt: skip
 
 
 @contextmanager
 def reference_formulation() -> Iterator[None]:
-    """Inside this block every attention module computes step by step, one autograd node per operation, as the
-    papers write it — the formulation the fast paths are tested against and benchmarked beside."""
-    global _reference_depth
-    _reference_depth += 1
+    """Inside this block (in this thread) every attention module computes step by step, one autograd node per
+    operation, as the papers write it — the formulation the fast paths are tested against and benchmarked beside."""
+    _switch.depth = getattr(_switch, "depth", 0) + 1
     try:
         yield
     finally:
-        _reference_depth -= 1
+        _switch.depth -= 1
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)  # fmt: skip
 
 
 class IncompatibleConfiguration(ValueError):
@@ -48,11 +60,17 @@ class AttentionModule(nn.Module):
         return {name: module for name, module in self.named_children() if isinstance(module, Tap)}
 
     def use_fast_path(self) -> bool:
-        """Whether ``forward`` may take the fused path: not inside `reference_formulation`, and no tap is being
-        watched (the fused path never materialises the intermediate maps the taps show)."""
-        if _reference_depth:
+        """Whether ``forward`` may take the fused path: not inside `reference_formulation`, no hook on the module
+        or anything inside it (the fused path runs no submodule and materialises none of the maps the taps show),
+        no global module hook, and only the plain layer types the fused path reimplements."""
+        if getattr(_switch, "depth", 0) or any(getattr(module_hooks, name, None) for name in _GLOBAL_HOOKS):
             return False
-        return not any(tap._forward_hooks or tap._forward_pre_hooks for tap in self.taps().values())
+        for module in self.modules():
+            if _hooked(module):
+                return False
+            if isinstance(module, _LAYER_FAMILIES) and type(module) not in _FAST_LAYER_TYPES:
+                return False
+        return True
 
 
 def attention_modules(model: nn.Module) -> dict[str, AttentionModule]:

@@ -13,12 +13,13 @@ backward, where autocast is off.
 """
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 _NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
 
@@ -64,9 +65,34 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 def _autocast_dtype(tensor: Tensor) -> torch.dtype | None:
     device = tensor.device.type
-    if device not in _AUTOCAST_DEVICES:  # e.g. meta, where model_stats counts FLOPs
+    if device not in _AUTOCAST_DEVICES or tensor.dtype == torch.float64:  # meta (FLOP counts); autocast skips fp64
         return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _in_layout_of(tensor: Tensor, like: Tensor) -> Tensor:
+    if tensor.stride() == like.stride():
+        return tensor
+    for layout in (torch.contiguous_format, torch.channels_last):
+        if like.is_contiguous(memory_format=layout):
+            return tensor.contiguous(memory_format=layout)
+    return tensor
+
+
+def _first_order(backward: Callable) -> Callable:
+    """A backward that computes first-order gradients only: under ``create_graph=True`` (grad mode on in backward)
+    it raises rather than return gradients that silently lack their second-order terms."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: FunctionCtx, *grads: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the fused attention paths give first-order gradients only; for higher-order gradients "
+                "(create_graph=True) run the model inside san.attention.reference_formulation()"
+            )
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def _autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager:
@@ -130,13 +156,14 @@ class _SANMask(torch.autograd.Function):
             logits = _ACTIVATION_FORWARD[activation](logits)
             mask = torch.sigmoid(logits)
             out = mask.mul_(y) if mask.dtype == y.dtype else y * mask  # autocast: y's dtype may be the wider
+            out = _in_layout_of(out, y)  # a channels-last small-map conv must not turn an NCHW model channels-last
         recompute = recompute_smoothing or weight is None
         ctx.save_for_backward(y, reference, count if recompute else logits, weight, bias)
         ctx.settings = (conv, use_abs, use_extrema, activation, conv_dtype, recompute)
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: FunctionCtx, grad_out: Tensor):
         y, reference, kept, weight, bias = ctx.saved_tensors
         conv, use_abs, use_extrema, activation, conv_dtype, recompute = ctx.settings
@@ -268,7 +295,7 @@ class _DoubleScale(torch.autograd.Function):
         return x * channel_mask * spatial_mask
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: FunctionCtx, grad: Tensor):
         x, channel_mask, spatial_mask = ctx.saved_tensors
         with torch.no_grad():
@@ -291,7 +318,7 @@ class _ResidualMask(torch.autograd.Function):
         return x * (1 + torch.sigmoid(logits))
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: FunctionCtx, grad: Tensor):
         x, channel, spatial = ctx.saved_tensors
         with torch.no_grad():
@@ -316,49 +343,59 @@ def residual_mask(x: Tensor, channel: Tensor, spatial: Tensor, product: bool) ->
 # --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
 
 
-def _batch_norm_settings(bn: nn.BatchNorm2d) -> tuple[bool, float]:
-    """What ``nn.BatchNorm2d.forward`` would use — batch statistics or running ones, and the update factor —
-    advancing ``num_batches_tracked`` as it does."""
+def _batch_norm_settings(bn: nn.BatchNorm2d) -> tuple[bool, float, tuple[Tensor | None, Tensor | None]]:
+    """What ``nn.BatchNorm2d.forward`` would use — batch statistics or running ones, the update factor and the
+    buffers it passes — advancing ``num_batches_tracked`` as it does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return use_batch_stats, factor
+    keep_buffers = not bn.training or bn.track_running_stats
+    buffers = (bn.running_mean, bn.running_var) if keep_buffers else (None, None)
+    return use_batch_stats, factor, buffers
 
 
 class _Stage:
-    """One conv (+ batch norm) (+ activation) of a chain, with what its recomputation needs."""
+    """One conv (+ batch norm) (+ activation) of a chain: its settings, and its tensors — the module's at forward
+    time, the ones autograd saved (version-checked) in backward."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, activation: str) -> None:
         if isinstance(conv.padding, str) or conv.stride != (1, 1) or conv.padding_mode != "zeros":
             raise ValueError("fused chains take stride-1 convs with numeric zero padding")
-        self.conv, self.bn, self.activation = conv, bn, activation
+        self.activation = activation
+        self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
         self.pointwise = conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
-        self.use_batch_stats, self.momentum = _batch_norm_settings(bn) if bn is not None else (False, 0.0)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.has_bn = bn is not None
+        self.bn_weight = self.bn_bias = None
+        self.use_batch_stats, self.momentum, self.running, self.eps = False, 0.0, (None, None), 0.0
+        if bn is not None:
+            self.bn_weight, self.bn_bias, self.eps = bn.weight, bn.bias, bn.eps
+            self.use_batch_stats, self.momentum, self.running = _batch_norm_settings(bn)
 
     def params(self) -> list[Tensor | None]:
-        bn = self.bn
-        return [self.conv.weight, self.conv.bias, None if bn is None else bn.weight, None if bn is None else bn.bias]
+        return [self.weight, self.bias, self.bn_weight, self.bn_bias]
+
+    def bind(self, params: list[Tensor | None]) -> None:
+        self.weight, self.bias, self.bn_weight, self.bn_bias = params
 
     def forward(self, x: Tensor, dtype: torch.dtype | None, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """(activation output, conv output, batch-norm statistics); running statistics move only if ``update``."""
-        conv = self.conv
-        weight, bias = conv.weight, conv.bias
+        weight, bias = self.weight, self.bias
         if dtype is not None:
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         if self.pointwise:
             conv_out = _pointwise_conv(x, weight, bias)
         else:
-            conv_out = F.conv2d(small_map_layout(x), weight, bias, padding=conv.padding, dilation=conv.dilation,
-                                groups=conv.groups)  # fmt: skip
-        if self.bn is None:
+            conv_out = F.conv2d(small_map_layout(x), weight, bias, padding=self.padding, dilation=self.dilation,
+                                groups=self.groups)  # fmt: skip
+        if not self.has_bn:
             return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
-        bn = self.bn
-        running = (bn.running_mean, bn.running_var) if update or not self.use_batch_stats else (None, None)
+        running = self.running if update or not self.use_batch_stats else (None, None)
         normed, mean, invstd = torch.ops.aten.native_batch_norm(
-            conv_out, bn.weight, bn.bias, *running, self.use_batch_stats, self.momentum, bn.eps
+            conv_out, self.bn_weight, self.bn_bias, *running, self.use_batch_stats, self.momentum, self.eps
         )
         return _ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
 
@@ -367,27 +404,27 @@ class _Stage:
     ) -> tuple[Tensor, list[Tensor | None]]:
         grad = _activation_backward(self.activation, grad, out)
         bn_grads: list[Tensor | None] = [None, None]
-        if self.bn is not None:
-            bn = self.bn
+        if self.has_bn:
+            bn_weight, bn_bias = self.bn_weight, self.bn_bias
             grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-                grad.to(conv_out.dtype), conv_out, bn.weight, bn.running_mean, bn.running_var, *stats,
-                self.use_batch_stats, bn.eps, [True, bn.weight is not None, bn.bias is not None],
+                grad.to(conv_out.dtype), conv_out, bn_weight, *self.running, *stats, self.use_batch_stats, self.eps,
+                [True, bn_weight is not None, bn_bias is not None],
             )  # fmt: skip
             bn_grads = [grad_bn_weight, grad_bn_bias]
-        conv = self.conv
-        weight = conv.weight if dtype is None else conv.weight.to(dtype)
+        weight = self.weight if dtype is None else self.weight.to(dtype)
         conv_input = x if dtype is None else x.to(dtype)
         grad = grad.to(conv_input.dtype)
+        has_bias = self.bias is not None
         if self.pointwise:
-            grad_x, grad_weight, grad_bias = _pointwise_conv_backward(grad, conv_input, weight, conv.bias is not None)
+            grad_x, grad_weight, grad_bias = _pointwise_conv_backward(grad, conv_input, weight, has_bias)
         else:
             grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 small_map_layout(grad), small_map_layout(conv_input), weight,
-                None if conv.bias is None else [conv.bias.shape[0]], list(conv.stride), list(conv.padding),
-                list(conv.dilation), False, [0, 0], conv.groups, [True, True, conv.bias is not None],
+                [self.bias.shape[0]] if has_bias else None, [1, 1], list(self.padding), list(self.dilation), False,
+                [0, 0], self.groups, [True, True, has_bias],
             )  # fmt: skip
-        grad_bias = None if grad_bias is None else grad_bias.to(conv.bias.dtype)
-        return grad_x.to(x.dtype), [grad_weight.to(conv.weight.dtype), grad_bias, *bn_grads]
+        grad_bias = grad_bias.to(self.bias.dtype) if has_bias else None
+        return grad_x.to(x.dtype), [grad_weight.to(self.weight.dtype), grad_bias, *bn_grads]
 
 
 def _pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -439,14 +476,16 @@ class _Chain(torch.autograd.Function):
             for stage in stages:
                 h = stage.forward(h, dtype, update=True)[0]
         ctx.stages, ctx.dtype = stages, dtype
-        ctx.save_for_backward(x, channel_mask)
+        ctx.save_for_backward(x, channel_mask, *params)
         return h
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: FunctionCtx, grad: Tensor):
-        x, channel_mask = ctx.saved_tensors
+        x, channel_mask, *params = ctx.saved_tensors
         stages, dtype = ctx.stages, ctx.dtype
+        for index, stage in enumerate(stages):
+            stage.bind(params[4 * index : 4 * index + 4])
         with _autocast_off(x), torch.no_grad():
             h = x if channel_mask is None else _scaled_channel_pool(x, channel_mask)
             records = []

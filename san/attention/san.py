@@ -122,9 +122,11 @@ class SAN(AttentionModule):
         else:
             self._check_alignment(y_prev.shape[1])
             reference = y_prev if y_prev.shape[-2:] == size else F.adaptive_avg_pool2d(y_prev, size)
-        if self.use_fast_path() and self._fast_conv is not None:
+        # getattr: a SAN pickled before the fast path existed lacks its settings and keeps the stepwise path.
+        fast_conv = getattr(self, "_fast_conv", None)
+        if fast_conv is not None and self.use_fast_path():
             smooth = self.smooth if self.use_smoothing else None
-            padding, dilation, groups = self._fast_conv
+            padding, dilation, groups = fast_conv
             return san_mask(
                 y,
                 reference,
