@@ -326,3 +326,12 @@ def test_float64_under_autocast_runs_in_float64_as_stepwise(name: str) -> None:
             reference = module(*[x] * inputs)
     assert out.dtype == reference.dtype == torch.float64
     torch.testing.assert_close(out, reference)
+
+
+def test_a_san_pickled_before_the_fast_path_existed_still_runs_stepwise() -> None:
+    module = SAN(4)
+    for name in ("_fast_conv", "recompute_smoothing", "smoothing_activation"):
+        delattr(module, name)
+    y = torch.randn(2, 4, 6, 6, requires_grad=True)
+    out = module(y, torch.randn(2, 3, 6, 6))
+    assert type(out.grad_fn).__name__ == "MulBackward0"
