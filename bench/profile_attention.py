@@ -9,7 +9,6 @@ python bench/profile_attention.py compile
 """
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -20,19 +19,13 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.attention_overhead import median_seconds  # the attention bench's step timer
 from san.attention import create_attention
 from san.attention.fused import extrema_count
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, warmup=3, repeats=repeats) * 1e3
 
 
 def module_profile(args: argparse.Namespace) -> None:
