@@ -10,7 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
-from service.ray_jobs import RayJobs, RayRefused, RayUnavailable
+from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable, failure_path
 from service.store import ACTIVE, WAITING, Job, JobStore
 from training.data.manifest import write_atomically
 
@@ -29,6 +29,14 @@ class Dispatcher:
 
     def spec_path(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "spec.json"
+
+    def failure(self, job_id: str, info: RayJobInfo) -> str | None:
+        """Why a job Ray reports failed: its entrypoint's own words when it wrote them, else Ray's message."""
+        if info.state != "failed":
+            return None
+        with contextlib.suppress(OSError):
+            return failure_path(self.spec_path(job_id)).read_text() or info.message
+        return info.message
 
     def tick(self) -> None:
         with self._lock:
@@ -50,8 +58,7 @@ class Dispatcher:
             else:  # Ray answered without it: the cluster that ran it is gone (a head restarted empty)
                 self.interrupt(job)
         elif info.state != job.status:
-            self.store.transition(job.id, info.state, only_from=(job.status,),
-                                  error=info.message if info.state == "failed" else None)  # fmt: skip
+            self.store.transition(job.id, info.state, only_from=(job.status,), error=self.failure(job.id, info))
 
     def reconcile_now(self, job: Job) -> Job:
         """The read path's reconcile: only when no tick is at work (a tick between its claim and Ray's answer
@@ -65,7 +72,7 @@ class Dispatcher:
             info = self.ray.info(current.id)
             if info is not None and info.state != current.status:
                 self.store.transition(current.id, info.state, only_from=(current.status,),
-                                      error=info.message if info.state == "failed" else None)  # fmt: skip
+                                      error=self.failure(current.id, info))  # fmt: skip
             return self.store.get(job.id) or current
         finally:
             self._lock.release()
@@ -94,6 +101,7 @@ class Dispatcher:
     def submit(self, job: Job) -> None:
         path = self.spec_path(job.id)
         write_atomically(path, lambda temp: temp.write_text(json.dumps(job.spec, indent=2)))
+        failure_path(path).unlink(missing_ok=True)  # an earlier attempt's reason is not this one's
         try:
             self.ray.submit(job.id, path)
         except RayUnavailable:

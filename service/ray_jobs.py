@@ -33,6 +33,11 @@ class RayRefused(RuntimeError):
     """The cluster answered and refused the request (HTTP 4xx): retrying will not help."""
 
 
+def failure_path(spec_path: Path) -> Path:
+    """Where the job's entrypoint writes why it failed: beside its spec, on storage the API and the cluster share."""
+    return spec_path.with_name("failure.txt")
+
+
 @dataclass(frozen=True)
 class RayJobInfo:
     state: str
@@ -79,7 +84,8 @@ class RayJobs:
         return response
 
     def entrypoint(self, spec_path: Path, job_id: str) -> str:
-        return shlex.join([self.python, "-m", "training.run", str(spec_path), "--job-id", job_id])
+        return shlex.join([self.python, "-m", "training.run", str(spec_path), "--job-id", job_id,
+                           "--failure-file", str(failure_path(spec_path))])  # fmt: skip
 
     def submit(self, job_id: str, spec_path: Path) -> None:
         """Submit once: a submission id Ray already holds (a retry after a crash) counts as submitted."""

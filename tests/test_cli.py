@@ -61,6 +61,23 @@ def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
 
 
+def test_the_job_entrypoint_writes_why_it_failed_where_the_service_reads_it(tmp_path):
+    """Ray Jobs' message is the tail of the driver's log; the service reads the entrypoint's own reason instead."""
+    spec = {"model": {"name": "lenet5"}, "data": {"train_path": "nowhere/train.beton", "val_path": "nowhere/val.beton"}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {"name": "lenet9"}}))
+    env = {**os.environ, "SAN_DATA_ROOT": str(tmp_path / "data"), "SAN_STORAGE_ROOT": str(tmp_path / "runs")}
+    cases = [("spec.json", 1, "ValueError: data.train_path: "), ("bad.json", 2, "unknown model 'lenet9'")]
+    for name, code, reason in cases:
+        failure = tmp_path / f"{name}.failure.txt"
+        command = [sys.executable, "-m", "training.run", str(tmp_path / name), "--failure-file", str(failure)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == code, result.stderr
+        assert reason in failure.read_text(), failure.read_text()
+    assert "does not exist" in (tmp_path / "spec.json.failure.txt").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # written by rename, no temp left
+
+
 @pytest.mark.slow
 def test_train_runs_a_job_on_a_local_ray_with_one_progress_line_per_epoch(tmp_path):
     data = tmp_path / "data"

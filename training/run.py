@@ -3,10 +3,12 @@
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from training.config import JobSpec
+from training.data.manifest import write_atomically
 from training.launch import launch
 from training.stop import Cancelled
 
@@ -17,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", help="names the Ray run and tags the MLflow run (default: generated)")
     parser.add_argument("--workers", type=int, help="override scaling.num_workers")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
+    parser.add_argument("--failure-file", type=Path,
+                        help="if the job fails, write why here (the service's job record reads it)")  # fmt: skip
     args = parser.parse_args(argv)
-    return run(args.spec, args.job_id, args.workers, args.epochs)
+    return run(args.spec, args.job_id, args.workers, args.epochs, args.failure_file)
 
 
 class SpecError(ValueError):
@@ -42,14 +46,30 @@ def load_spec(path: str, workers: int | None = None, epochs: int | None = None) 
         raise SpecError(str(error)) from None
 
 
-def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None) -> int:
+FAILURE_CHARS = 4000
+
+
+def write_failure(path: Path, reason: str) -> None:
+    """The reason a job failed, whole, where its submitter reads it: Ray Jobs' own message is the tail of the
+    driver's log, which raylet lines printed after the traceback can push the reason out of."""
+    write_atomically(path, lambda temp: temp.write_text(reason[:FAILURE_CHARS]))
+
+
+def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None,
+        failure_file: Path | None = None) -> int:  # fmt: skip
     try:
         spec = load_spec(path, workers, epochs)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
+        if failure_file:
+            write_failure(failure_file, str(error))
         return 2
     try:
         result = launch(spec, job_id)
+    except Exception as error:
+        if failure_file:
+            write_failure(failure_file, f"{type(error).__name__}: {error}")
+        raise
     except Cancelled as cancel:  # SIGTERM (Ray Jobs' stop_job): a checkpoint at a step boundary, the run KILLED
         result = cancel.result
         print(f"{result.job_id}: cancelled; checkpoint {result.checkpoint_path}; MLflow run {result.mlflow_run_id} "
