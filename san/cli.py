@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from san import __version__
+from san.attention import IncompatibleConfiguration
 from san.profile import model_stats
 from san.registry import list_attention, list_models, list_placements
 
@@ -43,14 +44,18 @@ def models_table(models: Sequence[str], attentions: Sequence[str], placements: S
     for model in models:
         for attention in attentions:
             for placement in ["-"] if attention == "none" else placements:
-                stats = model_stats(
-                    model,
-                    args.input_size,
-                    args.num_classes,
-                    attention=attention,
-                    placement="bottleneck" if placement == "-" else placement,
-                    **({"stem": args.stem} if args.stem else {}),
-                )
+                try:
+                    stats = model_stats(
+                        model,
+                        args.input_size,
+                        args.num_classes,
+                        attention=attention,
+                        placement="bottleneck" if placement == "-" else placement,
+                        **({"stem": args.stem} if args.stem else {}),
+                    )
+                except IncompatibleConfiguration:  # e.g. RAN in a CNN: the combination does not exist
+                    rows.append(f"| {model} | {attention} | {placement} | - | - | - | - |")
+                    continue
                 rows.append(
                     f"| {model} | {attention} | {placement} | {stats.params:,} | {stats.attention_params:,} "
                     f"| {stats.attention_modules} | {human(stats.flops)} |"
@@ -63,7 +68,8 @@ def _models(args: argparse.Namespace) -> int:
     if not args.table:
         print("\n".join(models))
         return 0
-    print(f"input {args.input_size}x{args.input_size}, {args.num_classes} classes, stem {args.stem or 'default'}\n")
+    print(f"input {args.input_size}x{args.input_size} px (sequence models: {args.input_size} steps), "
+          f"{args.num_classes} outputs, stem {args.stem or 'default'}\n")  # fmt: skip
     print(models_table(models, args.attention or list_attention(), args.placements or list_placements(), args))
     return 0
 

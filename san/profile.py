@@ -15,7 +15,7 @@ class ModelStats:
     params: int
     attention_params: int
     attention_modules: int
-    flops: int  # forward FLOPs of one image (convs and matmuls, 2 per multiply-add)
+    flops: int  # forward FLOPs of one input (convs and matmuls, 2 per multiply-add)
 
 
 def count_params(module: nn.Module) -> int:
@@ -30,17 +30,20 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def model_stats(name: str, input_size: int, num_classes: int = 1000, **kwargs) -> ModelStats:
-    """Figures of ``build_model(name, num_classes, **kwargs)`` for one ``input_size``-px image.
+    """Figures of ``build_model(name, num_classes, **kwargs)`` for one ``input_size``-px image, or for a recurrent
+    model one sequence of ``input_size`` steps.
 
     The model is built on the meta device, so even VGG at 224 px costs no memory and no arithmetic.
     """
     with torch.device("meta"):
         model = build_model(name, num_classes, **kwargs).eval()
     modules = attention_modules(model).values()
-    in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d | nn.LSTM))
+    shape = (1, input_size, first.input_size) if isinstance(first, nn.LSTM) else \
+        (1, first.in_channels, input_size, input_size)  # fmt: skip
     return ModelStats(
         params=count_params(model),
         attention_params=sum(count_params(m) for m in modules),
         attention_modules=len(modules),
-        flops=forward_flops(model, (1, in_chans, input_size, input_size)),
+        flops=forward_flops(model, shape),
     )

@@ -14,12 +14,30 @@ from san.attention import ATTENTION_NAMES
 from san.placement import PLACEMENTS
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_INPUTS: dict[str, str] = {}  # model name → what it takes: "images" (N×C×H×W) or "sequences" (N×T×F)
+INPUT_KINDS = ("images", "sequences")
 
 
-def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register ``factory`` under its function name."""
-    _MODELS[factory.__name__] = factory
-    return factory
+def register_model(factory: Callable[..., nn.Module] | None = None, *, inputs: str = "images"):
+    """Register ``factory`` under its function name; ``@register_model(inputs="sequences")`` for a model of
+    N×T×F sequences."""
+    if inputs not in INPUT_KINDS:
+        raise ValueError(f"inputs={inputs!r}: one of {', '.join(INPUT_KINDS)}")
+
+    def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[factory.__name__] = factory
+        _INPUTS[factory.__name__] = inputs
+        return factory
+
+    return register if factory is None else register(factory)
+
+
+def model_inputs(name: str) -> str:
+    """``images`` or ``sequences``: what model ``name`` takes."""
+    _load_models()
+    if name not in _INPUTS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
+    return _INPUTS[name]
 
 
 def _load_models() -> None:

@@ -71,7 +71,7 @@ def _show(job: dict) -> str:
         line += f"  epoch {progress['epoch']}/{progress['epochs']}"
         if progress.get("eta_s") is not None:
             line += f"  eta {progress['eta_s']:.0f} s"
-    for key in ("val/top1", "val/top5", "train/loss"):
+    for key in ("val/top1", "val/top5", "val/cosine", "val/mae", "train/loss"):
         if key in job.get("metrics", {}):
             line += f"  {key} {job['metrics'][key]:.4f}"
     if job.get("mlflow_url"):

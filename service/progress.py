@@ -39,7 +39,7 @@ class RunReader:
         """(latest metrics, epochs logged, experiment id)."""
         client = self.client(uri)
         run = client.get_run(run_id)
-        epochs = len(client.get_metric_history(run_id, "val/top1"))
+        epochs = len(client.get_metric_history(run_id, "val/loss"))  # every task logs it each epoch
         metrics = {key: value for key, value in run.data.metrics.items() if key in METRIC_KEYS}
         return metrics, epochs, run.info.experiment_id
 

@@ -26,7 +26,7 @@ def test_version():
 
 def test_models_lists_the_registry():
     result = run("models")
-    expected = ["lenet5", "resnet18", "resnet50", "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn"]
+    expected = ["lenet5", "lstm4", "resnet18", "resnet50", "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn"]
     assert result.returncode == 0 and result.stdout.split() == expected
 
 
@@ -35,11 +35,26 @@ def test_models_table_gives_params_attention_params_modules_and_flops():
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| lenet5")]
     cells = {(r[1].strip(), r[2].strip()): [c.strip() for c in r[3:]] for r in rows}
-    assert len(rows) == 1 + 4 * 3
+    assert len(rows) == 1 + 5 * 3
     assert cells[("none", "-")][:3] == ["61,706", "0", "0"]
+    assert cells[("ran", "full")] == ["-"] * 4  # RAN works on sequences only
     # SAN's smoothing convs at LeNet's two positions: 6->6 and 16->16, 5x5, with bias.
     assert cells[("san-c", "bottleneck")][:3] == ["69,028", f"{6 * 6 * 25 + 6 + 16 * 16 * 25 + 16:,}", "2"]
     assert cells[("bam", "reference")][2] == "1"
+
+
+def test_models_table_of_lstm4_counts_its_recurrent_layers_and_sequence_modules():
+    result = run("models", "--table", "--models", "lstm4", "--input-size", "100", "--num-classes", "4")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| lstm4")]
+    cells = {(r[1].strip(), r[2].strip()): [c.strip() for c in r[3:]] for r in rows}
+    lstm = [4 * 64 * (features + 64) + 2 * 4 * 64 for features in (1, 64, 64, 64)]  # weights and both biases
+    assert cells[("none", "-")][:3] == [f"{sum(lstm) + 64 * 4 + 4:,}", "0", "0"]
+    smoothing = 64 * 64 * 3 + 64  # SAN's Conv1d(64, 64, 3) after a recurrent layer
+    assert cells[("san-c", "full")][1:3] == [f"{4 * smoothing:,}", "4"]
+    assert cells[("san-d", "bottleneck")][1:3] == [f"{2 * smoothing:,}", "2"]
+    assert cells[("ran", "full")][1:3] == [f"{4 * (64 * 64 * 2 + 64):,}", "4"]  # W_x with its bias, W_s
+    assert cells[("cbam", "full")] == ["-"] * 4
 
 
 def test_bad_model_name_is_one_line_and_exit_2():

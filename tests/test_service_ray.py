@@ -258,3 +258,50 @@ def test_cancelling_a_study_stops_the_running_child_and_never_starts_the_others(
         time.sleep(1)
     assert ray.info(first).state == "cancelled" and all(ray.info(job) is None for job in others)
     assert MlflowClient(mlflow_url).get_run(study["mlflow_run_id"]).info.status == "KILLED"
+
+
+def test_a_forecast_study_through_the_api_logs_cosine_and_mae_per_epoch_and_tables_them(stack, tmp_path):
+    """Table VII's path on the embedded Airline series (built on first use under the data root): LSTM-4 with and
+    without SAN, the table's cosine similarity and MAE are the runs' last epochs in MLflow."""
+    service, _, mlflow_url = stack
+    body = {"name": "tiny-forecast", "seeds": [0],
+            "base": {"model": {"name": "lstm4"}, "data": {"dataset": "airline"},
+                     "training": {"epochs": 3, "batch_size": 16}, "validation": {"batch_size": 64},
+                     "lr": {"lr": 0.5, "schedule": "cosine"}, "optimizer": {"name": "adamw", "weight_decay": 0.0},
+                     "scaling": {"num_workers": 1}, "tracking": {"system_metrics_interval_s": 1}},
+            "axes": {"model.attention": ["none", "san-c"], "model.placement": ["full"]}}  # fmt: skip
+    with service.client() as alice:
+        response = alice.post("/v1/studies", json=body)
+        assert response.status_code == 201, response.text
+        study = response.json()
+        ended = wait_for_study(alice, study["id"])
+        table = alice.get(f"/v1/studies/{study['id']}/table").json()
+        markdown = alice.get(f"/v1/studies/{study['id']}/table", params={"format": "md"}).text
+    assert ended["status"] == "succeeded" and ended["jobs"] == {"succeeded": 2}, ended
+    client = MlflowClient(mlflow_url)
+    parent = client.get_run(study["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
+    runs = {r.data.tags["san.cell"]: r for r in children}
+    assert sorted(runs) == ["c000", "c001"]
+    cells = {cell["key"]: cell for cell in table["cells"]}
+    assert table["metrics"] == ["cosine", "mae"]
+    for key, run in runs.items():
+        for metric in ("val/cosine", "val/mae", "val/loss", "train/loss"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(m.step for m in history) == [0, 1, 2], (key, metric)  # one value per epoch
+        assert -1 <= run.data.metrics["val/cosine"] <= 1 and run.data.metrics["val/mae"] > 0
+        assert cells[key]["cosine"]["values"] == [last_value(client, run.info.run_id, "val/cosine")]
+        assert cells[key]["mae"]["values"] == [last_value(client, run.info.run_id, "val/mae")]
+        assert "val/top1" not in run.data.metrics
+    mae = {key: cells[key]["mae"]["mean"] for key in ("c000", "c001")}
+    assert cells["c001"]["diff_mae"]["mean"] == pytest.approx(mae["c001"] - mae["c000"])
+    assert f"| SAN-c | {cells['c001']['cosine']['mean']:.4f} | {cells['c001']['mae']['mean']:.4f} |" in markdown
+    # SAN's maps over time (N×C×T) on the run, and the study's figures drawn from them
+    maps = dict(np.load(client.download_artifacts(runs["c001"].info.run_id, "attention/maps.npz", str(tmp_path))))
+    assert maps["mask"].shape == (4, 16, 24) and maps["image"].shape == (4, 24, 1)
+    assert maps["mask"].min() > 0 and maps["mask"].max() < 1
+    results = Path(client.download_artifacts(parent.info.run_id, "results", str(tmp_path / "results")))
+    for name in ("val_cosine", "epoch_seconds", "fig4_scale_space"):
+        with Image.open(results / "figures" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width > 300

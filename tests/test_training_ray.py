@@ -217,7 +217,7 @@ def test_the_best_checkpoint_is_the_best_epoch_even_off_schedule_and_past_the_ke
     best = torch.load(client.download_artifacts(result.mlflow_run_id, f"checkpoints/best/{CHECKPOINT_FILE}",
                                                 str(tmp_path / "best")), weights_only=False)  # fmt: skip
     assert last["epoch"] == 4
-    assert best["epoch"] == best_epoch and best["best_top1"] == best["history"][-1]["val/top1"] == max(top1)
+    assert best["epoch"] == best_epoch and best["best_score"] == best["history"][-1]["val/top1"] == max(top1)
     # Its weights are that epoch's model: evaluated again here, the loss and accuracy that epoch logged.
     data = roots / "data"
     manifest = load_manifest(data / SLICE_PATHS["train_path"])
@@ -226,5 +226,6 @@ def test_the_best_checkpoint_is_the_best_epoch_even_off_schedule_and_past_the_ke
     loader = make_loader(data / SLICE_PATHS["val_path"], train=False, batch_size=100, in_chans=manifest.channels,
                          mean=manifest.mean, std=manifest.std)  # fmt: skip
     again = evaluate(model, loader, spec, torch.device("cpu"))
-    assert again["top1"] == pytest.approx(max(top1)) and again["loss"] == pytest.approx(val_loss[best_epoch], rel=1e-4)
+    assert again["val/top1"] == pytest.approx(max(top1))
+    assert again["val/loss"] == pytest.approx(val_loss[best_epoch], rel=1e-4)
     assert all(abs(loss - val_loss[best_epoch]) > 1e-3 for epoch, loss in enumerate(val_loss) if epoch != best_epoch)

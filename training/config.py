@@ -34,7 +34,7 @@ from san.attention import attention_class
 from san.attention.bam import COMBINES
 from san.attention.san import _ACTIVATIONS as SMOOTHING_ACTIVATIONS
 from san.models.blurpool import add_blurpool
-from san.registry import build_model, list_attention, list_models, list_placements
+from san.registry import build_model, list_attention, list_models, list_placements, model_inputs
 from training.data.catalog import CATALOG
 
 # MLflow 3's limits (mlflow/utils/validation.py, and the SQL store's columns in mlflow/store/tracking/dbmodels/
@@ -116,7 +116,7 @@ ATTENTION_KWARG_TYPES: dict[str, Any] = {
     "smoothing_activation": Literal[tuple(SMOOTHING_ACTIVATIONS)],
     "combine": Literal[COMBINES],
 }
-POSITIONAL = ("self", "channels", "prev_channels")  # set by the backbone at each position, never by users
+POSITIONAL = ("self", "channels", "prev_channels", "dims")  # set by the backbone at each position, never by users
 
 
 def attention_parameters(name: str) -> dict[str, inspect.Parameter]:
@@ -269,10 +269,20 @@ class LRSection(Section):
 
 
 class OptimizerSection(Section):
+    """SGD (the CNN recipes), or Adam with decoupled weight decay (AdamW: the usual choice for recurrent nets, whose
+    gradients SGD's single step size serves poorly); ``momentum`` is Adam's β1 there."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=5e-5, ge=0, le=1)  # not applied to norm layers and biases
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _nesterov_is_sgd(self) -> Self:
+        if self.nesterov and self.name != "sgd":
+            raise ValueError(f"nesterov: SGD's option; optimizer {self.name!r} has none")
+        return self
 
 
 class TrainingSection(Section):
@@ -384,8 +394,20 @@ class JobSpec(Section):
             )
         if self.lr.schedule == "cyclic" and self.lr.peak_epoch > self.training.epochs:
             raise ValueError(f"lr.peak_epoch {self.lr.peak_epoch} is after the last epoch ({self.training.epochs})")
+        self._check_model_takes_the_data()
         self._check_model_builds()
         return self
+
+    def _check_model_takes_the_data(self) -> None:
+        """A CNN on a catalog time series, or a recurrent model on catalog images, fails here, not in the job."""
+        info = None if self.data.train_path or self.data.val_path else CATALOG.get(self.data.dataset)
+        if info is None:
+            return
+        takes, kind = model_inputs(self.model.name), "sequences" if info.kind == "series" else "images"
+        if takes != kind:
+            fitting = [name for name in list_models() if model_inputs(name) == kind]
+            raise ValueError(f"model.name: {self.model.name} takes {takes}, and data.dataset {self.data.dataset!r} "
+                             f"holds {kind}; models for {kind}: {', '.join(fitting)}")  # fmt: skip
 
     def _check_model_builds(self) -> None:
         """Build the model on the meta device (no memory, no arithmetic) so kwargs its constructors refuse (a

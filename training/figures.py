@@ -102,6 +102,26 @@ def channel_grid(array: np.ndarray, max_channels: int, *, normalise: bool = True
     return mosaic
 
 
+def sequence_map(array: np.ndarray, max_channels: int, *, normalise: bool = True) -> np.ndarray:
+    """The first `max_channels` rows of a C×T sequence map (channels × time steps) as one 2-D picture, each row
+    min–max scaled to 0..1 on its own with `normalise` (a constant row becomes 0)."""
+    if max_channels < 1:
+        raise ValueError(f"max_channels must be at least 1, got {max_channels}")
+    rows = np.asarray(array, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"sequence_map expects a C×T array, got shape {rows.shape}")
+    rows = rows[:max_channels]
+    return _normalise_channels(rows[:, np.newaxis])[:, 0] if normalise else rows
+
+
+def picture(array: np.ndarray, max_channels: int, *, normalise: bool = True, fill: float = 1.0) -> np.ndarray:
+    """One sample's map as a picture: a mosaic of a C×H×W image map (`channel_grid`), or a C×T sequence map as
+    channels × time (`sequence_map`)."""
+    if np.ndim(array) == 2:
+        return sequence_map(array, max_channels, normalise=normalise)
+    return channel_grid(array, max_channels, normalise=normalise, fill=fill)
+
+
 def _bare(axes: Axes) -> None:
     axes.set_xticks([])
     axes.set_yticks([])
@@ -125,8 +145,10 @@ def _palette(count: int) -> Colormap:
     return colormaps["tab10" if count <= 10 else "tab20"]
 
 
-def accuracy_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], ylabel: str = "val top-1") -> Figure:
-    """Mean over seeds per epoch, with a min–max band where there are several seeds; y in percent."""
+def accuracy_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], ylabel: str = "val top-1",
+                           percent: bool = True) -> Figure:  # fmt: skip
+    """Mean over seeds per epoch, with a min–max band where there are several seeds; y in percent (fractions
+    given) unless ``percent`` is false (an error, a similarity)."""
     figure = Figure(figsize=(7.5, 4.5), layout="constrained")
     axes = figure.add_subplot()
     palette = _palette(len(curves))
@@ -148,7 +170,8 @@ def accuracy_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], ylab
             axes.fill_between(epochs, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.2, linewidth=0)
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)
-    axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    if percent:
+        axes.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if axes.lines:
@@ -159,10 +182,11 @@ def accuracy_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]], ylab
 
 
 def plot_accuracy_curves(
-    curves: Mapping[str, Sequence[Sequence[float]]], path: Path, ylabel: str = "val top-1"
+    curves: Mapping[str, Sequence[Sequence[float]]], path: Path, ylabel: str = "val top-1", percent: bool = True
 ) -> None:
-    """Per cell label, the per-epoch mean over seeds (values 0..1) with a min–max band over seeds, as a PNG."""
-    save_png(accuracy_curves_figure(curves, ylabel), path)
+    """Per cell label, the per-epoch mean over seeds (fractions when ``percent``) with a min–max band over seeds,
+    as a PNG."""
+    save_png(accuracy_curves_figure(curves, ylabel, percent), path)
 
 
 # ---------------------------------------------------------------------------------------------------- epoch time
@@ -228,18 +252,22 @@ def _present_stages(maps: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def _check_images(name: str, array: np.ndarray, image: int) -> None:
-    if len(array.shape) != 4:
-        raise ValueError(f"{name!r} must be shaped [K images, C, H, W], got shape {tuple(array.shape)}")
+    if len(array.shape) not in (3, 4):
+        raise ValueError(f"{name!r} must be shaped [K images, C, H, W] or [K sequences, C, T], got shape "
+                         f"{tuple(array.shape)}")  # fmt: skip
     if not 0 <= image < array.shape[0]:
         raise ValueError(f"image index {image} out of range for {name!r} holding {array.shape[0]} images")
 
 
 def _draw_stage(panel: SubFigure, stage: str, channels: np.ndarray, max_channels: int) -> None:
     axes = panel.add_subplot()
-    axes.imshow(channel_grid(channels, max_channels), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    sequence = channels.ndim == 2
+    axes.imshow(picture(channels, max_channels), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+                aspect="auto" if sequence else "equal")  # fmt: skip
     _bare(axes)
     panel.suptitle(SCALE_SPACE_STAGES[stage], fontsize=11)
-    axes.set_xlabel(f"{min(max_channels, len(channels))} of {len(channels)} channels", fontsize=8)
+    shown = f"{min(max_channels, len(channels))} of {len(channels)} channels"
+    axes.set_xlabel(f"{shown} (rows) × {channels.shape[1]} steps" if sequence else shown, fontsize=8)
 
 
 def scale_space_figure(maps: Mapping[str, np.ndarray], image: int = 0, max_channels: int = 16,
@@ -276,6 +304,8 @@ def _input_images(masks: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray |
     for maps in masks.values():
         if "image" in maps:
             images = maps["image"]
+            if len(images.shape) == 3:  # sequences: K × T steps × F features
+                return images
             if len(images.shape) != 4 or images.shape[1] not in (1, 3):
                 raise ValueError(f"'image' must be shaped [K, 1 or 3, H, W], got shape {tuple(images.shape)}")
             return images
@@ -283,7 +313,10 @@ def _input_images(masks: Mapping[str, Mapping[str, np.ndarray]]) -> np.ndarray |
 
 
 def _displayable(image: np.ndarray) -> np.ndarray:
-    """1×H×W → H×W, 3×H×W → H×W×3; min–max over the whole image so colours keep their balance."""
+    """1×H×W → H×W, 3×H×W → H×W×3; min–max over the whole image so colours keep their balance. A T×F sequence
+    → features × time, each feature scaled on its own."""
+    if np.ndim(image) == 2:
+        return sequence_map(np.asarray(image).T, len(image[0]))
     pixels = np.asarray(image, dtype=np.float32)
     low, span = pixels.min(), pixels.max() - pixels.min()
     pixels = (pixels - low) / span if span > 0 else np.zeros_like(pixels)
@@ -305,8 +338,9 @@ def _check_masks(masks: Mapping[str, Mapping[str, np.ndarray]], images: int) -> 
     for label, maps in masks.items():
         if "mask" not in maps:
             raise ValueError(f"module {label!r} has no 'mask' among its maps ({sorted(maps)})")
-        if len(maps["mask"].shape) != 4:
-            raise ValueError(f"{label!r} mask must be shaped [K, C, H, W], got shape {tuple(maps['mask'].shape)}")
+        if len(maps["mask"].shape) not in (3, 4):
+            raise ValueError(f"{label!r} mask must be shaped [K, C, H, W] or [K, C, T], got shape "
+                             f"{tuple(maps['mask'].shape)}")  # fmt: skip
 
 
 def mask_comparison_figure(masks: Mapping[str, Mapping[str, np.ndarray]], images: int = 4,
@@ -325,11 +359,14 @@ def mask_comparison_figure(masks: Mapping[str, Mapping[str, np.ndarray]], images
     for row in range(rows):
         panels = list(grid[row])
         if inputs is not None:
-            picture = _displayable(inputs[row])
-            panels.pop(0).imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
+            shown_input = _displayable(inputs[row])
+            panels.pop(0).imshow(shown_input, cmap="gray" if shown_input.ndim == 2 else None,
+                                 interpolation="nearest", aspect="auto" if inputs.ndim == 3 else "equal")  # fmt: skip
         for axes, label in zip(panels, labels, strict=True):
-            mosaic = channel_grid(masks[label]["mask"][row], max_channels, normalise=False, fill=np.nan)
-            shown = axes.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+            mask = masks[label]["mask"][row]
+            mosaic = picture(mask, max_channels, normalise=False, fill=np.nan)
+            shown = axes.imshow(mosaic, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest",
+                                aspect="auto" if mask.ndim == 2 else "equal")  # fmt: skip
     for axes in grid.flat:
         _bare(axes)
         axes.set_anchor("N")  # mosaics of other shapes then hang from one line under the column titles
@@ -337,7 +374,7 @@ def mask_comparison_figure(masks: Mapping[str, Mapping[str, np.ndarray]], images
     for axes, column_title in zip(grid[0], titles, strict=True):
         axes.set_title(column_title, fontsize=11)
     for row in range(rows):
-        grid[row, 0].set_ylabel(f"image {row}", fontsize=9)
+        grid[row, 0].set_ylabel(f"{'series' if inputs is not None and inputs.ndim == 3 else 'image'} {row}", fontsize=9)
     figure.colorbar(shown, ax=grid, shrink=0.8, pad=0.02, panchor=False, label="mask value")  # keep "N"
     return figure, labels
 

@@ -2,6 +2,7 @@
 Ray Train worker runs."""
 
 import logging
+import math
 import tempfile
 import time
 from contextlib import nullcontext
@@ -12,14 +13,15 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from training.config import JobSpec
 from training.data.loaders import make_loader
 from training.data.manifest import load_manifest
+from training.data.series_loader import make_series_loader
 from training.schedule import learning_rate, resolution_at
 from training.stop import Preempted, Stop, StopWatch
+from training.tasks import Task, task_of, validation_metrics
 from training.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,22 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, spec: JobSpec) -> torch.optim.Optimizer:
+    """The spec's optimizer at LR 0 (the schedule sets it every step)."""
+    groups, settings = parameter_groups(model, spec.optimizer.weight_decay), spec.optimizer
+    if settings.name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=(settings.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=0.0, momentum=settings.momentum, nesterov=settings.nesterov)
+
+
 def memory_format(spec: JobSpec) -> torch.memory_format:
     """The loader delivers channels-last batches; the model gets the layout the spec asks for."""
     return torch.channels_last if spec.training.channels_last else torch.contiguous_format
+
+
+def in_layout(inputs: torch.Tensor, spec: JobSpec) -> torch.Tensor:
+    """Image batches in the spec's memory format; sequences (N×T×F) have one layout."""
+    return inputs.contiguous(memory_format=memory_format(spec)) if inputs.dim() == 4 else inputs
 
 
 def autocast(spec: JobSpec, device: torch.device):
@@ -56,7 +71,8 @@ def flush_denormals_on_cpu(device: torch.device) -> None:
 
 
 def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int, device, world_size: int,
-                    resume: dict | None = None, watch: StopWatch | None = None) -> dict:  # fmt: skip
+                    resume: dict | None = None, watch: StopWatch | None = None,
+                    task: Task | None = None) -> dict:  # fmt: skip
     """One pass over this worker's shard; the LR follows the schedule per iteration. Returns the global mean
     loss, images seen by all workers, seconds, the last LR, the resolution the loader delivered and the steps done.
 
@@ -65,7 +81,7 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
     ranks agree after every step whether to stop: then ``stop`` is a `Stop` and ``partial`` what a checkpoint needs
     to finish the epoch later."""
     model.train()
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec.optimizer.label_smoothing)
+    criterion = (task or task_of(loader.manifest, spec.optimizer.label_smoothing)).criterion()
     iterations = len(loader)
     resume = resume or {}
     first = resume.get("step", 0)
@@ -77,13 +93,13 @@ def train_one_epoch(model, loader, optimizer, scaler, spec: JobSpec, epoch: int,
     stop, done = None, first
     started = time.perf_counter() - resume.get("seconds", 0.0)
     for step, (inputs, targets) in enumerate(loader):
-        resolution = inputs.shape[-1]
+        resolution = inputs.shape[-1] if inputs.dim() == 4 else inputs.shape[1]  # px, or a sequence's steps
         if step < first:
             continue  # done before the checkpoint this run resumed from
         lr = learning_rate(spec, epoch + step / iterations, world_size)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs = inputs.contiguous(memory_format=memory_format(spec))
+        inputs = in_layout(inputs, spec)
         optimizer.zero_grad(set_to_none=True)
         with autocast(spec, device):
             loss = criterion(model(inputs), targets)
@@ -113,32 +129,45 @@ def epoch_order(loader, epoch: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: JobSpec, device, keep: int = 0) -> dict:
-    """Loss, top-1 and top-5 over the *whole* validation set: every worker counts its exact shard, then the
-    counts are summed across workers (not averaged, not rank 0's shard alone). With ``keep``, the first ``keep``
-    images of this worker's shard and their labels come back too (``sample``), for the attention pictures."""
+def evaluate(model, loader, spec: JobSpec, device, keep: int = 0, task: Task | None = None) -> dict:
+    """The task's metrics (`training.tasks`: loss, top-1, top-5, … for classification) over the *whole* validation
+    set: every worker sums over its exact shard, then the sums are added across workers (not averaged, not rank 0's
+    shard alone) and divided once. With ``keep``, the first ``keep`` inputs of this worker's shard and their targets
+    come back too (``sample``), for the attention pictures."""
+    task = task or task_of(loader.manifest)
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    totals = torch.zeros(len(task.sums) + 1, dtype=torch.float64, device=device)  # the task's sums, then samples
     sample = None
     for inputs, targets in loader:
-        inputs = inputs.contiguous(memory_format=memory_format(spec))
+        inputs = in_layout(inputs, spec)
         if sample is None and keep:
             sample = (inputs[:keep].clone(), targets[:keep].clone())
         with autocast(spec, device):
-            logits = model(inputs).float()
-            if spec.validation.flip_tta:
-                logits = logits + model(inputs.flip(3)).float()
-        totals[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == targets[:, None]
-        totals[1] += hits[:, 0].sum()
-        totals[2] += hits.any(dim=1).sum()
-        totals[3] += len(targets)
+            outputs = model(inputs).float()
+            if spec.validation.flip_tta and inputs.dim() == 4:
+                outputs = outputs + model(inputs.flip(3)).float()
+        totals[:-1] += task.batch_sums(outputs, targets)
+        totals[-1] += len(targets)
     if dist.is_initialized():
         dist.all_reduce(totals)
-    count = totals[3].item()
-    return {"loss": totals[0].item() / count, "top1": totals[1].item() / count, "top5": totals[2].item() / count,
-            "images": int(count), "sample": sample}  # fmt: skip
+    count = int(totals[-1].item())
+    return {**validation_metrics(task, totals[:-1], count), "val/images": count, "sample": sample}
+
+
+def make_loaders(spec: JobSpec, config: dict, train_manifest, device, rank: int, world_size: int):
+    """This worker's train loader (a distributed shard, the spec's seed) and validation loader (its exact shard),
+    normalised with the train split's statistics: images by `make_loader`, sequences by `make_series_loader`."""
+    common = {"device": device, "num_workers": spec.data.loader_workers, "os_cache": spec.data.in_memory}
+    train = {"train": True, "batch_size": spec.training.batch_size, "distributed": world_size > 1,
+             "seed": spec.training.seed}  # fmt: skip
+    val = {"train": False, "batch_size": spec.validation.batch_size,
+           "shard": (rank, world_size) if world_size > 1 else None}  # fmt: skip
+    if train_manifest.kind == "series":
+        return (make_series_loader(config["train_path"], **train, **common),
+                make_series_loader(config["val_path"], **val, **common))  # fmt: skip
+    common.update(in_chans=train_manifest.channels, mean=train_manifest.mean, std=train_manifest.std)
+    return (make_loader(config["train_path"], **train, **common),
+            make_loader(config["val_path"], **val, resolution=spec.resolution.val_res, **common))  # fmt: skip
 
 
 def train_worker(config: dict) -> None:
@@ -153,23 +182,18 @@ def train_worker(config: dict) -> None:
     flush_denormals_on_cpu(device)
     train_manifest = load_manifest(Path(config["train_path"]))
     in_chans = train_manifest.channels
-    common = {"in_chans": in_chans, "device": device, "num_workers": spec.data.loader_workers,
-              "os_cache": spec.data.in_memory, "mean": train_manifest.mean, "std": train_manifest.std}  # fmt: skip
-    train_loader = make_loader(config["train_path"], train=True, batch_size=spec.training.batch_size,
-                               distributed=world_size > 1, seed=spec.training.seed, **common)  # fmt: skip
-    val_loader = make_loader(config["val_path"], train=False, batch_size=spec.validation.batch_size,
-                             resolution=spec.resolution.val_res, shard=(rank, world_size) if world_size > 1 else None,
-                             **common)  # fmt: skip
+    task = task_of(train_manifest, spec.optimizer.label_smoothing)
+    train_loader, val_loader = make_loaders(spec, config, train_manifest, device, rank, world_size)
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))  # ffcv resets it while building loaders
     model = spec.build_model(train_manifest.num_classes, in_chans)
     if spec.training.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.SGD(parameter_groups(model, spec.optimizer.weight_decay), lr=0.0,
-                                momentum=spec.optimizer.momentum, nesterov=spec.optimizer.nesterov)  # fmt: skip
+    optimizer = make_optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type, enabled=spec.training.amp == "fp16")
     # steps: optimizer steps in this model's lineage; stops: the preemptions and cancels it went through
-    start_epoch, history, best_top1, steps, stops, partial = 0, [], -1.0, 0, [], None
+    # best_score: the task's score of the best epoch so far (`training.tasks`: top-1, or minus the MAE)
+    start_epoch, history, best_score, steps, stops, partial = 0, [], -math.inf, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -177,7 +201,7 @@ def train_worker(config: dict) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        history, best_top1, partial = state["history"], state["best_top1"], state.get("partial")
+        history, best_score, partial = state["history"], state["best_score"], state.get("partial")
         steps, stops = state.get("steps", 0), state.get("stops", [])
         start_epoch = state["epoch"] + (0 if partial else 1)  # a stop's checkpoint holds part of its epoch
         if partial and rank == 0:
@@ -193,15 +217,16 @@ def train_worker(config: dict) -> None:
     def state_at(epoch: int, partial: dict | None = None) -> dict:
         """What a checkpoint holds: after ``epoch``, or, with ``partial``, ``partial["step"]`` steps into it."""
         return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "partial": partial, "history": history, "best_top1": best_top1, "steps": steps,
+                "epoch": epoch, "partial": partial, "history": history, "best_score": best_score, "steps": steps,
                 "stops": stops, "spec": spec.model_dump(mode="json")}  # fmt: skip
 
     sample = None
     for epoch in range(start_epoch, spec.training.epochs):
-        train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
+        if train_manifest.kind != "series":  # progressive resizing: images only
+            train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
         epoch_order(train_loader, epoch)
         trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size,
-                                  resume=partial if epoch == start_epoch else None, watch=watch)  # fmt: skip
+                                  resume=partial if epoch == start_epoch else None, watch=watch, task=task)  # fmt: skip
         steps += trained["steps"]
         stop = trained["stop"]
         if stop:
@@ -223,15 +248,13 @@ def train_worker(config: dict) -> None:
                     logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
             return stopped(stop, logger)
         last = epoch == spec.training.epochs - 1
-        validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0)
-        sample = validated["sample"]
+        validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0,
+                             task=task)  # fmt: skip
+        sample = validated.pop("sample")
         metrics = {
             "epoch": epoch,
             "train/loss": trained["loss"],
-            "val/loss": validated["loss"],
-            "val/top1": validated["top1"],
-            "val/top5": validated["top5"],
-            "val/images": validated["images"],
+            **validated,
             "time/epoch_s": trained["seconds"],
             "throughput/img_s": trained["images"] / trained["seconds"],
             "lr": trained["lr"],
@@ -239,8 +262,8 @@ def train_worker(config: dict) -> None:
             "timestamp_ms": time.time() * 1000,
         }
         history.append(metrics)
-        improved = metrics["val/top1"] > best_top1
-        best_top1 = max(best_top1, metrics["val/top1"])
+        improved = task.score(metrics) > best_score
+        best_score = max(best_score, task.score(metrics))
         # Ray keeps the last `checkpoint.keep` of these (restart points); MLflow holds the latest as
         # checkpoints/last and the best epoch's as checkpoints/best, written whenever an epoch improves.
         scheduled = (epoch + 1) % spec.checkpoint.every_epochs == 0 or last or stop is not None
@@ -252,7 +275,7 @@ def train_worker(config: dict) -> None:
                     saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
             if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
-                log.info(progress_line(metrics, spec.training.epochs))
+                log.info(progress_line(metrics, spec.training.epochs, task, train_loader.manifest.kind == "series"))
             if logger:
                 logger.log_epochs(history)
                 if scheduled:
@@ -277,11 +300,11 @@ def stopped(stop: Stop, logger: RunLogger | None) -> None:
     raise Preempted(f"SIGTERM: checkpoint at global step {stop.at_step}, resuming from it")
 
 
-def progress_line(metrics: dict, epochs: int) -> str:
+def progress_line(metrics: dict, epochs: int, task: Task, series: bool = False) -> str:
+    size, unit = (f"{metrics['resolution']} steps", "samples") if series else (f"{metrics['resolution']} px", "img")
     return (
-        f"epoch {metrics['epoch'] + 1}/{epochs}  train/loss {metrics['train/loss']:.4f}  "
-        f"val/top1 {metrics['val/top1']:.4f}  val/top5 {metrics['val/top5']:.4f}  "
-        f"{metrics['throughput/img_s']:,.0f} img/s  {metrics['time/epoch_s']:.1f} s  {metrics['resolution']} px"
+        f"epoch {metrics['epoch'] + 1}/{epochs}  train/loss {metrics['train/loss']:.4f}  {task.progress(metrics)}  "
+        f"{metrics['throughput/img_s']:,.0f} {unit}/s  {metrics['time/epoch_s']:.1f} s  {size}"
     )
 
 

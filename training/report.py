@@ -1,10 +1,12 @@
 """A study's result table: statistics over seeds from the children's observations, and its formats — JSON (the
-source of the others), Markdown in the paper's layout (rows = modules, columns = positions × top-1/top-5) and CSV.
+source of the others), Markdown in the paper's layout (rows = modules, columns = positions × the study's metrics:
+top-1/top-5 for images, accuracy/MAE for series classification, cosine similarity/MAE for forecasts) and CSV.
 
-Per cell: top-1/top-5 of each seed's **last** epoch (no choosing the best epoch on the validation set) as mean ±
-sample standard deviation with n; the paired difference to the baseline cell on the same seed (mean ± std, and
-on how many seeds it was positive); seconds per epoch (the median epoch of each run, mean over seeds) and its
-ratio to the baseline's; parameters; and the paper's figure where the study knows it.
+Per cell and metric: the value of each seed's **last** epoch (no choosing the best epoch on the validation set) as
+mean ± sample standard deviation with n; the paired difference to the baseline cell on the same seed (mean ± std,
+on how many seeds it was positive, and on how many it was better: lower, for an error); seconds per epoch (the
+median epoch of each run, mean over seeds) and its ratio to the baseline's; parameters; and the paper's figure
+where the study knows it.
 """
 
 import csv
@@ -15,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from training.study import PLACEMENT, Expansion, Observation
+from training.tasks import METRICS
 
 NOT_RUN, REFUSED = "…", "-"
 
@@ -58,7 +61,8 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
         finished = done.get(cell.runs_as or "", {})
         seeds = sorted(finished)
         entry["seeds"] = seeds
-        for metric, key in (("top1", "val/top1"), ("top5", "val/top5")):
+        for metric in expansion.study.table_metrics:
+            key = METRICS[metric].key
             entry[metric] = mean_std([v for s in seeds if (v := final(finished[s], key)) is not None])
         entry["epoch_s"] = mean_std([v for s in seeds if (v := epoch_seconds(finished[s])) is not None])
         entry["params"] = next((o.params for o in runs if o.params is not None), None)
@@ -68,12 +72,14 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
             continue
         base = done.get(baseline.runs_as or "", {})
         paired = [s for s in seeds if s in base]
-        for metric, key in (("top1", "val/top1"), ("top5", "val/top5")):
+        for metric in expansion.study.table_metrics:
+            key, higher = METRICS[metric].key, METRICS[metric].higher_is_better
             diffs = [final(finished[s], key) - final(base[s], key) for s in paired
                      if final(finished[s], key) is not None and final(base[s], key) is not None]  # fmt: skip
             stats = mean_std(diffs)
             if stats:
                 stats["positive"] = sum(d > 0 for d in diffs)
+                stats["better"] = sum(d > 0 if higher else d < 0 for d in diffs)
             entry[f"diff_{metric}"] = stats
         # On the seeds both have, as the accuracy differences.
         cell_seconds = mean_std([v for s in paired if (v := epoch_seconds(finished[s])) is not None])
@@ -81,6 +87,7 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
         if cell_seconds and base_seconds and base_seconds["mean"] > 0:
             entry["epoch_s_ratio"] = cell_seconds["mean"] / base_seconds["mean"]
     return {"study": expansion.study.name, "seeds": expansion.study.seeds,
+            "metrics": list(expansion.study.table_metrics),
             "paper_source": expansion.study.paper.source if expansion.study.paper else None,
             "cells": cells, "layout": layout(expansion)}  # fmt: skip
 
@@ -109,29 +116,44 @@ def layout(expansion: Expansion) -> dict[str, Any]:
     return {"columns": columns, "rows": out}
 
 
-def percent(stats: dict[str, Any] | None, seeds: int, signed: bool = False) -> str:
+def shown(stats: dict[str, Any] | None, seeds: int, metric: str, signed: bool = False) -> str:
+    """Mean ± std (n when some seeds are missing): percent with 2 decimals, other metrics with 4."""
     if not stats:
         return NOT_RUN
-    text = f"{100 * stats['mean']:+.2f}" if signed else f"{100 * stats['mean']:.2f}"
+    scale, digits = (100, 2) if METRICS[metric].percent else (1, 4)
+    text = f"{scale * stats['mean']:+.{digits}f}" if signed else f"{scale * stats['mean']:.{digits}f}"
     if stats["std"] is not None:
-        text += f" ± {100 * stats['std']:.2f}"
+        text += f" ± {scale * stats['std']:.{digits}f}"
     if stats["n"] != seeds:
         text += f" (n={stats['n']})"
     return text
 
 
 def paper_value(cell: dict[str, Any], metric: str) -> str:
+    """As the paper prints it: percent for accuracies, the value itself otherwise."""
     value = (cell.get("paper") or {}).get(metric)
-    return f"{value:.2f}" if value is not None else ""
+    if value is None:
+        return ""
+    return f"{value:.2f}" if METRICS[metric].percent else f"{value:.4g}"
+
+
+def metrics_of(table: dict[str, Any]) -> list[str]:
+    return table.get("metrics") or ["top1", "top5"]  # tables written before metrics were named: images
 
 
 def markdown(table: dict[str, Any]) -> str:
     """The paper's layout, then one line per cell with every statistic, then the reasons for "-" cells."""
     cells = {cell["key"]: cell for cell in table["cells"]}
     seeds, has_paper = len(table["seeds"]), table["paper_source"] is not None
-    per_column = ["Top-1", "Top-5"] + (["paper Top-1", "paper Top-5"] if has_paper else [])
+    metrics = metrics_of(table)
+    titles = [METRICS[m].title for m in metrics]
+    per_column = titles + ([f"paper {title}" for title in titles] if has_paper else [])
     columns = table["layout"]["columns"]
-    lines = [f"### {table['study']}: top-1 / top-5 (%), mean ± std over {seeds} seed{'s' * (seeds != 1)}, last epoch"
+    if all(METRICS[m].percent for m in metrics):
+        what = " / ".join(title.lower() for title in titles) + " (%)"
+    else:
+        what = " / ".join(METRICS[m].title + (" (%)" if METRICS[m].percent else "") for m in metrics)
+    lines = [f"### {table['study']}: {what}, mean ± std over {seeds} seed{'s' * (seeds != 1)}, last epoch"
              + (f"; paper: {table['paper_source']}" if has_paper else "")]  # fmt: skip
     header = ["Module"] + [f"{c} {m}".strip() for c in columns for m in per_column]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -140,27 +162,31 @@ def markdown(table: dict[str, Any]) -> str:
         for key in row["cells"]:
             cell = cells[key]
             if cell["refused"]:
-                entries += [REFUSED, REFUSED]
+                entries += [REFUSED] * len(metrics)
             else:
-                entries += [percent(cell.get("top1"), seeds), percent(cell.get("top5"), seeds)]
+                entries += [shown(cell.get(m), seeds, m) for m in metrics]
             if has_paper:
-                entries += [paper_value(cell, "top1"), paper_value(cell, "top5")]
+                entries += [paper_value(cell, m) for m in metrics]
         lines.append("| " + " | ".join(entries) + " |")
-    lines += ["", "| cell | runs | top-1 % | top-5 % | Δ top-1 vs baseline (paired) | Δ > 0 | s/epoch | × baseline "
-              "| params |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    first = metrics[0]
+    units = [METRICS[m].title.lower() + (" %" if METRICS[m].percent else "") for m in metrics]
+    better = "Δ > 0" if METRICS[first].higher_is_better else "Δ < 0"
+    lines += ["", f"| cell | runs | {' | '.join(units)} | Δ {METRICS[first].title.lower()} vs baseline (paired) "
+              f"| {better} | s/epoch | × baseline | params |", "|---" * (len(metrics) + 7) + "|"]  # fmt: skip
     for cell in table["cells"]:
         name = " · ".join(cell["labels"].values()) or cell["key"]
         if cell["refused"]:
-            lines.append(f"| {name} | {REFUSED} | | | | | | | |")
+            lines.append(f"| {name} | {REFUSED} |" + " |" * (len(metrics) + 5))
             continue
         if cell["runs_as"] != cell["key"]:  # the same network as a cell above: its line says it all
             continue
         runs = ", ".join(f"{n} {s}" for s, n in cell.get("states", {}).items()) or "none yet"
-        diff = cell.get("diff_top1")
+        diff = cell.get(f"diff_{first}")
         seconds = cell.get("epoch_s")
         lines.append(" | ".join([
-            f"| {name} ({cell['key']})", runs, percent(cell.get("top1"), seeds), percent(cell.get("top5"), seeds),
-            percent(diff, seeds, signed=True) if diff else "", f"{diff['positive']}/{diff['n']}" if diff else "",
+            f"| {name} ({cell['key']})", runs, *(shown(cell.get(m), seeds, m) for m in metrics),
+            shown(diff, seeds, first, signed=True) if diff else "",
+            f"{diff.get('better', diff['positive'])}/{diff['n']}" if diff else "",
             f"{seconds['mean']:.1f}" if seconds else NOT_RUN,
             f"{cell['epoch_s_ratio']:.2f}" if cell.get("epoch_s_ratio") else "",
             f"{cell['params']:,}" if cell.get("params") else "",
@@ -172,29 +198,32 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ["cell", "labels", "runs_as", "refused", "n", "top1_mean", "top1_std", "top5_mean", "top5_std",
-               "diff_top1_mean", "diff_top1_std", "diff_top1_positive", "diff_top5_mean", "diff_top5_std",
-               "epoch_s_mean", "epoch_s_std", "epoch_s_ratio", "params", "paper_top1", "paper_top5"]  # fmt: skip
+def csv_columns(metrics: list[str]) -> list[str]:
+    per_metric = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
+    diffs = [f"diff_{m}_{part}" for m in metrics for part in ("mean", "std", "positive", "better")]
+    return ["cell", "labels", "runs_as", "refused", "n", *per_metric, *diffs, "epoch_s_mean", "epoch_s_std",
+            "epoch_s_ratio", "params", *(f"paper_{m}" for m in metrics)]  # fmt: skip
 
 
 def to_csv(table: dict[str, Any]) -> str:
     """One row per cell, fractions (not percent), empty where there is no value."""
+    metrics = metrics_of(table)
+    columns = csv_columns(metrics)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     for cell in table["cells"]:
         row: dict[str, Any] = {"cell": cell["key"], "labels": " · ".join(cell["labels"].values()),
-                               "runs_as": cell["runs_as"] or "", "refused": cell["refused"] or ""}  # fmt: skip
-        for name in ("top1", "top5", "diff_top1", "diff_top5", "epoch_s"):
+                               "runs_as": cell["runs_as"] or "", "refused": cell["refused"] or "",
+                               "n": (cell.get(metrics[0]) or {}).get("n")}  # fmt: skip
+        for name in [*metrics, *(f"diff_{m}" for m in metrics), "epoch_s"]:
             stats = cell.get(name) or {}
-            row[f"{name}_mean"], row[f"{name}_std"] = stats.get("mean"), stats.get("std")
-            row["n"] = row.get("n") or (stats.get("n") if name == "top1" else None)
-            if name.startswith("diff_top1"):
-                row["diff_top1_positive"] = stats.get("positive")
+            for part in ("mean", "std", "positive", "better"):
+                row[f"{name}_{part}"] = stats.get(part)
         row["epoch_s_ratio"], row["params"] = cell.get("epoch_s_ratio"), cell.get("params")
         paper = cell.get("paper") or {}
-        row["paper_top1"], row["paper_top5"] = paper.get("top1"), paper.get("top5")
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items() if k in CSV_COLUMNS})
+        row.update({f"paper_{m}": paper.get(m) for m in metrics})
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items() if k in columns})
     return buffer.getvalue()
 
 

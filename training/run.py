@@ -75,9 +75,10 @@ def run(path: str, job_id: str | None, workers: int | None = None, epochs: int |
         print(f"{result.job_id}: cancelled; checkpoint {result.checkpoint_path}; MLflow run {result.mlflow_run_id} "
               f"KILLED at {result.mlflow_uri}")  # fmt: skip
         return 128 + signal.SIGTERM
-    top1, top5 = result.metrics.get("val/top1", float("nan")), result.metrics.get("val/top5", float("nan"))
-    print(f"{result.job_id}: {spec.training.epochs} epochs, val/top1 {top1:.4f}, val/top5 {top5:.4f}; "
-          f"MLflow run {result.mlflow_run_id} at {result.mlflow_uri}")  # fmt: skip
+    shown = ", ".join(f"{key} {value:.4f}" for key in ("val/top1", "val/top5", "val/cosine", "val/mae")
+                      if (value := result.metrics.get(key)) is not None)  # fmt: skip
+    print(f"{result.job_id}: {spec.training.epochs} epochs, {shown}; MLflow run {result.mlflow_run_id} at "
+          f"{result.mlflow_uri}")  # fmt: skip
     return 0
 
 

@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from san.attention import IncompatibleConfiguration, attention_modules
 from training.config import FiniteJson, JobSpec, ModelSection, Section, Seed
 from training.data.catalog import CATALOG
+from training.tasks import METRICS, table_metrics
 
 # Set by the study for every child, so never an axis: seeds come from ``seeds``, tracking from the study.
 RESERVED_PATHS = ("training.seed", "tracking")
@@ -50,6 +51,11 @@ class PaperCell(Section):
     match: dict[str, FiniteJson]
     top1: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)  # percent, as printed
     top5: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    mae: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # in the data's units, as printed
+    cosine: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
+
+    def figures(self) -> dict[str, float]:
+        return {name: value for name in METRICS if (value := getattr(self, name)) is not None}
 
 
 class PaperFigures(Section):
@@ -69,6 +75,8 @@ class StudySpec(Section):
     # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
     baseline: dict[str, FiniteJson] | None = None
     paper: PaperFigures | None = None
+    # The table's metrics (`training.tasks.METRICS`); None: the paper's for the base dataset's kind and task.
+    metrics: list[Literal[tuple(METRICS)]] | None = Field(default=None, min_length=1, max_length=len(METRICS))
 
     @field_validator("axes")
     @classmethod
@@ -115,6 +123,14 @@ class StudySpec(Section):
     @property
     def experiment(self) -> str:
         return self.base.experiment
+
+    @property
+    def table_metrics(self) -> tuple[str, ...]:
+        if self.metrics:
+            return tuple(dict.fromkeys(self.metrics))
+        data = self.base.data
+        info = None if data.train_path or data.val_path else CATALOG.get(data.dataset)
+        return table_metrics(info.kind, info.task) if info else table_metrics("image", "classification")
 
     def label(self, path: str, value: Any) -> str:
         """How a value of an axis is shown: its given label, else a readable form of the value."""
@@ -316,7 +332,7 @@ def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_ru
 def paper_figures(study: StudySpec, cell: Cell) -> dict[str, float | None]:
     for figure in study.paper.cells if study.paper else []:
         if all(cell.values.get(path) == want or cell.labels.get(path) == want for path, want in figure.match.items()):
-            return {"top1": figure.top1, "top5": figure.top5}
+            return figure.figures()
     return {}
 
 

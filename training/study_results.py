@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from training import figures
 from training.report import build_table, epoch_seconds, markdown, to_csv
 from training.study import ATTENTION, PLACEMENT, Expansion, Observation
+from training.tasks import METRICS
 from training.tracking import (
     RUN_STATES,
     download_attention_maps,
@@ -20,8 +21,8 @@ from training.tracking import (
     study_child_runs,
 )
 
-FIG8_MODULES = ("cbam", "bam", "san-c", "san-d")
-TABLE_KEYS = ("val/top1", "val/top5", "time/epoch_s")  # what the table and the figures read of each run
+FIG8_MODULES = ("cbam", "bam", "ran", "san-c", "san-d")
+TABLE_KEYS = (*(metric.key for metric in METRICS.values()), "time/epoch_s")  # what the table and figures read
 
 
 def observations(uri: str, parent_run_id: str, states: dict[tuple[str, int], str] | None = None) -> list[Observation]:
@@ -89,14 +90,16 @@ def draw_figures(expansion: Expansion, uri: str, found: list[Observation], direc
     by_cell: dict[str, list[Observation]] = {}
     for observation in sorted(found, key=lambda o: o.seed):
         by_cell.setdefault(observation.cell, []).append(observation)
-    curves = {cell_label(expansion, c.key): [[row["val/top1"] for row in o.history if "val/top1" in row]
+    first = METRICS[expansion.study.table_metrics[0]]  # the curves show the table's first metric per epoch
+    curves = {cell_label(expansion, c.key): [[row[first.key] for row in o.history if first.key in row]
                                              for o in by_cell.get(c.key, []) if o.history and o.state == "succeeded"]
               for c in running}  # fmt: skip
     curves = {label: series for label, series in curves.items() if series}
     drawn = []
     if curves:
-        figures.plot_accuracy_curves(curves, directory / "val_top1.png")
-        drawn.append(directory / "val_top1.png")
+        curve_path = directory / f"{first.key.replace('/', '_')}.png"
+        figures.plot_accuracy_curves(curves, curve_path, ylabel=f"val {first.title}", percent=first.percent)
+        drawn.append(curve_path)
     seconds = {cell_label(expansion, c.key): [s for o in by_cell.get(c.key, []) if o.state == "succeeded"
                                               and (s := epoch_seconds(o)) is not None]
                for c in running}  # fmt: skip

@@ -13,6 +13,7 @@ from training.paths import storage_root
 from training.report import markdown
 from training.study import StudySpec, expand, load_study
 from training.study_results import write_results
+from training.tasks import METRICS
 from training.tracking import create_study_run, finish_study_run, tracking_uri
 
 MAX_CELLS = 200
@@ -54,8 +55,9 @@ def _run_children(study: StudySpec, study_id: str, parent: str, uri: str, root: 
             states[(child.cell, child.seed)] = "failed"
             print(f"[{index}/{len(children)}] {child.spec.run_name} failed: {error}", flush=True)
             continue
-        print(f"[{index}/{len(children)}] {child.spec.run_name} val/top1 {result.metrics.get('val/top1', 0):.4f} "
-              f"val/top5 {result.metrics.get('val/top5', 0):.4f}", flush=True)  # fmt: skip
+        shown = "  ".join(f"{METRICS[name].key} {result.metrics[METRICS[name].key]:.4f}"
+                          for name in study.table_metrics if METRICS[name].key in result.metrics)  # fmt: skip
+        print(f"[{index}/{len(children)}] {child.spec.run_name} {shown}", flush=True)
     results = out or root / "studies" / study_id
     table = write_results(expansion, uri, parent, results, states)
     failed = sum(state == "failed" for state in states.values())

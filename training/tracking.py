@@ -16,7 +16,8 @@ from training.config import JobSpec
 from training.paths import default_tracking_uri
 
 METRIC_KEYS = (
-    "train/loss", "val/loss", "val/top1", "val/top5", "time/epoch_s", "throughput/img_s", "lr", "resolution",
+    "train/loss", "val/loss", "val/top1", "val/top5", "val/mae", "val/cosine", "time/epoch_s", "throughput/img_s",
+    "lr", "resolution",
 )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from san.attention.base import (
     reference_formulation,
 )
 from san.attention.cbam import CBAM
+from san.attention.ran import RAN
 from san.attention.san import SAN
 
 # Adding a module is one entry here. SAN-d's dilation 2 is our default; the paper does not state its value.
@@ -21,8 +22,12 @@ _ATTENTION: dict[str, type[AttentionModule] | partial] = {
     "san-d": partial(SAN, dilation=2),
     "cbam": CBAM,
     "bam": BAM,
+    "ran": RAN,
 }
 ATTENTION_NAMES = ("none", *_ATTENTION)
+# What a backbone's attention sites carry: 2-D feature maps (CNNs) or sequences (recurrent models).
+INPUTS = {2: "2-D feature maps (N×C×H×W)", 1: "sequences (N×C×T)"}
+_KIND = {2: "this CNN", 1: "this recurrent model"}  # for a model that does not give its name
 
 
 def attention_class(name: str) -> type[AttentionModule]:
@@ -33,24 +38,56 @@ def attention_class(name: str) -> type[AttentionModule]:
     return entry.func if isinstance(entry, partial) else entry
 
 
+def attention_dims(name: str) -> tuple[int, ...]:
+    """The map dimensionalities attention ``name`` works on (keys of `INPUTS`); ``none`` works on all.
+
+    A module class declares them as ``supported_dims``; one that does not (CBAM, BAM) is an image module.
+    """
+    if name == "none":
+        return tuple(INPUTS)
+    return getattr(attention_class(name), "supported_dims", (2,))
+
+
+def attention_for(dims: int) -> list[str]:
+    """The attention names a backbone whose sites carry ``dims``-dimensional maps can take, ``none`` first."""
+    return [name for name in ATTENTION_NAMES if dims in attention_dims(name)]
+
+
+def check_inputs(name: str, dims: int, model: str = "") -> None:
+    """Raise `IncompatibleConfiguration` unless attention ``name`` works on the ``dims``-dimensional maps of
+    ``model``'s attention sites (an image module in a recurrent model, a sequence module in a CNN)."""
+    if name in ATTENTION_NAMES and dims not in attention_dims(name):
+        inputs = " or ".join(INPUTS[d] for d in attention_dims(name))
+        raise IncompatibleConfiguration(
+            f"{model or _KIND[dims]} carries {INPUTS[dims]} and attention {name!r} works on {inputs} only; "
+            f"choose one of: {', '.join(attention_for(dims))}"
+        )
+
+
 def create_attention(
     name: str,
     channels: int,
     *,
     prev_channels: int | None = None,
     feature_kernel_size: int | None = None,
+    dims: int = 2,
     **kwargs: object,
 ) -> AttentionModule | None:
     """Build the attention module ``name`` for a ``channels``-channel feature map, or ``None`` for ``"none"``.
 
     ``prev_channels`` (C' of the unit's input) and ``feature_kernel_size`` (the feature branch's kernel at this
     position) describe the position; they reach only the modules that use them (SAN), and ``kwargs`` override
-    them (``kernel_size=5`` beats ``feature_kernel_size``).
+    them (``kernel_size=5`` beats ``feature_kernel_size``). ``dims`` — 2 for feature maps, 1 for sequences — is
+    the position's too, and no keyword overrides it: a module that works on both (SAN) is built for it, one that
+    works on the other kind raises `IncompatibleConfiguration`.
     """
     if name not in ATTENTION_NAMES:
         raise ValueError(f"unknown attention {name!r}; choose one of: {', '.join(ATTENTION_NAMES)}")
     if name == "none":
         return None
+    check_inputs(name, dims)
+    if len(attention_dims(name)) > 1:
+        kwargs["dims"] = dims
     if attention_class(name).takes_previous:
         kwargs.setdefault("prev_channels", prev_channels)
         if feature_kernel_size is not None:
@@ -69,13 +106,18 @@ __all__ = [
     "ATTENTION_NAMES",
     "BAM",
     "CBAM",
+    "INPUTS",
+    "RAN",
     "SAN",
     "AttentionModule",
     "IncompatibleConfiguration",
     "Tap",
     "apply_attention",
     "attention_class",
+    "attention_dims",
+    "attention_for",
     "attention_modules",
+    "check_inputs",
     "create_attention",
     "reference_formulation",
 ]

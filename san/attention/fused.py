@@ -14,6 +14,7 @@ backward, where autocast is off.
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -21,27 +22,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-_NEIGHBOUR_OFFSETS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1) if (dh, dw) != (0, 0)]
+# The neighbour offsets of the 3-wide window over the last 1 (sequences) or 2 (maps) axes.
+_NEIGHBOUR_OFFSETS = {dims: [o for o in itertools.product((-1, 0, 1), repeat=dims) if any(o)] for dims in (1, 2)}
 
 
 @torch.no_grad()
-def extrema_count(doc: Tensor) -> Tensor:
-    """SAN's eq 10 numerator: how many of the 3x3 window's cells (centre included) are <= the centre, per channel.
+def extrema_count(doc: Tensor, dims: int = 2) -> Tensor:
+    """SAN's eq 10 numerator: how many cells of the 3-wide window over the last ``dims`` axes (3x3 on maps, 3 steps
+    on sequences), centre included, are <= the centre, per channel.
 
-    Returns a uint8 tensor shaped like ``doc`` with values in 1..9. Each of the 8 neighbour comparisons is made
-    on the sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is
-    "not smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
+    Returns a uint8 tensor shaped like ``doc`` with values in 1..3**dims. Each neighbour comparison is made on the
+    sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is "not
+    smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
     """
-    height, width = doc.shape[-2:]
+    sizes = doc.shape[doc.dim() - dims :]
     count = torch.ones_like(doc, dtype=torch.uint8)
-    for dh, dw in _NEIGHBOUR_OFFSETS:
-        h0, h1 = max(0, -dh), height - max(0, dh)
-        w0, w1 = max(0, -dw), width - max(0, dw)
-        if h0 >= h1 or w0 >= w1:
-            continue
-        centre = doc[..., h0:h1, w0:w1]
-        neighbour = doc[..., h0 + dh : h1 + dh, w0 + dw : w1 + dw]
-        count[..., h0:h1, w0:w1] += centre >= neighbour
+    for offset in _NEIGHBOUR_OFFSETS[dims]:
+        centre, neighbour = [...], [...]
+        for size, step in zip(sizes, offset, strict=True):
+            start, stop = max(0, -step), size - max(0, step)
+            if start >= stop:  # the map is one cell wide on this axis: no neighbour inside it
+                break
+            centre.append(slice(start, stop))
+            neighbour.append(slice(start + step, stop + step))
+        else:
+            inside, shifted = tuple(centre), tuple(neighbour)
+            count[inside] += doc[inside] >= doc[shifted]
     return count
 
 

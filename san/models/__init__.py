@@ -1,3 +1,3 @@
 """Backbones; importing this package registers every model with `san.registry`."""
 
-from san.models import lenet, resnet, vgg  # noqa: F401  (imported for their @register_model)
+from san.models import lenet, lstm, resnet, vgg  # noqa: F401  (imported for their @register_model)

@@ -31,7 +31,7 @@ class LeNet5(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"lenet5 has no stem {stem!r}; choose one of: {', '.join(STEMS)}")
-        plan = AttentionPlan(attention, placement, attention_kwargs or {})
+        plan = AttentionPlan(attention, placement, attention_kwargs or {}, model=type(self).__name__)
         every = {BOTTLENECK, FULL, REFERENCE_CBAM}
         # BAM's reference placement is between feature stages: after conv1 only.
         attn1 = plan.at(every | {REFERENCE_BAM}, 6, in_chans, 5)

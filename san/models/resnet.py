@@ -92,7 +92,7 @@ class ResNet(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
-        plan = AttentionPlan(attention, placement, attention_kwargs or {})
+        plan = AttentionPlan(attention, placement, attention_kwargs or {}, model=type(self).__name__)
         if stem == "imagenet":
             attn = plan.at({FULL, BOTTLENECK}, 64, in_chans, 7)
             self.stem = ConvUnit(in_chans, 64, 7, stride=2, padding=3, batch_norm=True, bias=False, attention=attn)

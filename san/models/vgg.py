@@ -48,7 +48,7 @@ class VGG(nn.Module):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
-        plan = AttentionPlan(attention, placement, attention_kwargs or {})
+        plan = AttentionPlan(attention, placement, attention_kwargs or {}, model=type(self).__name__)
         layers: list[nn.Module] = []
         channels = in_chans
         groups = CONFIGS[config]

@@ -11,20 +11,19 @@ from training.data.manifest import load_manifest
 
 def _build(args: argparse.Namespace) -> int:
     from training.data.build import build_dataset  # imports ffcv: only when building
+    from training.data.series import SeriesOptions
     from training.data.writer import WriterOptions
 
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    if "target" in given:
+        given["target"] = tuple(name.strip() for name in given["target"].split(","))
     try:
-        options = WriterOptions(
-            **{
-                key: value
-                for key, value in vars(args).items()
-                if key in WriterOptions.model_fields and value is not None
-            }
-        )
+        options = WriterOptions(**{key: value for key, value in given.items() if key in WriterOptions.model_fields})
+        series = SeriesOptions(**{key: value for key, value in given.items() if key in SeriesOptions.model_fields})
     except ValidationError as error:
         first = error.errors()[0]
         raise ValueError(f"--{first['loc'][0].replace('_', '-')}: {first['msg']}") from None
-    build_dataset(args.format, args.source, args.out, options, args.strict, args.roi_crop)
+    build_dataset(args.format, args.source, args.out, options, args.strict, args.roi_crop, series)
     return 0
 
 
@@ -33,8 +32,12 @@ def _list(_: argparse.Namespace) -> int:
     print("|---|---|---:|---:|---:|---:|---|---|---|")
     for info in CATALOG.values():
         mean, std = (", ".join(f"{v:.1f}" for v in stats[: info.channels]) for stats in (info.mean, info.std))
+        size, outputs = info.resolution, info.num_classes
+        if info.kind == "series":  # steps × features; a forecast predicts `horizon` steps, not classes
+            size, mean, std = f"{info.resolution} steps × {info.channels}", "measured", "measured"
+            outputs = f"{info.horizon} steps ahead" if info.task == "forecast" else outputs
         print(
-            f"| {info.name} | {info.format} | {info.num_classes} | {info.resolution} | {info.train_count:,} "
+            f"| {info.name} | {info.format} | {outputs} | {size} | {info.train_count:,} "
             f"| {info.val_count:,} | {mean} | {std} | {info.description} |"
         )
     return 0
@@ -50,7 +53,8 @@ def _info(args: argparse.Namespace) -> int:
     except Exception as error:
         raise ValueError(f"{args.file}: cannot be read as an FFCV dataset ({error})") from error
     print(manifest.model_dump_json(indent=2, exclude={"classes"}))
-    print(f"classes: {manifest.num_classes}; read back: {stored:,} records", end="")
+    outputs = "outputs" if manifest.task == "forecast" else "classes"
+    print(f"{outputs}: {manifest.num_classes}; read back: {stored:,} records", end="")
     if stored != manifest.count:
         raise ValueError(f"{args.file}: holds {stored} records but its manifest says {manifest.count}")
     print(" (matches the manifest)")
@@ -74,6 +78,11 @@ def register(commands) -> None:
     build.add_argument("--subset", type=int, help="keep this many images per split, spread evenly")
     build.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     build.add_argument("--roi-crop", action="store_true", help="GTSRB: crop each sign to its ROI box")
+    build.add_argument("--length", type=int, help="ts: pad every case to this many steps (default: the longest)")
+    build.add_argument("--window", type=int, help="forecast-csv: input steps per window")
+    build.add_argument("--horizon", type=int, help="forecast-csv: steps predicted after each window")
+    build.add_argument("--val-steps", type=int, help="forecast-csv: the series' last steps, held out for validation")
+    build.add_argument("--target", help="forecast-csv: the predicted column(s), comma-separated (default: the last)")
     build.set_defaults(handler=_build)
 
     sub.add_parser("list", help="the dataset catalog").set_defaults(handler=_list)

@@ -45,6 +45,7 @@ def resolve_data(spec: JobSpec, root: Path | None = None, build_missing: bool = 
     manifest = load_manifest(train)
     global_batch = spec.training.batch_size * spec.scaling.num_workers
     if global_batch > manifest.count:
+        unit = "series" if manifest.kind == "series" else "images"
         raise ValueError(f"training.batch_size: {spec.training.batch_size} × {spec.scaling.num_workers} workers = "
-                         f"{global_batch} is larger than the training set ({manifest.count} images)")  # fmt: skip
+                         f"{global_batch} is larger than the training set ({manifest.count} {unit})")  # fmt: skip
     return ResolvedData(train, val)

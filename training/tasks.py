@@ -1,0 +1,114 @@
+"""What a job learns, by its dataset's task: the loss it trains with, the metrics it validates with (summed over
+batches and workers, then divided once), the score that picks its best epoch, and its progress line.
+
+- ``classification`` (images; gesture series — the paper's Mocap role, Table VI): cross-entropy; top-1 and top-5
+  accuracy; and ``val/mae``, Table VI's "Loss (MAE)": the mean absolute difference between the softmax and the
+  one-hot label, over classes and samples (the paper does not define it further). Best epoch: highest top-1.
+- ``forecast`` (the paper's flight-fuel role, Table VII): trained on the mean absolute error of the normalised
+  targets; ``val/mae`` is that error in the data's own units (× the targets' train-split std), and
+  ``val/cosine`` — Table VII's "Accuracy (cos. sim.)" — the cosine similarity between each predicted horizon
+  and the true one, in normalised units (raw positive series, such as passenger counts, would make every
+  forecast look alike at 0.99+), averaged over windows. Best epoch: lowest MAE.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TASKS = ("classification", "forecast")
+
+
+@dataclass(frozen=True)
+class Classification:
+    label_smoothing: float = 0.0
+    name = "classification"
+    sums = ("loss", "top1", "top5", "mae")
+    score_key = "val/top1"  # higher is better
+
+    def criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+
+    def batch_sums(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        outputs = outputs.float()
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        hits = top == targets[:, None]
+        one_hot = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+        mae = (outputs.softmax(dim=1) - one_hot).abs().mean(dim=1).sum()
+        loss = F.cross_entropy(outputs, targets, reduction="sum")
+        return torch.stack([loss, hits[:, 0].sum(), hits.any(dim=1).sum(), mae]).double()
+
+    def score(self, metrics: dict[str, float]) -> float:
+        return metrics["val/top1"]
+
+    def progress(self, metrics: dict[str, Any]) -> str:
+        return f"val/top1 {metrics['val/top1']:.4f}  val/top5 {metrics['val/top5']:.4f}"
+
+
+@dataclass(frozen=True)
+class Forecast:
+    # Each target column's train-split std: normalised errors × these are in the data's units. Outputs hold the
+    # horizon step by step, each step every target column (`training.data.series_loader`).
+    target_std: tuple[float, ...] = (1.0,)
+    name = "forecast"
+    sums = ("loss", "mae", "cosine")
+    score_key = "val/mae"  # lower is better
+
+    def criterion(self) -> nn.Module:
+        return nn.L1Loss()
+
+    def batch_sums(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        outputs, targets = outputs.float(), targets.float()
+        errors = (outputs - targets).abs()
+        scale = torch.tensor(self.target_std, device=errors.device).repeat(errors.shape[1] // len(self.target_std))
+        cosine = F.cosine_similarity(outputs, targets, dim=1).sum()
+        return torch.stack([errors.mean(dim=1).sum(), (errors * scale).mean(dim=1).sum(), cosine]).double()
+
+    def score(self, metrics: dict[str, float]) -> float:
+        return -metrics["val/mae"]
+
+    def progress(self, metrics: dict[str, Any]) -> str:
+        return f"val/mae {metrics['val/mae']:.4f}  val/cosine {metrics['val/cosine']:.4f}"
+
+
+Task = Classification | Forecast
+
+
+def task_of(manifest: Any, label_smoothing: float = 0.0) -> Task:
+    """The task a dataset's manifest declares (image sets, which declare none, classify)."""
+    if getattr(manifest, "task", "classification") == "forecast":
+        return Forecast(tuple(float(std) for std in manifest.target_std))
+    return Classification(label_smoothing)
+
+
+def validation_metrics(task: Task, sums: Tensor, count: int) -> dict[str, float]:
+    """``val/<name>``: each summed metric divided by the number of validation samples."""
+    return {f"val/{name}": value / count for name, value in zip(task.sums, sums.tolist(), strict=True)}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A validation metric as a study table shows it."""
+
+    key: str  # the MLflow metric
+    title: str
+    percent: bool  # a fraction shown ×100
+    higher_is_better: bool
+
+
+METRICS = {
+    "top1": Metric("val/top1", "Top-1", True, True),
+    "top5": Metric("val/top5", "Top-5", True, True),
+    "mae": Metric("val/mae", "MAE", False, False),
+    "cosine": Metric("val/cosine", "cos. sim.", False, True),
+}
+
+
+def table_metrics(kind: str, task: str) -> tuple[str, ...]:
+    """The paper's columns for a kind of data: Tables I–V top-1/top-5; Table VI accuracy and MAE loss; Table VII
+    cosine similarity and MAE."""
+    if task == "forecast":
+        return ("cosine", "mae")
+    return ("top1", "mae") if kind == "series" else ("top1", "top5")
