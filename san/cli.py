@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 from san import __version__
 from san.attention import IncompatibleConfiguration
 from san.profile import model_stats
-from san.registry import list_attention, list_models, list_placements
+from san.registry import list_attention, list_models, list_placements, model_inputs
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -51,7 +51,7 @@ def models_table(models: Sequence[str], attentions: Sequence[str], placements: S
                         args.num_classes,
                         attention=attention,
                         placement="bottleneck" if placement == "-" else placement,
-                        **({"stem": args.stem} if args.stem else {}),
+                        **({"stem": args.stem} if args.stem and model_inputs(model) == "images" else {}),
                     )
                 except IncompatibleConfiguration:  # e.g. RAN in a CNN: the combination does not exist
                     rows.append(f"| {model} | {attention} | {placement} | - | - | - | - |")

@@ -55,6 +55,10 @@ def test_models_table_of_lstm4_counts_its_recurrent_layers_and_sequence_modules(
     assert cells[("san-d", "bottleneck")][1:3] == [f"{2 * smoothing:,}", "2"]
     assert cells[("ran", "full")][1:3] == [f"{4 * (64 * 64 * 2 + 64):,}", "4"]  # W_x with its bias, W_s
     assert cells[("cbam", "full")] == ["-"] * 4
+    # a CNN option in a table of every model is for the CNNs: the recurrent model's rows stay
+    mixed = run("models", "--table", "--models", "lstm4,resnet18", "--stem", "small", "--attention", "none",
+                "--num-classes", "4")  # fmt: skip
+    assert mixed.returncode == 0 and "| lstm4 | none | - | 117,252 |" in mixed.stdout, mixed.stderr
 
 
 def test_bad_model_name_is_one_line_and_exit_2():

@@ -18,11 +18,12 @@ from ffcv.transforms import ToTensor
 
 from tests.formats import write_idx
 from tests.readback import read_labels
-from training.config import DataSection
+from training.config import DataSection, JobSpec
 from training.data.build import build_dataset
 from training.data.catalog import dataset_info, sktime_data
 from training.data.loaders import ImageLoader
 from training.data.manifest import Manifest, load_manifest
+from training.data.resolve import resolve_data
 from training.data.series import SeriesOptions
 from training.data.series_loader import SeriesLoader, make_any_loader, make_series_loader
 from training.data.writer import WriterOptions
@@ -323,3 +324,31 @@ def test_cli_builds_basic_motions_and_refuses_a_bad_file_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "Toy_TEST.ts: line 10 (case 2): ragged" in bad.stderr and leftovers(tmp_path / "bad") == []
+
+
+@needs_sktime
+def test_a_last_batch_of_one_keeps_its_labels_one_dimensional(built):
+    batches = list(make_series_loader(built / "basic-motions" / "val.beton", train=False, batch_size=39))
+    assert [tuple(y.shape) for _, y in batches] == [(39,), (1,)]
+
+
+@needs_sktime
+def test_explicit_files_of_the_wrong_kind_for_the_model_are_refused_before_ray(built):
+    files = {"train_path": "basic-motions/train.beton", "val_path": "basic-motions/val.beton"}
+    spec = JobSpec.model_validate({"model": {"name": "lenet5"}, "data": files, "training": {"batch_size": 8}})
+    with pytest.raises(ValueError, match=r"model\.name: lenet5 takes images, and data\.train_path holds sequences"):
+        resolve_data(spec, built)
+    mixed = {"train_path": "basic-motions/train.beton", "val_path": "airline/val.beton"}
+    spec = JobSpec.model_validate({"model": {"name": "lstm4"}, "data": mixed, "training": {"batch_size": 8}})
+    with pytest.raises(ValueError, match=r"data\.val_path: a series forecast set, and data\.train_path a series "
+                                         r"classification set"):  # fmt: skip
+        resolve_data(spec, built)
+    fine = JobSpec.model_validate({"model": {"name": "lstm4"}, "data": files, "training": {"batch_size": 8}})
+    assert resolve_data(fine, built).train == built / "basic-motions" / "train.beton"
+
+
+def test_a_catalog_set_smaller_than_one_global_batch_is_refused_before_it_is_built():
+    with pytest.raises(ValueError, match=r"512 × 1 workers = 512 is larger than basic-motions's training set \(40\)"):
+        JobSpec.model_validate({"model": {"name": "lstm4"}, "data": {"dataset": "basic-motions"}})
+    JobSpec.model_validate({"model": {"name": "lstm4"}, "data": {"dataset": "basic-motions"},
+                            "training": {"batch_size": 20}, "scaling": {"num_workers": 2}})  # fmt: skip

@@ -36,6 +36,11 @@ def test_forecast_mae_is_in_the_datas_units_and_cosine_in_normalised_ones():
     assert metrics["val/mae"] == pytest.approx(10 * normalised_mae)
     assert metrics["val/cosine"] == pytest.approx((0.0 + 1.0) / 2)  # orthogonal, then parallel
     assert task.score(metrics) == -metrics["val/mae"]  # the best epoch: the lowest error
+    # relative targets: the cosine is of the forecasts (level added back), the errors unchanged
+    level = torch.tensor([[1.0], [-1.0]])
+    relative = validation_metrics(task, task.batch_sums(outputs - level, targets - level, level), 2)
+    assert relative["val/mae"] == pytest.approx(metrics["val/mae"])
+    assert relative["val/cosine"] == pytest.approx(metrics["val/cosine"])
     two_targets = Forecast(target_std=(10.0, 100.0))  # horizon 2 × targets (a, b), step by step: a0 b0 a1 b1
     errors = validation_metrics(two_targets, two_targets.batch_sums(torch.zeros(1, 4), torch.ones(1, 4)), 1)
     assert errors["val/mae"] == pytest.approx((10 + 100 + 10 + 100) / 4)
@@ -83,3 +88,14 @@ def test_a_series_classification_study_shows_accuracy_and_mae():
     text = markdown(build_table(expand(spec), []))
     assert text.splitlines()[0].startswith("### table6-motion: Top-1 (%) / MAE, mean ± std over 3 seeds")
     assert "| Base Model | … | … | 100.00 | 0.1118 |" in text
+
+
+def test_a_study_mixing_tasks_on_its_dataset_axis_or_asking_for_unlogged_metrics_is_refused():
+    base = {"model": {"name": "lstm4"}, "data": {"dataset": "airline"}, "training": {"batch_size": 8}}
+    with pytest.raises(ValueError, match=r"axis 'data\.dataset' mixes kinds of data or tasks"):
+        StudySpec.model_validate({"base": base, "axes": {"data.dataset": ["airline", "basic-motions"]}})
+    with pytest.raises(ValueError, match="metrics: a forecast job logs no top5; it logs cosine, mae"):
+        StudySpec.model_validate({"base": base, "metrics": ["top5"]})
+    by_axis = StudySpec.model_validate({"base": {**base, "data": {"dataset": "basic-motions"}},
+                                        "axes": {"data.dataset": ["airline"]}})  # fmt: skip
+    assert by_axis.table_metrics == ("cosine", "mae")  # the axis sets every cell's dataset

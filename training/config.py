@@ -149,7 +149,7 @@ def typed_attention_kwargs(attention: str, kwargs: dict[str, Any]) -> dict[str, 
     """``kwargs`` checked against attention ``attention``'s arguments — an unknown name, a wrong type or a value
     out of bounds is a ValidationError located at its key."""
     schema = ATTENTION_KWARGS[attention]
-    allowed = ", ".join(schema.model_fields)
+    allowed = ", ".join(schema.model_fields) or "nothing"
     if attention == "none":
         message = "no attention module takes an argument {key}; they take: {allowed}"
     else:
@@ -408,6 +408,12 @@ class JobSpec(Section):
             fitting = [name for name in list_models() if model_inputs(name) == kind]
             raise ValueError(f"model.name: {self.model.name} takes {takes}, and data.dataset {self.data.dataset!r} "
                              f"holds {kind}; models for {kind}: {', '.join(fitting)}")  # fmt: skip
+        # Checked here too, not only when the files are read: an embedded set not built yet is built by the job.
+        global_batch = self.training.batch_size * self.scaling.num_workers
+        if global_batch > info.train_count:
+            raise ValueError(f"training.batch_size: {self.training.batch_size} × {self.scaling.num_workers} workers = "
+                             f"{global_batch} is larger than {self.data.dataset}'s training set "
+                             f"({info.train_count:,})")  # fmt: skip
 
     def _check_model_builds(self) -> None:
         """Build the model on the meta device (no memory, no arithmetic) so kwargs its constructors refuse (a

@@ -138,7 +138,9 @@ def evaluate(model, loader, spec: JobSpec, device, keep: int = 0, task: Task | N
     model.eval()
     totals = torch.zeros(len(task.sums) + 1, dtype=torch.float64, device=device)  # the task's sums, then samples
     sample = None
-    for inputs, targets in loader:
+    # a forecast loader also gives each window's level, which its targets are relative to (training.tasks)
+    batches = loader.with_levels() if getattr(loader, "forecast", False) else ((x, y, None) for x, y in loader)
+    for inputs, targets, level in batches:
         inputs = in_layout(inputs, spec)
         if sample is None and keep:
             sample = (inputs[:keep].clone(), targets[:keep].clone())
@@ -146,7 +148,7 @@ def evaluate(model, loader, spec: JobSpec, device, keep: int = 0, task: Task | N
             outputs = model(inputs).float()
             if spec.validation.flip_tta and inputs.dim() == 4:
                 outputs = outputs + model(inputs.flip(3)).float()
-        totals[:-1] += task.batch_sums(outputs, targets)
+        totals[:-1] += task.batch_sums(outputs, targets, level)
         totals[-1] += len(targets)
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -201,7 +203,8 @@ def train_worker(config: dict) -> None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        history, best_score, partial = state["history"], state["best_score"], state.get("partial")
+        history, partial = state["history"], state.get("partial")
+        best_score = state.get("best_score", state.get("best_top1", -math.inf))  # best_top1: before time series
         steps, stops = state.get("steps", 0), state.get("stops", [])
         start_epoch = state["epoch"] + (0 if partial else 1)  # a stop's checkpoint holds part of its epoch
         if partial and rank == 0:

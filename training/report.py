@@ -134,7 +134,7 @@ def paper_value(cell: dict[str, Any], metric: str) -> str:
     value = (cell.get("paper") or {}).get(metric)
     if value is None:
         return ""
-    return f"{value:.2f}" if METRICS[metric].percent else f"{value:.4g}"
+    return f"{value:.2f}" if METRICS[metric].percent or abs(value) >= 1 else f"{value:.4f}"  # 33.40, 0.0084
 
 
 def metrics_of(table: dict[str, Any]) -> list[str]:

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from san.attention import IncompatibleConfiguration, attention_modules
 from training.config import FiniteJson, JobSpec, ModelSection, Section, Seed
 from training.data.catalog import CATALOG
-from training.tasks import METRICS, table_metrics
+from training.tasks import LOGGED, METRICS, table_metrics
 
 # Set by the study for every child, so never an axis: seeds come from ``seeds``, tracking from the study.
 RESERVED_PATHS = ("training.seed", "tracking")
@@ -54,8 +54,8 @@ class PaperCell(Section):
     mae: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # in the data's units, as printed
     cosine: float | None = Field(default=None, ge=-1, le=1, allow_inf_nan=False)
 
-    def figures(self) -> dict[str, float]:
-        return {name: value for name in METRICS if (value := getattr(self, name)) is not None}
+    def figures(self) -> dict[str, float | None]:
+        return {name: getattr(self, name) for name in METRICS}
 
 
 class PaperFigures(Section):
@@ -112,6 +112,16 @@ class StudySpec(Section):
             for path in cell.match:
                 if path not in self.axes:
                     raise ValueError(f"paper: match on {path!r}, which is no axis")
+        datasets = self.axes.get("data.dataset", [self.base.data.dataset])  # an axis sets every cell's
+        tasks = {(info.kind, info.task) for name in datasets if isinstance(name, str) and (info := CATALOG.get(name))}
+        if len(tasks) > 1:
+            raise ValueError("axis 'data.dataset' mixes kinds of data or tasks ("
+                             + ", ".join(sorted(f"{kind} {task}" for kind, task in tasks))
+                             + "): one table compares one task's metrics")  # fmt: skip
+        task = next(iter(tasks))[1] if tasks else "classification"
+        unlogged = [name for name in self.metrics or [] if name not in LOGGED[task]]
+        if unlogged:
+            raise ValueError(f"metrics: a {task} job logs no {', '.join(unlogged)}; it logs {', '.join(LOGGED[task])}")
         return self
 
     @property
@@ -129,7 +139,8 @@ class StudySpec(Section):
         if self.metrics:
             return tuple(dict.fromkeys(self.metrics))
         data = self.base.data
-        info = None if data.train_path or data.val_path else CATALOG.get(data.dataset)
+        dataset = self.axes.get("data.dataset", [data.dataset])[0]
+        info = None if data.train_path or data.val_path else CATALOG.get(dataset) if isinstance(dataset, str) else None
         return table_metrics(info.kind, info.task) if info else table_metrics("image", "classification")
 
     def label(self, path: str, value: Any) -> str:

@@ -99,7 +99,7 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str, system_metrics_interval_s: float) -> None:
         self.client = MlflowClient(uri)
         self.uri, self.run_id = uri, run_id
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, "val/top1")}
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, "val/loss")}  # every task logs it
         # The run stays active in this process so MLflow's sampler records system/* metrics while training.
         mlflow.set_tracking_uri(uri)
         mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)

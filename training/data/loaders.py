@@ -158,7 +158,7 @@ def make_loader(
         decoder: Operation = SeededRandomResizedCropDecoder((resolution, resolution), seed)
     else:
         decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=1.0 if small else IMAGENET_CROP_RATIO)
-    label_ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze()]
+    label_ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze(1)]  # (N, 1) → (N,), also for N = 1
     if device.type == "cuda":
         label_ops.append(ToDevice(device, non_blocking=True))
     try:

@@ -5,6 +5,7 @@ a missing embedded dataset, which the service never does)."""
 from dataclasses import dataclass
 from pathlib import Path
 
+from san.registry import model_inputs
 from training.config import JobSpec
 from training.data.catalog import EMBEDDED, dataset_info
 from training.data.manifest import load_manifest
@@ -42,7 +43,13 @@ def resolve_data(spec: JobSpec, root: Path | None = None, build_missing: bool = 
     for field, path in (("data.train_path", train), ("data.val_path", val)):
         if not path.is_file():
             raise ValueError(f"{field}: {path} does not exist (build it with 'san data build')")
-    manifest = load_manifest(train)
+    manifest, val_manifest = load_manifest(train), load_manifest(val)
+    if (manifest.kind, manifest.task) != (val_manifest.kind, val_manifest.task):
+        raise ValueError(f"data.val_path: a {val_manifest.kind} {val_manifest.task} set, and data.train_path a "
+                         f"{manifest.kind} {manifest.task} set")  # fmt: skip
+    takes, holds = model_inputs(spec.model.name), "sequences" if manifest.kind == "series" else "images"
+    if takes != holds:
+        raise ValueError(f"model.name: {spec.model.name} takes {takes}, and data.train_path holds {holds}")
     global_batch = spec.training.batch_size * spec.scaling.num_workers
     if global_batch > manifest.count:
         unit = "series" if manifest.kind == "series" else "images"

@@ -123,7 +123,7 @@ def make_series_loader(
     target_ops: list[Operation] = (
         [NDArrayDecoder(), ToTensor(), *to_device]
         if manifest.task == "forecast"
-        else [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+        else [IntDecoder(), ToTensor(), Squeeze(1), *to_device]  # (N, 1) → (N,), also for N = 1
     )
     loader = Loader(
         str(path),
