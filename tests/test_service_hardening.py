@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from service.store import JobStore
 from tests.services import BIN, Service, free_port
 from training.config import ATTENTION_KWARGS, MLFLOW_MAX_PARAM_VALUE_LENGTH, JobSpec
+from training.data.catalog import CATALOG
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -191,10 +192,11 @@ nasty = st.one_of(
 )
 ODD_KWARG_VALUES = [100_001, "maybe", "depthwise", "sum", "product", "relu", "gelu", 2.5, None, float("nan")]
 kwarg_values = st.one_of(st.booleans(), st.integers(-3, 40), st.sampled_from(ODD_KWARG_VALUES))
+MODEL_NAMES = ["lenet5"] * 6 + ["lstm4"] * 3 + ["resnet18", "resnet50", "vgg16", "vgg19_bn", "lenet9"]
 models = st.fixed_dictionaries(
     {
-        "name": st.sampled_from(["lenet5"] * 6 + ["resnet18", "resnet50", "vgg16", "vgg19_bn", "lenet9"]),
-        "attention": st.sampled_from(["none", "san-c", "san-d", "cbam", "bam"] * 3 + ["sanc"]),
+        "name": st.sampled_from(MODEL_NAMES),
+        "attention": st.sampled_from(["none", "san-c", "san-d", "cbam", "bam", "ran"] * 3 + ["sanc"]),
         "placement": st.sampled_from(["bottleneck", "full"] * 4 + ["middle"]),
         "attention_kwargs": st.dictionaries(st.sampled_from(KWARG_NAMES), kwarg_values, max_size=3),
     },
@@ -208,6 +210,9 @@ VALID_KWARG_VALUES = {  # inside the bounds (a group count that does not divide 
 }  # fmt: skip
 tags = st.dictionaries(st.text(max_size=12), st.text(max_size=30) | st.text(alphabet="t", min_size=7990, max_size=8010),
                        max_size=3)  # fmt: skip
+
+
+SERIES_SETS = [name for name, info in CATALOG.items() if info.kind == "series"]
 
 
 def set_path(body: dict, path: str, value) -> None:
@@ -224,11 +229,15 @@ def set_path(body: dict, path: str, value) -> None:
 def job_specs(draw) -> dict:
     body = json.loads(json.dumps(SPEC))
     body["model"] = model = draw(models)
-    if model["attention"] in ATTENTION_KWARGS and draw(st.booleans()):  # kwargs this attention takes, mostly valid
+    takes = ATTENTION_KWARGS[model["attention"]].model_fields if model["attention"] in ATTENTION_KWARGS else {}
+    if takes and draw(st.booleans()):  # kwargs this attention takes, mostly valid
         names = draw(st.lists(st.sampled_from(sorted(ATTENTION_KWARGS[model["attention"]].model_fields)), max_size=3))
         model["attention_kwargs"] = {name: draw(VALID_KWARG_VALUES.get(name, st.booleans())) for name in names}
     if draw(st.booleans()):
         body["tracking"] = {"tags": draw(tags)}
+    if model["name"] == "lstm4" or draw(st.integers(0, 9)) == 0:  # mostly a time series for the recurrent model
+        body["data"] = {"dataset": draw(st.sampled_from([*SERIES_SETS, "fashion-mnist"]))}
+        body["training"]["batch_size"] = draw(st.integers(1, 48))
     for path, value in draw(st.lists(st.tuples(st.sampled_from(PATHS), nasty), max_size=2)):
         set_path(body, path, value)
     return body
@@ -256,6 +265,13 @@ def test_fuzzed_specs_never_get_a_5xx_and_every_admitted_model_builds_within_the
         model = spec.build_model(num_classes, in_chans).eval()
         with torch.no_grad():
             out = model(torch.randn(2, in_chans, 28, 28))
+        assert out.shape == (2, num_classes) and torch.isfinite(out).all()
+    if spec.model.name == "lstm4" and not (spec.data.train_path or spec.data.val_path):  # the set's length, features
+        info = CATALOG[spec.data.dataset]
+        assert info.kind == "series"
+        model = spec.build_model(num_classes, in_chans).eval()
+        with torch.no_grad():
+            out = model(torch.randn(2, info.resolution, in_chans))
         assert out.shape == (2, num_classes) and torch.isfinite(out).all()
 
 

@@ -300,7 +300,7 @@ def test_a_forecast_study_through_the_api_logs_cosine_and_mae_per_epoch_and_tabl
     # SAN's maps over time (N×C×T) on the run, and the study's figures drawn from them
     maps = dict(np.load(client.download_artifacts(runs["c001"].info.run_id, "attention/maps.npz", str(tmp_path))))
     assert maps["mask"].shape == (4, 16, 24) and maps["image"].shape == (4, 24, 1)
-    assert maps["mask"].min() > 0 and maps["mask"].max() < 1
+    assert maps["mask"].min() >= 0 and maps["mask"].max() <= 1 and maps["mask"].std() > 0  # float16: may round to 0
     results = Path(client.download_artifacts(parent.info.run_id, "results", str(tmp_path / "results")))
     for name in ("val_cosine", "epoch_seconds", "fig4_scale_space"):
         with Image.open(results / "figures" / f"{name}.png") as image:
