@@ -111,6 +111,39 @@ class ImageLoader:
             yield self.normalize(images), labels
 
 
+def read_fields(path: Path) -> list[str]:
+    """The ``.beton``'s field names, read from its header, metadata and allocation table — where a truncated file
+    fails, as a ValueError naming the file."""
+    try:
+        return list(Reader(str(path)).field_names)
+    except (ValueError, OSError, AssertionError, IndexError, EOFError) as error:
+        raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
+
+
+def ffcv_loader(path: Path, count: int, pipelines: dict, *, train: bool, batch_size: int, distributed: bool,
+                shard: tuple[int, int] | None, seed: int, num_workers: int, drop_last: bool | None,
+                os_cache: bool) -> Loader:  # fmt: skip
+    """The FFCV loader of any set (images or series) of ``count`` records: random order from ``seed`` for training,
+    file order for validation; ``distributed`` shards over the process group, ``shard=(rank, world)`` reads records
+    rank, rank + world, … exactly; ``drop_last`` defaults to ``train``."""
+    if distributed and shard is not None:
+        raise ValueError("distributed=True and shard=... are alternatives; pass one")
+    if not 1 <= num_workers <= (os.cpu_count() or 1):
+        raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
+    return Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        os_cache=os_cache,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        distributed=distributed,
+        indices=None if shard is None else np.arange(shard[0], count, shard[1]),
+        seed=seed,
+        drop_last=train if drop_last is None else drop_last,
+        pipelines=pipelines,
+    )
+
+
 def make_loader(
     path: Path,
     *,
@@ -161,27 +194,12 @@ def make_loader(
     label_ops: list[Operation] = [IntDecoder(), ToTensor(), Squeeze(1)]  # (N, 1) → (N,), also for N = 1
     if device.type == "cuda":
         label_ops.append(ToDevice(device, non_blocking=True))
-    try:
-        Reader(str(path))  # header, metadata and allocation table: a truncated file fails here
-    except (ValueError, OSError, AssertionError, IndexError, EOFError) as error:
-        raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
-    if distributed and shard is not None:
-        raise ValueError("distributed=True and shard=... are alternatives; pass one")
-    if not 1 <= num_workers <= (os.cpu_count() or 1):
-        raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
-    loader = Loader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        os_cache=os_cache,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        distributed=distributed,
-        indices=None if shard is None else np.arange(shard[0], manifest.count, shard[1]),
-        seed=seed,
-        drop_last=train if drop_last is None else drop_last,
-        pipelines={
-            "image": image_pipeline(decoder, train, flip, translate, resolution, device, mean, std, seed),
-            "label": label_ops,
-        },
-    )
+    read_fields(path)
+    pipelines = {
+        "image": image_pipeline(decoder, train, flip, translate, resolution, device, mean, std, seed),
+        "label": label_ops,
+    }
+    loader = ffcv_loader(path, manifest.count, pipelines, train=train, batch_size=batch_size, distributed=distributed,
+                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                         os_cache=os_cache)  # fmt: skip
     return ImageLoader(loader, decoder, Normalize(mean, std, in_chans, manifest.channels, device), manifest)

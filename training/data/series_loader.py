@@ -11,20 +11,17 @@ observation, train and validation windows look alike, and the model predicts cha
 unchanged by the shift (`training.tasks`); `denormalize` adds the level back.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.ndarray import NDArrayDecoder
-from ffcv.loader import Loader, OrderOption
+from ffcv.loader import Loader
 from ffcv.pipeline.operation import Operation
-from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-from training.data.loaders import ImageLoader, make_loader
+from training.data.loaders import ImageLoader, ffcv_loader, make_loader, read_fields
 from training.data.manifest import Manifest, load_manifest
 
 # make_loader's arguments that have no meaning for a series: make_any_loader drops them
@@ -108,16 +105,9 @@ def make_series_loader(
     if manifest.kind != "series" or manifest.shape is None:
         raise ValueError(f"{path}: an {manifest.kind} set, not a series (use make_loader or make_any_loader)")
     target_field = "target" if manifest.task == "forecast" else "label"
-    try:
-        fields = Reader(str(path)).field_names  # header, metadata and allocation table: a truncated file fails here
-    except (ValueError, OSError, AssertionError, IndexError, EOFError) as error:
-        raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
-    if list(fields) != ["series", target_field]:
-        raise ValueError(f"{path}: fields {list(fields)}, expected ['series', '{target_field}'] for a {manifest.task}")
-    if distributed and shard is not None:
-        raise ValueError("distributed=True and shard=... are alternatives; pass one")
-    if not 1 <= num_workers <= (os.cpu_count() or 1):
-        raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
+    fields = read_fields(path)
+    if fields != ["series", target_field]:
+        raise ValueError(f"{path}: fields {fields}, expected ['series', '{target_field}'] for a {manifest.task}")
     device = torch.device(device)
     to_device: list[Operation] = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     target_ops: list[Operation] = (
@@ -125,18 +115,10 @@ def make_series_loader(
         if manifest.task == "forecast"
         else [IntDecoder(), ToTensor(), Squeeze(1), *to_device]  # (N, 1) → (N,), also for N = 1
     )
-    loader = Loader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        os_cache=os_cache,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        distributed=distributed,
-        indices=None if shard is None else np.arange(shard[0], manifest.count, shard[1]),
-        seed=seed,
-        drop_last=train if drop_last is None else drop_last,
-        pipelines={"series": [NDArrayDecoder(), ToTensor(), *to_device], target_field: target_ops},
-    )
+    pipelines = {"series": [NDArrayDecoder(), ToTensor(), *to_device], target_field: target_ops}
+    loader = ffcv_loader(path, manifest.count, pipelines, train=train, batch_size=batch_size, distributed=distributed,
+                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last,
+                         os_cache=os_cache)  # fmt: skip
     return SeriesLoader(loader, manifest, device)
 
 
