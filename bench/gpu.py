@@ -24,8 +24,9 @@ order, within a global time budget (``--budget-s``; cases that would not fit are
 Errors are ``max|a - b| / max|b|`` (the largest difference relative to the reference's largest magnitude, so one
 tolerance fits logits and tiny gradients alike; a module's or model's parameter gradients are one set). Tolerances:
 fp32 1e-3 (a bias before batch norm has a true gradient of 0: its fp32 value is rounding of terms on the scale of
-the largest gradient, 1.1e-4 of it seen on CPU), fp64 1e-9, bf16 3e-2. fp32 timings keep PyTorch's defaults (cuDNN
-TF32 on).
+the largest gradient, 1.1e-4 of it seen on CPU), fp64 1e-9, bf16 3e-2 between devices; the fused paths in bf16 are
+measured against the float64 truth beside the reference and pass within 1.1× its error + 1e-3. fp32 timings keep
+PyTorch's defaults (cuDNN TF32 on).
 
 ``--dry-run`` runs all four parts on the CPU, one thread, at toy sizes (resnet18 at 32 px, batch 2, one warm-up and
 one timed step; compiled only resnet18 × san-d, with the ``aot_eager`` backend: inductor would need minutes of
@@ -337,6 +338,28 @@ def relative_error(actual: Sequence[Tensor | None], expected: Sequence[Tensor | 
     return difference / scale if scale > 0 else difference
 
 
+ERROR_KINDS = ("output", "input_grad", "param_grad")
+
+
+def add_errors(errors: dict[str, float], actual: tuple, expected: tuple) -> None:
+    """Raise ``errors`` to this module's: output, each input's gradient, its parameter gradients together."""
+    (output, input_grads, param_grads), (ref_output, ref_input_grads, ref_param_grads) = actual, expected
+    errors["output"] = max(errors["output"], relative_error([output], [ref_output]))
+    for grad, ref_grad in zip(input_grads, ref_input_grads, strict=True):
+        errors["input_grad"] = max(errors["input_grad"], relative_error([grad], [ref_grad]))
+    module_error = relative_error([param_grads[name] for name in ref_param_grads], list(ref_param_grads.values()))
+    errors["param_grad"] = max(errors["param_grad"], module_error)
+
+
+def as_close_as_reference(errors: dict[str, float], reference_errors: dict[str, float]) -> dict[str, Any]:
+    """The bf16 equality record: the fast path no farther from the float64 truth than the reference (10 % and
+    1e-3 of slack), as tests/test_attention_fused.py requires on CPU."""
+    record = comparison(errors, float("inf"))
+    record.update(tolerance=None, reference_errors=reference_errors)
+    record["ok"] = record["ok"] and all(errors[k] <= 1.1 * reference_errors[k] + 1e-3 for k in ERROR_KINDS)
+    return record
+
+
 def comparison(errors: dict[str, float], tolerance: float) -> dict[str, Any]:
     """One equality record; infinite errors are stored as null (JSON has no infinity) and fail."""
     finite = {name: (error if error != float("inf") else None) for name, error in errors.items()}
@@ -416,23 +439,24 @@ def fast_vs_reference(cfg: Config, attention: str, precision: str) -> dict[str, 
     captured = capture_attention_inputs(model, x.contiguous(memory_format=torch.channels_last), precision)
     del x
 
-    errors = {"output": 0.0, "input_grad": 0.0, "param_grad": 0.0}
+    # fp32: the fast path against the reference. bf16: both against the float64 truth, since two correct bf16
+    # computations in a different order differ by bf16's own error (~0.07 of BAM's input gradient on CPU).
+    errors = dict.fromkeys(ERROR_KINDS, 0.0)
+    reference_errors = dict.fromkeys(ERROR_KINDS, 0.0)
     with exact_fp32() if precision == "fp32" else contextlib.nullcontext():
         for module, inputs in captured:
             output, input_grads, param_grads = attention_forward_backward(module, inputs, None, precision)
             torch.manual_seed(1)
             grad_output = torch.randn_like(output)
             with reference_formulation():
-                ref_output, ref_input_grads, ref_param_grads = attention_forward_backward(
-                    module, inputs, grad_output, precision
-                )
-            errors["output"] = max(errors["output"], relative_error([output], [ref_output]))
-            for grad, ref_grad in zip(input_grads, ref_input_grads, strict=True):
-                errors["input_grad"] = max(errors["input_grad"], relative_error([grad], [ref_grad]))
-            module_error = relative_error(
-                [param_grads[name] for name in ref_param_grads], list(ref_param_grads.values())
-            )
-            errors["param_grad"] = max(errors["param_grad"], module_error)
+                reference = attention_forward_backward(module, inputs, grad_output, precision)
+            if precision == "bf16":
+                truth = attention_forward_backward(copy.deepcopy(module).double(), tuple(t.double() for t in inputs),
+                                                   grad_output.double(), "fp64")  # fmt: skip
+                add_errors(errors, (output, input_grads, param_grads), truth)
+                add_errors(reference_errors, reference, truth)
+            else:
+                add_errors(errors, (output, input_grads, param_grads), reference)
 
     def attention_step() -> None:
         for module, inputs in captured:
@@ -465,7 +489,9 @@ def fast_vs_reference(cfg: Config, attention: str, precision: str) -> dict[str, 
         "attention_only_ms": attention_ms,
         "attention_only_speedup": round(attention_ms["reference"] / attention_ms["fast"], 3),
         "attention_modules": modules,
-        "equality": comparison(errors, TOLERANCE[precision]),
+        "equality": comparison(errors, TOLERANCE[precision])
+        if precision != "bf16"
+        else as_close_as_reference(errors, reference_errors),
     }
 
 
@@ -588,7 +614,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{cfg['fused_model']} at {cfg['fused_size']} px, channels_last, eager. Train step: the whole step, batch "
         f"{cfg['fused_batch']} (or the largest half that fits); attention only: forward + backward of every "
         "attention module on the inputs it received in the model. Speedup: reference time / fast time. Errors: "
-        "max|fast − reference| / max|reference|, the worst module (parameter gradients: each module's together).",
+        "max|fast − reference| / max|reference|, the worst module (parameter gradients: each module's together); "
+        "bf16: the fast path's and the reference's errors against float64, the fast one within 1.1× + 1e-3.",
         "",
         "| attention | precision | step ms fast | step ms ref | speedup | peak MiB fast | peak MiB ref "
         "| attn ms fast | attn ms ref | speedup | output | input grad | param grad | equal |",
@@ -606,9 +633,16 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"| {fmt(row['attention_only_ms']['fast'], 2)} | {fmt(row['attention_only_ms']['reference'], 2)} "
             f"| {row['attention_only_speedup']:.2f} | {fmt_error(errors['output'])} "
             f"| {fmt_error(errors['input_grad'])} | {fmt_error(errors['param_grad'])} "
-            f"| {'yes' if equality['ok'] else '**no**'} (≤ {equality['tolerance']:.0e}) |"
+            f"| {'yes' if equality['ok'] else '**no**'} ({bound(equality)}) |"
         )
     return "\n".join(lines) + "\n"
+
+
+def bound(equality: dict[str, Any]) -> str:
+    if equality["tolerance"] is not None:
+        return f"≤ {equality['tolerance']:.0e}"
+    reference = equality["reference_errors"]
+    return "vs fp64, reference " + " / ".join(fmt_error(reference[kind]) for kind in ERROR_KINDS)
 
 
 def run(cfg: Config, out: Path) -> dict[str, Any]:

@@ -152,8 +152,8 @@ def test_the_fast_path_is_taken_unless_asked_or_watched() -> None:
     assert type(module(y, y_prev).grad_fn).__name__ == "MulBackward0"
     handle.remove()
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
-    assert type(CBAM(8)(x).grad_fn).__name__ == "_DoubleScaleBackward"
-    assert type(BAM(8)(x).grad_fn).__name__ == "_ResidualMaskBackward"
+    assert type(CBAM(8)(x).grad_fn).__name__ == "_CBAMBackward"
+    assert type(BAM(8)(x).grad_fn).__name__ == "_BAMBackward"
 
 
 def test_recompute_or_keep_follows_the_smoothing_conv_cost() -> None:

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from san.attention.base import AttentionModule, Tap
-from san.attention.fused import conv_chain, residual_mask
+from san.attention.fused import bam
 
 COMBINES = ("sum", "product")
 
@@ -47,7 +47,7 @@ class SpatialBranch(nn.Module):
         return self.body(x)
 
     def stages(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]]:
-        """The body as (conv, batch norm, activation) stages, for `conv_chain`."""
+        """The body as (conv, batch norm, activation) stages, for `san.attention.fused.bam`."""
         layers = list(self.body)
         stages = [(layers[i], layers[i + 1], "relu") for i in range(0, len(layers) - 1, 3)]
         return [*stages, (layers[-1], None, "identity")]
@@ -72,8 +72,7 @@ class BAM(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_fast_path():
-            channel, spatial = self.channel(x), conv_chain(x, self.spatial.stages())
-            return residual_mask(x, channel, spatial, self.combine == "product")
+            return bam(x, self.channel(x), self.spatial.stages(), self.combine == "product")
         channel, spatial = self.channel(x), self.spatial(x)
         logits = channel + spatial if self.combine == "sum" else channel * spatial
         return x * (1 + self.mask(torch.sigmoid(logits)))

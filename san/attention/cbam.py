@@ -1,11 +1,10 @@
 """CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from san.attention.base import AttentionModule, Tap
-from san.attention.fused import conv_chain, double_scale
+from san.attention.fused import cbam
 
 
 class ChannelAttention(nn.Module):
@@ -18,16 +17,6 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
-
-    def fast(self, x: Tensor) -> Tensor:
-        """The same mask through one MLP pass over both descriptors as matrices: a 1x1 conv on a 1x1 map costs
-        a convolution's overhead for a matrix product's work."""
-        batch = x.shape[0]
-        descriptors = torch.cat([x.mean((2, 3)), x.amax((2, 3))])
-        first, second = self.mlp[0], self.mlp[2]
-        hidden = F.relu(F.linear(descriptors, first.weight.flatten(1), first.bias))
-        logits = F.linear(hidden, second.weight.flatten(1), second.bias)
-        return torch.sigmoid(logits[:batch] + logits[batch:])[:, :, None, None]
 
 
 class SpatialAttention(nn.Module):
@@ -59,9 +48,7 @@ class CBAM(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_fast_path():
-            channel_mask = self.channel.fast(x)
-            spatial = self.spatial
-            spatial_mask = conv_chain(x, [(spatial.conv, spatial.bn, "sigmoid")], channel_mask=channel_mask)
-            return double_scale(x, channel_mask, spatial_mask)
+            mlp = self.channel.mlp
+            return cbam(x, (mlp[0], mlp[2]), self.spatial.conv, self.spatial.bn)
         x = x * self.channel_mask(self.channel(x))
         return x * self.mask(self.spatial(x))

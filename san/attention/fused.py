@@ -124,12 +124,13 @@ _ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
+    """The activation's gradient from its output, each one ATen pass (the rules autograd itself uses)."""
     if name == "relu":
-        return grad * (output > 0)
+        return torch.ops.aten.threshold_backward(grad, output, 0)
     if name == "tanh":
-        return grad * (1 - output * output)
+        return torch.ops.aten.tanh_backward(grad, output)
     if name == "sigmoid":
-        return grad * ((1 - output) * output)
+        return torch.ops.aten.sigmoid_backward(grad, output)
     return grad
 
 
@@ -279,73 +280,6 @@ def san_mask(
     return _SANMask.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
 
 
-def _scaled_channel_pool(x: Tensor, channel_mask: Tensor) -> Tensor:
-    scaled = x * channel_mask
-    return torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
-
-
-def _scaled_channel_pool_backward(grad: Tensor, x: Tensor, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
-    scaled = x * channel_mask
-    # amax's own rule: ties share the gradient equally.
-    is_max = scaled == scaled.amax(1, keepdim=True)
-    grad_scaled = grad[:, :1] / is_max.sum(1, keepdim=True) * is_max + grad[:, 1:] / x.shape[1]
-    return grad_scaled * channel_mask, _sum_to(grad_scaled * x, channel_mask.shape)
-
-
-class _DoubleScale(torch.autograd.Function):
-    """``x · Mc · Ms`` (CBAM's two masks in a row) keeping the inputs only, not the intermediate ``x · Mc``."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
-        ctx.save_for_backward(x, channel_mask, spatial_mask)
-        return x * channel_mask * spatial_mask
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad: Tensor):
-        x, channel_mask, spatial_mask = ctx.saved_tensors
-        with torch.no_grad():
-            grad_scaled = grad * spatial_mask
-            grad_x = grad_scaled * channel_mask
-            grad_channel = _sum_to(grad_scaled * x, channel_mask.shape) if ctx.needs_input_grad[1] else None
-            grad_spatial = _sum_to(grad * (x * channel_mask), spatial_mask.shape) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_channel, grad_spatial
-
-
-class _ResidualMask(torch.autograd.Function):
-    """BAM's ``x · (1 + sigmoid(c ∘ s))`` with ``∘`` = + (``sum``) or × (``product``); keeps ``x`` and the two small
-    logit maps, and recomputes the full-size mask in backward instead of saving it."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
-        ctx.save_for_backward(x, channel, spatial)
-        ctx.product = product
-        logits = channel * spatial if product else channel + spatial
-        return x * (1 + torch.sigmoid(logits))
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad: Tensor):
-        x, channel, spatial = ctx.saved_tensors
-        with torch.no_grad():
-            mask = torch.sigmoid(channel * spatial if ctx.product else channel + spatial)
-            grad_x = grad * (1 + mask)
-            grad_logits = (grad * x) * (1 - mask) * mask
-            grad_channel = grad_logits * spatial if ctx.product else grad_logits
-            grad_spatial = grad_logits * channel if ctx.product else grad_logits
-            grad_channel = _sum_to(grad_channel, channel.shape) if ctx.needs_input_grad[1] else None
-            grad_spatial = _sum_to(grad_spatial, spatial.shape) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_channel, grad_spatial, None
-
-
-def double_scale(x: Tensor, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
-    return _DoubleScale.apply(x, channel_mask, spatial_mask)
-
-
-def residual_mask(x: Tensor, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
-    return _ResidualMask.apply(x, channel, spatial, product)
-
-
 # --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
 
 
@@ -395,7 +329,7 @@ class _Stage:
         if self.pointwise:
             conv_out = _pointwise_conv(x, weight, bias)
         else:
-            conv_out = F.conv2d(small_map_layout(x), weight, bias, padding=self.padding, dilation=self.dilation,
+            conv_out = F.conv2d(x.contiguous(), weight, bias, padding=self.padding, dilation=self.dilation,
                                 groups=self.groups)  # fmt: skip
         if not self.has_bn:
             return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
@@ -424,13 +358,42 @@ class _Stage:
         if self.pointwise:
             grad_x, grad_weight, grad_bias = _pointwise_conv_backward(grad, conv_input, weight, has_bias)
         else:
-            grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                small_map_layout(grad), small_map_layout(conv_input), weight,
-                [self.bias.shape[0]] if has_bias else None, [1, 1], list(self.padding), list(self.dilation), False,
-                [0, 0], self.groups, [True, True, has_bias],
-            )  # fmt: skip
+            grad_x, grad_weight, grad_bias = few_channel_conv_backward(
+                grad, conv_input, weight, has_bias, self.padding, self.dilation, self.groups
+            )
         grad_bias = grad_bias.to(self.bias.dtype) if has_bias else None
         return grad_x.to(x.dtype), [grad_weight.to(self.weight.dtype), grad_bias, *bn_grads]
+
+
+def few_channel_conv_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(∂x, ∂weight, ∂bias) of a stride-1 conv, fastest for the few-channel convs of the attention branches.
+
+    On CPU, oneDNN's backward of a conv over a 1- or 2-channel map costs several times its forward; ∂x is the
+    forward conv of ``grad`` with the flipped, transposed kernel (NCHW: 0.10 ms vs 0.46 ms for the whole backward of
+    BAM's 1→1 dilated 3×3 at 64×28×28), so only ∂weight goes through oneDNN, channels-last, where it is cheap
+    (bench/profile_attention.py small-convs).
+    """
+    transposed_padding = [d * (k - 1) - p for p, d, k in zip(padding, dilation, weight.shape[2:], strict=True)]
+    bias_sizes = [weight.shape[0]] if has_bias else None
+    args = ([1, 1], list(padding), list(dilation), False, [0, 0], groups)
+    if x.device.type != "cpu" or groups != 1 or min(transposed_padding) < 0 or x.shape[1] >= SMALL_CHANNELS:
+        return torch.ops.aten.convolution_backward(
+            small_map_layout(grad), small_map_layout(x), weight, bias_sizes, *args, [True, True, has_bias]
+        )
+    _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        small_map_layout(grad), small_map_layout(x), weight, bias_sizes, *args, [False, True, has_bias]
+    )
+    flipped = weight.flip(-1, -2).transpose(0, 1)
+    grad_x = F.conv2d(grad.contiguous(), flipped, padding=transposed_padding, dilation=dilation)
+    return grad_x, grad_weight, grad_bias
 
 
 def _pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -469,51 +432,188 @@ def _pointwise_conv_backward(
     return grad_x, grad_weight.view_as(weight), grad_bias
 
 
-class _Chain(torch.autograd.Function):
-    """`_Stage`s applied in order to ``x`` — or, given a channel mask, to CBAM's ``[max_c, mean_c](x · Mc)`` —
-    keeping only the inputs for backward and recomputing the intermediate maps there: small convs over few
-    channels, cheap to redo next to the memory their maps would hold."""
+def _run_chain(stages: list[_Stage], x: Tensor, dtype: torch.dtype | None, update: bool) -> list[tuple]:
+    """Each stage's (input, activation output, conv output, batch-norm statistics), in order."""
+    records, h = [], x
+    for stage in stages:
+        out, conv_out, stats = stage.forward(h, dtype, update=update)
+        records.append((h, out, conv_out, stats))
+        h = out
+    return records
+
+
+def _chain_backward(
+    stages: list[_Stage], records: list[tuple], grad: Tensor, dtype: torch.dtype | None
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(∂ chain input, every stage's parameter gradients in order) from the gradient of the chain's output."""
+    param_grads: list[Tensor | None] = []
+    for stage, (h_in, out, conv_out, stats) in zip(reversed(stages), reversed(records), strict=True):
+        grad, grads = stage.backward(grad, h_in, out, conv_out, stats, dtype)
+        param_grads = grads + param_grads
+    return grad, param_grads
+
+
+def _bind(stages: list[_Stage], params: list[Tensor]) -> None:
+    for index, stage in enumerate(stages):
+        stage.bind(params[4 * index : 4 * index + 4])
+
+
+class _BAM(torch.autograd.Function):
+    """BAM after its channel branch, as one node: the spatial branch's `_Stage`s give ``s`` (one logit per position),
+    then ``x · (1 + σ(c ∘ s))`` with ``∘`` = + (``sum``) or × (``product``).
+
+    It keeps ``x`` (which the layer before keeps anyway) and the channel logits ``c``, and recomputes the branch's
+    small maps and the full-size mask in backward. On CPU it works on an NCHW copy of ``x`` (`_nchw_on_cpu`), made
+    again in backward rather than kept, and returns the output and ``∂x`` in the layout ``x`` came in.
+    """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, stages: list[_Stage], x: Tensor, channel_mask: Tensor | None, *params: Tensor):
+    def forward(ctx: FunctionCtx, stages: list[_Stage], x: Tensor, channel: Tensor, product: bool, *params: Tensor):
         dtype = _autocast_dtype(x)
         with _autocast_off(x):
-            h = x if channel_mask is None else _scaled_channel_pool(x, channel_mask)
-            for stage in stages:
-                h = stage.forward(h, dtype, update=True)[0]
-        ctx.stages, ctx.dtype = stages, dtype
-        ctx.save_for_backward(x, channel_mask, *params)
-        return h
+            flat = _nchw_on_cpu(x)
+            spatial = _run_chain(stages, flat, dtype, update=True)[-1][1]
+            mask = torch.sigmoid_(channel * spatial if product else channel + spatial)
+            out = _in_layout_of(torch.addcmul(flat, flat, mask), x)
+        ctx.stages, ctx.dtype, ctx.product = stages, dtype, product
+        ctx.save_for_backward(x, channel, *params)
+        return out
 
     @staticmethod
     @_first_order
     def backward(ctx: FunctionCtx, grad: Tensor):
-        x, channel_mask, *params = ctx.saved_tensors
+        x, channel, *params = ctx.saved_tensors
         stages, dtype = ctx.stages, ctx.dtype
-        for index, stage in enumerate(stages):
-            stage.bind(params[4 * index : 4 * index + 4])
+        _bind(stages, params)
         with _autocast_off(x), torch.no_grad():
-            h = x if channel_mask is None else _scaled_channel_pool(x, channel_mask)
-            records = []
-            for stage in stages:
-                out, conv_out, stats = stage.forward(h, dtype, update=False)
-                records.append((h, out, conv_out, stats))
-                h = out
-            param_grads: list[Tensor | None] = []
-            for stage, (h_in, out, conv_out, stats) in zip(reversed(stages), reversed(records), strict=True):
-                grad, grads = stage.backward(grad, h_in, out, conv_out, stats, dtype)
-                param_grads = grads + param_grads
-            grad_mask = None
-            if channel_mask is not None:
-                grad, grad_mask = _scaled_channel_pool_backward(grad, x, channel_mask)
-        return None, grad, grad_mask, *param_grads
+            flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
+            records = _run_chain(stages, flat, dtype, update=False)
+            spatial = records[-1][1]
+            mask = torch.sigmoid_(channel * spatial if ctx.product else channel + spatial)
+            grad_x = torch.addcmul(grad, grad, mask)
+            grad_logits = torch.ops.aten.sigmoid_backward(grad.mul(flat), mask)
+            grad_channel = _sum_to(grad_logits * spatial if ctx.product else grad_logits, channel.shape)
+            grad_spatial = _sum_to(grad_logits * channel if ctx.product else grad_logits, spatial.shape)
+            grad_branch, param_grads = _chain_backward(stages, records, grad_spatial.to(spatial.dtype), dtype)
+            grad_x = _in_layout_of(grad_x.add_(grad_branch), x)
+        return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
 
 
-def conv_chain(
-    x: Tensor, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]], channel_mask: Tensor | None = None
+def bam(
+    x: Tensor, channel: Tensor, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]], product: bool
 ) -> Tensor:
-    """``layers`` — (conv, batch norm or None, activation name) — applied in order to ``x``, or, given
-    ``channel_mask``, to CBAM's ``[max_c, mean_c](x · channel_mask)``, as one autograd node."""
+    """BAM's output from ``x``, its channel logits and its spatial branch's (conv, batch norm, activation) layers,
+    as one autograd node (`_BAM`)."""
     stages = [_Stage(*layer) for layer in layers]
     params = [p for stage in stages for p in stage.params()]
-    return _Chain.apply(stages, x, channel_mask, *params)
+    return _BAM.apply(stages, x, channel, product, *params)
+
+
+def _where_equal(x: Tensor, reference: Tensor) -> Tensor:
+    """1 where ``x`` equals ``reference`` (broadcast), else 0, in ``x``'s dtype: a comparison written straight into
+    a float map takes a sixth of the time of one that makes a bool map (0.017 vs 0.10 ms on 64×6×28×28 here)."""
+    return torch.eq(x, reference, out=torch.empty_like(x))
+
+
+def _nchw_on_cpu(x: Tensor) -> Tensor:
+    """``x`` in the layout where CPU broadcasts over its channels or positions are fast: NCHW below
+    `SMALL_CHANNELS` channels, else as it is.
+
+    Why: channels-last puts a small channel count innermost, so ``x · Mc`` (N×C×1×1), ``x · Ms`` (N×1×H×W) and
+    max/mean over channels or positions run 5–15× slower than in NCHW (0.11–0.43 ms vs 0.02–0.03 ms on a
+    64×6×28×28 map here), far more than a copy between the layouts costs (0.1 ms). From 16 channels on the
+    inner loops vectorise in either layout, and the copy would only cost.
+    """
+    if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] < SMALL_CHANNELS:
+        return x.contiguous()
+    return x
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``F.linear`` with the casts autocast would make."""
+    if dtype is not None:
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    return F.linear(x, weight, bias)
+
+
+class _CBAM(torch.autograd.Function):
+    """All of CBAM as one node: the channel descriptors ``[mean_hw x; max_hw x]``, the shared MLP, ``Mc = σ(·+·)``,
+    ``s = x · Mc``, ``Ms = σ(BN(conv([max_c s, mean_c s])))`` and ``s · Ms``.
+
+    It keeps ``x`` (which the layer before keeps anyway), the small MLP tensors and the 1-channel conv output and
+    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. On CPU it works on an NCHW copy of
+    ``x`` (`_nchw_on_cpu`), made again in backward rather than kept, and returns the output and ``∂x`` in the
+    layout ``x`` came in. Backward folds every path into ``x`` into two maps: ``u = g · Ms + ∂pool_c`` gives
+    ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a few passes over the map instead of one per
+    autograd node, and no bool maps (`_where_equal`).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
+        first_weight, first_bias, second_weight, second_bias = params[:4]
+        dtype = _autocast_dtype(x)
+        with _autocast_off(x):
+            flat = _nchw_on_cpu(x)
+            batch = x.shape[0]
+            top = flat.amax((2, 3))
+            descriptors = torch.cat([flat.mean((2, 3)), top])
+            hidden = F.relu(_linear(descriptors, first_weight.flatten(1), first_bias, dtype))
+            logits = _linear(hidden, second_weight.flatten(1), second_bias, dtype)
+            channel_mask = torch.sigmoid(logits[:batch] + logits[batch:])
+            scaled = flat * channel_mask[:, :, None, None]
+            pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
+            spatial_mask, conv_out, stats = stage.forward(pooled, dtype, update=True)
+            out = _in_layout_of(scaled.mul_(spatial_mask), x)
+        ctx.stage, ctx.dtype, ctx.stats = stage, dtype, stats
+        ctx.save_for_backward(x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params)
+        return out
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params = ctx.saved_tensors
+        first_weight, first_bias, second_weight, second_bias, *stage_params = params
+        stage, dtype = ctx.stage, ctx.dtype
+        stage.bind(stage_params)
+        with _autocast_off(x), torch.no_grad():
+            flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
+            batch, positions = x.shape[0], x.shape[2] * x.shape[3]
+            mask = channel_mask[:, :, None, None]
+            scaled = flat * mask
+            top_c = scaled.amax(1, keepdim=True)
+            is_max = _where_equal(scaled, top_c)
+            pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
+            grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
+            grad_pooled, stage_grads = stage.backward(grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype)
+            grad_pooled = grad_pooled.to(x.dtype)
+            # amax's own rule, here and below: ties share the gradient equally.
+            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True)
+            u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
+            grad_mask = (u * flat).sum((2, 3))
+            # the MLP, by hand: both descriptors went through it, so both halves of its output get ∂Mc's logit
+            grad_logit = torch.ops.aten.sigmoid_backward(grad_mask.to(channel_mask.dtype), channel_mask)
+            grad_logits = torch.cat([grad_logit, grad_logit])
+            grad_second = grad_logits.t() @ hidden
+            grad_hidden = torch.ops.aten.threshold_backward(grad_logits @ second_weight.flatten(1).to(hidden.dtype),
+                                                            hidden, 0)  # fmt: skip
+            grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
+            grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
+            is_top = _where_equal(flat, top[:, :, None, None])
+            top_share = grad_descriptors[batch:] / is_top.sum((2, 3))
+            grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
+            grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
+        mlp_grads = [
+            grad_first.view_as(first_weight).to(first_weight.dtype),
+            grad_hidden.sum(0).to(first_bias.dtype),
+            grad_second.view_as(second_weight).to(second_weight.dtype),
+            grad_logits.sum(0).to(second_bias.dtype),
+        ]
+        return None, grad_x, *mlp_grads, *stage_grads
+
+
+def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """CBAM's output ``x · Mc · Ms`` as one autograd node (`_CBAM`), from its channel MLP's two 1x1 convs and its
+    spatial branch's conv and batch norm."""
+    stage = _Stage(conv, bn, "sigmoid")
+    first, second = mlp
+    return _CBAM.apply(stage, x, first.weight, first.bias, second.weight, second.bias, *stage.params())
