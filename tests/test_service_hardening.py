@@ -200,8 +200,9 @@ models = st.fixed_dictionaries(
         "placement": st.sampled_from(["bottleneck", "full"] * 4 + ["middle"]),
         "attention_kwargs": st.dictionaries(st.sampled_from(KWARG_NAMES), kwarg_values, max_size=3),
     },
-    optional={"stem": st.sampled_from(["small", "small", None, "imagenet", "x"]), "blurpool": st.booleans()},
-)
+    optional={"stem": st.sampled_from(["small", "small", None, "imagenet", "x"]), "blurpool": st.booleans(),
+              "attention_path": st.sampled_from(["fused", "stepwise", "fast"])},
+)  # fmt: skip
 VALID_KWARG_VALUES = {  # inside the bounds (a group count that does not divide the channels still fails)
     "kernel_size": st.integers(1, 15), "spatial_kernel_size": st.sampled_from([1, 3, 5, 7, 15]),
     "dilation": st.integers(1, 16), "reduction": st.integers(1, 64), "num_dilated": st.integers(0, 8),

@@ -185,3 +185,24 @@ def test_the_model_size_is_counted_on_the_meta_device_without_allocating_it():
                       "attention_kwargs": {"kernel_size": 15}})  # fmt: skip
     assert big.model_params() > 600_000_000  # 2.7 GB of float32 if it were real
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000
+
+
+@pytest.mark.parametrize(("path", "fused", "backward"), [("fused", True, "_CBAMBackward"),
+                                                         ("stepwise", False, "MulBackward0")])  # fmt: skip
+def test_the_attention_path_is_set_on_every_module_and_logged(path, fused, backward):
+    import torch
+
+    from san.attention import attention_modules
+
+    job = spec(model={"attention": "cbam", "placement": "full", "attention_path": path})
+    model = job.build_model(10, 1)
+    modules = attention_modules(model)
+    assert len(modules) == 2 and all(m.fused is fused for m in modules.values())  # LeNet-5: both conv units
+    x = torch.randn(2, 6, 28, 28, requires_grad=True)
+    assert type(modules["features.0.attn"](x).grad_fn).__name__ == backward
+    assert job.flat()["model.attention_path"] == path
+
+
+def test_an_unknown_attention_path_is_refused():
+    with pytest.raises(ValidationError, match="'fused' or 'stepwise'"):
+        spec(model={"attention_path": "fast"})

@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from san.attention import attention_class
+from san.attention import attention_class, use_fused_paths
 from san.attention.bam import COMBINES
 from san.attention.san import _ACTIVATIONS as SMOOTHING_ACTIVATIONS
 from san.models.blurpool import add_blurpool
@@ -175,12 +175,17 @@ class ModelSection(Section):
     attention_kwargs: dict[str, Any] = Field(default_factory=dict)  # typed per attention: ATTENTION_KWARGS
     stem: Literal["imagenet", "small"] | None = None  # None: the model's default
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
+    # fused: each attention module as one autograd node that keeps about half the activations for backward
+    # (san.attention.fused); stepwise: one node per operation as the papers write it, same results, more memory,
+    # faster for SAN and BAM on small CPU maps (README, "Measured: what attention costs")
+    attention_path: Literal["fused", "stepwise"] = "fused"
 
     def build(self, num_classes: int, in_chans: int) -> torch.nn.Module:
         kwargs: dict[str, Any] = {"in_chans": in_chans, "attention_kwargs": self.attention_kwargs}
         if self.stem is not None:
             kwargs["stem"] = self.stem
         model = build_model(self.name, num_classes, self.attention, self.placement, **kwargs)
+        use_fused_paths(model, self.attention_path == "fused")
         if self.blurpool:
             add_blurpool(model)
         return model

@@ -11,6 +11,7 @@ from san.attention.base import (
     Tap,
     attention_modules,
     reference_formulation,
+    use_fused_paths,
 )
 from san.attention.cbam import CBAM
 from san.attention.ran import RAN
@@ -120,4 +121,5 @@ __all__ = [
     "check_inputs",
     "create_attention",
     "reference_formulation",
+    "use_fused_paths",
 ]

@@ -54,16 +54,21 @@ class AttentionModule(nn.Module):
     """
 
     takes_previous: bool = False
+    # False: always the step-by-step formulation (`use_fused_paths`): more memory kept for backward, and on small
+    # CPU maps faster for SAN and BAM (README, "Measured: what attention costs").
+    fused: bool = True
 
     def taps(self) -> dict[str, Tap]:
         """The module's taps by name, in forward order."""
         return {name: module for name, module in self.named_children() if isinstance(module, Tap)}
 
     def use_fast_path(self) -> bool:
-        """Whether ``forward`` may take the fused path: not inside `reference_formulation`, no hook on the module
-        or anything inside it (the fused path runs no submodule and materialises none of the maps the taps show),
-        no global module hook, and only the plain layer types the fused path reimplements."""
-        if getattr(_switch, "depth", 0) or any(getattr(module_hooks, name, None) for name in _GLOBAL_HOOKS):
+        """Whether ``forward`` may take the fused path: ``fused`` set, not inside `reference_formulation`, no hook
+        on the module or anything inside it (the fused path runs no submodule and materialises none of the maps the
+        taps show), no global module hook, and only the plain layer types the fused path reimplements."""
+        if not self.fused or getattr(_switch, "depth", 0):
+            return False
+        if any(getattr(module_hooks, name, None) for name in _GLOBAL_HOOKS):
             return False
         for module in self.modules():
             if _hooked(module):
@@ -76,3 +81,11 @@ class AttentionModule(nn.Module):
 def attention_modules(model: nn.Module) -> dict[str, AttentionModule]:
     """Every attention module inside ``model``, keyed by its module path, in forward-definition order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, AttentionModule)}
+
+
+def use_fused_paths(model: nn.Module, fused: bool) -> nn.Module:
+    """Set every attention module in ``model`` to its fused path (the default: less memory kept for backward) or,
+    with ``fused=False``, to the step-by-step formulation for good; returns ``model``."""
+    for module in attention_modules(model).values():
+        module.fused = fused
+    return model
