@@ -135,3 +135,15 @@ def test_a_gpu_run_becomes_rows_and_a_check_beyond_its_tolerance_fails():
     assert (san.value, san.ratio, san.low, san.high) == (1200.0, 0.5, 2048.0, 2560.0)
     assert math.isnan(rows["resnet18@176 · none · compiled · train step"].value)
     assert holds(rows["resnet18 · san-c · fp32 · GPU vs CPU · worst relative error"]) is False
+
+
+def test_a_bf16_fused_check_is_held_to_the_reference_formulations_error_against_float64():
+    def fused(errors: dict, reference_errors: dict) -> dict:
+        return {"model": "resnet18", "attention": "bam", "precision": "bf16", "status": "failed",
+                "equality": {"errors": errors, "reference_errors": reference_errors, "tolerance": None}}  # fmt: skip
+
+    reference = {"output": 0.01, "input_grad": 0.07, "param_grad": 0.5}
+    for errors, expected in (({**reference, "param_grad": 0.4}, True), ({**reference, "param_grad": 0.6}, False)):
+        data = {"dry_run": False, "machine": {}, "train": [], "device_vs_cpu": [], "fused": [fused(errors, reference)]}
+        (row,) = gpu_json_rows(data, "gpu", "bench/gpu.py")[1:]
+        assert row.target == ("<=", pytest.approx(0.551)) and holds(row) is expected
