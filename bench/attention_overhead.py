@@ -14,6 +14,7 @@ SAN's soft-extrema weight α against its smoothing conv.
 
     python bench/attention_overhead.py                 # the full table (tens of minutes on 2 cores)
     python bench/attention_overhead.py --quick         # lenet5 @28 and resnet18 @224 bottleneck only
+    python bench/attention_overhead.py --cases vgg16@224 --repeats 3   # some cases of the full table
 """
 
 import argparse
@@ -64,7 +65,7 @@ QUICK_CASES = [("lenet5", 28, 64), ("resnet18", 224, 8)]
 QUICK_VARIANTS = {"lenet5": None, "resnet18": ("none", "san-c", "san-d", "cbam", "bam")}  # None: all
 CHANNELS_LAST = {"lenet5"}
 # Cases whose models all stay in memory at once, so rounds can interleave them; the others run one at a time.
-INTERLEAVED_PARAMS = 400_000_000
+INTERLEAVED_PARAMS = 400_000_000  # ~5 GB of parameters, gradients and momentum
 
 
 def median_seconds(step: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -101,11 +102,20 @@ class Variant:
     label: str
     placement: str
     formulation: str  # "fused" (as the modules run) or "stepwise" (inside reference_formulation)
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    build: Callable[[], tuple[nn.Module, torch.optim.Optimizer]]
     stats: ModelStats
     samples: list[float]
     memory: int = 0
+    model: nn.Module | None = None  # built on first use, dropped when its case is measured
+    optimizer: torch.optim.Optimizer | None = None
+
+    def built(self) -> "Variant":
+        if self.model is None:
+            self.model, self.optimizer = self.build()
+        return self
+
+    def drop(self) -> None:
+        self.model = self.optimizer = None
 
 
 def build_variants(model_name: str, size: int, device: torch.device, quick: bool) -> list[Variant]:
@@ -123,12 +133,15 @@ def build_variants(model_name: str, size: int, device: torch.device, quick: bool
             stats = model_stats(model_name, size, 10, **model_kwargs)
             formulations = ("fused", "stepwise") if label in MODULES and placement == "bottleneck" else ("fused",)
             for formulation in formulations:
-                torch.manual_seed(0)
-                model = build_model(model_name, 10, **model_kwargs).to(device)
-                if model_name in CHANNELS_LAST:
-                    model = model.to(memory_format=torch.channels_last)
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-                variants.append(Variant(label, placement, formulation, model, optimizer, stats, []))
+
+                def build(model_kwargs: dict = model_kwargs) -> tuple[nn.Module, torch.optim.Optimizer]:
+                    torch.manual_seed(0)
+                    model = build_model(model_name, 10, **model_kwargs).to(device)
+                    if model_name in CHANNELS_LAST:
+                        model = model.to(memory_format=torch.channels_last)
+                    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+                variants.append(Variant(label, placement, formulation, build, stats, []))
     return variants
 
 
@@ -144,7 +157,7 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
     def step(variant: Variant) -> None:
         formulation = reference_formulation() if variant.formulation == "stepwise" else contextlib.nullcontext()
         with formulation:
-            variant.optimizer.zero_grad(set_to_none=True)
+            variant.built().optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(variant.model(x), target).backward()
             variant.optimizer.step()
         if device.type == "cuda":
@@ -155,21 +168,7 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
         step(variant)
         variant.samples.append(time.perf_counter() - start)
 
-    total_params = sum(p.numel() for v in variants for p in v.model.parameters())
-    if total_params <= INTERLEAVED_PARAMS:
-        for variant in variants:
-            for _ in range(warmup):
-                step(variant)
-        for _ in range(repeats):
-            for variant in variants:
-                timed(variant)
-    else:
-        for variant in variants:
-            for _ in range(warmup):
-                step(variant)
-            for _ in range(repeats):
-                timed(variant)
-    for variant in variants:
+    def measure_memory(variant: Variant) -> None:
         formulation = reference_formulation() if variant.formulation == "stepwise" else contextlib.nullcontext()
         with formulation:
             if device.type == "cuda":
@@ -178,7 +177,27 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
                 variant.memory = torch.cuda.max_memory_allocated()
             else:
                 variant.memory = saved_activation_bytes(variant.model, x)
-        variant.model = variant.optimizer = None  # type: ignore[assignment]  # free it before the next case
+
+    # Interleaved rounds need every model, its gradients and its momentum in memory at once (~12 bytes a
+    # parameter); VGG-16's variants hold 2.7 billion parameters together, so those run one model at a time.
+    if sum(v.stats.params for v in variants) <= INTERLEAVED_PARAMS:
+        for variant in variants:
+            for _ in range(warmup):
+                step(variant)
+        for _ in range(repeats):
+            for variant in variants:
+                timed(variant)
+        for variant in variants:
+            measure_memory(variant)
+            variant.drop()
+    else:
+        for variant in variants:
+            for _ in range(warmup):
+                step(variant)
+            for _ in range(repeats):
+                timed(variant)
+            measure_memory(variant)
+            variant.drop()
     return variants
 
 
@@ -271,7 +290,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cases", nargs="+", metavar="MODEL@SIZE",
+                        help="only these cases of the full run, e.g. vgg16@224 (default: all)")  # fmt: skip
     args = parse_args(parser, quick={"warmup": 2, "repeats": 9})
+    known = {f"{model}@{size}": (model, size, batch) for model, size, batch in CASES}
+    unknown = sorted(set(args.cases or ()) - set(known))
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)}; choose from: {', '.join(known)}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     command = this_command()
@@ -279,7 +304,8 @@ def main() -> None:
     print("memory: CUDA peak allocated on GPU; on CPU, bytes autograd saves for backward (parameters excluded)")
     alpha_vs_conv(device, args.warmup, max(args.repeats, 10))
     rows: list[Row] = []
-    for model_name, size, batch in QUICK_CASES if args.quick else CASES:
+    cases = [known[case] for case in args.cases] if args.cases else QUICK_CASES if args.quick else CASES
+    for model_name, size, batch in cases:
         variants = train_step_case(model_name, size, batch, device, args.warmup, args.repeats, args.quick)
         print_train_step_table(model_name, size, batch, variants)
         rows += case_rows(model_name, size, batch, variants, command)

@@ -352,11 +352,14 @@ def add_errors(errors: dict[str, float], actual: tuple, expected: tuple) -> None
 
 
 def as_close_as_reference(errors: dict[str, float], reference_errors: dict[str, float]) -> dict[str, Any]:
-    """The bf16 equality record: the fast path no farther from the float64 truth than the reference (10 % and
-    1e-3 of slack), as tests/test_attention_fused.py requires on CPU."""
+    """The bf16 equality record: per kind, the fast path no farther from the float64 truth than the reference
+    (10 % and 1e-3 of slack), the rule tests/test_attention_fused.py applies on CPU to all gradients at once."""
     record = comparison(errors, float("inf"))
-    record.update(tolerance=None, reference_errors=reference_errors)
-    record["ok"] = record["ok"] and all(errors[k] <= 1.1 * reference_errors[k] + 1e-3 for k in ERROR_KINDS)
+    reference = comparison(reference_errors, float("inf"))["errors"]  # non-finite: null, and a failure
+    record.update(tolerance=None, reference_errors=reference)
+    record["ok"] = record["ok"] and all(
+        reference[k] is not None and errors[k] <= 1.1 * reference[k] + 1e-3 for k in ERROR_KINDS
+    )
     return record
 
 
@@ -450,9 +453,11 @@ def fast_vs_reference(cfg: Config, attention: str, precision: str) -> dict[str, 
             grad_output = torch.randn_like(output)
             with reference_formulation():
                 reference = attention_forward_backward(module, inputs, grad_output, precision)
+                if precision == "bf16":  # the truth from the reference formulation, independent of the fused code
+                    truth = attention_forward_backward(
+                        copy.deepcopy(module).double(), tuple(t.double() for t in inputs), grad_output.double(), "fp64"
+                    )
             if precision == "bf16":
-                truth = attention_forward_backward(copy.deepcopy(module).double(), tuple(t.double() for t in inputs),
-                                                   grad_output.double(), "fp64")  # fmt: skip
                 add_errors(errors, (output, input_grads, param_grads), truth)
                 add_errors(reference_errors, reference, truth)
             else:

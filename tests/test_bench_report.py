@@ -142,8 +142,10 @@ def test_a_bf16_fused_check_is_held_to_the_reference_formulations_error_against_
         return {"model": "resnet18", "attention": "bam", "precision": "bf16", "status": "failed",
                 "equality": {"errors": errors, "reference_errors": reference_errors, "tolerance": None}}  # fmt: skip
 
-    reference = {"output": 0.01, "input_grad": 0.07, "param_grad": 0.5}
-    for errors, expected in (({**reference, "param_grad": 0.4}, True), ({**reference, "param_grad": 0.6}, False)):
+    reference = {"output": 0.001, "input_grad": 0.07, "param_grad": 0.5}
+    cases = [({**reference, "param_grad": 0.4}, True), ({**reference, "param_grad": 0.6}, False),
+             ({**reference, "output": 0.02}, False), ({**reference, "output": None}, False)]  # fmt: skip
+    for errors, expected in cases:  # each kind against its own reference error, not the worst of them
         data = {"dry_run": False, "machine": {}, "train": [], "device_vs_cpu": [], "fused": [fused(errors, reference)]}
         (row,) = gpu_json_rows(data, "gpu", "bench/gpu.py")[1:]
-        assert row.target == ("<=", pytest.approx(0.551)) and holds(row) is expected
+        assert row.target == ("<=", 0.0) and holds(row) is expected, (errors, row.value)

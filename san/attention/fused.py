@@ -1,12 +1,13 @@
 """Fused fast paths of the attention modules: the same arithmetic as their step-by-step forward, in autograd
-functions that keep only their inputs (and SAN's 1-byte extrema count) for backward and recompute the rest.
+functions that keep their inputs and a few small maps (SAN's 1-byte extrema count, CBAM's 1-channel spatial mask)
+for backward and recompute the full-size maps there.
 
 Why: stepwise, every elementwise step of a mask saves a full-size float map for backward and pays one autograd
 node of overhead; on the small maps of LeNet-5 and CIFAR-size nets that overhead, not arithmetic, was most of
-an attention module's cost, and the saved maps were 2–4× the bare model's activation memory. Each function here
-runs the forward's operations in the same order as the reference formulation, so outputs are equal and
-gradients equal to float rounding (tests/test_attention_fused.py checks every switch against
-`reference_formulation`).
+an attention module's cost, and the saved maps were 2–4× the bare model's activation memory. The functions compute
+what the reference formulation computes, some in a different order (``x + x·m`` for ``x·(1 + m)``), so outputs and
+gradients are equal to float rounding (tests/test_attention_fused.py checks every switch against
+`reference_formulation`; in bf16, that the fused paths are no farther from float64 than the reference).
 
 Autocast: a function records the dtype autocast gave its convolution and recomputes with the same casts in
 backward, where autocast is off.
@@ -51,8 +52,9 @@ def extrema_count(doc: Tensor, dims: int = 2) -> Tensor:
     return count
 
 
-# Below this many input channels a CPU convolution runs several times faster channels-last: oneDNN pads NCHW
-# channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one (bench/attention_overhead.py).
+# Below this many channels, oneDNN's CPU conv backward runs several times faster channels-last (it pads NCHW
+# channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one: bench/profile_attention.py layouts),
+# and elementwise broadcasts several times faster in NCHW (`_nchw_on_cpu`).
 SMALL_CHANNELS = 16
 
 
@@ -329,7 +331,9 @@ class _Stage:
         if self.pointwise:
             conv_out = _pointwise_conv(x, weight, bias)
         else:
-            conv_out = F.conv2d(x.contiguous(), weight, bias, padding=self.padding, dilation=self.dilation,
+            # NCHW on CPU: a few-channel forward conv is faster so (0.13 vs 0.44 ms for BAM's 1→1 dilated 3×3)
+            conv_in = x.contiguous() if x.device.type == "cpu" else x
+            conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation,
                                 groups=self.groups)  # fmt: skip
         if not self.has_bn:
             return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
@@ -529,10 +533,11 @@ def _nchw_on_cpu(x: Tensor) -> Tensor:
     return x
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype | None) -> Tensor:
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> Tensor:
     """``F.linear`` with the casts autocast would make."""
     if dtype is not None:
-        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return F.linear(x, weight, bias)
 
 
@@ -587,7 +592,7 @@ class _CBAM(torch.autograd.Function):
             grad_pooled, stage_grads = stage.backward(grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype)
             grad_pooled = grad_pooled.to(x.dtype)
             # amax's own rule, here and below: ties share the gradient equally.
-            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True)
+            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
             u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
             grad_mask = (u * flat).sum((2, 3))
             # the MLP, by hand: both descriptors went through it, so both halves of its output get ∂Mc's logit
@@ -599,7 +604,7 @@ class _CBAM(torch.autograd.Function):
             grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
             grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
             is_top = _where_equal(flat, top[:, :, None, None])
-            top_share = grad_descriptors[batch:] / is_top.sum((2, 3))
+            top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
             grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
             grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
         mlp_grads = [
