@@ -110,10 +110,13 @@ def test_a_node_lost_mid_job_ends_it_failed_with_rays_reason_and_nothing_hangs(s
         assert len(raylets) == 1
         raylets[0].send_signal(signal.SIGKILL)
         # One worker group restart is allowed (checkpoint.max_failures=1); neither it nor a retry can place 2
-        # workers on the 1 CPU left, so each attempt times out (60 s) and the job fails instead of waiting.
+        # workers on the 1 CPU left, so each attempt times out (60 s) and the job fails instead of waiting. Which
+        # of Ray Train's reasons ends it depends on timing: the restart's ("… waiting for 2 workers"), or, when the
+        # controller's own call to an actor on the dead node fails first, its ControllerError ("… is unavailable").
         job = wait_for_job(client, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=420)
     assert job["status"] == "failed", job
-    assert "waiting for 2 workers" in (job["error"] or ""), job["error"]
+    reasons = ("waiting for 2 workers", "is unavailable")
+    assert any(reason in (job["error"] or "") for reason in reasons), job["error"]
 
 
 def test_stack_down_stops_every_process_it_started(stack):
