@@ -12,13 +12,14 @@ Targets (issue 14): on lenet5 @28 b64 every module's time ≤ max(2.0, its FLOP 
 base; on resnet18 @224 bottleneck, SAN's memory ≤ 1.4× base and its time ≤ its FLOP ratio. A second table times
 SAN's soft-extrema weight α against its smoothing conv.
 
-    python bench/attention_overhead.py                 # the full table (tens of minutes on 2 cores)
+    python bench/attention_overhead.py                 # the full table (~30 minutes on 2 cores)
     python bench/attention_overhead.py --quick         # lenet5 @28 and resnet18 @224 bottleneck only
     python bench/attention_overhead.py --cases vgg16@224 --repeats 3   # some cases of the full table
 """
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import time
@@ -66,6 +67,8 @@ QUICK_VARIANTS = {"lenet5": None, "resnet18": ("none", "san-c", "san-d", "cbam",
 CHANNELS_LAST = {"lenet5"}
 # Cases whose models all stay in memory at once, so rounds can interleave them; the others run one at a time.
 INTERLEAVED_PARAMS = 400_000_000  # ~5 GB of parameters, gradients and momentum
+SLOW_STEP_S = 1.0  # a step this long is warm after one run
+MIN_REPEATS = 3
 
 
 def median_seconds(step: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -146,7 +149,7 @@ def build_variants(model_name: str, size: int, device: torch.device, quick: bool
 
 
 def train_step_case(model_name: str, size: int, batch: int, device: torch.device, warmup: int, repeats: int,
-                    quick: bool) -> list[Variant]:  # fmt: skip
+                    budget_s: float, quick: bool) -> list[Variant]:  # fmt: skip
     in_chans = 1 if model_name == "lenet5" else 3
     x = torch.randn(batch, in_chans, size, size, device=device)
     if model_name in CHANNELS_LAST:
@@ -181,10 +184,8 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
     # Interleaved rounds need every model, its gradients and its momentum in memory at once (~12 bytes a
     # parameter); VGG-16's variants hold 2.7 billion parameters together, so those run one model at a time.
     if sum(v.stats.params for v in variants) <= INTERLEAVED_PARAMS:
-        for variant in variants:
-            for _ in range(warmup):
-                step(variant)
-        for _ in range(repeats):
+        slowest = max(warm_up(variant, step, warmup) for variant in variants)
+        for _ in range(timed_steps(slowest, repeats, budget_s)):
             for variant in variants:
                 timed(variant)
         for variant in variants:
@@ -192,13 +193,31 @@ def train_step_case(model_name: str, size: int, batch: int, device: torch.device
             variant.drop()
     else:
         for variant in variants:
-            for _ in range(warmup):
-                step(variant)
-            for _ in range(repeats):
+            for _ in range(timed_steps(warm_up(variant, step, warmup), repeats, budget_s)):
                 timed(variant)
             measure_memory(variant)
             variant.drop()
     return variants
+
+
+def warm_up(variant: Variant, step: Callable[[Variant], None], warmup: int) -> float:
+    """Runs ``warmup`` untimed steps (one when a step takes over `SLOW_STEP_S`) and returns the last one's time."""
+    seconds = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        step(variant)
+        seconds = time.perf_counter() - start
+        if seconds > SLOW_STEP_S:
+            break
+    return seconds
+
+
+def timed_steps(step_seconds: float, repeats: int, budget_s: float) -> int:
+    """How many steps to time: ``repeats``, fewer where they would take over ``budget_s``, never under
+    `MIN_REPEATS` (a multi-second step varies by a few per cent, a millisecond one by tens)."""
+    if step_seconds <= 0:
+        return repeats
+    return max(min(repeats, MIN_REPEATS), min(repeats, math.ceil(budget_s / step_seconds)))
 
 
 def targets(model_name: str, size: int, variant: Variant, flop_ratio: float) -> dict[str, tuple[str, float] | None]:
@@ -289,6 +308,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--budget", type=float, default=30.0, metavar="SECONDS",
+                        help="timed seconds per variant: slow steps are timed fewer times, at least 3")  # fmt: skip
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--cases", nargs="+", metavar="MODEL@SIZE",
                         help="only these cases of the full run, e.g. vgg16@224 (default: all)")  # fmt: skip
@@ -300,13 +321,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     command = this_command()
-    print(f"device {device}, {args.threads} threads, torch {torch.__version__}; median of {args.repeats} steps")
+    print(
+        f"device {device}, {args.threads} threads, torch {torch.__version__}; median of {args.repeats} steps, "
+        f"fewer (at least {MIN_REPEATS}) where they would take over {args.budget:g} s"
+    )
     print("memory: CUDA peak allocated on GPU; on CPU, bytes autograd saves for backward (parameters excluded)")
     alpha_vs_conv(device, args.warmup, max(args.repeats, 10))
     rows: list[Row] = []
     cases = [known[case] for case in args.cases] if args.cases else QUICK_CASES if args.quick else CASES
     for model_name, size, batch in cases:
-        variants = train_step_case(model_name, size, batch, device, args.warmup, args.repeats, args.quick)
+        variants = train_step_case(model_name, size, batch, device, args.warmup, args.repeats, args.budget,
+                                   args.quick)  # fmt: skip
         print_train_step_table(model_name, size, batch, variants)
         rows += case_rows(model_name, size, batch, variants, command)
         if args.json:

@@ -149,3 +149,13 @@ def test_a_bf16_fused_check_is_held_to_the_reference_formulations_error_against_
         data = {"dry_run": False, "machine": {}, "train": [], "device_vs_cpu": [], "fused": [fused(errors, reference)]}
         (row,) = gpu_json_rows(data, "gpu", "bench/gpu.py")[1:]
         assert row.target == ("<=", 0.0) and holds(row) is expected, (errors, row.value)
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "expected"),
+    [(0.005, 15), (2.0, 15), (5.0, 6), (30.0, 3), (100.0, 3), (0.0, 15)],
+)
+def test_the_attention_bench_times_slow_steps_fewer_times_but_at_least_three(step_seconds, expected):
+    from bench.attention_overhead import timed_steps
+
+    assert timed_steps(step_seconds, repeats=15, budget_s=30.0) == expected
