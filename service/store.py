@@ -421,7 +421,9 @@ class StudyStore:
 
 class GroupCommit:
     """New jobs from requests that arrive together, written in one transaction: on the event loop for a local
-    SQLite file, in a thread for PostgreSQL (whose round trips must not hold the loop).
+    SQLite file, in a thread for PostgreSQL (whose round trips must not hold the loop), one transaction at a time
+    (while one commits, the next group gathers: POST p99 at 50 clients 53–55 ms → 33–37 ms, against transactions
+    that overlapped and contended for the server's connections and the GIL).
 
     Each `create` waits for the commit that holds its job, so a 201 still means "stored". Under load the loop
     has many POSTs ready at once, and one transaction for all of them costs little more than one for a single
@@ -452,17 +454,26 @@ class GroupCommit:
         return job, True
 
     def _commit(self) -> None:
-        group, self.waiting = self.waiting, []
         if self.store.local:
+            group, self.waiting = self.waiting, []
             self._answer(group, self._write(group))
             return
+        if self.writing:  # one transaction at a time: the requests that arrive meanwhile form the next group
+            return
+        group, self.waiting = self.waiting, []
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._write, group))
         self.writing.add(task)  # the loop keeps only a weak reference to its tasks
         task.add_done_callback(functools.partial(self._written, group))
 
     def _written(self, group: list[tuple[Job, asyncio.Future[None]]], task: asyncio.Task) -> None:
         self.writing.discard(task)
-        self._answer(group, task.result())
+        try:
+            self._answer(group, task.result())
+        except Exception as error:  # the thread itself failed: every job of its group is answered with that
+            self._answer(group, [error] * len(group))
+        finally:
+            if self.waiting:
+                self._commit()
 
     def _write(self, group: list[tuple[Job, asyncio.Future[None]]]) -> list[Exception | None]:
         try:

@@ -2,6 +2,7 @@
 idempotency keys under concurrency, ownership."""
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -113,6 +114,39 @@ def test_requests_that_arrive_together_share_one_commit(store):
     assert [job.spec["n"] for job in queued] == list(range(35))  # queue order = arrival order
     assert [job.id for job in queued] == [job.id for job, _ in made]
     assert all([state for state, _ in job.transitions] == ["queued"] for job in queued)
+
+
+@pytest.mark.parametrize("store", ["postgresql"], indirect=True)
+def test_a_database_server_gets_one_transaction_at_a_time_and_the_requests_meanwhile_join_the_next(store):
+    new_jobs, commits = GroupCommit(store), commits_of(store)
+    in_flight, most = [0], [0]
+    add = store.add
+
+    def slow_add(jobs):  # the real write, after a slow round trip, so later requests arrive while it commits
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            time.sleep(0.5)
+            add(jobs)
+        finally:
+            in_flight[0] -= 1
+
+    store.add = slow_add
+
+    async def in_waves():
+        first = [asyncio.ensure_future(new_jobs.create("alice", {**SPEC, "n": n})) for n in range(5)]
+        await asyncio.sleep(0.05)  # the first group's transaction is under way
+        later = []
+        for n in range(5, 20):
+            later.append(asyncio.ensure_future(new_jobs.create("alice", {**SPEC, "n": n})))
+            await asyncio.sleep(0.002)
+        return await asyncio.gather(*first, *later)
+
+    made = asyncio.run(in_waves())
+    assert most[0] == 1
+    assert commits[0] == 2  # the first 5, then the 15 that arrived during their commit
+    assert [job.spec["n"] for job in store.in_states(("queued",))] == list(range(20))
+    assert [job.id for job in store.in_states(("queued",))] == [job.id for job, _ in made]
 
 
 def test_a_job_that_cannot_be_written_fails_alone(store):
