@@ -435,7 +435,7 @@ class GroupCommit:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.waiting: list[tuple[Job, asyncio.Future[None]]] = []
-        self.writing: set[asyncio.Task] = set()
+        self.writing: asyncio.Task | None = None  # the transaction in flight (held: the loop keeps weak references)
 
     async def create(
         self, principal: str, spec: dict[str, Any], idempotency_key: str | None = None
@@ -458,22 +458,21 @@ class GroupCommit:
             group, self.waiting = self.waiting, []
             self._answer(group, self._write(group))
             return
-        if self.writing:  # one transaction at a time: the requests that arrive meanwhile form the next group
+        if self.writing is not None:  # one transaction at a time: requests arriving meanwhile form the next group
             return
         group, self.waiting = self.waiting, []
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._write, group))
-        self.writing.add(task)  # the loop keeps only a weak reference to its tasks
-        task.add_done_callback(functools.partial(self._written, group))
+        self.writing = asyncio.get_running_loop().create_task(asyncio.to_thread(self._write, group))
+        self.writing.add_done_callback(functools.partial(self._written, group))
 
     def _written(self, group: list[tuple[Job, asyncio.Future[None]]], task: asyncio.Task) -> None:
-        self.writing.discard(task)
+        self.writing = None
         try:
-            self._answer(group, task.result())
+            errors = task.result()
         except Exception as error:  # the thread itself failed: every job of its group is answered with that
-            self._answer(group, [error] * len(group))
-        finally:
-            if self.waiting:
-                self._commit()
+            errors = [error] * len(group)
+        self._answer(group, errors)
+        if self.waiting:
+            self._commit()
 
     def _write(self, group: list[tuple[Job, asyncio.Future[None]]]) -> list[Exception | None]:
         try:
