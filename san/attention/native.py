@@ -1,0 +1,174 @@
+"""CPU kernels for the attention branches' few-channel convolutions (``native.c``), compiled on first use.
+
+Why: oneDNN pads a conv's channels into blocks of 16, so the 1- and 2-channel convs of CBAM (2→1 7×7) and BAM
+(1→1 dilated 3×3 when C < 32) cost what 16× to 256× larger convs cost: on LeNet-5 they were most of those modules'
+time. ``native.c`` does the real taps only. It is compiled by the machine's C compiler (``$CC``, else ``cc``) for
+this CPU into a cache keyed by the source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else
+``~/.cache/san/native``), atomically, so concurrent workers share one build; loading it afterwards takes
+milliseconds. Without a compiler, or with ``SAN_NATIVE_KERNELS=0``, the fused paths use torch's convs instead
+(same results to float rounding; tests/test_attention_native.py).
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+# Below this many input and output channels oneDNN's blocked convs waste most of their work (see above).
+MAX_CHANNELS = 15
+# The batch is cut into this many parts for the weight gradient, whatever the thread count: the sum's order, and so
+# its rounding, depends on the input only.
+WEIGHT_GRAD_PARTS = 8
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+_LONG, _POINTER = ctypes.c_long, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    """Whether the fused paths may use the kernels (``SAN_NATIVE_KERNELS=0`` turns them off)."""
+    return os.environ.get("SAN_NATIVE_KERNELS", "1") != "0"
+
+
+def _cpu_signature() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("SAN_NATIVE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "san" / "native"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Build ``target`` through a temporary file in its directory and a rename: a reader never sees half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(handle)
+    try:
+        # OpenMP when the compiler has it: libgomp is the one torch loaded (same soname), so the kernels share its
+        # threads and torch.set_num_threads.
+        for openmp in (["-fopenmp"], []):
+            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", temporary]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:
+                os.replace(temporary, target)
+                return
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    library.san_conv2d_forward.argtypes = [_POINTER, *[_LONG] * 4, *[_POINTER] * 4, *[_LONG] * 11]
+    library.san_conv2d_forward.restype = None
+    library.san_conv2d_weight_grad.argtypes = [*[_POINTER] * 2, *[_LONG] * 4, *[_POINTER] * 3, *[_LONG] * 12]
+    library.san_conv2d_weight_grad.restype = None
+    return library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None (with one warning) where they cannot be built."""
+    name = os.environ.get("CC", "cc")
+    compiler = shutil.which(name)
+    if compiler is None:
+        log.warning("no C compiler (%s): the attention modules use torch's few-channel convs", name)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), platform.machine(), _cpu_signature()]).encode()
+        ).hexdigest()[:16]
+        target = _cache_dir() / f"san_native_{key}.so"
+        if not target.exists():
+            _compile(compiler, target)
+        return _declare(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("the attention modules' CPU kernels could not be built, torch's convs run instead: %s", error)
+        return None
+
+
+def applies(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """Whether `conv2d` and `conv2d_weight_grad` take this conv: float32 on CPU, 4-D, ungrouped, few channels."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() == 4
+        and groups == 1
+        and weight.shape[0] <= MAX_CHANNELS
+        and weight.shape[1] <= MAX_CHANNELS
+        and enabled()
+        and library() is not None
+    )
+
+
+def _geometry(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_height, kernel_width = weight.shape
+    return [batch, channels, height, width, out_channels, kernel_height, kernel_width, *padding, *dilation]
+
+
+def _output_size(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, int]:
+    height, width = (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) for i in range(2))
+    return height, width
+
+
+def _scratch(x: Tensor, padding: tuple[int, ...]) -> Tensor:
+    batch, channels, height, width = x.shape
+    return torch.empty(batch * channels * (height + 2 * padding[0]) * (width + 2 * padding[1]), dtype=x.dtype)
+
+
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)`` (stride 1) for a conv `applies` takes;
+    ``x`` in any layout, the output NCHW."""
+    lib = library()
+    assert lib is not None
+    height, width = _output_size(x, weight, padding, dilation)
+    if min(height, width) <= 0:
+        raise ValueError(f"a {tuple(weight.shape[2:])} kernel does not fit a {tuple(x.shape[2:])} map")
+    # Every tensor whose address the kernel gets is held by a name until it returns.
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], height, width, dtype=x.dtype)
+    scratch = _scratch(x, padding)
+    lib.san_conv2d_forward(
+        x.data_ptr(), *x.stride(), weight.data_ptr(), None if bias is None else bias.data_ptr(), scratch.data_ptr(),
+        out.data_ptr(), *_geometry(x, weight, padding, dilation),
+    )  # fmt: skip
+    return out
+
+
+def conv2d_weight_grad(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
+    """∂weight of `conv2d` given ∂output ``grad``, for a conv `applies` takes."""
+    lib = library()
+    assert lib is not None
+    grad = grad.contiguous()
+    if tuple(grad.shape[2:]) != _output_size(x, weight, padding, dilation):
+        raise ValueError(f"gradient of shape {tuple(grad.shape)} does not match the conv's output")
+    out = torch.empty(weight.shape, dtype=x.dtype)
+    parts = max(1, min(WEIGHT_GRAD_PARTS, x.shape[0]))
+    partial = torch.empty(parts * weight.numel(), dtype=x.dtype)
+    scratch = _scratch(x, padding)
+    lib.san_conv2d_weight_grad(
+        grad.data_ptr(), x.data_ptr(), *x.stride(), scratch.data_ptr(), partial.data_ptr(), out.data_ptr(),
+        *_geometry(x, weight, padding, dilation), parts,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,143 @@
+"""The attention modules' CPU kernels (san/attention/native.c): equal to torch's convs, deterministic, built once
+per machine into a cache, and optional — without a compiler the modules run on torch's convs alike."""
+
+from copy import deepcopy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from san.attention import native
+from san.attention.bam import BAM
+from san.attention.cbam import CBAM
+
+
+@pytest.fixture
+def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A library built anew into an empty cache; the session's own build comes back afterwards."""
+    monkeypatch.setenv("SAN_NATIVE_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    yield tmp_path / "cache"
+    native.library.cache_clear()
+
+
+# (batch, in, out, height, width, kernel, padding, dilation, bias, channels_last)
+GEOMETRIES = [
+    (64, 2, 1, 28, 28, (7, 7), (3, 3), (1, 1), False, True),  # CBAM's spatial conv on LeNet-5's first map
+    (64, 1, 1, 28, 28, (3, 3), (4, 4), (4, 4), True, False),  # BAM's dilated conv there
+    (64, 1, 2, 10, 10, (7, 7), (3, 3), (1, 1), False, False),  # CBAM's ∂pooled at the second map
+    (3, 2, 3, 5, 7, (3, 3), (1, 1), (1, 1), True, True),  # narrower than one vector: the scalar loops
+    (4, 3, 2, 13, 9, (5, 5), (1, 1), (2, 2), False, False),  # rows not a multiple of 4, a column tail
+    (2, 1, 1, 1, 1, (7, 7), (3, 3), (1, 1), True, False),  # one pixel
+    (5, 15, 15, 17, 33, (3, 3), (1, 1), (1, 1), True, True),  # the most channels the kernels take
+    (6, 4, 3, 12, 10, (3, 5), (1, 2), (2, 1), True, True),  # rectangular kernel, unequal padding and dilation
+    (2, 2, 1, 9, 16, (3, 3), (0, 0), (1, 1), False, False),  # no padding: a smaller output
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_conv_and_weight_gradient_equal_torch(geometry: tuple) -> None:
+    batch, cin, cout, height, width, kernel, padding, dilation, has_bias, channels_last = geometry
+    generator = torch.Generator().manual_seed(sum(geometry[:5]))
+    x = torch.randn(batch, cin, height, width, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, *kernel, generator=generator)
+    bias = torch.randn(cout, generator=generator) if has_bias else None
+    assert native.applies(x, weight, groups=1)
+    expected = F.conv2d(x, weight, bias, padding=padding, dilation=dilation)
+    out = native.conv2d(x, weight, bias, padding, dilation)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(expected.shape, generator=generator)
+    _, expected_grad, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, [1, 1], list(padding), list(dilation), False, [0, 0], 1, [False, True, False]
+    )
+    torch.testing.assert_close(native.conv2d_weight_grad(grad, x, weight, padding, dilation), expected_grad,
+                               rtol=1e-5, atol=1e-4 * expected_grad.abs().max().item())  # fmt: skip
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    x, weight = torch.randn(64, 2, 28, 28), torch.randn(1, 2, 7, 7)
+    grad = torch.randn(64, 1, 28, 28)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append((native.conv2d(x, weight, None, (3, 3), (1, 1)),
+                            native.conv2d_weight_grad(grad, x, weight, (3, 3), (1, 1))))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for out, grad_weight in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad_weight, results[0][1])
+
+
+def test_what_the_kernels_take() -> None:
+    x, weight = torch.randn(2, 2, 8, 8), torch.randn(1, 2, 3, 3)
+    assert native.applies(x, weight, groups=1)
+    assert not native.applies(x.double(), weight.double(), groups=1)
+    assert not native.applies(x, weight, groups=2)
+    assert not native.applies(torch.randn(2, 16, 8, 8), torch.randn(1, 16, 3, 3), groups=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        native.conv2d(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 5, 5), None, (0, 0), (1, 1))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [CBAM(6), BAM(6), BAM(6, combine="product"), CBAM(16), BAM(40)],
+    ids=["cbam-6", "bam-6", "bam-6-product", "cbam-16", "bam-40"],
+)
+def test_modules_equal_with_and_without_the_kernels(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On LeNet-5-sized maps (the kernels' vector loops), outputs, gradients and running statistics agree."""
+    torch.manual_seed(0)
+    x = torch.randn(8, module_channels(module), 30, 30).contiguous(memory_format=torch.channels_last)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("SAN_NATIVE_KERNELS", setting)
+        copy = deepcopy(module)
+        x_grad = x.clone().requires_grad_()
+        out = copy(x_grad)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()], list(copy.buffers())))
+    (out, grad, params, buffers), (ref_out, ref_grad, ref_params, ref_buffers) = results
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    # On the scale of the largest gradient: a bias before batch norm has a true gradient of 0, which both paths
+    # only approximate by a cancelling sum of terms of that scale; the two sum 7,200 products in different orders.
+    scale = max(grad.abs().max().item() for grad in ref_params)
+    for param, ref_param in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(param, ref_param, rtol=1e-4, atol=1e-4 * scale)
+    for buffer, ref_buffer in zip(buffers, ref_buffers, strict=True):
+        torch.testing.assert_close(buffer, ref_buffer)
+
+
+def module_channels(module: torch.nn.Module) -> int:
+    return next(p for p in module.parameters() if p.dim() > 1).shape[1]
+
+
+def test_the_library_is_built_once_into_its_cache(fresh_build: Path) -> None:
+    assert native.library() is not None
+    (built,) = fresh_build.glob("san_native_*.so")
+    assert not list(fresh_build.glob("*.tmp")), "a temporary file was left behind"
+    stamp = built.stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_without_a_compiler_the_modules_run_on_torch_convs(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    x, weight = torch.randn(2, 2, 8, 8), torch.randn(1, 2, 3, 3)
+    assert native.library() is None and not native.applies(x, weight, groups=1)
+    assert "no C compiler" in caplog.text
+    out = CBAM(6)(torch.randn(2, 6, 8, 8, requires_grad=True))
+    out.sum().backward()
+    assert not list(fresh_build.glob("*"))
+
+
+def test_a_compiler_that_fails_leaves_nothing_behind(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "false")
+    assert native.library() is None
+    assert not list(fresh_build.glob("*"))
