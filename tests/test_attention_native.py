@@ -1,6 +1,7 @@
 """The attention modules' CPU kernels (san/attention/native.c): equal to torch's convs, deterministic, built once
 per machine into a cache, and optional — without a compiler the modules run on torch's convs alike."""
 
+import contextlib
 from copy import deepcopy
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from san.attention import native
+from san.attention import native, reference_formulation
 from san.attention.bam import BAM
 from san.attention.cbam import CBAM
 
@@ -141,3 +142,30 @@ def test_a_compiler_that_fails_leaves_nothing_behind(fresh_build: Path, monkeypa
     monkeypatch.setenv("CC", "false")
     assert native.library() is None
     assert not list(fresh_build.glob("*"))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("channels", [1, 6, 40])
+def test_cbam_passes_equal_the_stepwise_module_with_ties(channels: int, layout: torch.memory_format) -> None:
+    """Values on a coarse grid tie for the channel max and for each channel's spatial max, over several tiles of
+    positions (33×35: not a whole number of tiles or vectors)."""
+    generator = torch.Generator().manual_seed(channels)
+    x = (torch.randint(-3, 4, (4, channels, 33, 35), generator=generator).float() / 2).contiguous(memory_format=layout)
+    torch.manual_seed(channels)
+    module = CBAM(channels)
+    assert native.cbam_applies(x, module.spatial.conv.weight)
+    results = []
+    for formulation in (contextlib.nullcontext(), reference_formulation()):
+        copy = deepcopy(module)
+        x_grad = x.clone().requires_grad_()
+        with formulation:
+            out = copy(x_grad)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()]))
+    (out, grad, params), (ref_out, ref_grad, ref_params) = results
+    assert out.is_contiguous(memory_format=layout) and grad.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    scale = max(p.abs().max().item() for p in ref_params)
+    for param, ref_param in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(param, ref_param, rtol=1e-4, atol=1e-4 * scale)

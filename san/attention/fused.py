@@ -554,30 +554,43 @@ class _CBAM(torch.autograd.Function):
     ``s = x · Mc``, ``Ms = σ(BN(conv([max_c s, mean_c s])))`` and ``s · Ms``.
 
     It keeps ``x`` (which the layer before keeps anyway), the small MLP tensors and the 1-channel conv output and
-    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. On CPU it works on an NCHW copy of
-    ``x`` (`_nchw_on_cpu`), made again in backward rather than kept, and returns the output and ``∂x`` in the
-    layout ``x`` came in. Backward folds every path into ``x`` into two maps: ``u = g · Ms + ∂pool_c`` gives
-    ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a few passes over the map instead of one per
-    autograd node, and no bool maps (`_where_equal`).
+    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. Backward folds every path into ``x``
+    into two maps: ``u = g · Ms + ∂pool_c`` gives ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a
+    few passes over the map instead of one per autograd node, and no bool maps (`_where_equal`).
+
+    In float32 on CPU the full-size passes are the C kernels of `san.attention.native` (three forward, three
+    backward, in ``x``'s own layout); elsewhere torch ops on an NCHW copy of ``x`` (`_nchw_on_cpu`), made again in
+    backward rather than kept, returning the output and ``∂x`` in the layout ``x`` came in.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
         first_weight, first_bias, second_weight, second_bias = params[:4]
         dtype = _autocast_dtype(x)
+        use_native = dtype is None and native.cbam_applies(x, stage.weight)
         with _autocast_off(x):
-            flat = _nchw_on_cpu(x)
             batch = x.shape[0]
-            top = flat.amax((2, 3))
-            descriptors = torch.cat([flat.mean((2, 3)), top])
+            if use_native:
+                flat, layout = native.cbam_layout(x)
+                mean, top = native.cbam_descriptors(flat, layout)
+            else:
+                flat = _nchw_on_cpu(x)
+                mean, top = flat.mean((2, 3)), flat.amax((2, 3))
+            descriptors = torch.cat([mean, top])
             hidden = F.relu(_linear(descriptors, first_weight.flatten(1), first_bias, dtype))
             logits = _linear(hidden, second_weight.flatten(1), second_bias, dtype)
             channel_mask = torch.sigmoid(logits[:batch] + logits[batch:])
-            scaled = flat * channel_mask[:, :, None, None]
-            pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
+            if use_native:
+                pooled = native.cbam_pool(flat, layout, channel_mask)
+            else:
+                scaled = flat * channel_mask[:, :, None, None]
+                pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
             spatial_mask, conv_out, stats = stage.forward(pooled, dtype, update=True)
-            out = _in_layout_of(scaled.mul_(spatial_mask), x)
-        ctx.stage, ctx.dtype, ctx.stats = stage, dtype, stats
+            if use_native:
+                out = native.cbam_apply(flat, layout, channel_mask, spatial_mask)
+            else:
+                out = _in_layout_of(scaled.mul_(spatial_mask), x)
+        ctx.stage, ctx.dtype, ctx.stats, ctx.native = stage, dtype, stats, use_native
         ctx.save_for_backward(x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params)
         return out
 
@@ -589,20 +602,32 @@ class _CBAM(torch.autograd.Function):
         stage, dtype = ctx.stage, ctx.dtype
         stage.bind(stage_params)
         with _autocast_off(x), torch.no_grad():
-            flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
             batch, positions = x.shape[0], x.shape[2] * x.shape[3]
-            mask = channel_mask[:, :, None, None]
-            scaled = flat * mask
-            top_c = scaled.amax(1, keepdim=True)
-            is_max = _where_equal(scaled, top_c)
-            pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
-            grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
-            grad_pooled, stage_grads = stage.backward(grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype)
-            grad_pooled = grad_pooled.to(x.dtype)
-            # amax's own rule, here and below: ties share the gradient equally.
-            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
-            u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
-            grad_mask = (u * flat).sum((2, 3))
+            if ctx.native:
+                flat, layout = native.cbam_layout(x)
+                grad = grad.contiguous(memory_format=_memory_format(layout))
+                masks = (channel_mask, spatial_mask)
+                pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
+                grad_pooled, stage_grads = stage.backward(
+                    grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype
+                )
+                grad_mask, top_ties = native.cbam_backward_mask(flat, grad, layout, masks, grad_pooled, top)
+            else:
+                flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
+                mask = channel_mask[:, :, None, None]
+                scaled = flat * mask
+                top_c = scaled.amax(1, keepdim=True)
+                is_max = _where_equal(scaled, top_c)
+                pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
+                grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
+                grad_pooled, stage_grads = stage.backward(
+                    grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype
+                )
+                grad_pooled = grad_pooled.to(x.dtype)
+                # amax's own rule, here and below: ties share the gradient equally.
+                share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
+                u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
+                grad_mask = (u * flat).sum((2, 3))
             # the MLP, by hand: both descriptors went through it, so both halves of its output get ∂Mc's logit
             grad_logit = torch.ops.aten.sigmoid_backward(grad_mask.to(channel_mask.dtype), channel_mask)
             grad_logits = torch.cat([grad_logit, grad_logit])
@@ -611,10 +636,15 @@ class _CBAM(torch.autograd.Function):
                                                             hidden, 0)  # fmt: skip
             grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
             grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
-            is_top = _where_equal(flat, top[:, :, None, None])
-            top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
-            grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
-            grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
+            if ctx.native:
+                top_share = grad_descriptors[batch:] / top_ties
+                grad_x = native.cbam_backward_input(flat, grad, layout, masks, grad_pooled, top,
+                                                    grad_descriptors[:batch], top_share)  # fmt: skip
+            else:
+                is_top = _where_equal(flat, top[:, :, None, None])
+                top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
+                grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
+                grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
         mlp_grads = [
             grad_first.view_as(first_weight).to(first_weight.dtype),
             grad_hidden.sum(0).to(first_bias.dtype),
@@ -622,6 +652,10 @@ class _CBAM(torch.autograd.Function):
             grad_logits.sum(0).to(second_bias.dtype),
         ]
         return None, grad_x, *mlp_grads, *stage_grads
+
+
+def _memory_format(layout: int) -> torch.memory_format:
+    return torch.channels_last if layout else torch.contiguous_format
 
 
 def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:

@@ -7,9 +7,12 @@
 
    Results are deterministic for a given input: the batch is split into a fixed number of parts however many
    threads run, and the weight gradient's per-part sums are added in order. */
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
 #define LANES 8
 #define ROWS 4
 
@@ -44,6 +47,43 @@ static void pad_sample(const float *x, strides4 s, float *xp, long n, long C, lo
     }
 }
 
+/* Output blocks of WIDTH columns x ROWS rows accumulated in registers over every tap; a row's last block overlaps
+   the one before it. Wide maps take 16-column blocks (one AVX-512 register, two AVX ones). */
+#define DEFINE_FORWARD_BLOCKS(NAME, VEC, WIDTH)                                                                     \
+    static void NAME(const float *xp, const float *wc, float b, float *y, long Cin, long Hp, long Wp, long KH,      \
+                     long KW, long Ho, long Wo, long dh, long dw) {                                                 \
+        for (long oh0 = 0; oh0 < Ho; oh0 += ROWS) {                                                                 \
+            long rows = Ho - oh0 < ROWS ? Ho - oh0 : ROWS;                                                          \
+            for (long ow0 = 0; ow0 < Wo; ow0 += WIDTH) {                                                            \
+                long ow = ow0 + WIDTH <= Wo ? ow0 : Wo - WIDTH;                                                     \
+                VEC acc[ROWS];                                                                                      \
+                for (long r = 0; r < ROWS; r++) acc[r] = (VEC){0} + b;                                              \
+                for (long ci = 0; ci < Cin; ci++)                                                                   \
+                    for (long kh = 0; kh < KH; kh++)                                                                \
+                        for (long kw = 0; kw < KW; kw++) {                                                          \
+                            float tap = wc[(ci * KH + kh) * KW + kw];                                               \
+                            const float *src = xp + (ci * Hp + oh0 + kh * dh) * Wp + ow + kw * dw;                  \
+                            if (rows == ROWS)                                                                       \
+                                for (long r = 0; r < ROWS; r++) {                                                   \
+                                    VEC v;                                                                          \
+                                    memcpy(&v, src + r * Wp, sizeof v);                                             \
+                                    acc[r] += tap * v;                                                              \
+                                }                                                                                   \
+                            else                                                                                    \
+                                for (long r = 0; r < rows; r++) {                                                   \
+                                    VEC v;                                                                          \
+                                    memcpy(&v, src + r * Wp, sizeof v);                                             \
+                                    acc[r] += tap * v;                                                              \
+                                }                                                                                   \
+                        }                                                                                           \
+                for (long r = 0; r < rows; r++) memcpy(y + (oh0 + r) * Wo + ow, &acc[r], sizeof acc[r]);            \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+DEFINE_FORWARD_BLOCKS(forward_blocks8, v8, LANES)
+DEFINE_FORWARD_BLOCKS(forward_blocks16, v16, (2 * LANES))
+
 /* One sample, one output channel: y = b + sum over taps of w * xp (xp: this sample's padded input). */
 static void forward_channel(const float *xp, const float *wc, float b, float *y, long Cin, long Hp, long Wp, long KH,
                             long KW, long Ho, long Wo, long dh, long dw) {
@@ -59,25 +99,10 @@ static void forward_channel(const float *xp, const float *wc, float b, float *y,
             }
         return;
     }
-    for (long oh0 = 0; oh0 < Ho; oh0 += ROWS) {
-        long rows = Ho - oh0 < ROWS ? Ho - oh0 : ROWS;
-        for (long ow0 = 0; ow0 < Wo; ow0 += LANES) {
-            long ow = ow0 + LANES <= Wo ? ow0 : Wo - LANES; /* the last block overlaps the one before it */
-            v8 acc[ROWS];
-            for (long r = 0; r < ROWS; r++) acc[r] = (v8){0} + b;
-            for (long ci = 0; ci < Cin; ci++)
-                for (long kh = 0; kh < KH; kh++)
-                    for (long kw = 0; kw < KW; kw++) {
-                        float tap = wc[(ci * KH + kh) * KW + kw];
-                        const float *src = xp + (ci * Hp + oh0 + kh * dh) * Wp + ow + kw * dw;
-                        if (rows == ROWS)
-                            for (long r = 0; r < ROWS; r++) acc[r] += tap * load8(src + r * Wp);
-                        else
-                            for (long r = 0; r < rows; r++) acc[r] += tap * load8(src + r * Wp);
-                    }
-            for (long r = 0; r < rows; r++) store8(y + (oh0 + r) * Wo + ow, acc[r]);
-        }
-    }
+    if (Wo >= 2 * LANES)
+        forward_blocks16(xp, wc, b, y, Cin, Hp, Wp, KH, KW, Ho, Wo, dh, dw);
+    else
+        forward_blocks8(xp, wc, b, y, Cin, Hp, Wp, KH, KW, Ho, Wo, dh, dw);
 }
 
 /* y (N, Cout, Ho, Wo) contiguous = conv(x, w) + bias, stride 1, zero padding (ph, pw), dilation (dh, dw).
@@ -97,6 +122,49 @@ void san_conv2d_forward(const float *x, long sn, long sc, long sh, long sw, cons
     }
 }
 
+/* sums[k] += sum over rows and columns of g * x shifted by (kw0 + k) dw, for k < count: one kernel row's weight
+   gradients from one sample, its gradient rows (Ho x Wo) g and padded input rows (stride Wp) x. The gradient
+   block is loaded once for every tap of the row; a row's last block overlaps the one before it and is masked. */
+#define KW_CHUNK 8
+#define DEFINE_WEIGHT_GRAD_ROW(NAME, VEC, WIDTH)                                                                    \
+    static void NAME(const float *g, const float *x, long Ho, long Wo, long Wp, long kw0, long count, long dw,      \
+                     float *sums) {                                                                                 \
+        VEC mask, acc[KW_CHUNK];                                                                                    \
+        long tail = Wo % WIDTH;                                                                                     \
+        for (long l = 0; l < WIDTH; l++) mask[l] = (tail == 0 || l >= WIDTH - tail) ? 1.0f : 0.0f;                   \
+        for (long k = 0; k < KW_CHUNK; k++) acc[k] = (VEC){0};                                                      \
+        for (long oh = 0; oh < Ho; oh++)                                                                            \
+            for (long ow0 = 0; ow0 < Wo; ow0 += WIDTH) {                                                            \
+                long ow = ow0 + WIDTH <= Wo ? ow0 : Wo - WIDTH;                                                     \
+                VEC gv, xv;                                                                                         \
+                memcpy(&gv, g + oh * Wo + ow, sizeof gv);                                                           \
+                if (ow != ow0) gv *= mask;                                                                          \
+                const float *xrow = x + oh * Wp + ow + kw0 * dw;                                                    \
+                for (long k = 0; k < count; k++) {                                                                  \
+                    memcpy(&xv, xrow + k * dw, sizeof xv);                                                          \
+                    acc[k] += gv * xv;                                                                              \
+                }                                                                                                   \
+            }                                                                                                       \
+        for (long k = 0; k < count; k++) {                                                                          \
+            float sum = 0.0f;                                                                                       \
+            for (long l = 0; l < WIDTH; l++) sum += acc[k][l];                                                      \
+            sums[k] += sum;                                                                                         \
+        }                                                                                                           \
+    }
+
+DEFINE_WEIGHT_GRAD_ROW(weight_grad_row8, v8, LANES)
+DEFINE_WEIGHT_GRAD_ROW(weight_grad_row16, v16, (2 * LANES))
+
+static void weight_grad_row1(const float *g, const float *x, long Ho, long Wo, long Wp, long kw0, long count, long dw,
+                             float *sums) {
+    for (long k = 0; k < count; k++) {
+        float sum = 0.0f;
+        for (long oh = 0; oh < Ho; oh++)
+            for (long ow = 0; ow < Wo; ow++) sum += g[oh * Wo + ow] * x[oh * Wp + ow + (kw0 + k) * dw];
+        sums[k] += sum;
+    }
+}
+
 /* gw (Cout, Cin, KH, KW) = sum over n, oh, ow of g[n, co, oh, ow] * xpad[n, ci, oh + kh dh, ow + kw dw]: the weight
    gradient of san_conv2d_forward. g: (N, Cout, Ho, Wo) contiguous. scratch as there; partial: parts * Cout * Cin *
    KH * KW floats. */
@@ -105,47 +173,289 @@ void san_conv2d_weight_grad(const float *g, const float *x, long sn, long sc, lo
                             long ph, long pw, long dh, long dw, long parts) {
     strides4 s = {sn, sc, sh, sw};
     long Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - dh * (KH - 1), Wo = Wp - dw * (KW - 1);
-    long taps = KH * KW, total = Cout * Cin * taps, tail = Wo % LANES;
-    v8 mask = {0}; /* the overlapping last block of a row counts only its last `tail` lanes */
-    for (long l = 0; l < LANES; l++) mask[l] = (tail == 0 || l >= LANES - tail) ? 1.0f : 0.0f;
+    long total = Cout * Cin * KH * KW;
+    void (*row)(const float *, const float *, long, long, long, long, long, long, float *) =
+        Wo >= 2 * LANES ? weight_grad_row16 : Wo >= LANES ? weight_grad_row8 : weight_grad_row1;
 #pragma omp parallel for schedule(static) if (N * Cout * Ho * Wo * Cin * KH * KW > 200000)
     for (long part = 0; part < parts; part++) {
-        long first = N * part / parts, last = N * (part + 1) / parts;
         float *sums = partial + part * total;
         for (long t = 0; t < total; t++) sums[t] = 0.0f;
-        for (long n = first; n < last; n++) {
+        for (long n = N * part / parts; n < N * (part + 1) / parts; n++) {
             float *xp = scratch + n * Cin * Hp * Wp;
             pad_sample(x, s, xp, n, Cin, H, W, ph, pw);
-            for (long tap = 0; tap < total; tap++) {
-                long co = tap / (Cin * taps), rest = tap % (Cin * taps);
-                long ci = rest / taps, kh = (rest % taps) / KW, kw = rest % KW;
-                const float *gc = g + (n * Cout + co) * Ho * Wo;
-                const float *xs = xp + ci * Hp * Wp + kh * dh * Wp + kw * dw;
-                if (Wo < LANES) {
-                    float sum = 0.0f;
-                    for (long oh = 0; oh < Ho; oh++)
-                        for (long ow = 0; ow < Wo; ow++) sum += gc[oh * Wo + ow] * xs[oh * Wp + ow];
-                    sums[tap] += sum;
-                    continue;
-                }
-                v8 acc[2] = {{0}, {0}}; /* two chains, alternate rows: the adds overlap */
-                for (long oh = 0; oh < Ho; oh++) {
-                    const float *grow = gc + oh * Wo, *xrow = xs + oh * Wp;
-                    v8 a = acc[oh & 1];
-                    for (long ow = 0; ow + LANES <= Wo; ow += LANES) a += load8(grow + ow) * load8(xrow + ow);
-                    if (tail) a += mask * load8(grow + Wo - LANES) * load8(xrow + Wo - LANES);
-                    acc[oh & 1] = a;
-                }
-                v8 both = acc[0] + acc[1];
-                float sum = 0.0f;
-                for (long l = 0; l < LANES; l++) sum += both[l];
-                sums[tap] += sum;
-            }
+            for (long co = 0; co < Cout; co++)
+                for (long ci = 0; ci < Cin; ci++)
+                    for (long kh = 0; kh < KH; kh++)
+                        for (long kw0 = 0; kw0 < KW; kw0 += KW_CHUNK)
+                            row(g + (n * Cout + co) * Ho * Wo, xp + (ci * Hp + kh * dh) * Wp, Ho, Wo, Wp, kw0,
+                                KW - kw0 < KW_CHUNK ? KW - kw0 : KW_CHUNK, dw, sums + ((co * Cin + ci) * KH + kh) * KW + kw0);
         }
     }
     for (long t = 0; t < total; t++) {
         double sum = 0.0;
         for (long part = 0; part < parts; part++) sum += partial[part * total + t];
         gw[t] = (float)sum;
+    }
+}
+
+/* ---- CBAM's full-size passes (san/attention/fused.py, _CBAM) ------------------------------------------------------
+
+   x, the output and their gradients are (N, C, H, W), NCHW-contiguous (cl = 0) or channels-last (cl = 1); P = H W.
+   Each pass walks a sample in tiles of up to TILE positions copied to a (C, TILE) buffer, so every per-position loop
+   runs over contiguous vectors whatever the layout (lanes past the tile's end are computed on stale values and never
+   stored or summed). mc: the channel mask (N, C); ms: the spatial mask (N, P); pooled and grad_pooled: (N, 2, P),
+   the channel max then the channel mean of s = x mc. */
+
+#define TILE 128
+typedef int vi8 __attribute__((vector_size(32)));
+
+static inline v8 splat8(float f) { return (v8){0} + f; }
+static inline v8 select8(vi8 m, v8 a, v8 b) { return (v8)(((vi8)a & m) | ((vi8)b & ~m)); }
+static inline v8 max8(v8 a, v8 b) { return select8(a > b, a, b); }
+static inline v8 ones8(vi8 m) { return (v8)((vi8)splat8(1.0f) & m); }
+
+static float *new_tile(long C) { return calloc((size_t)C * TILE, sizeof(float)); }
+
+static void load_tile(const float *x, long cl, long n, long C, long P, long p0, long T, float *tile) {
+    if (cl) {
+        const float *src = x + (n * P + p0) * C;
+        for (long c = 0; c < C; c++)
+            for (long t = 0; t < T; t++) tile[c * TILE + t] = src[t * C + c];
+    } else {
+        for (long c = 0; c < C; c++) memcpy(tile + c * TILE, x + (n * C + c) * P + p0, sizeof(float) * T);
+    }
+}
+
+static void store_tile(float *y, long cl, long n, long C, long P, long p0, long T, const float *tile) {
+    if (cl) {
+        float *dst = y + (n * P + p0) * C;
+        for (long c = 0; c < C; c++)
+            for (long t = 0; t < T; t++) dst[t * C + c] = tile[c * TILE + t];
+    } else {
+        for (long c = 0; c < C; c++) memcpy(y + (n * C + c) * P + p0, tile + c * TILE, sizeof(float) * T);
+    }
+}
+
+/* Per position of a tile (TILE lanes): the channel max of s = x mc, how many channels reach it, the channel mean. */
+static void channel_pool(const float *xt, const float *mc, long C, long T, float *top, float *ties, float *mean) {
+    for (long t = 0; t < T; t += LANES) {
+        v8 high = splat8(-INFINITY), sum = {0}, count = {0};
+        for (long c = 0; c < C; c++) {
+            v8 s = load8(xt + c * TILE + t) * mc[c];
+            high = max8(s, high);
+            sum += s;
+        }
+        for (long c = 0; c < C; c++) count += ones8(load8(xt + c * TILE + t) * mc[c] == high);
+        store8(top + t, high);
+        store8(ties + t, count);
+        store8(mean + t, sum / (float)C);
+    }
+}
+
+/* The sums over a row's first T lanes of a and of a b; the max of a; the count of a == b0. */
+static inline float row_sum(const float *a, long T) {
+    v8 acc = {0};
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) acc += load8(a + t);
+    float sum = 0.0f;
+    for (long l = 0; l < LANES; l++) sum += acc[l];
+    for (; t < T; t++) sum += a[t];
+    return sum;
+}
+
+static inline float row_max(const float *a, long T, float high) {
+    v8 acc = splat8(high);
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) acc = max8(load8(a + t), acc);
+    for (long l = 0; l < LANES; l++) high = acc[l] > high ? acc[l] : high;
+    for (; t < T; t++) high = a[t] > high ? a[t] : high;
+    return high;
+}
+
+static inline float row_dot(const float *a, const float *b, long T) {
+    v8 acc = {0};
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) acc += load8(a + t) * load8(b + t);
+    float sum = 0.0f;
+    for (long l = 0; l < LANES; l++) sum += acc[l];
+    for (; t < T; t++) sum += a[t] * b[t];
+    return sum;
+}
+
+static inline float row_count(const float *a, float value, long T) {
+    v8 acc = {0};
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) acc += ones8(load8(a + t) == value);
+    float count = 0.0f;
+    for (long l = 0; l < LANES; l++) count += acc[l];
+    for (; t < T; t++) count += a[t] == value ? 1.0f : 0.0f;
+    return count;
+}
+
+/* avg, top (N, C): the mean and max of x over positions. */
+void san_cbam_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C);
+        double *sum = malloc(sizeof(double) * C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) sum[c] = 0.0, top[n * C + c] = -INFINITY;
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                for (long c = 0; c < C; c++) {
+                    sum[c] += row_sum(tile + c * TILE, T);
+                    top[n * C + c] = row_max(tile + c * TILE, T, top[n * C + c]);
+                }
+            }
+            for (long c = 0; c < C; c++) avg[n * C + c] = (float)(sum[c] / (double)P);
+        }
+        free(tile);
+        free(sum);
+    }
+}
+
+/* pooled (N, 2, P) from x and mc. */
+void san_cbam_pool(const float *x, long cl, const float *mc, long N, long C, long P, float *pooled) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), top[TILE], ties[TILE], mean[TILE];
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                channel_pool(tile, mc + n * C, C, T, top, ties, mean);
+                memcpy(pooled + 2 * n * P + p0, top, sizeof(float) * T);
+                memcpy(pooled + (2 * n + 1) * P + p0, mean, sizeof(float) * T);
+            }
+        free(tile);
+    }
+}
+
+/* out = (x mc) ms, in x's layout. */
+void san_cbam_apply(const float *x, long cl, const float *mc, const float *ms, long N, long C, long P, float *out) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), m[TILE] = {0};
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                memcpy(m, ms + n * P + p0, sizeof(float) * T);
+                for (long c = 0; c < C; c++) {
+                    float channel = mc[n * C + c];
+                    for (long t = 0; t < T; t += LANES)
+                        store8(tile + c * TILE + t, load8(tile + c * TILE + t) * channel * load8(m + t));
+                }
+                store_tile(out, cl, n, C, P, p0, T, tile);
+            }
+        free(tile);
+    }
+}
+
+/* Backward, first pass: pooled (recomputed) and grad_spatial (N, P) = sum_c s g. g in x's layout. */
+void san_cbam_backward_spatial(const float *x, const float *g, long cl, const float *mc, long N, long C, long P,
+                               float *pooled, float *grad_spatial) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C), top[TILE], ties[TILE], mean[TILE], gs[TILE];
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                channel_pool(tile, mc + n * C, C, T, top, ties, mean);
+                for (long t = 0; t < T; t += LANES) {
+                    v8 sum = {0};
+                    for (long c = 0; c < C; c++)
+                        sum += load8(tile + c * TILE + t) * mc[n * C + c] * load8(gtile + c * TILE + t);
+                    store8(gs + t, sum);
+                }
+                memcpy(pooled + 2 * n * P + p0, top, sizeof(float) * T);
+                memcpy(pooled + (2 * n + 1) * P + p0, mean, sizeof(float) * T);
+                memcpy(grad_spatial + n * P + p0, gs, sizeof(float) * T);
+            }
+        free(tile);
+        free(gtile);
+    }
+}
+
+/* u = [s = channel max] grad_max / ties + grad_mean / C + g ms: the gradient reaching s (into gtile). */
+static void channel_pool_grad(const float *xt, float *gtile, const float *mc, const float *ms, const float *gmax,
+                              const float *gmean, long C, long T) {
+    float top[TILE], ties[TILE], mean[TILE], share[TILE], spread[TILE], m[TILE] = {0};
+    channel_pool(xt, mc, C, T, top, ties, mean);
+    for (long t = 0; t < T; t++) share[t] = gmax[t] / ties[t], spread[t] = gmean[t] / (float)C, m[t] = ms[t];
+    for (long t = T; t < TILE; t++) share[t] = spread[t] = 0.0f;
+    for (long c = 0; c < C; c++)
+        for (long t = 0; t < T; t += LANES) {
+            v8 is_max = ones8(load8(xt + c * TILE + t) * mc[c] == load8(top + t));
+            v8 u = is_max * load8(share + t) + load8(spread + t) + load8(gtile + c * TILE + t) * load8(m + t);
+            store8(gtile + c * TILE + t, u);
+        }
+}
+
+/* Backward, second pass: grad_mc (N, C) = sum_p u x, and top_ties (N, C): how many positions reach x's max. */
+void san_cbam_backward_mask(const float *x, const float *g, long cl, const float *mc, const float *ms,
+                            const float *grad_pooled, const float *top, long N, long C, long P, float *grad_mc,
+                            float *top_ties) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C);
+        double *sum = malloc(sizeof(double) * C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) sum[c] = 0.0, top_ties[n * C + c] = 0.0f;
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
+                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                for (long c = 0; c < C; c++) {
+                    sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
+                    top_ties[n * C + c] += row_count(tile + c * TILE, top[n * C + c], T);
+                }
+            }
+            for (long c = 0; c < C; c++) grad_mc[n * C + c] = (float)sum[c];
+        }
+        free(tile);
+        free(gtile);
+        free(sum);
+    }
+}
+
+/* Backward, last pass: grad_x = grad_avg / P + u mc + [x = top] top_share, in x's layout. */
+void san_cbam_backward_input(const float *x, const float *g, long cl, const float *mc, const float *ms,
+                             const float *grad_pooled, const float *top, const float *grad_avg,
+                             const float *top_share, long N, long C, long P, float *grad_x) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
+                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                for (long c = 0; c < C; c++) {
+                    float base = grad_avg[n * C + c] / (float)P, m = mc[n * C + c];
+                    float high = top[n * C + c], share = top_share[n * C + c];
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 is_top = ones8(load8(tile + c * TILE + t) == high);
+                        v8 u = load8(gtile + c * TILE + t);
+                        store8(gtile + c * TILE + t, base + u * m + is_top * share);
+                    }
+                }
+                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
+            }
+        free(tile);
+        free(gtile);
     }
 }

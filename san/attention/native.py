@@ -172,3 +172,94 @@ def conv2d_weight_grad(
         *_geometry(x, weight, padding, dilation), parts,
     )  # fmt: skip
     return out
+
+
+# --- CBAM's full-size passes (`san.attention.fused._CBAM`) ------------------------------------------------------------
+
+
+def cbam_applies(x: Tensor, conv_weight: Tensor) -> bool:
+    """Whether CBAM's passes run here: float32 on CPU with the kernels built, and a spatial conv `applies` takes."""
+    return x.dim() == 4 and applies(x, conv_weight, groups=1)
+
+
+def cbam_layout(x: Tensor) -> tuple[Tensor, int]:
+    """``x`` contiguous in NCHW (0) or channels-last (1), copied only if it is in neither, and which."""
+    if x.is_contiguous():
+        return x, 0
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, 1
+    return x.contiguous(), 0
+
+
+def _cbam_call(name: str, *args: object) -> None:
+    lib = library()
+    assert lib is not None
+    function = getattr(lib, name)
+    if function.argtypes is None:
+        function.argtypes = [_POINTER if isinstance(arg, Tensor) or arg is None else _LONG for arg in args]
+        function.restype = None
+    function(*[arg.data_ptr() if isinstance(arg, Tensor) else arg for arg in args])
+
+
+def _sizes(x: Tensor) -> tuple[int, int, int]:
+    return x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
+
+
+def cbam_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
+    """(mean, max) of ``x`` over positions, each (N, C)."""
+    batch, channels, _ = _sizes(x)
+    avg, top = x.new_empty(batch, channels), x.new_empty(batch, channels)
+    _cbam_call("san_cbam_descriptors", x, layout, *_sizes(x), avg, top)
+    return avg, top
+
+
+def cbam_pool(x: Tensor, layout: int, channel_mask: Tensor) -> Tensor:
+    """``[max_c s, mean_c s]`` (N, 2, H, W) of ``s = x · Mc``."""
+    pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
+    _cbam_call("san_cbam_pool", x, layout, channel_mask.contiguous(), *_sizes(x), pooled)
+    return pooled
+
+
+def cbam_apply(x: Tensor, layout: int, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
+    """``x · Mc · Ms`` in ``x``'s layout."""
+    out = torch.empty_like(x)
+    _cbam_call("san_cbam_apply", x, layout, channel_mask.contiguous(), spatial_mask.contiguous(), *_sizes(x), out)
+    return out
+
+
+def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(the pooled maps again, ``Σ_c s · grad`` (N, 1, H, W)); ``grad`` in ``x``'s layout."""
+    pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
+    grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
+    _cbam_call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled,
+               grad_spatial)  # fmt: skip
+    return pooled, grad_spatial
+
+
+def cbam_backward_mask(
+    x: Tensor, grad: Tensor, layout: int, masks: tuple[Tensor, Tensor], grad_pooled: Tensor, top: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(∂Mc (N, C), how many positions of each channel reach its max (N, C))."""
+    channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
+    grad_mask, top_ties = x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+    _cbam_call("san_cbam_backward_mask", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
+               top.contiguous(), *_sizes(x), grad_mask, top_ties)  # fmt: skip
+    return grad_mask, top_ties
+
+
+def cbam_backward_input(
+    x: Tensor,
+    grad: Tensor,
+    layout: int,
+    masks: tuple[Tensor, Tensor],
+    grad_pooled: Tensor,
+    top: Tensor,
+    grad_avg: Tensor,
+    top_share: Tensor,
+) -> Tensor:
+    """∂x in ``x``'s layout, from the gradients reaching the pooled maps and the channel descriptors."""
+    channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
+    grad_x = torch.empty_like(x)
+    _cbam_call("san_cbam_backward_input", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
+               top.contiguous(), grad_avg.contiguous(), top_share.contiguous(), *_sizes(x), grad_x)  # fmt: skip
+    return grad_x
