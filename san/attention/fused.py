@@ -339,6 +339,10 @@ class _Stage:
             conv_in = x.contiguous() if x.device.type == "cpu" else x
             conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation,
                                 groups=self.groups)  # fmt: skip
+        return self.normalize(conv_out, update)
+
+    def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
+        """`forward` from the conv's output: the batch norm, if any, and the activation."""
         if not self.has_bn:
             return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
         running = self.running if update or not self.use_batch_stats else (None, None)
@@ -350,15 +354,7 @@ class _Stage:
     def backward(
         self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, dtype: torch.dtype | None
     ) -> tuple[Tensor, list[Tensor | None]]:
-        grad = _activation_backward(self.activation, grad, out)
-        bn_grads: list[Tensor | None] = [None, None]
-        if self.has_bn:
-            bn_weight, bn_bias = self.bn_weight, self.bn_bias
-            grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-                grad.to(conv_out.dtype), conv_out, bn_weight, *self.running, *stats, self.use_batch_stats, self.eps,
-                [True, bn_weight is not None, bn_bias is not None],
-            )  # fmt: skip
-            bn_grads = [grad_bn_weight, grad_bn_bias]
+        grad, bn_grads = self.normalize_backward(grad, out, conv_out, stats)
         weight = self.weight if dtype is None else self.weight.to(dtype)
         conv_input = x if dtype is None else x.to(dtype)
         grad = grad.to(conv_input.dtype)
@@ -371,6 +367,20 @@ class _Stage:
             )
         grad_bias = grad_bias.to(self.bias.dtype) if has_bias else None
         return grad_x.to(x.dtype), [grad_weight.to(self.weight.dtype), grad_bias, *bn_grads]
+
+    def normalize_backward(
+        self, grad: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """(∂ conv output, the batch norm's parameter gradients) from ∂ activation output: `normalize` backward."""
+        grad = _activation_backward(self.activation, grad, out)
+        if not self.has_bn:
+            return grad, [None, None]
+        bn_weight, bn_bias = self.bn_weight, self.bn_bias
+        grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad.to(conv_out.dtype), conv_out, bn_weight, *self.running, *stats, self.use_batch_stats, self.eps,
+            [True, bn_weight is not None, bn_bias is not None],
+        )  # fmt: skip
+        return grad, [grad_bn_weight, grad_bn_bias]
 
 
 def few_channel_conv_backward(
@@ -475,19 +485,27 @@ class _BAM(torch.autograd.Function):
     then ``x · (1 + σ(c ∘ s))`` with ``∘`` = + (``sum``) or × (``product``).
 
     It keeps ``x`` (which the layer before keeps anyway) and the channel logits ``c``, and recomputes the branch's
-    small maps and the full-size mask in backward. On CPU it works on an NCHW copy of ``x`` (`_nchw_on_cpu`), made
-    again in backward rather than kept, and returns the output and ``∂x`` in the layout ``x`` came in.
+    small maps and the full-size mask in backward. In float32 on CPU the full-size passes — the branch's first 1x1
+    conv, the mask and output, and their backward — are the C kernels of `san.attention.native`, in ``x``'s own
+    layout; elsewhere torch ops on an NCHW copy of ``x`` (`_nchw_on_cpu`), made again in backward rather than kept,
+    returning the output and ``∂x`` in the layout ``x`` came in.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, stages: list[_Stage], x: Tensor, channel: Tensor, product: bool, *params: Tensor):
         dtype = _autocast_dtype(x)
+        use_native = dtype is None and stages[0].pointwise and native.bam_applies(x, stages[0].weight)
         with _autocast_off(x):
-            flat = _nchw_on_cpu(x)
-            spatial = _run_chain(stages, flat, dtype, update=True)[-1][1]
-            mask = torch.sigmoid_(channel * spatial if product else channel + spatial)
-            out = _in_layout_of(torch.addcmul(flat, flat, mask), x)
-        ctx.stages, ctx.dtype, ctx.product = stages, dtype, product
+            if use_native:
+                flat, layout = native.map_layout(x)
+                records = _run_native_chain(stages, flat, layout, update=True)
+                out = native.bam_apply(flat, layout, channel, records[-1][1], product)
+            else:
+                flat = _nchw_on_cpu(x)
+                spatial = _run_chain(stages, flat, dtype, update=True)[-1][1]
+                mask = torch.sigmoid_(channel * spatial if product else channel + spatial)
+                out = _in_layout_of(torch.addcmul(flat, flat, mask), x)
+        ctx.stages, ctx.dtype, ctx.product, ctx.native = stages, dtype, product, use_native
         ctx.save_for_backward(x, channel, *params)
         return out
 
@@ -498,6 +516,20 @@ class _BAM(torch.autograd.Function):
         stages, dtype = ctx.stages, ctx.dtype
         _bind(stages, params)
         with _autocast_off(x), torch.no_grad():
+            if ctx.native:
+                flat, layout = native.map_layout(x)
+                grad = grad.contiguous(memory_format=_memory_format(layout))
+                records = _run_native_chain(stages, flat, layout, update=False)
+                grad_x, grad_channel, grad_spatial = native.bam_backward_mask(
+                    flat, grad, layout, channel, records[-1][1], ctx.product
+                )
+                grad_reduced, param_grads = _chain_backward(stages[1:], records[1:], grad_spatial, dtype)
+                _, reduced, conv_out, stats = records[0]
+                grad_conv, bn_grads = stages[0].normalize_backward(grad_reduced, reduced, conv_out, stats)
+                grad_weight, grad_bias = native.bam_reduce_backward(flat, layout, stages[0].weight, grad_conv, grad_x)
+                has_bias = stages[0].bias is not None
+                param_grads = [grad_weight, grad_bias if has_bias else None, *bn_grads, *param_grads]
+                return None, grad_x, grad_channel, None, *param_grads
             flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
             records = _run_chain(stages, flat, dtype, update=False)
             spatial = records[-1][1]
@@ -509,6 +541,13 @@ class _BAM(torch.autograd.Function):
             grad_branch, param_grads = _chain_backward(stages, records, grad_spatial.to(spatial.dtype), dtype)
             grad_x = _in_layout_of(grad_x.add_(grad_branch), x)
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
+
+
+def _run_native_chain(stages: list[_Stage], x: Tensor, layout: int, update: bool) -> list[tuple]:
+    """`_run_chain` in float32 on CPU, the first stage's 1x1 conv over the full-size ``x`` a C kernel."""
+    first = stages[0]
+    reduced, conv_out, stats = first.normalize(native.bam_reduce(x, layout, first.weight, first.bias), update)
+    return [(x, reduced, conv_out, stats), *_run_chain(stages[1:], reduced, None, update)]
 
 
 def bam(
@@ -571,7 +610,7 @@ class _CBAM(torch.autograd.Function):
         with _autocast_off(x):
             batch = x.shape[0]
             if use_native:
-                flat, layout = native.cbam_layout(x)
+                flat, layout = native.map_layout(x)
                 mean, top = native.cbam_descriptors(flat, layout)
             else:
                 flat = _nchw_on_cpu(x)
@@ -604,7 +643,7 @@ class _CBAM(torch.autograd.Function):
         with _autocast_off(x), torch.no_grad():
             batch, positions = x.shape[0], x.shape[2] * x.shape[3]
             if ctx.native:
-                flat, layout = native.cbam_layout(x)
+                flat, layout = native.map_layout(x)
                 grad = grad.contiguous(memory_format=_memory_format(layout))
                 masks = (channel_mask, spatial_mask)
                 pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)

@@ -459,3 +459,156 @@ void san_cbam_backward_input(const float *x, const float *g, long cl, const floa
         free(gtile);
     }
 }
+
+/* ---- BAM's full-size passes (san/attention/fused.py, _BAM) --------------------------------------------------------
+
+   Layouts and tiles as CBAM's. The mask M = sigmoid(c + s) (sum) or sigmoid(c s) (product) of the channel logits c
+   (N, C) and the spatial logits s (N, P) is full-size, so it is never stored: each pass computes it per tile. */
+
+/* exp in float32 vectors (Cephes' expf: ~1 ulp on the clamped range), so the mask costs a few operations per lane. */
+static inline v8 exp8(v8 x) {
+    x = max8(x, splat8(-87.3f));
+    x = select8(x < splat8(88.7f), x, splat8(88.7f));
+    v8 z = x * 1.44269504088896341f + 0.5f; /* n = floor(x / ln 2 + 1/2) */
+    vi8 n = __builtin_convertvector(z, vi8);
+    n -= (vi8)(__builtin_convertvector(n, v8) > z) & 1;
+    v8 nf = __builtin_convertvector(n, v8);
+    v8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v8 p = splat8(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return (v8)((vi8)p + ((n) << 23));
+}
+
+static inline v8 sigmoid8(v8 z) { return 1.0f / (1.0f + exp8(-z)); }
+
+static inline v8 bam_mask(float channel, v8 spatial, long product) {
+    return sigmoid8(product ? channel * spatial : channel + spatial);
+}
+
+/* h (N, K, P) = b + w x: BAM's first 1x1 conv, C -> K channels. */
+void san_bam_reduce(const float *x, long cl, const float *w, const float *b, long N, long C, long P, long K,
+                    float *h) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), acc[TILE];
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                for (long k = 0; k < K; k++) {
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 sum = splat8(b ? b[k] : 0.0f);
+                        for (long c = 0; c < C; c++) sum += w[k * C + c] * load8(tile + c * TILE + t);
+                        store8(acc + t, sum);
+                    }
+                    memcpy(h + (n * K + k) * P + p0, acc, sizeof(float) * T);
+                }
+            }
+        free(tile);
+    }
+}
+
+/* out = x + x M, in x's layout. */
+void san_bam_apply(const float *x, long cl, const float *channel, const float *spatial, long product, long N, long C,
+                   long P, float *out) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), s[TILE] = {0};
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                memcpy(s, spatial + n * P + p0, sizeof(float) * T);
+                for (long c = 0; c < C; c++)
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 v = load8(tile + c * TILE + t), m = bam_mask(channel[n * C + c], load8(s + t), product);
+                        store8(tile + c * TILE + t, v + v * m);
+                    }
+                store_tile(out, cl, n, C, P, p0, T, tile);
+            }
+        free(tile);
+    }
+}
+
+/* Backward through the mask: grad_x = g + g M (in x's layout); with l = sigmoid'(M) g x, grad_channel (N, C) =
+   sum_p l (times s for product) and grad_spatial (N, P) = sum_c l (times c for product). */
+void san_bam_backward_mask(const float *x, const float *g, long cl, const float *channel, const float *spatial,
+                           long product, long N, long C, long P, float *grad_x, float *grad_channel,
+                           float *grad_spatial) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C), s[TILE] = {0}, gs[TILE];
+        double *sum = malloc(sizeof(double) * C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) sum[c] = 0.0;
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                memcpy(s, spatial + n * P + p0, sizeof(float) * T);
+                for (long t = 0; t < TILE; t++) gs[t] = 0.0f;
+                for (long c = 0; c < C; c++) {
+                    float logit = channel[n * C + c];
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 grad = load8(gtile + c * TILE + t), sp = load8(s + t);
+                        v8 m = bam_mask(logit, sp, product);
+                        v8 l = grad * load8(tile + c * TILE + t) * (1.0f - m) * m;
+                        /* the logits' gradient, kept in the x tile; ∂x's first part in the g tile */
+                        store8(tile + c * TILE + t, product ? l * sp : l);
+                        store8(gs + t, load8(gs + t) + (product ? l * logit : l));
+                        store8(gtile + c * TILE + t, grad + grad * m);
+                    }
+                    sum[c] += row_sum(tile + c * TILE, T);
+                }
+                memcpy(grad_spatial + n * P + p0, gs, sizeof(float) * T);
+                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
+            }
+            for (long c = 0; c < C; c++) grad_channel[n * C + c] = (float)sum[c];
+        }
+        free(tile);
+        free(gtile);
+        free(sum);
+    }
+}
+
+/* Backward of san_bam_reduce given grad_h (N, K, P): grad_x += w^T grad_h (in x's layout, in place), and per sample
+   the weight and bias gradients, partial (N, K, C + 1), summed in order by the caller. */
+void san_bam_reduce_backward(const float *x, long cl, const float *w, const float *grad_h, long N, long C, long P,
+                             long K, float *grad_x, float *partial) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C), *hrow = calloc(TILE, sizeof(float));
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            float *sums = partial + n * K * (C + 1);
+            for (long i = 0; i < K * (C + 1); i++) sums[i] = 0.0f;
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(grad_x, cl, n, C, P, p0, T, gtile);
+                for (long k = 0; k < K; k++) {
+                    memcpy(hrow, grad_h + (n * K + k) * P + p0, sizeof(float) * T);
+                    for (long c = 0; c < C; c++) {
+                        float wkc = w[k * C + c];
+                        for (long t = 0; t < T; t += LANES)
+                            store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) + wkc * load8(hrow + t));
+                        sums[k * (C + 1) + c] += row_dot(hrow, tile + c * TILE, T);
+                    }
+                    sums[k * (C + 1) + C] += row_sum(hrow, T);
+                }
+                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
+            }
+        }
+        free(tile);
+        free(gtile);
+        free(hrow);
+    }
+}

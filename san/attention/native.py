@@ -174,7 +174,7 @@ def conv2d_weight_grad(
     return out
 
 
-# --- CBAM's full-size passes (`san.attention.fused._CBAM`) ------------------------------------------------------------
+# --- CBAM's and BAM's full-size passes (`san.attention.fused`) -----------------------------------------------------
 
 
 def cbam_applies(x: Tensor, conv_weight: Tensor) -> bool:
@@ -182,7 +182,20 @@ def cbam_applies(x: Tensor, conv_weight: Tensor) -> bool:
     return x.dim() == 4 and applies(x, conv_weight, groups=1)
 
 
-def cbam_layout(x: Tensor) -> tuple[Tensor, int]:
+def bam_applies(x: Tensor, reduce_weight: Tensor) -> bool:
+    """Whether BAM's passes run here: float32 on CPU with the kernels built, reducing to at most `MAX_CHANNELS`
+    channels (below that oneDNN's convs of the branch waste most of their work; above it they are efficient)."""
+    return (
+        x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype == reduce_weight.dtype == torch.float32
+        and reduce_weight.shape[0] <= MAX_CHANNELS
+        and enabled()
+        and library() is not None
+    )
+
+
+def map_layout(x: Tensor) -> tuple[Tensor, int]:
     """``x`` contiguous in NCHW (0) or channels-last (1), copied only if it is in neither, and which."""
     if x.is_contiguous():
         return x, 0
@@ -191,7 +204,7 @@ def cbam_layout(x: Tensor) -> tuple[Tensor, int]:
     return x.contiguous(), 0
 
 
-def _cbam_call(name: str, *args: object) -> None:
+def _call(name: str, *args: object) -> None:
     lib = library()
     assert lib is not None
     function = getattr(lib, name)
@@ -209,21 +222,21 @@ def cbam_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
     """(mean, max) of ``x`` over positions, each (N, C)."""
     batch, channels, _ = _sizes(x)
     avg, top = x.new_empty(batch, channels), x.new_empty(batch, channels)
-    _cbam_call("san_cbam_descriptors", x, layout, *_sizes(x), avg, top)
+    _call("san_cbam_descriptors", x, layout, *_sizes(x), avg, top)
     return avg, top
 
 
 def cbam_pool(x: Tensor, layout: int, channel_mask: Tensor) -> Tensor:
     """``[max_c s, mean_c s]`` (N, 2, H, W) of ``s = x · Mc``."""
     pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
-    _cbam_call("san_cbam_pool", x, layout, channel_mask.contiguous(), *_sizes(x), pooled)
+    _call("san_cbam_pool", x, layout, channel_mask.contiguous(), *_sizes(x), pooled)
     return pooled
 
 
 def cbam_apply(x: Tensor, layout: int, channel_mask: Tensor, spatial_mask: Tensor) -> Tensor:
     """``x · Mc · Ms`` in ``x``'s layout."""
     out = torch.empty_like(x)
-    _cbam_call("san_cbam_apply", x, layout, channel_mask.contiguous(), spatial_mask.contiguous(), *_sizes(x), out)
+    _call("san_cbam_apply", x, layout, channel_mask.contiguous(), spatial_mask.contiguous(), *_sizes(x), out)
     return out
 
 
@@ -231,7 +244,7 @@ def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Te
     """(the pooled maps again, ``Σ_c s · grad`` (N, 1, H, W)); ``grad`` in ``x``'s layout."""
     pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
     grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
-    _cbam_call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled,
+    _call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled,
                grad_spatial)  # fmt: skip
     return pooled, grad_spatial
 
@@ -242,7 +255,7 @@ def cbam_backward_mask(
     """(∂Mc (N, C), how many positions of each channel reach its max (N, C))."""
     channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
     grad_mask, top_ties = x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
-    _cbam_call("san_cbam_backward_mask", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
+    _call("san_cbam_backward_mask", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
                top.contiguous(), *_sizes(x), grad_mask, top_ties)  # fmt: skip
     return grad_mask, top_ties
 
@@ -260,6 +273,47 @@ def cbam_backward_input(
     """∂x in ``x``'s layout, from the gradients reaching the pooled maps and the channel descriptors."""
     channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
     grad_x = torch.empty_like(x)
-    _cbam_call("san_cbam_backward_input", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
+    _call("san_cbam_backward_input", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
                top.contiguous(), grad_avg.contiguous(), top_share.contiguous(), *_sizes(x), grad_x)  # fmt: skip
     return grad_x
+
+
+def bam_reduce(x: Tensor, layout: int, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """BAM's first 1x1 conv (C → K): ``weight`` (K, C, 1, 1), the output (N, K, H, W) NCHW."""
+    out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+    weight = weight.reshape(weight.shape[0], -1).contiguous()
+    _call("san_bam_reduce", x, layout, weight, None if bias is None else bias.contiguous(), *_sizes(x),
+          weight.shape[0], out)  # fmt: skip
+    return out
+
+
+def bam_apply(x: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
+    """``x + x · σ(c ∘ s)`` in ``x``'s layout, from the channel logits (N, C, 1, 1) and spatial ones (N, 1, H, W)."""
+    out = torch.empty_like(x)
+    _call("san_bam_apply", x, layout, channel.contiguous(), spatial.contiguous(), int(product), *_sizes(x), out)
+    return out
+
+
+def bam_backward_mask(
+    x: Tensor, grad: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(``g + g · M`` in ``x``'s layout, ∂c shaped like ``channel``, ∂s shaped like ``spatial``); ``grad`` in
+    ``x``'s layout."""
+    grad_x = torch.empty_like(x)
+    grad_channel, grad_spatial = x.new_empty(channel.shape), x.new_empty(spatial.shape)
+    _call("san_bam_backward_mask", x, grad, layout, channel.contiguous(), spatial.contiguous(), int(product),
+          *_sizes(x), grad_x, grad_channel, grad_spatial)  # fmt: skip
+    return grad_x, grad_channel, grad_spatial
+
+
+def bam_reduce_backward(
+    x: Tensor, layout: int, weight: Tensor, grad_out: Tensor, grad_x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Adds `bam_reduce`'s ∂x to ``grad_x`` (in ``x``'s layout, in place) and returns (∂weight, ∂bias)."""
+    kernel = weight.reshape(weight.shape[0], -1).contiguous()
+    channels = kernel.shape[1]
+    partial = x.new_empty(x.shape[0], kernel.shape[0], channels + 1)
+    _call("san_bam_reduce_backward", x, layout, kernel, grad_out.contiguous(), *_sizes(x), kernel.shape[0], grad_x,
+          partial)  # fmt: skip
+    sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
+    return sums[:, :channels].reshape(weight.shape), sums[:, channels]
