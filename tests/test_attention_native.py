@@ -169,3 +169,28 @@ def test_cbam_passes_equal_the_stepwise_module_with_ties(channels: int, layout: 
     scale = max(p.abs().max().item() for p in ref_params)
     for param, ref_param in zip(params, ref_params, strict=True):
         torch.testing.assert_close(param, ref_param, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+def test_bam_mask_with_logits_far_from_zero_equals_the_stepwise_module(combine: str) -> None:
+    """σ(c + s) is computed as 1 / (1 + e^-c e^-s) only while |c| and |s| keep that product a normal float: with
+    c ≈ -100 and s ≈ +100 (σ(c + s) ≈ 1/2) it must still match."""
+    torch.manual_seed(0)
+    module = BAM(6, combine=combine)
+    with torch.no_grad():
+        module.channel.mlp[-1].bias.fill_(-100.0 if combine == "sum" else 0.5)
+        module.spatial.body[-1].bias.fill_(100.0)
+    x = torch.randn(4, 6, 20, 20).contiguous(memory_format=torch.channels_last)
+    assert native.bam_applies(x, module.spatial.body[0].weight)
+    results = []
+    for formulation in (contextlib.nullcontext(), reference_formulation()):
+        copy = deepcopy(module)
+        x_grad = x.clone().requires_grad_()
+        with formulation:
+            out = copy(x_grad)
+        out.square().sum().backward()
+        results.append((out, x_grad.grad))
+    (out, grad), (ref_out, ref_grad) = results
+    assert out.isfinite().all() and grad.isfinite().all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)

@@ -72,7 +72,7 @@ class BAM(AttentionModule):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.use_fast_path():
-            return bam(x, self.channel(x), self.spatial.stages(), self.combine == "product")
+            return bam(x, self.channel, self.spatial.stages(), self.combine == "product")
         channel, spatial = self.channel(x), self.spatial(x)
         logits = channel + spatial if self.combine == "sum" else channel * spatial
         return x * (1 + self.mask(torch.sigmoid(logits)))

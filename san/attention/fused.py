@@ -341,6 +341,37 @@ class _Stage:
                                 groups=self.groups)  # fmt: skip
         return self.normalize(conv_out, update)
 
+    def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
+        """Whether `native_forward` takes this stage over ``x`` (its input, or with ``convolve`` False its conv
+        output): few channels the C kernels take, ReLU or no activation, a transposed padding that is not negative."""
+        if self.activation not in ("relu", "identity"):
+            return False
+        if not convolve:  # only the batch norm and activation run, over the conv's output channels
+            return native.applies(x, self.weight[:, :1], groups=1)
+        weight = self.weight
+        transposed = [d * (k - 1) - p for p, d, k in zip(self.padding, self.dilation, weight.shape[2:], strict=True)]
+        return min(transposed) >= 0 and native.applies(x, weight, self.groups)
+
+    def _native_norm(self, update: bool) -> tuple | None:
+        if not self.has_bn:
+            return None
+        running = self.running if update or not self.use_batch_stats else (None, None)
+        return (self.bn_weight, self.bn_bias, self.use_batch_stats, self.momentum, self.eps, *running)
+
+    def native_forward(self, x: Tensor, update: bool, convolve: bool = True) -> tuple[Tensor, Tensor, tuple | None]:
+        """`forward` (``convolve``) or `normalize` (``x`` is the conv output) as one C call (`native.stage_forward`)."""
+        conv = (self.weight, self.bias, self.padding, self.dilation) if convolve else None
+        return native.stage_forward(x, conv, self._native_norm(update), self.activation == "relu")
+
+    def native_backward(
+        self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, convolve: bool = True
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """`backward` (``convolve``) or `normalize_backward` of `native_forward` as one C call."""
+        conv = (self.weight, self.bias, self.padding, self.dilation) if convolve else None
+        norm = (self.bn_weight, self.bn_bias, self.use_batch_stats) if self.has_bn else None
+        return native.stage_backward(grad, x if convolve else conv_out, out, conv_out, stats, conv, norm,
+                                     self.activation == "relu")  # fmt: skip
+
     def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` from the conv's output: the batch norm, if any, and the activation."""
         if not self.has_bn:
@@ -485,27 +516,20 @@ class _BAM(torch.autograd.Function):
     then ``x · (1 + σ(c ∘ s))`` with ``∘`` = + (``sum``) or × (``product``).
 
     It keeps ``x`` (which the layer before keeps anyway) and the channel logits ``c``, and recomputes the branch's
-    small maps and the full-size mask in backward. In float32 on CPU the full-size passes — the branch's first 1x1
-    conv, the mask and output, and their backward — are the C kernels of `san.attention.native`, in ``x``'s own
-    layout; elsewhere torch ops on an NCHW copy of ``x`` (`_nchw_on_cpu`), made again in backward rather than kept,
-    returning the output and ``∂x`` in the layout ``x`` came in.
+    small maps and the full-size mask in backward. On CPU it works on an NCHW copy of ``x`` (`_nchw_on_cpu`), made
+    again in backward rather than kept, and returns the output and ``∂x`` in the layout ``x`` came in. In float32 on
+    CPU `_BAMNative` runs instead.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, stages: list[_Stage], x: Tensor, channel: Tensor, product: bool, *params: Tensor):
         dtype = _autocast_dtype(x)
-        use_native = dtype is None and stages[0].pointwise and native.bam_applies(x, stages[0].weight)
         with _autocast_off(x):
-            if use_native:
-                flat, layout = native.map_layout(x)
-                records = _run_native_chain(stages, flat, layout, update=True)
-                out = native.bam_apply(flat, layout, channel, records[-1][1], product)
-            else:
-                flat = _nchw_on_cpu(x)
-                spatial = _run_chain(stages, flat, dtype, update=True)[-1][1]
-                mask = torch.sigmoid_(channel * spatial if product else channel + spatial)
-                out = _in_layout_of(torch.addcmul(flat, flat, mask), x)
-        ctx.stages, ctx.dtype, ctx.product, ctx.native = stages, dtype, product, use_native
+            flat = _nchw_on_cpu(x)
+            spatial = _run_chain(stages, flat, dtype, update=True)[-1][1]
+            mask = torch.sigmoid_(channel * spatial if product else channel + spatial)
+            out = _in_layout_of(torch.addcmul(flat, flat, mask), x)
+        ctx.stages, ctx.dtype, ctx.product = stages, dtype, product
         ctx.save_for_backward(x, channel, *params)
         return out
 
@@ -516,20 +540,6 @@ class _BAM(torch.autograd.Function):
         stages, dtype = ctx.stages, ctx.dtype
         _bind(stages, params)
         with _autocast_off(x), torch.no_grad():
-            if ctx.native:
-                flat, layout = native.map_layout(x)
-                grad = grad.contiguous(memory_format=_memory_format(layout))
-                records = _run_native_chain(stages, flat, layout, update=False)
-                grad_x, grad_channel, grad_spatial = native.bam_backward_mask(
-                    flat, grad, layout, channel, records[-1][1], ctx.product
-                )
-                grad_reduced, param_grads = _chain_backward(stages[1:], records[1:], grad_spatial, dtype)
-                _, reduced, conv_out, stats = records[0]
-                grad_conv, bn_grads = stages[0].normalize_backward(grad_reduced, reduced, conv_out, stats)
-                grad_weight, grad_bias = native.bam_reduce_backward(flat, layout, stages[0].weight, grad_conv, grad_x)
-                has_bias = stages[0].bias is not None
-                param_grads = [grad_weight, grad_bias if has_bias else None, *bn_grads, *param_grads]
-                return None, grad_x, grad_channel, None, *param_grads
             flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
             records = _run_chain(stages, flat, dtype, update=False)
             spatial = records[-1][1]
@@ -543,21 +553,147 @@ class _BAM(torch.autograd.Function):
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
 
 
-def _run_native_chain(stages: list[_Stage], x: Tensor, layout: int, update: bool) -> list[tuple]:
-    """`_run_chain` in float32 on CPU, the first stage's 1x1 conv over the full-size ``x`` a C kernel."""
+class _ChannelMLP:
+    """BAM's channel branch after its average pool — Linear → BatchNorm1d → ReLU → Linear — by hand, for
+    `_BAMNative`: the module's tensors at forward time, the ones autograd saved in backward."""
+
+    def __init__(self, mlp: nn.Sequential) -> None:
+        _, self.first, bn, _, self.second = mlp
+        self.bn_weight, self.bn_bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.use_batch_stats, self.momentum, self.running = _batch_norm_settings(bn)
+        self.weights = [self.first.weight, self.first.bias, bn.weight, bn.bias, self.second.weight, self.second.bias]
+
+    def params(self) -> list[Tensor | None]:
+        return self.weights
+
+    def forward(self, mean: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(channel logits (N, C, 1, 1), what backward needs) from the channel means (N, C); running stats move."""
+        first_weight, first_bias, bn_weight, bn_bias, second_weight, second_bias = self.weights
+        hidden = F.linear(mean, first_weight, first_bias)
+        normed, bn_mean, bn_invstd = torch.ops.aten.native_batch_norm(
+            hidden, bn_weight, bn_bias, *self.running, self.use_batch_stats, self.momentum, self.eps
+        )
+        active = F.relu(normed)
+        return F.linear(active, second_weight, second_bias)[:, :, None, None], [hidden, bn_mean, bn_invstd, active]
+
+    def backward(
+        self, grad: Tensor, mean: Tensor, saved: list[Tensor], params: list[Tensor | None]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """(∂ channel means, the parameters' gradients) from ∂ channel logits (N, C, 1, 1)."""
+        first_weight, first_bias, bn_weight, bn_bias, second_weight, second_bias = params
+        hidden, bn_mean, bn_invstd, active = saved
+        grad = grad.reshape(grad.shape[0], -1)
+        grad_second = grad.t() @ active
+        grad_active = torch.ops.aten.threshold_backward(grad @ second_weight, active, 0)
+        grad_hidden, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_active, hidden, bn_weight, *self.running, bn_mean, bn_invstd, self.use_batch_stats, self.eps,
+            [True, bn_weight is not None, bn_bias is not None],
+        )  # fmt: skip
+        grads = [
+            grad_hidden.t() @ mean,
+            None if first_bias is None else grad_hidden.sum(0),
+            grad_bn_weight,
+            grad_bn_bias,
+            grad_second,
+            None if second_bias is None else grad.sum(0),
+        ]
+        return grad_hidden @ first_weight, grads
+
+
+class _BAMNative(torch.autograd.Function):
+    """All of BAM as one node in float32 on CPU: the channel means (a C kernel), the channel MLP (`_ChannelMLP`),
+    the spatial branch (`_run_native_chain`: C kernels for its full-size 1x1 conv and its few-channel stages) and
+    ``x · (1 + σ(c ∘ s))`` and its backward (C kernels, in ``x``'s own layout, the mask never stored).
+
+    It keeps ``x``, the channel means, the MLP's small tensors and the branch's first conv output (K of x's C
+    channels), and recomputes the rest of the branch in backward: no pass over ``x`` is made twice. The channel
+    means come from the pass of that first conv, and their gradient is added in the pass of its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, mlp: _ChannelMLP, stages: list[_Stage], x: Tensor, product: bool, *params: Tensor):
+        flat, layout = native.map_layout(x)
+        reduced, mean = native.bam_reduce(flat, layout, stages[0].weight, stages[0].bias)
+        channel, saved = mlp.forward(mean)
+        records = _run_native_chain(stages, flat, reduced, update=True)
+        out = native.bam_apply(flat, layout, channel, records[-1][1], product)
+        ctx.mlp, ctx.stages, ctx.product = mlp, stages, product
+        ctx.save_for_backward(x, reduced, mean, channel, *saved, *params)
+        return out
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, reduced, mean, channel, *rest = ctx.saved_tensors
+        saved, params = rest[:4], rest[4:]
+        mlp_params, stage_params = params[:6], params[6:]
+        stages = ctx.stages
+        _bind(stages, stage_params)
+        with torch.no_grad():
+            flat, layout = native.map_layout(x)
+            grad = grad.contiguous(memory_format=_memory_format(layout))
+            records = _run_native_chain(stages, flat, reduced, update=False)
+            grad_x, grad_channel, grad_spatial = native.bam_backward_mask(
+                flat, grad, layout, channel, records[-1][1], ctx.product
+            )
+            grad_conv, bn_grads, chain_grads = _native_chain_backward(stages, records, grad_spatial)
+            grad_mean, mlp_grads = ctx.mlp.backward(grad_channel, mean, saved, mlp_params)
+            first = stages[0]
+            positions = x.shape[2] * x.shape[3]
+            grad_weight, grad_bias = native.bam_reduce_backward(
+                flat, layout, first.weight, grad_conv, grad_x, grad_mean / positions
+            )
+        stage_grads = [grad_weight, grad_bias if first.bias is not None else None, *bn_grads, *chain_grads]
+        return None, None, grad_x, None, *mlp_grads, *stage_grads
+
+
+def _run_native_chain(stages: list[_Stage], x: Tensor, conv_out: Tensor, update: bool) -> list[tuple]:
+    """`_run_chain` in float32 on CPU from the first stage's conv output (`native.bam_reduce` of ``x``), each stage
+    on the branch's few-channel maps a C call where it can be (`_Stage.native_ok`)."""
     first = stages[0]
-    reduced, conv_out, stats = first.normalize(native.bam_reduce(x, layout, first.weight, first.bias), update)
-    return [(x, reduced, conv_out, stats), *_run_chain(stages[1:], reduced, None, update)]
+    if first.native_ok(conv_out, convolve=False):
+        reduced, _, stats = first.native_forward(conv_out, update, convolve=False)
+    else:
+        reduced, _, stats = first.normalize(conv_out, update)
+    records = [(x, reduced, conv_out, stats)]
+    for stage in stages[1:]:
+        h = records[-1][1]
+        out, conv_out, stats = stage.native_forward(h, update) if stage.native_ok(h) else stage.forward(h, None, update)
+        records.append((h, out, conv_out, stats))
+    return records
 
 
-def bam(
-    x: Tensor, channel: Tensor, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]], product: bool
-) -> Tensor:
-    """BAM's output from ``x``, its channel logits and its spatial branch's (conv, batch norm, activation) layers,
-    as one autograd node (`_BAM`)."""
+def _native_chain_backward(
+    stages: list[_Stage], records: list[tuple], grad: Tensor
+) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
+    """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients) of
+    `_run_native_chain`."""
+    param_grads: list[Tensor | None] = []
+    for stage, (h_in, out, conv_out, stats) in zip(reversed(stages[1:]), reversed(records[1:]), strict=True):
+        if stage.native_ok(h_in):
+            grad, grads = stage.native_backward(grad, h_in, out, conv_out, stats)
+        else:
+            grad, grads = stage.backward(grad, h_in, out, conv_out, stats, None)
+        param_grads = grads + param_grads
+    first, (_, reduced, conv_out, stats) = stages[0], records[0]
+    if first.native_ok(conv_out, convolve=False):
+        grad_conv, grads = first.native_backward(grad, conv_out, reduced, conv_out, stats, convolve=False)
+        return grad_conv, grads[2:], param_grads
+    grad_conv, bn_grads = first.normalize_backward(grad, reduced, conv_out, stats)
+    return grad_conv, bn_grads, param_grads
+
+
+def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],
+        product: bool) -> Tensor:  # fmt: skip
+    """BAM's output from ``x``, its channel branch (whose ``mlp`` is Flatten, Linear, BatchNorm1d, ReLU, Linear) and
+    its spatial branch's (conv, batch norm, activation) layers, as one autograd node: `_BAMNative` in float32 on CPU
+    (the C kernels built), else the channel branch as it runs and `_BAM`."""
     stages = [_Stage(*layer) for layer in layers]
     params = [p for stage in stages for p in stage.params()]
-    return _BAM.apply(stages, x, channel, product, *params)
+    if _autocast_dtype(x) is None and stages[0].pointwise and native.bam_applies(x, stages[0].weight):
+        mlp = _ChannelMLP(channel_branch.mlp)
+        return _BAMNative.apply(mlp, stages, x, product, *mlp.params(), *params)
+    return _BAM.apply(stages, x, channel_branch(x), product, *params)
 
 
 def _where_equal(x: Tensor, reference: Tensor) -> Tensor:
@@ -611,7 +747,7 @@ class _CBAM(torch.autograd.Function):
             batch = x.shape[0]
             if use_native:
                 flat, layout = native.map_layout(x)
-                mean, top = native.cbam_descriptors(flat, layout)
+                mean, top = native.channel_descriptors(flat, layout)
             else:
                 flat = _nchw_on_cpu(x)
                 mean, top = flat.mean((2, 3)), flat.amax((2, 3))

@@ -293,7 +293,7 @@ static inline float row_count(const float *a, float value, long T) {
 }
 
 /* avg, top (N, C): the mean and max of x over positions. */
-void san_cbam_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
+void san_channel_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
 #pragma omp parallel
     {
         float *tile = new_tile(C);
@@ -486,31 +486,51 @@ static inline v8 exp8(v8 x) {
 
 static inline v8 sigmoid8(v8 z) { return 1.0f / (1.0f + exp8(-z)); }
 
-static inline v8 bam_mask(float channel, v8 spatial, long product) {
-    return sigmoid8(product ? channel * spatial : channel + spatial);
+/* M at 8 positions of one channel. sum: sigmoid(c + s) = 1 / (1 + e^-c e^-s), from e^-c and e^-s computed once per
+   channel and per position (`negative_exps`), so no exp per element, where |c| and |s| are at most FACTOR_LIMIT
+   (the product stays a normal float); else, and for product, sigmoid(c o s). */
+#define FACTOR_LIMIT 40.0f
+static inline v8 bam_mask(float channel, float channel_exp, v8 spatial, v8 spatial_exp, long product, int factored) {
+    if (product) return sigmoid8(channel * spatial);
+    return factored ? 1.0f / (1.0f + channel_exp * spatial_exp) : sigmoid8(channel + spatial);
 }
 
-/* h (N, K, P) = b + w x: BAM's first 1x1 conv, C -> K channels. */
+/* e^-v for T values (whole vectors: the arrays are TILE long); returns whether every |v| <= FACTOR_LIMIT. */
+static int negative_exps(const float *v, float *out, long T) {
+    int small = 1;
+    for (long t = 0; t < T; t++) small &= fabsf(v[t]) <= FACTOR_LIMIT;
+    for (long t = 0; t < T; t += LANES) store8(out + t, exp8(-load8(v + t)));
+    return small;
+}
+
+/* h (N, K, P) = b + w x: BAM's first 1x1 conv, C -> K channels; and, if avg is not NULL, avg (N, C): the mean of x
+   over positions, in the same pass. */
 void san_bam_reduce(const float *x, long cl, const float *w, const float *b, long N, long C, long P, long K,
-                    float *h) {
+                    float *h, float *avg) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), acc[TILE];
+        double *sum = malloc(sizeof(double) * C);
 #pragma omp for schedule(static)
-        for (long n = 0; n < N; n++)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) sum[c] = 0.0;
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
                 for (long k = 0; k < K; k++) {
                     for (long t = 0; t < T; t += LANES) {
-                        v8 sum = splat8(b ? b[k] : 0.0f);
-                        for (long c = 0; c < C; c++) sum += w[k * C + c] * load8(tile + c * TILE + t);
-                        store8(acc + t, sum);
+                        v8 total = splat8(b ? b[k] : 0.0f);
+                        for (long c = 0; c < C; c++) total += w[k * C + c] * load8(tile + c * TILE + t);
+                        store8(acc + t, total);
                     }
                     memcpy(h + (n * K + k) * P + p0, acc, sizeof(float) * T);
                 }
+                for (long c = 0; c < C && avg; c++) sum[c] += row_sum(tile + c * TILE, T);
             }
+            for (long c = 0; c < C && avg; c++) avg[n * C + c] = (float)(sum[c] / (double)P);
+        }
         free(tile);
+        free(sum);
     }
 }
 
@@ -519,21 +539,27 @@ void san_bam_apply(const float *x, long cl, const float *channel, const float *s
                    long P, float *out) {
 #pragma omp parallel
     {
-        float *tile = new_tile(C), s[TILE] = {0};
+        float *tile = new_tile(C), *cexp = malloc(sizeof(float) * C), s[TILE] = {0}, sexp[TILE];
 #pragma omp for schedule(static)
-        for (long n = 0; n < N; n++)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) cexp[c] = expf(-channel[n * C + c]);
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
                 memcpy(s, spatial + n * P + p0, sizeof(float) * T);
+                int small = negative_exps(s, sexp, T);
                 for (long c = 0; c < C; c++)
                     for (long t = 0; t < T; t += LANES) {
-                        v8 v = load8(tile + c * TILE + t), m = bam_mask(channel[n * C + c], load8(s + t), product);
+                        v8 v = load8(tile + c * TILE + t);
+                        int factored = small && fabsf(channel[n * C + c]) <= FACTOR_LIMIT;
+                        v8 m = bam_mask(channel[n * C + c], cexp[c], load8(s + t), load8(sexp + t), product, factored);
                         store8(tile + c * TILE + t, v + v * m);
                     }
                 store_tile(out, cl, n, C, P, p0, T, tile);
             }
+        }
         free(tile);
+        free(cexp);
     }
 }
 
@@ -544,22 +570,25 @@ void san_bam_backward_mask(const float *x, const float *g, long cl, const float 
                            float *grad_spatial) {
 #pragma omp parallel
     {
-        float *tile = new_tile(C), *gtile = new_tile(C), s[TILE] = {0}, gs[TILE];
+        float *tile = new_tile(C), *gtile = new_tile(C), *cexp = malloc(sizeof(float) * C), s[TILE] = {0};
+        float sexp[TILE], gs[TILE];
         double *sum = malloc(sizeof(double) * C);
 #pragma omp for schedule(static)
         for (long n = 0; n < N; n++) {
-            for (long c = 0; c < C; c++) sum[c] = 0.0;
+            for (long c = 0; c < C; c++) sum[c] = 0.0, cexp[c] = expf(-channel[n * C + c]);
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
                 load_tile(g, cl, n, C, P, p0, T, gtile);
                 memcpy(s, spatial + n * P + p0, sizeof(float) * T);
+                int small = negative_exps(s, sexp, T);
                 for (long t = 0; t < TILE; t++) gs[t] = 0.0f;
                 for (long c = 0; c < C; c++) {
                     float logit = channel[n * C + c];
+                    int factored = small && fabsf(logit) <= FACTOR_LIMIT;
                     for (long t = 0; t < T; t += LANES) {
                         v8 grad = load8(gtile + c * TILE + t), sp = load8(s + t);
-                        v8 m = bam_mask(logit, sp, product);
+                        v8 m = bam_mask(logit, cexp[c], sp, load8(sexp + t), product, factored);
                         v8 l = grad * load8(tile + c * TILE + t) * (1.0f - m) * m;
                         /* the logits' gradient, kept in the x tile; ∂x's first part in the g tile */
                         store8(tile + c * TILE + t, product ? l * sp : l);
@@ -575,14 +604,16 @@ void san_bam_backward_mask(const float *x, const float *g, long cl, const float 
         }
         free(tile);
         free(gtile);
+        free(cexp);
         free(sum);
     }
 }
 
-/* Backward of san_bam_reduce given grad_h (N, K, P): grad_x += w^T grad_h (in x's layout, in place), and per sample
-   the weight and bias gradients, partial (N, K, C + 1), summed in order by the caller. */
-void san_bam_reduce_backward(const float *x, long cl, const float *w, const float *grad_h, long N, long C, long P,
-                             long K, float *grad_x, float *partial) {
+/* Backward of san_bam_reduce given grad_h (N, K, P): grad_x += w^T grad_h + spread (in x's layout, in place; spread
+   (N, C) per channel, or NULL), and per sample the weight and bias gradients, partial (N, K, C + 1), summed in order
+   by the caller. */
+void san_bam_reduce_backward(const float *x, long cl, const float *w, const float *grad_h, const float *spread, long N,
+                             long C, long P, long K, float *grad_x, float *partial) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *gtile = new_tile(C), *hrow = calloc(TILE, sizeof(float));
@@ -594,6 +625,9 @@ void san_bam_reduce_backward(const float *x, long cl, const float *w, const floa
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
                 load_tile(grad_x, cl, n, C, P, p0, T, gtile);
+                for (long c = 0; c < C && spread; c++)
+                    for (long t = 0; t < T; t += LANES)
+                        store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) + spread[n * C + c]);
                 for (long k = 0; k < K; k++) {
                     memcpy(hrow, grad_h + (n * K + k) * P + p0, sizeof(float) * T);
                     for (long c = 0; c < C; c++) {
@@ -611,4 +645,163 @@ void san_bam_reduce_backward(const float *x, long cl, const float *w, const floa
         free(gtile);
         free(hrow);
     }
+}
+
+/* ---- A few-channel chain's stages: conv -> batch norm -> ReLU or identity, on (N, K, H, W) NCHW maps ------------
+
+   One call per stage instead of one torch op per step of it (BAM's spatial branch has 4 stages of ~6 ops each, on
+   maps of one to a few channels where the ops' fixed costs are all their cost). Batch norm as torch computes it in
+   training (batch statistics, running statistics moved by `factor` with the unbiased variance) or from the given
+   statistics (eval); its sums in double. */
+
+/* sum over a row of (a - mu)^2, and of g (a - mu) */
+static inline float row_squared_deviation(const float *a, float mu, long T) {
+    v8 acc = {0};
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) {
+        v8 d = load8(a + t) - mu;
+        acc += d * d;
+    }
+    float sum = 0.0f;
+    for (long l = 0; l < LANES; l++) sum += acc[l];
+    for (; t < T; t++) sum += (a[t] - mu) * (a[t] - mu);
+    return sum;
+}
+
+static inline float row_dot_deviation(const float *g, const float *a, float mu, long T) {
+    v8 acc = {0};
+    long t = 0;
+    for (; t + LANES <= T; t += LANES) acc += load8(g + t) * (load8(a + t) - mu);
+    float sum = 0.0f;
+    for (long l = 0; l < LANES; l++) sum += acc[l];
+    for (; t < T; t++) sum += g[t] * (a[t] - mu);
+    return sum;
+}
+
+/* Per channel k of y (N, K, P): sum over samples of f(row), each sample's row summed in float, the rows in double
+   and in order (the same rounding whatever the thread count). */
+#define SUM_ROWS(RESULT, N, K, P, EXPR)                                                                            \
+    do {                                                                                                            \
+        double *rows_ = malloc(sizeof(double) * (N) * (K));                                                         \
+        _Pragma("omp parallel for schedule(static) if ((N) * (K) * (P) > 20000)") for (long n = 0; n < (N); n++)    \
+            for (long k = 0; k < (K); k++) rows_[n * (K) + k] = (EXPR);                                              \
+        for (long k = 0; k < (K); k++) {                                                                            \
+            double total_ = 0.0;                                                                                    \
+            for (long n = 0; n < (N); n++) total_ += rows_[n * (K) + k];                                             \
+            RESULT[k] = total_;                                                                                     \
+        }                                                                                                           \
+        free(rows_);                                                                                                \
+    } while (0)
+
+static void stage_statistics(const float *y, long N, long K, long P, float eps, float *mean, float *invstd,
+                             double *variance) {
+    double *sums = malloc(sizeof(double) * K);
+    SUM_ROWS(sums, N, K, P, row_sum(y + (n * K + k) * P, P));
+    for (long k = 0; k < K; k++) mean[k] = (float)(sums[k] / (double)(N * P));
+    SUM_ROWS(variance, N, K, P, row_squared_deviation(y + (n * K + k) * P, mean[k], P));
+    for (long k = 0; k < K; k++) {
+        variance[k] /= (double)(N * P);
+        invstd[k] = (float)(1.0 / sqrt(variance[k] + (double)eps));
+    }
+    free(sums);
+}
+
+/* conv_out = conv(x) + b (skipped when w is NULL: x is the conv output already, conv_out unused), then
+   out = act(gamma (conv_out - mean) invstd + beta). mean and invstd (K) are computed (batch_stats) or given. */
+void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K, long KH, long KW, long ph, long pw,
+                       long dh, long dw, const float *w, const float *b, float *scratch, float *conv_out,
+                       long has_bn, const float *gamma, const float *beta, long batch_stats, float eps, float factor,
+                       float *running_mean, float *running_var, float *mean, float *invstd, long relu, float *out) {
+    long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
+    const float *y = x;
+    if (w) {
+        san_conv2d_forward(x, Cin * H * W, H * W, W, 1, w, b, scratch, conv_out, N, Cin, H, W, K, KH, KW, ph, pw, dh,
+                           dw);
+        y = conv_out;
+    }
+    if (has_bn && batch_stats) {
+        double *variance = malloc(sizeof(double) * K);
+        stage_statistics(y, N, K, P, eps, mean, invstd, variance);
+        long count = N * P;
+        for (long k = 0; k < K && running_mean; k++) {
+            running_mean[k] = (1.0f - factor) * running_mean[k] + factor * mean[k];
+            double unbiased = count > 1 ? variance[k] * (double)count / (double)(count - 1) : variance[k];
+            running_var[k] = (1.0f - factor) * running_var[k] + factor * (float)unbiased;
+        }
+        free(variance);
+    }
+#pragma omp parallel for schedule(static) if (N * K * P > 20000)
+    for (long n = 0; n < N; n++)
+        for (long k = 0; k < K; k++) {
+            const float *row = y + (n * K + k) * P;
+            float *dst = out + (n * K + k) * P;
+            float scale = 1.0f, shift = 0.0f;
+            if (has_bn) {
+                scale = invstd[k] * (gamma ? gamma[k] : 1.0f);
+                shift = (beta ? beta[k] : 0.0f) - mean[k] * scale;
+            }
+            for (long p = 0; p < P; p++) {
+                float v = row[p] * scale + shift;
+                dst[p] = relu && v < 0.0f ? 0.0f : v;
+            }
+        }
+}
+
+/* Backward of san_stage_forward from grad_out (N, K, P): grad_conv (N, K, P) always; with w, grad_x (N, Cin, H, W),
+   grad_w and grad_b (NULL when the conv has no bias); with batch norm, grad_gamma and grad_beta (NULL when not
+   affine). scratch: as san_conv2d_forward's for both x and grad_conv; partial: as san_conv2d_weight_grad's. */
+void san_stage_backward(const float *grad_out, const float *x, long N, long Cin, long H, long W, long K, long KH,
+                        long KW, long ph, long pw, long dh, long dw, const float *w, const float *conv_out,
+                        const float *out, long has_bn, const float *gamma, long batch_stats, const float *mean,
+                        const float *invstd, long relu, float *grad_conv, float *grad_x, float *grad_w, float *grad_b,
+                        float *grad_gamma, float *grad_beta, float *scratch, float *partial, long parts) {
+    long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
+    const float *y = w ? conv_out : x;
+#pragma omp parallel for schedule(static) if (N * K * P > 20000)
+    for (long i = 0; i < N * K; i++)
+        for (long p = 0; p < P; p++)
+            grad_conv[i * P + p] = relu && out[i * P + p] <= 0.0f ? 0.0f : grad_out[i * P + p];
+    if (has_bn) {
+        double *sums = malloc(sizeof(double) * K), *dots = malloc(sizeof(double) * K);
+        SUM_ROWS(sums, N, K, P, row_sum(grad_conv + (n * K + k) * P, P));
+        SUM_ROWS(dots, N, K, P, row_dot_deviation(grad_conv + (n * K + k) * P, y + (n * K + k) * P, mean[k], P));
+        long count = N * P;
+        for (long k = 0; k < K; k++) {
+            if (grad_gamma) grad_gamma[k] = (float)(dots[k] * (double)invstd[k]);
+            if (grad_beta) grad_beta[k] = (float)sums[k];
+        }
+#pragma omp parallel for schedule(static) if (N * K * P > 20000)
+        for (long n = 0; n < N; n++)
+            for (long k = 0; k < K; k++) {
+                /* batch statistics: d_in = gamma invstd (g - mean(g) - xhat mean(g xhat)); else gamma invstd g */
+                float g_mean = batch_stats ? (float)(sums[k] / (double)count) : 0.0f;
+                float proj = batch_stats ? (float)(dots[k] / (double)count * (double)invstd[k] * (double)invstd[k])
+                                         : 0.0f;
+                float unit = (gamma ? gamma[k] : 1.0f) * invstd[k], mu = mean[k];
+                float *g = grad_conv + (n * K + k) * P;
+                const float *row = y + (n * K + k) * P;
+                for (long p = 0; p < P; p++) g[p] = (g[p] - g_mean - (row[p] - mu) * proj) * unit;
+            }
+        free(sums);
+        free(dots);
+    }
+    if (!w) return;
+    if (grad_b) {
+        double *sums = malloc(sizeof(double) * K);
+        SUM_ROWS(sums, N, K, P, row_sum(grad_conv + (n * K + k) * P, P));
+        for (long k = 0; k < K; k++) grad_b[k] = (float)sums[k];
+        free(sums);
+    }
+    san_conv2d_weight_grad(grad_conv, x, Cin * H * W, H * W, W, 1, scratch, partial, grad_w, N, Cin, H, W, K, KH, KW,
+                           ph, pw, dh, dw, parts);
+    /* grad_x: the forward conv of grad_conv with the kernel flipped and its channels swapped */
+    float *flipped = malloc(sizeof(float) * K * Cin * KH * KW);
+    for (long k = 0; k < K; k++)
+        for (long c = 0; c < Cin; c++)
+            for (long i = 0; i < KH; i++)
+                for (long j = 0; j < KW; j++)
+                    flipped[((c * K + k) * KH + (KH - 1 - i)) * KW + (KW - 1 - j)] = w[((k * Cin + c) * KH + i) * KW + j];
+    san_conv2d_forward(grad_conv, K * P, P, Wo, 1, flipped, NULL, scratch, grad_x, N, K, Ho, Wo, Cin, KH, KW,
+                       dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw);
+    free(flipped);
 }

@@ -32,6 +32,7 @@ MAX_CHANNELS = 15
 # its rounding, depends on the input only.
 WEIGHT_GRAD_PARTS = 8
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+_LIBRARIES = ("-lm",)  # after the source: linkers drop a library named before what uses it
 _LONG, _POINTER = ctypes.c_long, ctypes.c_void_p
 
 
@@ -62,7 +63,7 @@ def _compile(compiler: str, target: Path) -> None:
         # OpenMP when the compiler has it: libgomp is the one torch loaded (same soname), so the kernels share its
         # threads and torch.set_num_threads.
         for openmp in (["-fopenmp"], []):
-            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", temporary]
+            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", temporary, *_LIBRARIES]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
                 os.replace(temporary, target)
@@ -77,6 +78,17 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.san_conv2d_forward.restype = None
     library.san_conv2d_weight_grad.argtypes = [*[_POINTER] * 2, *[_LONG] * 4, *[_POINTER] * 3, *[_LONG] * 12]
     library.san_conv2d_weight_grad.restype = None
+    _FLOAT = ctypes.c_float
+    library.san_stage_forward.argtypes = [
+        _POINTER, *[_LONG] * 11, *[_POINTER] * 4, _LONG, *[_POINTER] * 2, _LONG, _FLOAT, _FLOAT, *[_POINTER] * 4,
+        _LONG, _POINTER,
+    ]  # fmt: skip
+    library.san_stage_forward.restype = None
+    library.san_stage_backward.argtypes = [
+        *[_POINTER] * 2, *[_LONG] * 11, *[_POINTER] * 3, _LONG, _POINTER, _LONG, *[_POINTER] * 2, _LONG,
+        *[_POINTER] * 8, _LONG,
+    ]  # fmt: skip
+    library.san_stage_backward.restype = None
     return library
 
 
@@ -91,7 +103,9 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), platform.machine(), _cpu_signature()]).encode()
+            "\0".join(
+                [SOURCE.read_text(), version, " ".join(_FLAGS + _LIBRARIES), platform.machine(), _cpu_signature()]
+            ).encode()
         ).hexdigest()[:16]
         target = _cache_dir() / f"san_native_{key}.so"
         if not target.exists():
@@ -218,11 +232,11 @@ def _sizes(x: Tensor) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
 
 
-def cbam_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
+def channel_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
     """(mean, max) of ``x`` over positions, each (N, C)."""
     batch, channels, _ = _sizes(x)
     avg, top = x.new_empty(batch, channels), x.new_empty(batch, channels)
-    _call("san_cbam_descriptors", x, layout, *_sizes(x), avg, top)
+    _call("san_channel_descriptors", x, layout, *_sizes(x), avg, top)
     return avg, top
 
 
@@ -278,13 +292,15 @@ def cbam_backward_input(
     return grad_x
 
 
-def bam_reduce(x: Tensor, layout: int, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """BAM's first 1x1 conv (C → K): ``weight`` (K, C, 1, 1), the output (N, K, H, W) NCHW."""
+def bam_reduce(x: Tensor, layout: int, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(BAM's first 1x1 conv (C → K) of ``x``, (N, K, H, W) NCHW; the mean of ``x`` over positions (N, C)), in one
+    pass; ``weight`` (K, C, 1, 1)."""
     out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
+    mean = x.new_empty(x.shape[:2])
     weight = weight.reshape(weight.shape[0], -1).contiguous()
     _call("san_bam_reduce", x, layout, weight, None if bias is None else bias.contiguous(), *_sizes(x),
-          weight.shape[0], out)  # fmt: skip
-    return out
+          weight.shape[0], out, mean)  # fmt: skip
+    return out, mean
 
 
 def bam_apply(x: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
@@ -307,13 +323,117 @@ def bam_backward_mask(
 
 
 def bam_reduce_backward(
-    x: Tensor, layout: int, weight: Tensor, grad_out: Tensor, grad_x: Tensor
+    x: Tensor, layout: int, weight: Tensor, grad_out: Tensor, grad_x: Tensor, spread: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Adds `bam_reduce`'s ∂x to ``grad_x`` (in ``x``'s layout, in place) and returns (∂weight, ∂bias)."""
+    """Adds `bam_reduce`'s ∂x, and ``spread`` (N, C) at every position if given, to ``grad_x`` (in ``x``'s layout,
+    in place) and returns (∂weight, ∂bias)."""
     kernel = weight.reshape(weight.shape[0], -1).contiguous()
     channels = kernel.shape[1]
     partial = x.new_empty(x.shape[0], kernel.shape[0], channels + 1)
-    _call("san_bam_reduce_backward", x, layout, kernel, grad_out.contiguous(), *_sizes(x), kernel.shape[0], grad_x,
-          partial)  # fmt: skip
+    spread = None if spread is None else spread.contiguous()
+    _call("san_bam_reduce_backward", x, layout, kernel, grad_out.contiguous(), spread, *_sizes(x), kernel.shape[0],
+          grad_x, partial)  # fmt: skip
     sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
     return sums[:, :channels].reshape(weight.shape), sums[:, channels]
+
+
+# --- A few-channel chain's stages (`san.attention.fused._Stage`) ------------------------------------------------------
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _conv_geometry(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    batch, channels, height, width = x.shape
+    return [batch, channels, height, width, weight.shape[0], *weight.shape[2:], *padding, *dilation]
+
+
+def stage_forward(
+    x: Tensor,
+    conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
+    norm: tuple[Tensor | None, Tensor | None, bool, float, float, Tensor | None, Tensor | None] | None,
+    relu: bool,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+    """(activation output, conv output, batch-norm (mean, invstd)) of conv → batch norm → ReLU or identity over an
+    NCHW float32 map. ``conv``: (weight, bias, padding, dilation), or None when ``x`` is the conv output already.
+    ``norm``: (weight, bias, batch statistics?, running-statistics factor, eps, running mean, running var), None
+    without a batch norm; running statistics move when given, and are the statistics used without batch ones."""
+    x = x.contiguous()
+    if conv is None:
+        weight, bias, padding, dilation = None, None, (0, 0), (1, 1)
+        geometry = [x.shape[0], x.shape[1], *x.shape[2:], x.shape[1], 1, 1, 0, 0, 1, 1]
+        conv_out, scratch = x, None
+    else:
+        weight, bias, padding, dilation = conv
+        weight = weight.contiguous()
+        geometry = _conv_geometry(x, weight, padding, dilation)
+        conv_out = x.new_empty(x.shape[0], weight.shape[0], *_output_size(x, weight, padding, dilation))
+        scratch = _scratch(x, padding)
+    channels = conv_out.shape[1]
+    out = torch.empty_like(conv_out)
+    stats = None
+    gamma = beta = running_mean = running_var = None
+    batch_stats, factor, eps = False, 0.0, 0.0
+    if norm is not None:
+        gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
+        if batch_stats:
+            stats = (x.new_empty(channels), x.new_empty(channels))
+        else:  # as torch's batch norm without batch statistics: the running ones
+            stats = (running_mean.clone(), torch.rsqrt(running_var + eps))
+            running_mean = running_var = None
+    lib = library()
+    assert lib is not None
+    # Every tensor whose address the kernel gets is held by a name until it returns.
+    lib.san_stage_forward(
+        x.data_ptr(), *geometry, _pointer(weight), _pointer(bias), _pointer(scratch), _pointer(conv_out),
+        int(norm is not None), _pointer(gamma), _pointer(beta), int(batch_stats), ctypes.c_float(eps),
+        ctypes.c_float(factor), _pointer(running_mean), _pointer(running_var),
+        *(_pointer(t) for t in (stats or (None, None))), int(relu), out.data_ptr(),
+    )  # fmt: skip
+    return out, conv_out, stats
+
+
+def stage_backward(
+    grad: Tensor,
+    x: Tensor,
+    out: Tensor,
+    conv_out: Tensor,
+    stats: tuple[Tensor, Tensor] | None,
+    conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
+    norm: tuple[Tensor | None, Tensor | None, bool] | None,
+    relu: bool,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(∂x — ∂conv output when ``conv`` is None —, [∂conv weight, ∂conv bias, ∂bn weight, ∂bn bias]) of
+    `stage_forward`, given ∂ its output; ``norm``: (bn weight, bn bias, batch statistics?)."""
+    grad, x = grad.contiguous(), x.contiguous()
+    grad_conv = torch.empty_like(conv_out)
+    gamma, beta, batch_stats = norm if norm is not None else (None, None, False)
+    grad_gamma = None if gamma is None or norm is None else torch.empty_like(gamma)
+    grad_beta = None if beta is None or norm is None else torch.empty_like(beta)
+    grad_x = grad_weight = grad_bias = scratch = partial = None
+    parts = 1
+    if conv is None:
+        geometry = [x.shape[0], x.shape[1], *x.shape[2:], x.shape[1], 1, 1, 0, 0, 1, 1]
+        weight = None
+    else:
+        weight, bias, padding, dilation = conv
+        weight = weight.contiguous()
+        geometry = _conv_geometry(x, weight, padding, dilation)
+        grad_x, grad_weight = torch.empty_like(x), torch.empty(weight.shape, dtype=x.dtype)
+        grad_bias = None if bias is None else torch.empty_like(bias)
+        transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, weight.shape[2:], strict=True)]
+        scratch = x.new_empty(max(_scratch(x, padding).numel(), _scratch(grad_conv, transposed).numel()))
+        parts = max(1, min(WEIGHT_GRAD_PARTS, x.shape[0]))
+        partial = x.new_empty(parts * weight.numel())
+    lib = library()
+    assert lib is not None
+    lib.san_stage_backward(
+        grad.data_ptr(), x.data_ptr(), *geometry, _pointer(weight), conv_out.data_ptr(), out.data_ptr(),
+        int(norm is not None), _pointer(gamma), int(batch_stats), *(_pointer(t) for t in (stats or (None, None))),
+        int(relu), grad_conv.data_ptr(), _pointer(grad_x), _pointer(grad_weight), _pointer(grad_bias),
+        _pointer(grad_gamma), _pointer(grad_beta), _pointer(scratch), _pointer(partial), parts,
+    )  # fmt: skip
+    if conv is None:
+        return grad_conv, [None, None, grad_gamma, grad_beta]
+    return grad_x, [grad_weight, grad_bias, grad_gamma, grad_beta]
