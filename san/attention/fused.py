@@ -344,7 +344,7 @@ class _Stage:
     def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
         """Whether `native_forward` takes this stage over ``x`` (its input, or with ``convolve`` False its conv
         output): few channels the C kernels take, ReLU or no activation, a transposed padding that is not negative."""
-        if self.activation not in ("relu", "identity"):
+        if self.activation not in native.ACTIVATIONS:
             return False
         if not convolve:  # only the batch norm and activation run, over the conv's output channels
             return native.applies(x, self.weight[:, :1], groups=1)
@@ -352,7 +352,11 @@ class _Stage:
         transposed = [d * (k - 1) - p for p, d, k in zip(self.padding, self.dilation, weight.shape[2:], strict=True)]
         return min(transposed) >= 0 and native.applies(x, weight, self.groups)
 
-    def _native_norm(self, update: bool) -> tuple | None:
+    def native_conv(self) -> tuple:
+        """The conv's (weight, bias, padding, dilation), as `native.stage_forward` takes them."""
+        return self.weight, self.bias, self.padding, self.dilation
+
+    def native_norm(self, update: bool) -> tuple | None:
         if not self.has_bn:
             return None
         running = self.running if update or not self.use_batch_stats else (None, None)
@@ -360,17 +364,17 @@ class _Stage:
 
     def native_forward(self, x: Tensor, update: bool, convolve: bool = True) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` (``convolve``) or `normalize` (``x`` is the conv output) as one C call (`native.stage_forward`)."""
-        conv = (self.weight, self.bias, self.padding, self.dilation) if convolve else None
-        return native.stage_forward(x, conv, self._native_norm(update), self.activation == "relu")
+        conv = self.native_conv() if convolve else None
+        return native.stage_forward(x, conv, self.native_norm(update), self.activation)
 
     def native_backward(
         self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, convolve: bool = True
     ) -> tuple[Tensor, list[Tensor | None]]:
         """`backward` (``convolve``) or `normalize_backward` of `native_forward` as one C call."""
-        conv = (self.weight, self.bias, self.padding, self.dilation) if convolve else None
-        norm = (self.bn_weight, self.bn_bias, self.use_batch_stats) if self.has_bn else None
-        return native.stage_backward(grad, x if convolve else conv_out, out, conv_out, stats, conv, norm,
-                                     self.activation == "relu")  # fmt: skip
+        conv = self.native_conv() if convolve else None
+        norm = self.native_norm(False)
+        return native.stage_backward(grad, x if convolve else conv_out, out, conv_out, stats, conv,
+                                     None if norm is None else norm[:3], self.activation)  # fmt: skip
 
     def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` from the conv's output: the batch norm, if any, and the activation."""
@@ -729,43 +733,30 @@ class _CBAM(torch.autograd.Function):
     ``s = x · Mc``, ``Ms = σ(BN(conv([max_c s, mean_c s])))`` and ``s · Ms``.
 
     It keeps ``x`` (which the layer before keeps anyway), the small MLP tensors and the 1-channel conv output and
-    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. Backward folds every path into ``x``
-    into two maps: ``u = g · Ms + ∂pool_c`` gives ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a
-    few passes over the map instead of one per autograd node, and no bool maps (`_where_equal`).
-
-    In float32 on CPU the full-size passes are the C kernels of `san.attention.native` (three forward, three
-    backward, in ``x``'s own layout); elsewhere torch ops on an NCHW copy of ``x`` (`_nchw_on_cpu`), made again in
-    backward rather than kept, returning the output and ``∂x`` in the layout ``x`` came in.
+    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. On CPU it works on an NCHW copy of
+    ``x`` (`_nchw_on_cpu`), made again in backward rather than kept, and returns the output and ``∂x`` in the layout
+    ``x`` came in. Backward folds every path into ``x`` into two maps: ``u = g · Ms + ∂pool_c`` gives
+    ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a few passes over the map instead of one per
+    autograd node, and no bool maps (`_where_equal`). In float32 on CPU `_CBAMNative` runs instead.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
         first_weight, first_bias, second_weight, second_bias = params[:4]
         dtype = _autocast_dtype(x)
-        use_native = dtype is None and native.cbam_applies(x, stage.weight)
         with _autocast_off(x):
+            flat = _nchw_on_cpu(x)
             batch = x.shape[0]
-            if use_native:
-                flat, layout = native.map_layout(x)
-                mean, top = native.channel_descriptors(flat, layout)
-            else:
-                flat = _nchw_on_cpu(x)
-                mean, top = flat.mean((2, 3)), flat.amax((2, 3))
-            descriptors = torch.cat([mean, top])
+            top = flat.amax((2, 3))
+            descriptors = torch.cat([flat.mean((2, 3)), top])
             hidden = F.relu(_linear(descriptors, first_weight.flatten(1), first_bias, dtype))
             logits = _linear(hidden, second_weight.flatten(1), second_bias, dtype)
             channel_mask = torch.sigmoid(logits[:batch] + logits[batch:])
-            if use_native:
-                pooled = native.cbam_pool(flat, layout, channel_mask)
-            else:
-                scaled = flat * channel_mask[:, :, None, None]
-                pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
+            scaled = flat * channel_mask[:, :, None, None]
+            pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
             spatial_mask, conv_out, stats = stage.forward(pooled, dtype, update=True)
-            if use_native:
-                out = native.cbam_apply(flat, layout, channel_mask, spatial_mask)
-            else:
-                out = _in_layout_of(scaled.mul_(spatial_mask), x)
-        ctx.stage, ctx.dtype, ctx.stats, ctx.native = stage, dtype, stats, use_native
+            out = _in_layout_of(scaled.mul_(spatial_mask), x)
+        ctx.stage, ctx.dtype, ctx.stats = stage, dtype, stats
         ctx.save_for_backward(x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params)
         return out
 
@@ -777,32 +768,20 @@ class _CBAM(torch.autograd.Function):
         stage, dtype = ctx.stage, ctx.dtype
         stage.bind(stage_params)
         with _autocast_off(x), torch.no_grad():
+            flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
             batch, positions = x.shape[0], x.shape[2] * x.shape[3]
-            if ctx.native:
-                flat, layout = native.map_layout(x)
-                grad = grad.contiguous(memory_format=_memory_format(layout))
-                masks = (channel_mask, spatial_mask)
-                pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
-                grad_pooled, stage_grads = stage.backward(
-                    grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype
-                )
-                grad_mask, top_ties = native.cbam_backward_mask(flat, grad, layout, masks, grad_pooled, top)
-            else:
-                flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
-                mask = channel_mask[:, :, None, None]
-                scaled = flat * mask
-                top_c = scaled.amax(1, keepdim=True)
-                is_max = _where_equal(scaled, top_c)
-                pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
-                grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
-                grad_pooled, stage_grads = stage.backward(
-                    grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype
-                )
-                grad_pooled = grad_pooled.to(x.dtype)
-                # amax's own rule, here and below: ties share the gradient equally.
-                share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
-                u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
-                grad_mask = (u * flat).sum((2, 3))
+            mask = channel_mask[:, :, None, None]
+            scaled = flat * mask
+            top_c = scaled.amax(1, keepdim=True)
+            is_max = _where_equal(scaled, top_c)
+            pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
+            grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
+            grad_pooled, stage_grads = stage.backward(grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype)
+            grad_pooled = grad_pooled.to(x.dtype)
+            # amax's own rule, here and below: ties share the gradient equally.
+            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
+            u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
+            grad_mask = (u * flat).sum((2, 3))
             # the MLP, by hand: both descriptors went through it, so both halves of its output get ∂Mc's logit
             grad_logit = torch.ops.aten.sigmoid_backward(grad_mask.to(channel_mask.dtype), channel_mask)
             grad_logits = torch.cat([grad_logit, grad_logit])
@@ -811,15 +790,10 @@ class _CBAM(torch.autograd.Function):
                                                             hidden, 0)  # fmt: skip
             grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
             grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
-            if ctx.native:
-                top_share = grad_descriptors[batch:] / top_ties
-                grad_x = native.cbam_backward_input(flat, grad, layout, masks, grad_pooled, top,
-                                                    grad_descriptors[:batch], top_share)  # fmt: skip
-            else:
-                is_top = _where_equal(flat, top[:, :, None, None])
-                top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
-                grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
-                grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
+            is_top = _where_equal(flat, top[:, :, None, None])
+            top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
+            grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
+            grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
         mlp_grads = [
             grad_first.view_as(first_weight).to(first_weight.dtype),
             grad_hidden.sum(0).to(first_bias.dtype),
@@ -829,13 +803,63 @@ class _CBAM(torch.autograd.Function):
         return None, grad_x, *mlp_grads, *stage_grads
 
 
+class _CBAMNative(torch.autograd.Function):
+    """`_CBAM` in float32 on CPU: its full-size passes and its channel MLP in the C kernels of `san.attention.native`
+    (three passes forward, three backward, in ``x``'s own layout) and its spatial stage (conv → BN → σ) one C call.
+    It keeps what `_CBAM` keeps."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
+        flat, layout = native.map_layout(x)
+        descriptors, hidden, channel_mask = native.cbam_channel(flat, layout, *params[:4])
+        pooled = native.cbam_pool(flat, layout, channel_mask)
+        spatial_mask, conv_out, stats = native.stage_forward(pooled, stage.native_conv(), stage.native_norm(True),
+                                                             "sigmoid")  # fmt: skip
+        out = native.cbam_apply(flat, layout, channel_mask, spatial_mask)
+        ctx.stage = stage
+        ctx.save_for_backward(x, descriptors, hidden, channel_mask, conv_out, spatial_mask, *stats, *params)
+        return out
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: FunctionCtx, grad: Tensor):
+        x, descriptors, hidden, channel_mask, conv_out, spatial_mask, mean, invstd, *params = ctx.saved_tensors
+        first_weight, first_bias, second_weight, second_bias, *stage_params = params
+        stage = ctx.stage
+        stage.bind(stage_params)
+        with torch.no_grad():
+            flat, layout = native.map_layout(x)
+            grad = grad.contiguous(memory_format=_memory_format(layout))
+            masks = (channel_mask, spatial_mask)
+            pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
+            grad_pooled, stage_grads = native.stage_backward(
+                grad_spatial, pooled, spatial_mask, conv_out, (mean, invstd), stage.native_conv(),
+                stage.native_norm(False)[:3], "sigmoid",
+            )  # fmt: skip
+            grad_avg, top_share, mlp_grads = native.cbam_backward_mask(
+                flat, grad, layout, masks, grad_pooled, descriptors, hidden, first_weight, second_weight
+            )
+            grad_x = native.cbam_backward_input(flat, grad, layout, masks, grad_pooled, descriptors, grad_avg,
+                                                top_share)  # fmt: skip
+        mlp_grads = [
+            mlp_grads[0].view_as(first_weight),
+            None if first_bias is None else mlp_grads[1],
+            mlp_grads[2].view_as(second_weight),
+            None if second_bias is None else mlp_grads[3],
+        ]
+        return None, grad_x, *mlp_grads, *stage_grads
+
+
 def _memory_format(layout: int) -> torch.memory_format:
     return torch.channels_last if layout else torch.contiguous_format
 
 
 def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """CBAM's output ``x · Mc · Ms`` as one autograd node (`_CBAM`), from its channel MLP's two 1x1 convs and its
-    spatial branch's conv and batch norm."""
+    """CBAM's output ``x · Mc · Ms`` as one autograd node (`_CBAMNative` in float32 on CPU with the C kernels built,
+    else `_CBAM`), from its channel MLP's two 1x1 convs and its spatial branch's conv and batch norm."""
     stage = _Stage(conv, bn, "sigmoid")
     first, second = mlp
-    return _CBAM.apply(stage, x, first.weight, first.bias, second.weight, second.bias, *stage.params())
+    params = [first.weight, first.bias, second.weight, second.bias, *stage.params()]
+    if _autocast_dtype(x) is None and native.cbam_applies(x, stage.weight) and stage.native_ok(x.new_empty(0, 2, 1, 1)):
+        return _CBAMNative.apply(stage, x, *params)
+    return _CBAM.apply(stage, x, *params)

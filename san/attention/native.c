@@ -316,6 +316,32 @@ void san_channel_descriptors(const float *x, long cl, long N, long C, long P, fl
     }
 }
 
+/* CBAM's channel attention for one sample from its descriptors avg and top (C): hidden (2, K) = relu(w1 d + b1) for
+   d = avg, top; mc (C) = sigmoid(w2 h_avg + b2 + w2 h_top + b2). w1: (K, C), w2: (C, K); biases may be NULL. */
+static void cbam_mlp(const float *avg, const float *top, const float *w1, const float *b1, const float *w2,
+                     const float *b2, long C, long K, float *hidden_avg, float *hidden_top, float *mc) {
+    for (long j = 0; j < K; j++) {
+        float a = b1 ? b1[j] : 0.0f, t = a;
+        for (long c = 0; c < C; c++) a += w1[j * C + c] * avg[c], t += w1[j * C + c] * top[c];
+        hidden_avg[j] = a > 0.0f ? a : 0.0f;
+        hidden_top[j] = t > 0.0f ? t : 0.0f;
+    }
+    for (long c = 0; c < C; c++) {
+        float a = b2 ? b2[c] : 0.0f, t = a;
+        for (long j = 0; j < K; j++) a += w2[c * K + j] * hidden_avg[j], t += w2[c * K + j] * hidden_top[j];
+        mc[c] = 1.0f / (1.0f + expf(-(a + t)));
+    }
+}
+
+/* descriptors (2N, C): the mean of x over positions, then its max; hidden (2N, K) and mc (N, C) from the MLP. */
+void san_cbam_channel(const float *x, long cl, const float *w1, const float *b1, const float *w2, const float *b2,
+                      long N, long C, long P, long K, float *descriptors, float *hidden, float *mc) {
+    san_channel_descriptors(x, cl, N, C, P, descriptors, descriptors + N * C);
+    for (long n = 0; n < N; n++)
+        cbam_mlp(descriptors + n * C, descriptors + (N + n) * C, w1, b1, w2, b2, C, K, hidden + n * K,
+                 hidden + (N + n) * K, mc + n * C);
+}
+
 /* pooled (N, 2, P) from x and mc. */
 void san_cbam_pool(const float *x, long cl, const float *mc, long N, long C, long P, float *pooled) {
 #pragma omp parallel
@@ -399,17 +425,47 @@ static void channel_pool_grad(const float *xt, float *gtile, const float *mc, co
         }
 }
 
-/* Backward, second pass: grad_mc (N, C) = sum_p u x, and top_ties (N, C): how many positions reach x's max. */
+/* The MLP's backward for one sample, from d = dL/dmc (C): adds the parameters' gradients to grads (w1 K*C, b1 K,
+   w2 C*K, b2 C) and gives the descriptors' gradients grad_avg, grad_top (C). */
+static void cbam_mlp_backward(const float *d, const float *mc, const float *avg, const float *top,
+                              const float *hidden_avg, const float *hidden_top, const float *w1, const float *w2,
+                              long C, long K, float *grads, float *grad_avg, float *grad_top) {
+    float *gw1 = grads, *gb1 = grads + K * C, *gw2 = gb1 + K, *gb2 = gw2 + C * K;
+    for (long c = 0; c < C; c++) {
+        float logit = d[c] * (1.0f - mc[c]) * mc[c]; /* both halves of the MLP's output get it */
+        for (long j = 0; j < K; j++) gw2[c * K + j] += logit * hidden_avg[j] + logit * hidden_top[j];
+        gb2[c] += logit + logit;
+        grad_avg[c] = grad_top[c] = 0.0f;
+    }
+    for (long j = 0; j < K; j++) {
+        float a = 0.0f;
+        for (long c = 0; c < C; c++) a += d[c] * (1.0f - mc[c]) * mc[c] * w2[c * K + j];
+        float ga = hidden_avg[j] > 0.0f ? a : 0.0f, gt = hidden_top[j] > 0.0f ? a : 0.0f;
+        for (long c = 0; c < C; c++) {
+            gw1[j * C + c] += ga * avg[c] + gt * top[c];
+            grad_avg[c] += ga * w1[j * C + c];
+            grad_top[c] += gt * w1[j * C + c];
+        }
+        gb1[j] += ga + gt;
+    }
+}
+
+/* Backward, second pass: d = dL/dmc = sum_p u x and, per sample, the channel MLP's backward: grad_avg (N, C), the
+   gradient of the descriptors' max divided among the positions that reach it, top_share (N, C), and the MLP's
+   parameter gradients per sample, partial (N, 2 K C + K + C), summed in order by the caller. */
 void san_cbam_backward_mask(const float *x, const float *g, long cl, const float *mc, const float *ms,
-                            const float *grad_pooled, const float *top, long N, long C, long P, float *grad_mc,
-                            float *top_ties) {
+                            const float *grad_pooled, const float *descriptors, const float *hidden, const float *w1,
+                            const float *w2, long N, long C, long P, long K, float *grad_avg, float *top_share,
+                            float *partial) {
+    const float *avg = descriptors, *top = descriptors + N * C;
 #pragma omp parallel
     {
-        float *tile = new_tile(C), *gtile = new_tile(C);
+        float *tile = new_tile(C), *gtile = new_tile(C), *d = malloc(sizeof(float) * C);
+        float *ties = malloc(sizeof(float) * C), *grad_top = malloc(sizeof(float) * C);
         double *sum = malloc(sizeof(double) * C);
 #pragma omp for schedule(static)
         for (long n = 0; n < N; n++) {
-            for (long c = 0; c < C; c++) sum[c] = 0.0, top_ties[n * C + c] = 0.0f;
+            for (long c = 0; c < C; c++) sum[c] = 0.0, ties[c] = 0.0f;
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
@@ -418,13 +474,21 @@ void san_cbam_backward_mask(const float *x, const float *g, long cl, const float
                                   grad_pooled + (2 * n + 1) * P + p0, C, T);
                 for (long c = 0; c < C; c++) {
                     sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
-                    top_ties[n * C + c] += row_count(tile + c * TILE, top[n * C + c], T);
+                    ties[c] += row_count(tile + c * TILE, top[n * C + c], T);
                 }
             }
-            for (long c = 0; c < C; c++) grad_mc[n * C + c] = (float)sum[c];
+            for (long c = 0; c < C; c++) d[c] = (float)sum[c];
+            float *grads = partial + n * (2 * K * C + K + C);
+            for (long i = 0; i < 2 * K * C + K + C; i++) grads[i] = 0.0f;
+            cbam_mlp_backward(d, mc + n * C, avg + n * C, top + n * C, hidden + n * K, hidden + (N + n) * K, w1, w2,
+                              C, K, grads, grad_avg + n * C, grad_top);
+            for (long c = 0; c < C; c++) top_share[n * C + c] = grad_top[c] / ties[c];
         }
         free(tile);
         free(gtile);
+        free(d);
+        free(ties);
+        free(grad_top);
         free(sum);
     }
 }
@@ -647,9 +711,9 @@ void san_bam_reduce_backward(const float *x, long cl, const float *w, const floa
     }
 }
 
-/* ---- A few-channel chain's stages: conv -> batch norm -> ReLU or identity, on (N, K, H, W) NCHW maps ------------
+/* ---- A few-channel chain's stages: conv -> batch norm -> activation, on (N, K, H, W) NCHW maps ------------
 
-   One call per stage instead of one torch op per step of it (BAM's spatial branch has 4 stages of ~6 ops each, on
+   activation: 0 identity, 1 ReLU, 2 sigmoid. One call per stage instead of one torch op per step of it (BAM's spatial branch has 4 stages of ~6 ops each, on
    maps of one to a few channels where the ops' fixed costs are all their cost). Batch norm as torch computes it in
    training (batch statistics, running statistics moved by `factor` with the unbiased variance) or from the given
    statistics (eval); its sums in double. */
@@ -711,7 +775,8 @@ static void stage_statistics(const float *y, long N, long K, long P, float eps, 
 void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K, long KH, long KW, long ph, long pw,
                        long dh, long dw, const float *w, const float *b, float *scratch, float *conv_out,
                        long has_bn, const float *gamma, const float *beta, long batch_stats, float eps, float factor,
-                       float *running_mean, float *running_var, float *mean, float *invstd, long relu, float *out) {
+                       float *running_mean, float *running_var, float *mean, float *invstd, long activation,
+                       float *out) {
     long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
     const float *y = x;
     if (w) {
@@ -742,8 +807,14 @@ void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K,
             }
             for (long p = 0; p < P; p++) {
                 float v = row[p] * scale + shift;
-                dst[p] = relu && v < 0.0f ? 0.0f : v;
+                dst[p] = activation == 1 && v < 0.0f ? 0.0f : v;
             }
+            if (activation == 2)
+                for (long p = 0; p < P; p += LANES)
+                    if (p + LANES <= P)
+                        store8(dst + p, sigmoid8(load8(dst + p)));
+                    else
+                        for (long q = p; q < P; q++) dst[q] = 1.0f / (1.0f + expf(-dst[q]));
         }
 }
 
@@ -753,14 +824,16 @@ void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K,
 void san_stage_backward(const float *grad_out, const float *x, long N, long Cin, long H, long W, long K, long KH,
                         long KW, long ph, long pw, long dh, long dw, const float *w, const float *conv_out,
                         const float *out, long has_bn, const float *gamma, long batch_stats, const float *mean,
-                        const float *invstd, long relu, float *grad_conv, float *grad_x, float *grad_w, float *grad_b,
+                        const float *invstd, long activation, float *grad_conv, float *grad_x, float *grad_w, float *grad_b,
                         float *grad_gamma, float *grad_beta, float *scratch, float *partial, long parts) {
     long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
     const float *y = w ? conv_out : x;
 #pragma omp parallel for schedule(static) if (N * K * P > 20000)
     for (long i = 0; i < N * K; i++)
         for (long p = 0; p < P; p++)
-            grad_conv[i * P + p] = relu && out[i * P + p] <= 0.0f ? 0.0f : grad_out[i * P + p];
+            grad_conv[i * P + p] = activation == 1   ? (out[i * P + p] <= 0.0f ? 0.0f : grad_out[i * P + p])
+                                   : activation == 2 ? grad_out[i * P + p] * (1.0f - out[i * P + p]) * out[i * P + p]
+                                                     : grad_out[i * P + p];
     if (has_bn) {
         double *sums = malloc(sizeof(double) * K), *dots = malloc(sizeof(double) * K);
         SUM_ROWS(sums, N, K, P, row_sum(grad_conv + (n * K + k) * P, P));

@@ -232,14 +232,6 @@ def _sizes(x: Tensor) -> tuple[int, int, int]:
     return x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
 
 
-def channel_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
-    """(mean, max) of ``x`` over positions, each (N, C)."""
-    batch, channels, _ = _sizes(x)
-    avg, top = x.new_empty(batch, channels), x.new_empty(batch, channels)
-    _call("san_channel_descriptors", x, layout, *_sizes(x), avg, top)
-    return avg, top
-
-
 def cbam_pool(x: Tensor, layout: int, channel_mask: Tensor) -> Tensor:
     """``[max_c s, mean_c s]`` (N, 2, H, W) of ``s = x · Mc``."""
     pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
@@ -263,15 +255,53 @@ def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Te
     return pooled, grad_spatial
 
 
+def cbam_channel(
+    x: Tensor, layout: int, first_weight: Tensor, first_bias: Tensor | None, second_weight: Tensor,
+    second_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(descriptors ``[mean_hw x; max_hw x]`` (2N, C), the shared MLP's hidden layer (2N, K), ``Mc`` (N, C)) from
+    the MLP's two 1x1 convs, (K, C, 1, 1) and (C, K, 1, 1)."""
+    batch, channels, _ = _sizes(x)
+    hidden_size = first_weight.shape[0]
+    descriptors, hidden = x.new_empty(2 * batch, channels), x.new_empty(2 * batch, hidden_size)
+    channel_mask = x.new_empty(batch, channels)
+    _call("san_cbam_channel", x, layout, first_weight.contiguous(), _contiguous(first_bias),
+          second_weight.contiguous(), _contiguous(second_bias), *_sizes(x), hidden_size, descriptors, hidden,
+          channel_mask)  # fmt: skip
+    return descriptors, hidden, channel_mask
+
+
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.contiguous()
+
+
 def cbam_backward_mask(
-    x: Tensor, grad: Tensor, layout: int, masks: tuple[Tensor, Tensor], grad_pooled: Tensor, top: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(∂Mc (N, C), how many positions of each channel reach its max (N, C))."""
+    x: Tensor,
+    grad: Tensor,
+    layout: int,
+    masks: tuple[Tensor, Tensor],
+    grad_pooled: Tensor,
+    descriptors: Tensor,
+    hidden: Tensor,
+    first_weight: Tensor,
+    second_weight: Tensor,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(∂ mean descriptor (N, C), ∂ max descriptor shared among the positions reaching the max (N, C), the MLP's
+    [∂w1, ∂b1, ∂w2, ∂b2]) from ∂ pooled maps: the pass that sums ``u · x`` over positions, then the MLP's backward."""
     channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
-    grad_mask, top_ties = x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+    batch, channels, _ = _sizes(x)
+    hidden_size = hidden.shape[1]
+    grad_avg, top_share = x.new_empty(batch, channels), x.new_empty(batch, channels)
+    partial = x.new_empty(batch, 2 * hidden_size * channels + hidden_size + channels)
     _call("san_cbam_backward_mask", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
-               top.contiguous(), *_sizes(x), grad_mask, top_ties)  # fmt: skip
-    return grad_mask, top_ties
+          descriptors.contiguous(), hidden.contiguous(), first_weight.contiguous(), second_weight.contiguous(),
+          *_sizes(x), hidden_size, grad_avg, top_share, partial)  # fmt: skip
+    sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
+    return (
+        grad_avg,
+        top_share,
+        list(sums.split([hidden_size * channels, hidden_size, hidden_size * channels, channels])),
+    )
 
 
 def cbam_backward_input(
@@ -280,15 +310,16 @@ def cbam_backward_input(
     layout: int,
     masks: tuple[Tensor, Tensor],
     grad_pooled: Tensor,
-    top: Tensor,
+    descriptors: Tensor,
     grad_avg: Tensor,
     top_share: Tensor,
 ) -> Tensor:
     """∂x in ``x``'s layout, from the gradients reaching the pooled maps and the channel descriptors."""
     channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
+    top = descriptors[x.shape[0] :]
     grad_x = torch.empty_like(x)
     _call("san_cbam_backward_input", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
-               top.contiguous(), grad_avg.contiguous(), top_share.contiguous(), *_sizes(x), grad_x)  # fmt: skip
+          top.contiguous(), grad_avg.contiguous(), top_share.contiguous(), *_sizes(x), grad_x)  # fmt: skip
     return grad_x
 
 
@@ -349,13 +380,17 @@ def _conv_geometry(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation
     return [batch, channels, height, width, weight.shape[0], *weight.shape[2:], *padding, *dilation]
 
 
+# The stages' activations, by their number in native.c.
+ACTIVATIONS = {"identity": 0, "relu": 1, "sigmoid": 2}
+
+
 def stage_forward(
     x: Tensor,
     conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
     norm: tuple[Tensor | None, Tensor | None, bool, float, float, Tensor | None, Tensor | None] | None,
-    relu: bool,
+    activation: str,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """(activation output, conv output, batch-norm (mean, invstd)) of conv → batch norm → ReLU or identity over an
+    """(activation output, conv output, batch-norm (mean, invstd)) of conv → batch norm → `ACTIVATIONS` over an
     NCHW float32 map. ``conv``: (weight, bias, padding, dilation), or None when ``x`` is the conv output already.
     ``norm``: (weight, bias, batch statistics?, running-statistics factor, eps, running mean, running var), None
     without a batch norm; running statistics move when given, and are the statistics used without batch ones."""
@@ -389,7 +424,7 @@ def stage_forward(
         x.data_ptr(), *geometry, _pointer(weight), _pointer(bias), _pointer(scratch), _pointer(conv_out),
         int(norm is not None), _pointer(gamma), _pointer(beta), int(batch_stats), ctypes.c_float(eps),
         ctypes.c_float(factor), _pointer(running_mean), _pointer(running_var),
-        *(_pointer(t) for t in (stats or (None, None))), int(relu), out.data_ptr(),
+        *(_pointer(t) for t in (stats or (None, None))), ACTIVATIONS[activation], out.data_ptr(),
     )  # fmt: skip
     return out, conv_out, stats
 
@@ -402,7 +437,7 @@ def stage_backward(
     stats: tuple[Tensor, Tensor] | None,
     conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
     norm: tuple[Tensor | None, Tensor | None, bool] | None,
-    relu: bool,
+    activation: str,
 ) -> tuple[Tensor, list[Tensor | None]]:
     """(∂x — ∂conv output when ``conv`` is None —, [∂conv weight, ∂conv bias, ∂bn weight, ∂bn bias]) of
     `stage_forward`, given ∂ its output; ``norm``: (bn weight, bn bias, batch statistics?)."""
@@ -431,7 +466,7 @@ def stage_backward(
     lib.san_stage_backward(
         grad.data_ptr(), x.data_ptr(), *geometry, _pointer(weight), conv_out.data_ptr(), out.data_ptr(),
         int(norm is not None), _pointer(gamma), int(batch_stats), *(_pointer(t) for t in (stats or (None, None))),
-        int(relu), grad_conv.data_ptr(), _pointer(grad_x), _pointer(grad_weight), _pointer(grad_bias),
+        ACTIVATIONS[activation], grad_conv.data_ptr(), _pointer(grad_x), _pointer(grad_weight), _pointer(grad_bias),
         _pointer(grad_gamma), _pointer(grad_beta), _pointer(scratch), _pointer(partial), parts,
     )  # fmt: skip
     if conv is None:
