@@ -142,7 +142,8 @@ def build_variants(model_name: str, size: int, device: torch.device, quick: bool
                     model = build_model(model_name, 10, **model_kwargs).to(device)
                     if model_name in CHANNELS_LAST:
                         model = model.to(memory_format=torch.channels_last)
-                    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+                    # fused, as training builds it (training.loop.make_optimizer)
+                    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
 
                 variants.append(Variant(label, placement, formulation, build, stats, []))
     return variants

@@ -21,7 +21,7 @@ from training.config import JobSpec
 from training.data.build import build_dataset
 from training.data.loaders import make_loader
 from training.data.writer import WriterOptions
-from training.loop import flush_denormals_on_cpu, parameter_groups, train_one_epoch
+from training.loop import flush_denormals_on_cpu, make_optimizer, train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_overhead import median_seconds  # the step timer the attention bench uses
@@ -55,7 +55,7 @@ def step_ms(name: str, attention: str, size: int, batch: int, rounds: int = 3) -
     for channels_last in (False, True):
         torch.manual_seed(0)
         model = in_layout(spec.build_model(10, in_chans), channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = make_optimizer(model, spec)  # as training builds it; LR 0 changes no step's cost
         inputs = in_layout(x, channels_last)
 
         def step(model=model, optimizer=optimizer, inputs=inputs) -> None:
@@ -90,7 +90,7 @@ def preset_epochs(images: int, epochs: int) -> dict[bool, list[float]]:
             )
             torch.manual_seed(spec.training.seed)
             model = in_layout(spec.build_model(10, 1), channels_last)
-            optimizer = torch.optim.SGD(parameter_groups(model, spec.optimizer.weight_decay), lr=0.0, momentum=0.9)
+            optimizer = make_optimizer(model, spec)
             jobs[channels_last] = (spec, model, optimizer)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for epoch in range(epochs + 1):

@@ -35,7 +35,7 @@ from training.data.build import build_dataset
 from training.data.loaders import make_loader
 from training.data.writer import WriterOptions
 from training.launch import launch
-from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, parameter_groups, train_one_epoch
+from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, make_optimizer, train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import Row, measured, parse_args, this_command, write_rows
@@ -66,7 +66,7 @@ def plain_epochs(spec: JobSpec, data: Path, rank: int = 0, world: int = 1, sync:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and sync:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(parameter_groups(model, 5e-5), lr=0.0, momentum=0.9)
+    optimizer = make_optimizer(model, spec)  # as train_worker does
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     device = torch.device("cpu")
     flush_denormals_on_cpu(device)  # as every Ray worker does

@@ -34,6 +34,8 @@ GEOMETRIES = [
     (5, 15, 15, 17, 33, (3, 3), (1, 1), (1, 1), True, True),  # the most channels the kernels take
     (6, 4, 3, 12, 10, (3, 5), (1, 2), (2, 1), True, True),  # rectangular kernel, unequal padding and dilation
     (2, 2, 1, 9, 16, (3, 3), (0, 0), (1, 1), False, False),  # no padding: a smaller output
+    (5, 3, 4, 7, 9, (1, 1), (0, 0), (1, 1), True, False),  # 1x1 over contiguous rows: no padded copy
+    (5, 3, 4, 7, 9, (1, 1), (0, 0), (1, 1), True, True),  # 1x1 channels-last: through the padded copy
 ]
 
 

@@ -39,13 +39,18 @@ static void pad_sample(const float *x, strides4 s, float *xp, long n, long C, lo
             float *row = dst + (ph + h) * Wp;
             const float *src = x + n * s.n + c * s.c + h * s.h;
             for (long i = 0; i < pw; i++) row[i] = row[pw + W + i] = 0.0f;
-            if (s.w == 1)
-                memcpy(row + pw, src, sizeof(float) * W);
-            else
-                for (long w = 0; w < W; w++) row[pw + w] = src[w * s.w];
+            long w = 0;
+            if (s.w == 1) /* rows of a few dozen floats: vector moves, not a call to memcpy per row */
+                for (; w + LANES <= W; w += LANES) store8(row + pw + w, load8(src + w));
+            for (; w < W; w++) row[pw + w] = src[w * s.w];
         }
     }
 }
+
+static inline float row_dot(const float *a, const float *b, long T);
+static void san_conv2d_weight_grad_padded(const float *g, const float *x, strides4 s, float *scratch, float *partial,
+                                          long N, long Cin, long H, long W, long Cout, long KH, long KW, long ph,
+                                          long pw, long dh, long dw, long parts);
 
 /* Output blocks of WIDTH columns x ROWS rows accumulated in registers over every tap; a row's last block overlaps
    the one before it. Wide maps take 16-column blocks (one AVX-512 register, two AVX ones). */
@@ -112,6 +117,21 @@ void san_conv2d_forward(const float *x, long sn, long sc, long sh, long sw, cons
                         long ph, long pw, long dh, long dw) {
     strides4 s = {sn, sc, sh, sw};
     long Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - dh * (KH - 1), Wo = Wp - dw * (KW - 1);
+    if (KH == 1 && KW == 1 && ph == 0 && pw == 0 && sw == 1 && sh == W) { /* 1x1 over rows: no padded copy */
+        long P = H * W;
+#pragma omp parallel for schedule(static) if (N * Cout * P * Cin > 200000)
+        for (long n = 0; n < N; n++)
+            for (long co = 0; co < Cout; co++) {
+                float *yp = y + (n * Cout + co) * P, b = bias ? bias[co] : 0.0f;
+                for (long p = 0; p < P; p++) yp[p] = b;
+                for (long ci = 0; ci < Cin; ci++) {
+                    const float *xp = x + n * sn + ci * sc;
+                    float tap = w[co * Cin + ci];
+                    for (long p = 0; p < P; p++) yp[p] += tap * xp[p];
+                }
+            }
+        return;
+    }
 #pragma omp parallel for schedule(static) if (N * Cout * Ho * Wo * Cin * KH * KW > 200000)
     for (long n = 0; n < N; n++) {
         float *xp = scratch + n * Cin * Hp * Wp;
@@ -172,6 +192,31 @@ void san_conv2d_weight_grad(const float *g, const float *x, long sn, long sc, lo
                             float *partial, float *gw, long N, long Cin, long H, long W, long Cout, long KH, long KW,
                             long ph, long pw, long dh, long dw, long parts) {
     strides4 s = {sn, sc, sh, sw};
+    long total = Cout * Cin * KH * KW;
+    if (KH == 1 && KW == 1 && ph == 0 && pw == 0 && sw == 1 && sh == W) { /* 1x1: a dot product per tap and sample */
+        long P = H * W;
+#pragma omp parallel for schedule(static) if (N * Cout * P * Cin > 200000)
+        for (long part = 0; part < parts; part++) {
+            float *sums = partial + part * total;
+            for (long t = 0; t < total; t++) sums[t] = 0.0f;
+            for (long n = N * part / parts; n < N * (part + 1) / parts; n++)
+                for (long co = 0; co < Cout; co++)
+                    for (long ci = 0; ci < Cin; ci++)
+                        sums[co * Cin + ci] += row_dot(g + (n * Cout + co) * P, x + n * sn + ci * sc, P);
+        }
+    } else {
+        san_conv2d_weight_grad_padded(g, x, s, scratch, partial, N, Cin, H, W, Cout, KH, KW, ph, pw, dh, dw, parts);
+    }
+    for (long t = 0; t < total; t++) {
+        double sum = 0.0;
+        for (long part = 0; part < parts; part++) sum += partial[part * total + t];
+        gw[t] = (float)sum;
+    }
+}
+
+static void san_conv2d_weight_grad_padded(const float *g, const float *x, strides4 s, float *scratch, float *partial,
+                                          long N, long Cin, long H, long W, long Cout, long KH, long KW, long ph,
+                                          long pw, long dh, long dw, long parts) {
     long Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - dh * (KH - 1), Wo = Wp - dw * (KW - 1);
     long total = Cout * Cin * KH * KW;
     void (*row)(const float *, const float *, long, long, long, long, long, long, float *) =
@@ -190,11 +235,6 @@ void san_conv2d_weight_grad(const float *g, const float *x, long sn, long sc, lo
                             row(g + (n * Cout + co) * Ho * Wo, xp + (ci * Hp + kh * dh) * Wp, Ho, Wo, Wp, kw0,
                                 KW - kw0 < KW_CHUNK ? KW - kw0 : KW_CHUNK, dw, sums + ((co * Cin + ci) * KH + kh) * KW + kw0);
         }
-    }
-    for (long t = 0; t < total; t++) {
-        double sum = 0.0;
-        for (long part = 0; part < parts; part++) sum += partial[part * total + t];
-        gw[t] = (float)sum;
     }
 }
 
@@ -809,12 +849,11 @@ void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K,
                 float v = row[p] * scale + shift;
                 dst[p] = activation == 1 && v < 0.0f ? 0.0f : v;
             }
-            if (activation == 2)
-                for (long p = 0; p < P; p += LANES)
-                    if (p + LANES <= P)
-                        store8(dst + p, sigmoid8(load8(dst + p)));
-                    else
-                        for (long q = p; q < P; q++) dst[q] = 1.0f / (1.0f + expf(-dst[q]));
+            if (activation == 2) {
+                long p = 0;
+                for (; p + LANES <= P; p += LANES) store8(dst + p, sigmoid8(load8(dst + p)));
+                for (; p < P; p++) dst[p] = 1.0f / (1.0f + expf(-dst[p]));
+            }
         }
 }
 
