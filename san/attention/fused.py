@@ -611,7 +611,8 @@ class _BAMNative(torch.autograd.Function):
 
     It keeps ``x``, the channel means, the MLP's small tensors and the branch's first conv output (K of x's C
     channels), and recomputes the rest of the branch in backward: no pass over ``x`` is made twice. The channel
-    means come from the pass of that first conv, and their gradient is added in the pass of its gradient.
+    means come from the pass of that first conv; backward makes two passes, one for the logits' gradients, one that
+    writes all of ``∂x`` (through the mask, the branch and the means).
     """
 
     @staticmethod
@@ -637,15 +638,14 @@ class _BAMNative(torch.autograd.Function):
             flat, layout = native.map_layout(x)
             grad = grad.contiguous(memory_format=_memory_format(layout))
             records = _run_native_chain(stages, flat, reduced, update=False)
-            grad_x, grad_channel, grad_spatial = native.bam_backward_mask(
-                flat, grad, layout, channel, records[-1][1], ctx.product
-            )
+            spatial = records[-1][1]
+            grad_channel, grad_spatial = native.bam_backward_mask(flat, grad, layout, channel, spatial, ctx.product)
             grad_conv, bn_grads, chain_grads = _native_chain_backward(stages, records, grad_spatial)
             grad_mean, mlp_grads = ctx.mlp.backward(grad_channel, mean, saved, mlp_params)
             first = stages[0]
             positions = x.shape[2] * x.shape[3]
-            grad_weight, grad_bias = native.bam_reduce_backward(
-                flat, layout, first.weight, grad_conv, grad_x, grad_mean / positions
+            grad_x, grad_weight, grad_bias = native.bam_backward_input(
+                flat, grad, layout, (channel, spatial, ctx.product), first.weight, grad_conv, grad_mean / positions
             )
         stage_grads = [grad_weight, grad_bias if first.bias is not None else None, *bn_grads, *chain_grads]
         return None, None, grad_x, None, *mlp_grads, *stage_grads

@@ -667,11 +667,11 @@ void san_bam_apply(const float *x, long cl, const float *channel, const float *s
     }
 }
 
-/* Backward through the mask: grad_x = g + g M (in x's layout); with l = sigmoid'(M) g x, grad_channel (N, C) =
-   sum_p l (times s for product) and grad_spatial (N, P) = sum_c l (times c for product). */
+/* Backward through the mask, with l = sigmoid'(M) g x: grad_channel (N, C) = sum_p l (times s for product) and
+   grad_spatial (N, P) = sum_c l (times c for product). (∂x's own part, g + g M, is written with the branch's in
+   san_bam_reduce_backward, in one pass.) */
 void san_bam_backward_mask(const float *x, const float *g, long cl, const float *channel, const float *spatial,
-                           long product, long N, long C, long P, float *grad_x, float *grad_channel,
-                           float *grad_spatial) {
+                           long product, long N, long C, long P, float *grad_channel, float *grad_spatial) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *gtile = new_tile(C), *cexp = malloc(sizeof(float) * C), s[TILE] = {0};
@@ -694,15 +694,12 @@ void san_bam_backward_mask(const float *x, const float *g, long cl, const float 
                         v8 grad = load8(gtile + c * TILE + t), sp = load8(s + t);
                         v8 m = bam_mask(logit, cexp[c], sp, load8(sexp + t), product, factored);
                         v8 l = grad * load8(tile + c * TILE + t) * (1.0f - m) * m;
-                        /* the logits' gradient, kept in the x tile; ∂x's first part in the g tile */
-                        store8(tile + c * TILE + t, product ? l * sp : l);
+                        store8(tile + c * TILE + t, product ? l * sp : l); /* the logits' gradient, in the x tile */
                         store8(gs + t, load8(gs + t) + (product ? l * logit : l));
-                        store8(gtile + c * TILE + t, grad + grad * m);
                     }
                     sum[c] += row_sum(tile + c * TILE, T);
                 }
                 memcpy(grad_spatial + n * P + p0, gs, sizeof(float) * T);
-                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
             }
             for (long c = 0; c < C; c++) grad_channel[n * C + c] = (float)sum[c];
         }
@@ -713,25 +710,36 @@ void san_bam_backward_mask(const float *x, const float *g, long cl, const float 
     }
 }
 
-/* Backward of san_bam_reduce given grad_h (N, K, P): grad_x += w^T grad_h + spread (in x's layout, in place; spread
-   (N, C) per channel, or NULL), and per sample the weight and bias gradients, partial (N, K, C + 1), summed in order
-   by the caller. */
-void san_bam_reduce_backward(const float *x, long cl, const float *w, const float *grad_h, const float *spread, long N,
-                             long C, long P, long K, float *grad_x, float *partial) {
+/* ∂x of BAM, in x's layout: g + g M (through the mask; g in x's layout) + w^T grad_h (through the branch's first 1x1
+   conv, grad_h (N, K, P)) + spread (N, C) at every position (through the channel means); and per sample that conv's
+   weight and bias gradients, partial (N, K, C + 1), summed in order by the caller. */
+void san_bam_reduce_backward(const float *x, const float *g, long cl, const float *channel, const float *spatial,
+                             long product, const float *w, const float *grad_h, const float *spread, long N, long C,
+                             long P, long K, float *grad_x, float *partial) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *gtile = new_tile(C), *hrow = calloc(TILE, sizeof(float));
+        float *cexp = malloc(sizeof(float) * C), s[TILE] = {0}, sexp[TILE];
 #pragma omp for schedule(static)
         for (long n = 0; n < N; n++) {
             float *sums = partial + n * K * (C + 1);
             for (long i = 0; i < K * (C + 1); i++) sums[i] = 0.0f;
+            for (long c = 0; c < C; c++) cexp[c] = expf(-channel[n * C + c]);
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
-                load_tile(grad_x, cl, n, C, P, p0, T, gtile);
-                for (long c = 0; c < C && spread; c++)
-                    for (long t = 0; t < T; t += LANES)
-                        store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) + spread[n * C + c]);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                memcpy(s, spatial + n * P + p0, sizeof(float) * T);
+                int small = negative_exps(s, sexp, T);
+                for (long c = 0; c < C; c++) {
+                    float logit = channel[n * C + c], add = spread ? spread[n * C + c] : 0.0f;
+                    int factored = small && fabsf(logit) <= FACTOR_LIMIT;
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 grad = load8(gtile + c * TILE + t);
+                        v8 m = bam_mask(logit, cexp[c], load8(s + t), load8(sexp + t), product, factored);
+                        store8(gtile + c * TILE + t, grad + grad * m + add);
+                    }
+                }
                 for (long k = 0; k < K; k++) {
                     memcpy(hrow, grad_h + (n * K + k) * P + p0, sizeof(float) * T);
                     for (long c = 0; c < C; c++) {
@@ -748,6 +756,7 @@ void san_bam_reduce_backward(const float *x, long cl, const float *w, const floa
         free(tile);
         free(gtile);
         free(hrow);
+        free(cexp);
     }
 }
 

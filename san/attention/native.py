@@ -343,29 +343,35 @@ def bam_apply(x: Tensor, layout: int, channel: Tensor, spatial: Tensor, product:
 
 def bam_backward_mask(
     x: Tensor, grad: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(``g + g · M`` in ``x``'s layout, ∂c shaped like ``channel``, ∂s shaped like ``spatial``); ``grad`` in
-    ``x``'s layout."""
-    grad_x = torch.empty_like(x)
+) -> tuple[Tensor, Tensor]:
+    """(∂c shaped like ``channel``, ∂s shaped like ``spatial``); ``grad`` in ``x``'s layout."""
     grad_channel, grad_spatial = x.new_empty(channel.shape), x.new_empty(spatial.shape)
     _call("san_bam_backward_mask", x, grad, layout, channel.contiguous(), spatial.contiguous(), int(product),
-          *_sizes(x), grad_x, grad_channel, grad_spatial)  # fmt: skip
-    return grad_x, grad_channel, grad_spatial
+          *_sizes(x), grad_channel, grad_spatial)  # fmt: skip
+    return grad_channel, grad_spatial
 
 
-def bam_reduce_backward(
-    x: Tensor, layout: int, weight: Tensor, grad_out: Tensor, grad_x: Tensor, spread: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Adds `bam_reduce`'s ∂x, and ``spread`` (N, C) at every position if given, to ``grad_x`` (in ``x``'s layout,
-    in place) and returns (∂weight, ∂bias)."""
+def bam_backward_input(
+    x: Tensor,
+    grad: Tensor,
+    layout: int,
+    logits: tuple[Tensor, Tensor, bool],
+    weight: Tensor,
+    grad_reduced: Tensor,
+    spread: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂x in ``x``'s layout, ∂weight, ∂bias of `bam_reduce`'s conv): ``g + g · M`` with ``M`` from ``logits``
+    (channel, spatial, product), plus that conv's ∂x from ``grad_reduced`` (N, K, H, W), plus ``spread`` (N, C) at
+    every position, in one pass."""
+    channel, spatial, product = logits
     kernel = weight.reshape(weight.shape[0], -1).contiguous()
     channels = kernel.shape[1]
+    grad_x = torch.empty_like(x)
     partial = x.new_empty(x.shape[0], kernel.shape[0], channels + 1)
-    spread = None if spread is None else spread.contiguous()
-    _call("san_bam_reduce_backward", x, layout, kernel, grad_out.contiguous(), spread, *_sizes(x), kernel.shape[0],
-          grad_x, partial)  # fmt: skip
+    _call("san_bam_reduce_backward", x, grad, layout, channel.contiguous(), spatial.contiguous(), int(product), kernel,
+          grad_reduced.contiguous(), spread.contiguous(), *_sizes(x), kernel.shape[0], grad_x, partial)  # fmt: skip
     sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
-    return sums[:, :channels].reshape(weight.shape), sums[:, channels]
+    return grad_x, sums[:, :channels].reshape(weight.shape), sums[:, channels]
 
 
 # --- A few-channel chain's stages (`san.attention.fused._Stage`) ------------------------------------------------------
