@@ -303,7 +303,7 @@ def test_batch_norm_settings_behave_as_stepwise(name: str, setting: str) -> None
     torch.manual_seed(10)
     factory, inputs = MODULES[name]
     module = factory(8)
-    for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+    for bn in (m for m in module.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))):
         if setting == "momentum-none":
             bn.momentum = None
         elif setting == "untracked-after-build":

@@ -558,14 +558,15 @@ class _BAM(torch.autograd.Function):
 
 
 class _ChannelMLP:
-    """BAM's channel branch after its average pool — Linear → BatchNorm1d → ReLU → Linear — by hand, for
-    `_BAMNative`: the module's tensors at forward time, the ones autograd saved in backward."""
+    """BAM's channel branch after its average pool — Linear → BatchNorm1d → ReLU → Linear — as two C calls
+    (`native.mlp_forward`, `native.mlp_backward`), for `_BAMNative`: the module's tensors at forward time, the ones
+    autograd saved in backward."""
 
     def __init__(self, mlp: nn.Sequential) -> None:
-        _, self.first, bn, _, self.second = mlp
-        self.bn_weight, self.bn_bias, self.eps = bn.weight, bn.bias, bn.eps
+        _, first, bn, _, second = mlp
+        self.eps = bn.eps
         self.use_batch_stats, self.momentum, self.running = _batch_norm_settings(bn)
-        self.weights = [self.first.weight, self.first.bias, bn.weight, bn.bias, self.second.weight, self.second.bias]
+        self.weights = [first.weight, first.bias, bn.weight, bn.bias, second.weight, second.bias]
 
     def params(self) -> list[Tensor | None]:
         return self.weights
@@ -573,35 +574,14 @@ class _ChannelMLP:
     def forward(self, mean: Tensor) -> tuple[Tensor, list[Tensor]]:
         """(channel logits (N, C, 1, 1), what backward needs) from the channel means (N, C); running stats move."""
         first_weight, first_bias, bn_weight, bn_bias, second_weight, second_bias = self.weights
-        hidden = F.linear(mean, first_weight, first_bias)
-        normed, bn_mean, bn_invstd = torch.ops.aten.native_batch_norm(
-            hidden, bn_weight, bn_bias, *self.running, self.use_batch_stats, self.momentum, self.eps
-        )
-        active = F.relu(normed)
-        return F.linear(active, second_weight, second_bias)[:, :, None, None], [hidden, bn_mean, bn_invstd, active]
+        norm = (bn_weight, bn_bias, self.use_batch_stats, self.momentum, self.eps, *self.running)
+        return native.mlp_forward(mean, (first_weight, first_bias, second_weight, second_bias), norm)
 
     def backward(
         self, grad: Tensor, mean: Tensor, saved: list[Tensor], params: list[Tensor | None]
     ) -> tuple[Tensor, list[Tensor | None]]:
         """(∂ channel means, the parameters' gradients) from ∂ channel logits (N, C, 1, 1)."""
-        first_weight, first_bias, bn_weight, bn_bias, second_weight, second_bias = params
-        hidden, bn_mean, bn_invstd, active = saved
-        grad = grad.reshape(grad.shape[0], -1)
-        grad_second = grad.t() @ active
-        grad_active = torch.ops.aten.threshold_backward(grad @ second_weight, active, 0)
-        grad_hidden, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_active, hidden, bn_weight, *self.running, bn_mean, bn_invstd, self.use_batch_stats, self.eps,
-            [True, bn_weight is not None, bn_bias is not None],
-        )  # fmt: skip
-        grads = [
-            grad_hidden.t() @ mean,
-            None if first_bias is None else grad_hidden.sum(0),
-            grad_bn_weight,
-            grad_bn_bias,
-            grad_second,
-            None if second_bias is None else grad.sum(0),
-        ]
-        return grad_hidden @ first_weight, grads
+        return native.mlp_backward(grad, mean, saved, params, self.use_batch_stats)
 
 
 class _BAMNative(torch.autograd.Function):

@@ -926,3 +926,103 @@ void san_stage_backward(const float *grad_out, const float *x, long N, long Cin,
                        dh * (KH - 1) - ph, dw * (KW - 1) - pw, dh, dw);
     free(flipped);
 }
+
+/* ---- BAM's channel MLP: Linear (C -> K) -> BatchNorm1d -> ReLU -> Linear (K -> C), on (N, C) channel means ----------
+
+   Tiny (N x C), so plain loops in one thread; one call each way instead of a dozen torch ops. Batch norm as
+   san_stage_forward's: batch statistics (running ones moved by `factor` when given) or the running ones. */
+void san_mlp_forward(const float *mean, long N, long C, long K, const float *w1, const float *b1, const float *gamma,
+                     const float *beta, long batch_stats, float eps, float factor, float *running_mean,
+                     float *running_var, const float *w2, const float *b2, float *hidden, float *bn_mean,
+                     float *bn_invstd, float *active, float *channel) {
+    for (long n = 0; n < N; n++)
+        for (long k = 0; k < K; k++) {
+            float h = b1 ? b1[k] : 0.0f;
+            for (long c = 0; c < C; c++) h += w1[k * C + c] * mean[n * C + c];
+            hidden[n * K + k] = h;
+        }
+    for (long k = 0; k < K; k++) {
+        if (batch_stats) {
+            double sum = 0.0, squares = 0.0;
+            for (long n = 0; n < N; n++) sum += hidden[n * K + k];
+            double mu = sum / (double)N;
+            for (long n = 0; n < N; n++) squares += ((double)hidden[n * K + k] - mu) * ((double)hidden[n * K + k] - mu);
+            double variance = squares / (double)N;
+            bn_mean[k] = (float)mu;
+            bn_invstd[k] = (float)(1.0 / sqrt(variance + (double)eps));
+            if (running_mean) {
+                double unbiased = N > 1 ? variance * (double)N / (double)(N - 1) : variance;
+                running_mean[k] = (1.0f - factor) * running_mean[k] + factor * (float)mu;
+                running_var[k] = (1.0f - factor) * running_var[k] + factor * (float)unbiased;
+            }
+        } else {
+            bn_mean[k] = running_mean[k];
+            bn_invstd[k] = (float)(1.0 / sqrt((double)running_var[k] + (double)eps));
+        }
+        float scale = bn_invstd[k] * (gamma ? gamma[k] : 1.0f), shift = (beta ? beta[k] : 0.0f) - bn_mean[k] * scale;
+        for (long n = 0; n < N; n++) {
+            float v = hidden[n * K + k] * scale + shift;
+            active[n * K + k] = v > 0.0f ? v : 0.0f;
+        }
+    }
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c++) {
+            float v = b2 ? b2[c] : 0.0f;
+            for (long k = 0; k < K; k++) v += w2[c * K + k] * active[n * K + k];
+            channel[n * C + c] = v;
+        }
+}
+
+/* Backward of san_mlp_forward from grad_channel (N, C): grad_mean (N, C) and the gradients of w1, b1, gamma, beta, w2,
+   b2 (a NULL one is skipped); work: N * K floats. */
+void san_mlp_backward(const float *grad_channel, const float *mean, long N, long C, long K, const float *w1,
+                      const float *gamma, long batch_stats, const float *w2, const float *hidden, const float *bn_mean,
+                      const float *bn_invstd, const float *active, float *grad_mean, float *gw1, float *gb1,
+                      float *ggamma, float *gbeta, float *gw2, float *gb2, float *work) {
+    for (long c = 0; c < C; c++) {
+        double bias = 0.0;
+        for (long n = 0; n < N; n++) bias += grad_channel[n * C + c];
+        if (gb2) gb2[c] = (float)bias;
+        for (long k = 0; k < K; k++) {
+            double sum = 0.0;
+            for (long n = 0; n < N; n++) sum += grad_channel[n * C + c] * active[n * K + k];
+            gw2[c * K + k] = (float)sum;
+        }
+    }
+    for (long n = 0; n < N; n++)
+        for (long k = 0; k < K; k++) {
+            float v = 0.0f;
+            for (long c = 0; c < C; c++) v += grad_channel[n * C + c] * w2[c * K + k];
+            work[n * K + k] = active[n * K + k] > 0.0f ? v : 0.0f;
+        }
+    for (long k = 0; k < K; k++) {
+        double sum = 0.0, dot = 0.0;
+        for (long n = 0; n < N; n++) {
+            sum += work[n * K + k];
+            dot += (double)work[n * K + k] * ((double)hidden[n * K + k] - (double)bn_mean[k]);
+        }
+        if (ggamma) ggamma[k] = (float)(dot * (double)bn_invstd[k]);
+        if (gbeta) gbeta[k] = (float)sum;
+        float g_mean = batch_stats ? (float)(sum / (double)N) : 0.0f;
+        float proj = batch_stats ? (float)(dot / (double)N * (double)bn_invstd[k] * (double)bn_invstd[k]) : 0.0f;
+        float unit = (gamma ? gamma[k] : 1.0f) * bn_invstd[k];
+        for (long n = 0; n < N; n++)
+            work[n * K + k] = (work[n * K + k] - g_mean - (hidden[n * K + k] - bn_mean[k]) * proj) * unit;
+    }
+    for (long k = 0; k < K; k++) {
+        double bias = 0.0;
+        for (long n = 0; n < N; n++) bias += work[n * K + k];
+        if (gb1) gb1[k] = (float)bias;
+        for (long c = 0; c < C; c++) {
+            double sum = 0.0;
+            for (long n = 0; n < N; n++) sum += work[n * K + k] * mean[n * C + c];
+            gw1[k * C + c] = (float)sum;
+        }
+    }
+    for (long n = 0; n < N; n++)
+        for (long c = 0; c < C; c++) {
+            float v = 0.0f;
+            for (long k = 0; k < K; k++) v += work[n * K + k] * w1[k * C + c];
+            grad_mean[n * C + c] = v;
+        }
+}

@@ -89,6 +89,12 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         *[_POINTER] * 8, _LONG,
     ]  # fmt: skip
     library.san_stage_backward.restype = None
+    library.san_mlp_forward.argtypes = [
+        _POINTER, *[_LONG] * 3, *[_POINTER] * 4, _LONG, _FLOAT, _FLOAT, *[_POINTER] * 9,
+    ]  # fmt: skip
+    library.san_mlp_forward.restype = None
+    library.san_mlp_backward.argtypes = [_POINTER, _POINTER, *[_LONG] * 3, *[_POINTER] * 2, _LONG, *[_POINTER] * 13]
+    library.san_mlp_backward.restype = None
     return library
 
 
@@ -478,3 +484,58 @@ def stage_backward(
     if conv is None:
         return grad_conv, [None, None, grad_gamma, grad_beta]
     return grad_x, [grad_weight, grad_bias, grad_gamma, grad_beta]
+
+
+# --- BAM's channel MLP (`san.attention.fused._ChannelMLP`) ------------------------------------------------------------
+
+
+def mlp_forward(
+    mean: Tensor, linears: tuple[Tensor, Tensor | None, Tensor, Tensor | None], norm: tuple
+) -> tuple[Tensor, list[Tensor]]:
+    """(channel logits (N, C, 1, 1), [hidden, bn mean, bn invstd, active] for `mlp_backward`) of Linear → BatchNorm1d
+    → ReLU → Linear over the channel means (N, C). ``linears``: (w1, b1, w2, b2); ``norm``: (weight, bias, batch
+    statistics?, running-statistics factor, eps, running mean, running var)."""
+    first_weight, first_bias, second_weight, second_bias = (_contiguous(t) for t in linears)
+    gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
+    mean = mean.contiguous()
+    batch, channels = mean.shape
+    hidden_size = first_weight.shape[0]
+    hidden, active = mean.new_empty(batch, hidden_size), mean.new_empty(batch, hidden_size)
+    bn_mean, bn_invstd = mean.new_empty(hidden_size), mean.new_empty(hidden_size)
+    channel = mean.new_empty(batch, channels, 1, 1)
+    lib = library()
+    assert lib is not None
+    lib.san_mlp_forward(
+        mean.data_ptr(), batch, channels, hidden_size, first_weight.data_ptr(), _pointer(first_bias), _pointer(gamma),
+        _pointer(beta), int(batch_stats), ctypes.c_float(eps), ctypes.c_float(factor), _pointer(running_mean),
+        _pointer(running_var), second_weight.data_ptr(), _pointer(second_bias), hidden.data_ptr(),
+        bn_mean.data_ptr(), bn_invstd.data_ptr(), active.data_ptr(), channel.data_ptr(),
+    )  # fmt: skip
+    return channel, [hidden, bn_mean, bn_invstd, active]
+
+
+def mlp_backward(
+    grad: Tensor, mean: Tensor, saved: list[Tensor], params: list[Tensor | None], batch_stats: bool
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(∂ channel means, [∂w1, ∂b1, ∂bn weight, ∂bn bias, ∂w2, ∂b2]) of `mlp_forward` from ∂ channel logits."""
+    first_weight, first_bias, gamma, beta, second_weight, second_bias = params
+    hidden, bn_mean, bn_invstd, active = saved
+    grad, mean = grad.reshape(grad.shape[0], -1).contiguous(), mean.contiguous()
+    first_weight, second_weight = first_weight.contiguous(), second_weight.contiguous()
+    batch, channels = mean.shape
+    hidden_size = first_weight.shape[0]
+    grad_mean, work = torch.empty_like(mean), mean.new_empty(batch, hidden_size)
+    grads = [torch.empty_like(first_weight), _empty_like(first_bias), _empty_like(gamma), _empty_like(beta),
+             torch.empty_like(second_weight), _empty_like(second_bias)]  # fmt: skip
+    lib = library()
+    assert lib is not None
+    lib.san_mlp_backward(
+        grad.data_ptr(), mean.data_ptr(), batch, channels, hidden_size, first_weight.data_ptr(), _pointer(gamma),
+        int(batch_stats), second_weight.data_ptr(), hidden.data_ptr(), bn_mean.data_ptr(), bn_invstd.data_ptr(),
+        active.data_ptr(), grad_mean.data_ptr(), *(_pointer(g) for g in grads), work.data_ptr(),
+    )  # fmt: skip
+    return grad_mean, grads
+
+
+def _empty_like(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else torch.empty_like(tensor)
