@@ -14,7 +14,7 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
 #define LANES 8
-#define ROWS 4
+#define ROWS 6
 
 static inline v8 load8(const float *p) {
     v8 v;
@@ -146,13 +146,14 @@ void san_conv2d_forward(const float *x, long sn, long sc, long sh, long sw, cons
    gradients from one sample, its gradient rows (Ho x Wo) g and padded input rows (stride Wp) x. The gradient
    block is loaded once for every tap of the row; a row's last block overlaps the one before it and is masked. */
 #define KW_CHUNK 8
-#define DEFINE_WEIGHT_GRAD_ROW(NAME, VEC, WIDTH)                                                                    \
+#define DEFINE_WEIGHT_GRAD_ROW(NAME, VEC, WIDTH, COUNT)                                                             \
     static void NAME(const float *g, const float *x, long Ho, long Wo, long Wp, long kw0, long count, long dw,      \
                      float *sums) {                                                                                 \
-        VEC mask, acc[KW_CHUNK];                                                                                    \
+        VEC mask, acc[COUNT];                                                                                       \
         long tail = Wo % WIDTH;                                                                                     \
+        (void)count; /* COUNT taps: a constant, so the accumulators stay in registers */                            \
         for (long l = 0; l < WIDTH; l++) mask[l] = (tail == 0 || l >= WIDTH - tail) ? 1.0f : 0.0f;                   \
-        for (long k = 0; k < KW_CHUNK; k++) acc[k] = (VEC){0};                                                      \
+        for (long k = 0; k < COUNT; k++) acc[k] = (VEC){0};                                                         \
         for (long oh = 0; oh < Ho; oh++)                                                                            \
             for (long ow0 = 0; ow0 < Wo; ow0 += WIDTH) {                                                            \
                 long ow = ow0 + WIDTH <= Wo ? ow0 : Wo - WIDTH;                                                     \
@@ -160,20 +161,39 @@ void san_conv2d_forward(const float *x, long sn, long sc, long sh, long sw, cons
                 memcpy(&gv, g + oh * Wo + ow, sizeof gv);                                                           \
                 if (ow != ow0) gv *= mask;                                                                          \
                 const float *xrow = x + oh * Wp + ow + kw0 * dw;                                                    \
-                for (long k = 0; k < count; k++) {                                                                  \
+                for (long k = 0; k < COUNT; k++) {                                                                  \
                     memcpy(&xv, xrow + k * dw, sizeof xv);                                                          \
                     acc[k] += gv * xv;                                                                              \
                 }                                                                                                   \
             }                                                                                                       \
-        for (long k = 0; k < count; k++) {                                                                          \
+        for (long k = 0; k < COUNT; k++) {                                                                          \
             float sum = 0.0f;                                                                                       \
             for (long l = 0; l < WIDTH; l++) sum += acc[k][l];                                                      \
             sums[k] += sum;                                                                                         \
         }                                                                                                           \
     }
 
-DEFINE_WEIGHT_GRAD_ROW(weight_grad_row8, v8, LANES)
-DEFINE_WEIGHT_GRAD_ROW(weight_grad_row16, v16, (2 * LANES))
+/* one kernel-row chunk of 1 to KW_CHUNK taps, for 8- and 16-column blocks */
+#define DEFINE_WEIGHT_GRAD_ROWS(VEC, WIDTH, SUFFIX)                                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_1, VEC, WIDTH, 1)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_2, VEC, WIDTH, 2)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_3, VEC, WIDTH, 3)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_4, VEC, WIDTH, 4)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_5, VEC, WIDTH, 5)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_6, VEC, WIDTH, 6)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_7, VEC, WIDTH, 7)                                                 \
+    DEFINE_WEIGHT_GRAD_ROW(weight_grad_##SUFFIX##_8, VEC, WIDTH, 8)
+
+DEFINE_WEIGHT_GRAD_ROWS(v8, LANES, row8)
+DEFINE_WEIGHT_GRAD_ROWS(v16, (2 * LANES), row16)
+
+typedef void (*weight_grad_row)(const float *, const float *, long, long, long, long, long, long, float *);
+static const weight_grad_row WEIGHT_GRAD_ROW8[KW_CHUNK] = {
+    weight_grad_row8_1, weight_grad_row8_2, weight_grad_row8_3, weight_grad_row8_4,
+    weight_grad_row8_5, weight_grad_row8_6, weight_grad_row8_7, weight_grad_row8_8};
+static const weight_grad_row WEIGHT_GRAD_ROW16[KW_CHUNK] = {
+    weight_grad_row16_1, weight_grad_row16_2, weight_grad_row16_3, weight_grad_row16_4,
+    weight_grad_row16_5, weight_grad_row16_6, weight_grad_row16_7, weight_grad_row16_8};
 
 static void weight_grad_row1(const float *g, const float *x, long Ho, long Wo, long Wp, long kw0, long count, long dw,
                              float *sums) {
@@ -219,8 +239,7 @@ static void san_conv2d_weight_grad_padded(const float *g, const float *x, stride
                                           long pw, long dh, long dw, long parts) {
     long Hp = H + 2 * ph, Wp = W + 2 * pw, Ho = Hp - dh * (KH - 1), Wo = Wp - dw * (KW - 1);
     long total = Cout * Cin * KH * KW;
-    void (*row)(const float *, const float *, long, long, long, long, long, long, float *) =
-        Wo >= 2 * LANES ? weight_grad_row16 : Wo >= LANES ? weight_grad_row8 : weight_grad_row1;
+    const weight_grad_row *rows = Wo >= 2 * LANES ? WEIGHT_GRAD_ROW16 : Wo >= LANES ? WEIGHT_GRAD_ROW8 : NULL;
 #pragma omp parallel for schedule(static) if (N * Cout * Ho * Wo * Cin * KH * KW > 200000)
     for (long part = 0; part < parts; part++) {
         float *sums = partial + part * total;
@@ -231,9 +250,12 @@ static void san_conv2d_weight_grad_padded(const float *g, const float *x, stride
             for (long co = 0; co < Cout; co++)
                 for (long ci = 0; ci < Cin; ci++)
                     for (long kh = 0; kh < KH; kh++)
-                        for (long kw0 = 0; kw0 < KW; kw0 += KW_CHUNK)
-                            row(g + (n * Cout + co) * Ho * Wo, xp + (ci * Hp + kh * dh) * Wp, Ho, Wo, Wp, kw0,
-                                KW - kw0 < KW_CHUNK ? KW - kw0 : KW_CHUNK, dw, sums + ((co * Cin + ci) * KH + kh) * KW + kw0);
+                        for (long kw0 = 0; kw0 < KW; kw0 += KW_CHUNK) {
+                            long count = KW - kw0 < KW_CHUNK ? KW - kw0 : KW_CHUNK;
+                            weight_grad_row row = rows ? rows[count - 1] : weight_grad_row1;
+                            row(g + (n * Cout + co) * Ho * Wo, xp + (ci * Hp + kh * dh) * Wp, Ho, Wo, Wp, kw0, count,
+                                dw, sums + ((co * Cin + ci) * KH + kh) * KW + kw0);
+                        }
         }
     }
 }
