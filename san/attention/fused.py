@@ -586,7 +586,7 @@ class _ChannelMLP:
 
 class _BAMNative(torch.autograd.Function):
     """All of BAM as one node in float32 on CPU: the channel means (a C kernel), the channel MLP (`_ChannelMLP`),
-    the spatial branch (`_run_native_chain`: C kernels for its full-size 1x1 conv and its few-channel stages) and
+    the spatial branch (`native.bam_reduce` for its full-size 1x1 conv, `_NativeBranch` for its few-channel stages) and
     ``x · (1 + σ(c ∘ s))`` and its backward (C kernels, in ``x``'s own layout, the mask never stored).
 
     It keeps ``x``, the channel means, the MLP's small tensors and the branch's first conv output (K of x's C
@@ -600,8 +600,8 @@ class _BAMNative(torch.autograd.Function):
         flat, layout = native.map_layout(x)
         reduced, mean = native.bam_reduce(flat, layout, stages[0].weight, stages[0].bias)
         channel, saved = mlp.forward(mean)
-        records = _run_native_chain(stages, flat, reduced, update=True)
-        out = native.bam_apply(flat, layout, channel, records[-1][1], product)
+        spatial = _NativeBranch(stages, flat, reduced, update=True).spatial
+        out = native.bam_apply(flat, layout, channel, spatial, product)
         ctx.mlp, ctx.stages, ctx.product = mlp, stages, product
         ctx.save_for_backward(x, reduced, mean, channel, *saved, *params)
         return out
@@ -617,10 +617,10 @@ class _BAMNative(torch.autograd.Function):
         with torch.no_grad():
             flat, layout = native.map_layout(x)
             grad = grad.contiguous(memory_format=_memory_format(layout))
-            records = _run_native_chain(stages, flat, reduced, update=False)
-            spatial = records[-1][1]
+            branch = _NativeBranch(stages, flat, reduced, update=False)
+            spatial = branch.spatial
             grad_channel, grad_spatial = native.bam_backward_mask(flat, grad, layout, channel, spatial, ctx.product)
-            grad_conv, bn_grads, chain_grads = _native_chain_backward(stages, records, grad_spatial)
+            grad_conv, bn_grads, chain_grads = branch.backward(grad_spatial)
             grad_mean, mlp_grads = ctx.mlp.backward(grad_channel, mean, saved, mlp_params)
             first = stages[0]
             positions = x.shape[2] * x.shape[3]
@@ -631,40 +631,53 @@ class _BAMNative(torch.autograd.Function):
         return None, None, grad_x, None, *mlp_grads, *stage_grads
 
 
-def _run_native_chain(stages: list[_Stage], x: Tensor, conv_out: Tensor, update: bool) -> list[tuple]:
-    """`_run_chain` in float32 on CPU from the first stage's conv output (`native.bam_reduce` of ``x``), each stage
-    on the branch's few-channel maps a C call where it can be (`_Stage.native_ok`)."""
-    first = stages[0]
-    if first.native_ok(conv_out, convolve=False):
-        reduced, _, stats = first.native_forward(conv_out, update, convolve=False)
-    else:
-        reduced, _, stats = first.normalize(conv_out, update)
-    records = [(x, reduced, conv_out, stats)]
-    for stage in stages[1:]:
-        h = records[-1][1]
-        out, conv_out, stats = stage.native_forward(h, update) if stage.native_ok(h) else stage.forward(h, None, update)
-        records.append((h, out, conv_out, stats))
-    return records
+class _NativeBranch:
+    """BAM's spatial branch in float32 on CPU from its first conv's output (`native.bam_reduce` of ``x``): one C call
+    each way for all its stages (`native.chain_forward`) where every stage is one the kernels take, else one C call
+    or torch op per stage. ``.spatial``: the branch's output."""
 
-
-def _native_chain_backward(
-    stages: list[_Stage], records: list[tuple], grad: Tensor
-) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
-    """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients) of
-    `_run_native_chain`."""
-    param_grads: list[Tensor | None] = []
-    for stage, (h_in, out, conv_out, stats) in zip(reversed(stages[1:]), reversed(records[1:]), strict=True):
-        if stage.native_ok(h_in):
-            grad, grads = stage.native_backward(grad, h_in, out, conv_out, stats)
+    def __init__(self, stages: list[_Stage], x: Tensor, reduced: Tensor, update: bool) -> None:
+        self.stages = stages
+        first = stages[0]
+        self.chain = None
+        if first.native_ok(reduced, convolve=False) and all(stage.native_ok(reduced) for stage in stages[1:]):
+            specs = [(None, first.native_norm(update), first.activation)]
+            specs += [(stage.native_conv(), stage.native_norm(update), stage.activation) for stage in stages[1:]]
+            self.chain = native.chain_forward(reduced, specs, update)
+            self.spatial = self.chain.output
+            return
+        if first.native_ok(reduced, convolve=False):
+            out, _, stats = first.native_forward(reduced, update, convolve=False)
         else:
-            grad, grads = stage.backward(grad, h_in, out, conv_out, stats, None)
-        param_grads = grads + param_grads
-    first, (_, reduced, conv_out, stats) = stages[0], records[0]
-    if first.native_ok(conv_out, convolve=False):
-        grad_conv, grads = first.native_backward(grad, conv_out, reduced, conv_out, stats, convolve=False)
-        return grad_conv, grads[2:], param_grads
-    grad_conv, bn_grads = first.normalize_backward(grad, reduced, conv_out, stats)
-    return grad_conv, bn_grads, param_grads
+            out, _, stats = first.normalize(reduced, update)
+        self.records = [(x, out, reduced, stats)]
+        for stage in stages[1:]:
+            h = self.records[-1][1]
+            out, conv_out, stats = (
+                stage.native_forward(h, update) if stage.native_ok(h) else stage.forward(h, None, update)
+            )
+            self.records.append((h, out, conv_out, stats))
+        self.spatial = self.records[-1][1]
+
+    def backward(self, grad: Tensor) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
+        """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients)."""
+        if self.chain is not None:
+            grad_reduced, grads = native.chain_backward(self.chain, grad)
+            return grad_reduced, grads[2:4], grads[4:]
+        stages, records = self.stages, self.records
+        param_grads: list[Tensor | None] = []
+        for stage, (h_in, out, conv_out, stats) in zip(reversed(stages[1:]), reversed(records[1:]), strict=True):
+            if stage.native_ok(h_in):
+                grad, grads = stage.native_backward(grad, h_in, out, conv_out, stats)
+            else:
+                grad, grads = stage.backward(grad, h_in, out, conv_out, stats, None)
+            param_grads = grads + param_grads
+        first, (_, out, reduced, stats) = stages[0], records[0]
+        if first.native_ok(reduced, convolve=False):
+            grad_reduced, grads = first.native_backward(grad, reduced, out, reduced, stats, convolve=False)
+            return grad_reduced, grads[2:], param_grads
+        grad_reduced, bn_grads = first.normalize_backward(grad, out, reduced, stats)
+        return grad_reduced, bn_grads, param_grads
 
 
 def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],

@@ -1048,3 +1048,42 @@ void san_mlp_backward(const float *grad_channel, const float *mean, long N, long
             grad_mean[n * C + c] = v;
         }
 }
+
+/* ---- A whole chain of stages in one call: stage i's input is stage i-1's output (stage 0's: x0) --------------------
+
+   geometry: S rows of CHAIN_LONGS longs (Cin, H, W, K, KH, KW, ph, pw, dh, dw, has_conv, has_bn, batch_stats,
+   activation); scalars: S rows of (eps, factor); tensors: S rows of CHAIN_POINTERS pointers (w, b, gamma, beta,
+   running_mean, running_var, mean, invstd, conv_out, out, scratch, grad_conv, grad_x, grad_w, grad_b, grad_gamma,
+   grad_beta, partial), as san_stage_forward and san_stage_backward take them. */
+#define CHAIN_LONGS 14
+#define CHAIN_POINTERS 18
+enum { T_W, T_B, T_GAMMA, T_BETA, T_RMEAN, T_RVAR, T_MEAN, T_INVSTD, T_CONV, T_OUT, T_SCRATCH, T_GCONV, T_GX, T_GW, T_GB,
+       T_GGAMMA, T_GBETA, T_PARTIAL };
+
+void san_chain_forward(long S, long N, const long *geometry, const float *scalars, float **tensors, const float *x0) {
+    for (long i = 0; i < S; i++) {
+        const long *g = geometry + i * CHAIN_LONGS;
+        float **t = tensors + i * CHAIN_POINTERS;
+        const float *x = i == 0 ? x0 : tensors[(i - 1) * CHAIN_POINTERS + T_OUT];
+        san_stage_forward(x, N, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10] ? t[T_W] : NULL,
+                          t[T_B], t[T_SCRATCH], t[T_CONV], g[11], t[T_GAMMA], t[T_BETA], g[12], scalars[2 * i],
+                          scalars[2 * i + 1], t[T_RMEAN], t[T_RVAR], t[T_MEAN], t[T_INVSTD], g[13], t[T_OUT]);
+    }
+}
+
+/* Backward from grad_out, the last stage's output gradient: each stage's parameter gradients, and stage 0's
+   grad_conv (or, if stage 0 convolves, its grad_x). */
+void san_chain_backward(long S, long N, const long *geometry, float **tensors, const float *x0, const float *grad_out,
+                        long parts) {
+    for (long i = S - 1; i >= 0; i--) {
+        const long *g = geometry + i * CHAIN_LONGS;
+        float **t = tensors + i * CHAIN_POINTERS;
+        const float *x = i == 0 ? x0 : tensors[(i - 1) * CHAIN_POINTERS + T_OUT];
+        const float *grad = i == S - 1 ? grad_out : tensors[(i + 1) * CHAIN_POINTERS + T_GX];
+        san_stage_backward(grad, g[10] ? x : t[T_CONV], N, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9],
+                           g[10] ? t[T_W] : NULL, t[T_CONV], t[T_OUT], g[11], t[T_GAMMA], g[12], t[T_MEAN],
+                           t[T_INVSTD], g[13], t[T_GCONV], t[T_GX], t[T_GW], t[T_GB], t[T_GGAMMA], t[T_GBETA],
+                           t[T_SCRATCH], t[T_PARTIAL], parts);
+        if (!g[10]) t[T_GX] = t[T_GCONV]; /* a stage without a conv passes on its conv output's gradient */
+    }
+}

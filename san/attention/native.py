@@ -89,6 +89,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         *[_POINTER] * 8, _LONG,
     ]  # fmt: skip
     library.san_stage_backward.restype = None
+    library.san_chain_forward.argtypes = [_LONG, _LONG, *[_POINTER] * 4]
+    library.san_chain_forward.restype = None
+    library.san_chain_backward.argtypes = [_LONG, _LONG, *[_POINTER] * 4, _LONG]
+    library.san_chain_backward.restype = None
     library.san_mlp_forward.argtypes = [
         _POINTER, *[_LONG] * 3, *[_POINTER] * 4, _LONG, _FLOAT, _FLOAT, *[_POINTER] * 9,
     ]  # fmt: skip
@@ -539,3 +543,102 @@ def mlp_backward(
 
 def _empty_like(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else torch.empty_like(tensor)
+
+
+# --- A chain of stages in one call each way (BAM's spatial branch) ---------------------------------------------------
+
+_CHAIN_POINTERS = 18  # per stage, as native.c's san_chain_forward lists them
+
+
+class Chain:
+    """The tensors of `chain_forward`'s stages, kept for `chain_backward`."""
+
+    def __init__(self, x: Tensor, stages: list[tuple], update: bool) -> None:
+        """``stages``: per stage (conv (weight, bias, padding, dilation) or None for a stage whose input is its conv
+        output, norm as `stage_forward` takes it or None, activation)."""
+        self.x, self.stages = x.contiguous(), stages
+        self.geometry: list[int] = []
+        self.scalars: list[float] = []
+        self.tensors: list[list[Tensor | None]] = []
+        h = self.x
+        for conv, norm, activation in stages:
+            batch, channels, height, width = h.shape
+            if conv is None:
+                weight = bias = None
+                padding, dilation, kernel, out_channels = (0, 0), (1, 1), (1, 1), channels
+                conv_out, scratch = h, None
+            else:
+                weight, bias, padding, dilation = conv
+                weight = weight.contiguous()
+                kernel, out_channels = tuple(weight.shape[2:]), weight.shape[0]
+                conv_out = h.new_empty(batch, out_channels, *_output_size(h, weight, padding, dilation))
+                transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, kernel, strict=True)]
+                scratch = h.new_empty(max(_scratch(h, padding).numel(), _scratch(conv_out, transposed).numel()))
+            gamma = beta = running_mean = running_var = mean = invstd = None
+            batch_stats, eps, factor = False, 0.0, 0.0
+            if norm is not None:
+                gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
+                if batch_stats:
+                    mean, invstd = h.new_empty(out_channels), h.new_empty(out_channels)
+                    if not update:
+                        running_mean = running_var = None
+                else:  # as torch's batch norm without batch statistics: the running ones
+                    mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
+                    running_mean = running_var = None
+            out = torch.empty_like(conv_out)
+            flags = [int(conv is not None), int(norm is not None), int(batch_stats), ACTIVATIONS[activation]]
+            self.geometry += [channels, height, width, out_channels, *kernel, *padding, *dilation, *flags]
+            self.scalars += [eps, factor]
+            self.tensors.append([weight, None if bias is None else bias.contiguous(), gamma, beta, running_mean,
+                                 running_var, mean, invstd, conv_out, out, scratch])  # fmt: skip
+            h = out
+        self.output = h
+
+
+def chain_forward(x: Tensor, stages: list[tuple], update: bool) -> Chain:
+    """Runs `stage_forward` for each of ``stages`` in turn from ``x``, in one C call; running statistics move only
+    if ``update``. The chain's output is ``.output``."""
+    chain = Chain(x, stages, update)
+    pointers = [_pointer(t) for tensors in chain.tensors for t in (*tensors, *[None] * (_CHAIN_POINTERS - 11))]
+    lib = library()
+    assert lib is not None
+    lib.san_chain_forward(
+        len(stages), x.shape[0], (ctypes.c_long * len(chain.geometry))(*chain.geometry),
+        (ctypes.c_float * len(chain.scalars))(*chain.scalars), (ctypes.c_void_p * len(pointers))(*pointers),
+        chain.x.data_ptr(),
+    )  # fmt: skip
+    return chain
+
+
+def chain_backward(chain: Chain, grad: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    """(∂ chain input, [∂conv weight, ∂conv bias, ∂bn weight, ∂bn bias] of every stage in order) of `chain_forward`
+    from ∂ its output, in one C call."""
+    grad = grad.contiguous()
+    parts = max(1, min(WEIGHT_GRAD_PARTS, chain.x.shape[0]))
+    pointers: list[int | None] = []
+    grads: list[Tensor | None] = []
+    grad_inputs: list[Tensor] = []  # per stage, ∂ its input (its conv output's, for a stage without a conv)
+    keep: list[Tensor] = []  # every tensor whose address the kernel gets, held until it returns
+    inputs = [chain.x] + [tensors[9] for tensors in chain.tensors[:-1]]
+    for h, tensors, (conv, norm, _) in zip(inputs, chain.tensors, chain.stages, strict=True):
+        weight, bias, gamma, beta, conv_out = tensors[0], tensors[1], tensors[2], tensors[3], tensors[8]
+        grad_conv = torch.empty_like(conv_out)
+        grad_x = grad_weight = grad_bias = partial = None
+        if conv is not None:
+            grad_x, grad_weight = torch.empty_like(h), torch.empty(weight.shape, dtype=h.dtype)
+            grad_bias = None if bias is None else torch.empty_like(bias)
+            partial = h.new_empty(parts * weight.numel())
+        grad_gamma = None if norm is None or gamma is None else torch.empty_like(gamma)
+        grad_beta = None if norm is None or beta is None else torch.empty_like(beta)
+        stage_grads = (grad_conv, grad_x, grad_weight, grad_bias, grad_gamma, grad_beta, partial)
+        keep += [t for t in stage_grads if t is not None]
+        pointers += [_pointer(t) for t in (*tensors, *stage_grads)]
+        grads += [grad_weight, grad_bias, grad_gamma, grad_beta]
+        grad_inputs.append(grad_conv if conv is None else grad_x)
+    lib = library()
+    assert lib is not None
+    lib.san_chain_backward(
+        len(chain.stages), chain.x.shape[0], (ctypes.c_long * len(chain.geometry))(*chain.geometry),
+        (ctypes.c_void_p * len(pointers))(*pointers), chain.x.data_ptr(), grad.data_ptr(), parts,
+    )  # fmt: skip
+    return grad_inputs[0], grads
