@@ -151,9 +151,14 @@ def _output_size(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: 
     return height, width
 
 
-def _scratch(x: Tensor, padding: tuple[int, ...]) -> Tensor:
+def _scratch_size(x: Tensor, padding: tuple[int, ...] | list[int]) -> int:
+    """Floats in the zero-padded copy of ``x`` the kernels make (native.c's pad_sample)."""
     batch, channels, height, width = x.shape
-    return torch.empty(batch * channels * (height + 2 * padding[0]) * (width + 2 * padding[1]), dtype=x.dtype)
+    return batch * channels * (height + 2 * padding[0]) * (width + 2 * padding[1])
+
+
+def _scratch(x: Tensor, padding: tuple[int, ...]) -> Tensor:
+    return x.new_empty(_scratch_size(x, padding))
 
 
 def conv2d(
@@ -474,7 +479,7 @@ def stage_backward(
         grad_x, grad_weight = torch.empty_like(x), torch.empty(weight.shape, dtype=x.dtype)
         grad_bias = None if bias is None else torch.empty_like(bias)
         transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, weight.shape[2:], strict=True)]
-        scratch = x.new_empty(max(_scratch(x, padding).numel(), _scratch(grad_conv, transposed).numel()))
+        scratch = x.new_empty(max(_scratch_size(x, padding), _scratch_size(grad_conv, transposed)))
         parts = max(1, min(WEIGHT_GRAD_PARTS, x.shape[0]))
         partial = x.new_empty(parts * weight.numel())
     lib = library()
@@ -573,7 +578,7 @@ class Chain:
                 kernel, out_channels = tuple(weight.shape[2:]), weight.shape[0]
                 conv_out = h.new_empty(batch, out_channels, *_output_size(h, weight, padding, dilation))
                 transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, kernel, strict=True)]
-                scratch = h.new_empty(max(_scratch(h, padding).numel(), _scratch(conv_out, transposed).numel()))
+                scratch = h.new_empty(max(_scratch_size(h, padding), _scratch_size(conv_out, transposed)))
             gamma = beta = running_mean = running_var = mean = invstd = None
             batch_stats, eps, factor = False, 0.0, 0.0
             if norm is not None:
