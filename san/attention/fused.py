@@ -342,8 +342,9 @@ class _Stage:
         return self.normalize(conv_out, update)
 
     def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
-        """Whether `native_forward` takes this stage over ``x`` (its input, or with ``convolve`` False its conv
-        output): few channels the C kernels take, ReLU or no activation, a transposed padding that is not negative."""
+        """Whether `native.stage_forward` takes this stage over ``x`` (its input, or with ``convolve`` False its conv
+        output): few channels the C kernels take, an activation they have, a transposed padding that is not
+        negative."""
         if self.activation not in native.ACTIVATIONS:
             return False
         if not convolve:  # only the batch norm and activation run, over the conv's output channels
@@ -361,20 +362,6 @@ class _Stage:
             return None
         running = self.running if update or not self.use_batch_stats else (None, None)
         return (self.bn_weight, self.bn_bias, self.use_batch_stats, self.momentum, self.eps, *running)
-
-    def native_forward(self, x: Tensor, update: bool, convolve: bool = True) -> tuple[Tensor, Tensor, tuple | None]:
-        """`forward` (``convolve``) or `normalize` (``x`` is the conv output) as one C call (`native.stage_forward`)."""
-        conv = self.native_conv() if convolve else None
-        return native.stage_forward(x, conv, self.native_norm(update), self.activation)
-
-    def native_backward(
-        self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, convolve: bool = True
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """`backward` (``convolve``) or `normalize_backward` of `native_forward` as one C call."""
-        conv = self.native_conv() if convolve else None
-        norm = self.native_norm(False)
-        return native.stage_backward(grad, x if convolve else conv_out, out, conv_out, stats, conv,
-                                     None if norm is None else norm[:3], self.activation)  # fmt: skip
 
     def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` from the conv's output: the batch norm, if any, and the activation."""
@@ -600,7 +587,7 @@ class _BAMNative(torch.autograd.Function):
         flat, layout = native.map_layout(x)
         reduced, mean = native.bam_reduce(flat, layout, stages[0].weight, stages[0].bias)
         channel, saved = mlp.forward(mean)
-        spatial = _NativeBranch(stages, flat, reduced, update=True).spatial
+        spatial = _NativeBranch(stages, reduced, update=True).spatial
         out = native.bam_apply(flat, layout, channel, spatial, product)
         ctx.mlp, ctx.stages, ctx.product = mlp, stages, product
         ctx.save_for_backward(x, reduced, mean, channel, *saved, *params)
@@ -617,7 +604,7 @@ class _BAMNative(torch.autograd.Function):
         with torch.no_grad():
             flat, layout = native.map_layout(x)
             grad = grad.contiguous(memory_format=_memory_format(layout))
-            branch = _NativeBranch(stages, flat, reduced, update=False)
+            branch = _NativeBranch(stages, reduced, update=False)
             spatial = branch.spatial
             grad_channel, grad_spatial = native.bam_backward_mask(flat, grad, layout, channel, spatial, ctx.product)
             grad_conv, bn_grads, chain_grads = branch.backward(grad_spatial)
@@ -632,52 +619,27 @@ class _BAMNative(torch.autograd.Function):
 
 
 class _NativeBranch:
-    """BAM's spatial branch in float32 on CPU from its first conv's output (`native.bam_reduce` of ``x``): one C call
-    each way for all its stages (`native.chain_forward`) where every stage is one the kernels take, else one C call
-    or torch op per stage. ``.spatial``: the branch's output."""
+    """BAM's spatial branch in float32 on CPU from its first conv's output (`native.bam_reduce` of ``x``): all its
+    stages in one C call each way (`native.chain_forward`, `native.chain_backward`). ``.spatial``: its output."""
 
-    def __init__(self, stages: list[_Stage], x: Tensor, reduced: Tensor, update: bool) -> None:
-        self.stages = stages
+    def __init__(self, stages: list[_Stage], reduced: Tensor, update: bool) -> None:
         first = stages[0]
-        self.chain = None
-        if first.native_ok(reduced, convolve=False) and all(stage.native_ok(reduced) for stage in stages[1:]):
-            specs = [(None, first.native_norm(update), first.activation)]
-            specs += [(stage.native_conv(), stage.native_norm(update), stage.activation) for stage in stages[1:]]
-            self.chain = native.chain_forward(reduced, specs, update)
-            self.spatial = self.chain.output
-            return
-        if first.native_ok(reduced, convolve=False):
-            out, _, stats = first.native_forward(reduced, update, convolve=False)
-        else:
-            out, _, stats = first.normalize(reduced, update)
-        self.records = [(x, out, reduced, stats)]
-        for stage in stages[1:]:
-            h = self.records[-1][1]
-            out, conv_out, stats = (
-                stage.native_forward(h, update) if stage.native_ok(h) else stage.forward(h, None, update)
-            )
-            self.records.append((h, out, conv_out, stats))
-        self.spatial = self.records[-1][1]
+        specs = [(None, first.native_norm(update), first.activation)]
+        specs += [(stage.native_conv(), stage.native_norm(update), stage.activation) for stage in stages[1:]]
+        self.chain = native.chain_forward(reduced, specs, update)
+        self.spatial = self.chain.output
+
+    @staticmethod
+    def takes(stages: list[_Stage], reduced: Tensor) -> bool:
+        """Whether every stage is one the kernels take, over the first conv's output ``reduced`` (or a tensor like
+        it: the later stages' inputs have its channels)."""
+        first = stages[0]
+        return first.native_ok(reduced, convolve=False) and all(stage.native_ok(reduced) for stage in stages[1:])
 
     def backward(self, grad: Tensor) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
         """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients)."""
-        if self.chain is not None:
-            grad_reduced, grads = native.chain_backward(self.chain, grad)
-            return grad_reduced, grads[2:4], grads[4:]
-        stages, records = self.stages, self.records
-        param_grads: list[Tensor | None] = []
-        for stage, (h_in, out, conv_out, stats) in zip(reversed(stages[1:]), reversed(records[1:]), strict=True):
-            if stage.native_ok(h_in):
-                grad, grads = stage.native_backward(grad, h_in, out, conv_out, stats)
-            else:
-                grad, grads = stage.backward(grad, h_in, out, conv_out, stats, None)
-            param_grads = grads + param_grads
-        first, (_, out, reduced, stats) = stages[0], records[0]
-        if first.native_ok(reduced, convolve=False):
-            grad_reduced, grads = first.native_backward(grad, reduced, out, reduced, stats, convolve=False)
-            return grad_reduced, grads[2:], param_grads
-        grad_reduced, bn_grads = first.normalize_backward(grad, out, reduced, stats)
-        return grad_reduced, bn_grads, param_grads
+        grad_reduced, grads = native.chain_backward(self.chain, grad)
+        return grad_reduced, grads[2:4], grads[4:]
 
 
 def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],
@@ -687,7 +649,13 @@ def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.B
     (the C kernels built), else the channel branch as it runs and `_BAM`."""
     stages = [_Stage(*layer) for layer in layers]
     params = [p for stage in stages for p in stage.params()]
-    if _autocast_dtype(x) is None and stages[0].pointwise and native.bam_applies(x, stages[0].weight):
+    first = stages[0]
+    if (
+        _autocast_dtype(x) is None
+        and first.pointwise
+        and native.bam_applies(x, first.weight)
+        and _NativeBranch.takes(stages, x.new_empty(0, first.weight.shape[0], 1, 1))
+    ):
         mlp = _ChannelMLP(channel_branch.mlp)
         return _BAMNative.apply(mlp, stages, x, product, *mlp.params(), *params)
     return _BAM.apply(stages, x, channel_branch(x), product, *params)
