@@ -2,6 +2,7 @@
 per machine into a cache, and optional — without a compiler the modules run on torch's convs alike."""
 
 import contextlib
+import itertools
 from copy import deepcopy
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def test_what_the_kernels_take() -> None:
 def test_modules_equal_with_and_without_the_kernels(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """On LeNet-5-sized maps (the kernels' vector loops), outputs, gradients and running statistics agree."""
     torch.manual_seed(0)
-    x = torch.randn(8, module_channels(module), 30, 30).contiguous(memory_format=torch.channels_last)
+    # Per-map offsets keep the channel means apart: BAM's BatchNorm1d over them is then well conditioned.
+    x = torch.randn(8, module_channels(module), 30, 30) + torch.randn(8, module_channels(module), 1, 1)
+    x = x.contiguous(memory_format=torch.channels_last)
     results = []
     for setting in ("1", "0"):
         monkeypatch.setenv("SAN_NATIVE_KERNELS", setting)
@@ -102,17 +105,39 @@ def test_modules_equal_with_and_without_the_kernels(module: torch.nn.Module, mon
         x_grad = x.clone().requires_grad_()
         out = copy(x_grad)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()], list(copy.buffers())))
+        results.append((out, x_grad.grad, {n: p.grad for n, p in copy.named_parameters()}, list(copy.buffers())))
     (out, grad, params, buffers), (ref_out, ref_grad, ref_params, ref_buffers) = results
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
-    # On the scale of the largest gradient: a bias before batch norm has a true gradient of 0, which both paths
-    # only approximate by a cancelling sum of terms of that scale; the two sum 7,200 products in different orders.
-    scale = max(grad.abs().max().item() for grad in ref_params)
-    for param, ref_param in zip(params, ref_params, strict=True):
-        torch.testing.assert_close(param, ref_param, rtol=1e-4, atol=1e-4 * scale)
+    # torch's own path is not bit-reproducible from run to run (its conv backward's sums); 1e-5 of the largest entry
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+    scale = max(g.abs().max().item() for g in ref_params.values())
+    zero = biases_before_batch_norm(module)
+    for name, ref_param in ref_params.items():
+        if name in zero:
+            # its true gradient is 0 (batch norm subtracts the batch mean): both paths give a cancelling sum's
+            # rounding, torch's in float32 (~1e-4 of the largest gradient), ours in double
+            assert params[name].abs().max() <= 1e-3 * scale and ref_param.abs().max() <= 1e-3 * scale, name
+            continue
+        # the two sum 7,200 products in different orders
+        torch.testing.assert_close(
+            params[name], ref_param, rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
     for buffer, ref_buffer in zip(buffers, ref_buffers, strict=True):
         torch.testing.assert_close(buffer, ref_buffer)
+
+
+def biases_before_batch_norm(module: torch.nn.Module) -> set[str]:
+    """Names of the biases of layers followed by a batch norm in a Sequential."""
+    names = set()
+    for prefix, seq in module.named_modules():
+        if isinstance(seq, torch.nn.Sequential):
+            layers = list(seq.named_children())
+            for (name, layer), (_, after) in itertools.pairwise(layers):
+                if getattr(layer, "bias", None) is not None and isinstance(
+                    after, torch.nn.modules.batchnorm._BatchNorm
+                ):
+                    names.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return names
 
 
 def module_channels(module: torch.nn.Module) -> int:
