@@ -181,15 +181,8 @@ def test_cbam_passes_equal_the_stepwise_module_with_ties(channels: int, layout: 
     torch.manual_seed(channels)
     module = CBAM(channels)
     assert native.cbam_applies(x, module.spatial.conv.weight)
-    results = []
-    for formulation in (contextlib.nullcontext(), reference_formulation()):
-        copy = deepcopy(module)
-        x_grad = x.clone().requires_grad_()
-        with formulation:
-            out = copy(x_grad)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()]))
-    (out, grad, params), (ref_out, ref_grad, ref_params) = results
+    weights = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
+    (out, grad, params), (ref_out, ref_grad, ref_params) = fast_and_stepwise(module, x, lambda y: (y * weights).sum())
     assert out.is_contiguous(memory_format=layout) and grad.is_contiguous(memory_format=layout)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
@@ -209,15 +202,21 @@ def test_bam_mask_with_logits_far_from_zero_equals_the_stepwise_module(combine: 
         module.spatial.body[-1].bias.fill_(100.0)
     x = torch.randn(4, 6, 20, 20).contiguous(memory_format=torch.channels_last)
     assert native.bam_applies(x, module.spatial.body[0].weight)
+    (out, grad, _), (ref_out, ref_grad, _) = fast_and_stepwise(module, x, lambda y: y.square().sum())
+    assert out.isfinite().all() and grad.isfinite().all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+
+
+def fast_and_stepwise(module: torch.nn.Module, x: torch.Tensor, loss) -> list[tuple]:
+    """(output, ∂x, parameter gradients) of a copy of ``module`` on its fast path, then inside the stepwise
+    formulation, each from ``loss(output)``."""
     results = []
     for formulation in (contextlib.nullcontext(), reference_formulation()):
         copy = deepcopy(module)
         x_grad = x.clone().requires_grad_()
         with formulation:
             out = copy(x_grad)
-        out.square().sum().backward()
-        results.append((out, x_grad.grad))
-    (out, grad), (ref_out, ref_grad) = results
-    assert out.isfinite().all() and grad.isfinite().all()
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
+        loss(out).backward()
+        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()]))
+    return results
