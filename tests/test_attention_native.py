@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from san.attention import native, reference_formulation
 from san.attention.bam import BAM
 from san.attention.cbam import CBAM
+from san.attention.fused import extrema_count
+from san.attention.san import SAN
 
 
 @pytest.fixture
@@ -208,15 +210,82 @@ def test_bam_mask_with_logits_far_from_zero_equals_the_stepwise_module(combine: 
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
 
 
-def fast_and_stepwise(module: torch.nn.Module, x: torch.Tensor, loss) -> list[tuple]:
+def fast_and_stepwise(module: torch.nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], loss) -> list[tuple]:
     """(output, ∂x, parameter gradients) of a copy of ``module`` on its fast path, then inside the stepwise
-    formulation, each from ``loss(output)``."""
+    formulation, each from ``loss(output)``; ∂x is a tuple when ``x`` (the module's inputs) is."""
+    inputs = x if isinstance(x, tuple) else (x,)
     results = []
     for formulation in (contextlib.nullcontext(), reference_formulation()):
         copy = deepcopy(module)
-        x_grad = x.clone().requires_grad_()
+        leaves = [t.clone().requires_grad_() for t in inputs]
         with formulation:
-            out = copy(x_grad)
+            out = copy(*leaves)
         loss(out).backward()
-        results.append((out, x_grad.grad, [p.grad for p in copy.parameters()]))
+        grads = tuple(t.grad for t in leaves)
+        results.append((out, grads if isinstance(x, tuple) else grads[0], [p.grad for p in copy.parameters()]))
     return results
+
+
+def tied(shape: tuple[int, ...], seed: int, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Values on a coarse grid: 3x3 windows hold ties, and differences exact zeros, as ReLU maps do."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(-3, 4, shape, generator=generator).float() / 2).contiguous(memory_format=layout)
+
+
+# (batch, channels, height, width): rows past one task's 8 and a column tail; one row; one column; one pixel
+SAN_SHAPES = [(3, 6, 19, 21), (2, 16, 1, 5), (2, 5, 9, 1), (1, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("shape", SAN_SHAPES, ids=str)
+def test_san_extrema_count_equals_torch_at_borders_and_ties(shape: tuple, layout: torch.memory_format) -> None:
+    y, reference = tied(shape, 0, layout), tied((shape[0], 1, *shape[2:]), 1)
+    flat, code = native.map_layout(y)
+    weighted, count = native.san_weighted(flat, reference, code, use_abs=True, use_extrema=True, with_count=True)
+    doc = (y - reference).abs()
+    expected = extrema_count(doc)
+    assert count.is_contiguous(memory_format=layout) and weighted.is_contiguous(memory_format=layout)
+    assert torch.equal(count, expected)
+    torch.testing.assert_close(weighted, doc * expected / 9, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("shape", SAN_SHAPES, ids=str)
+@pytest.mark.parametrize("use_cca", [True, False], ids=["cca", "no-cca"])
+@pytest.mark.parametrize("dilation", [1, 2], ids=["san-c", "san-d"])
+def test_san_passes_equal_the_stepwise_module(
+    dilation: int, use_cca: bool, shape: tuple, layout: torch.memory_format
+) -> None:
+    """Ties in y and in the DoC (exact zeros: the sign's 0), in either layout, with a 1-channel reference (CCA) or a
+    full one."""
+    torch.manual_seed(shape[1])
+    module = SAN(shape[1], kernel_size=3, dilation=dilation, use_cca=use_cca)
+    y, y_prev = tied(shape, 2, layout).relu(), tied(shape, 3, layout)
+    assert native.san_applies(y, y_prev if not use_cca else y_prev.mean(1, keepdim=True))
+    weights = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (out, grads, params), (ref_out, ref_grads, ref_params) = fast_and_stepwise(
+        module, (y, y_prev), lambda out: (out * weights).sum()
+    )
+    assert out.is_contiguous(memory_format=layout) and grads[0].is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    for param, ref_param in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(param, ref_param, rtol=1e-4, atol=1e-4 * ref_param.abs().max().item())
+
+
+def test_san_passes_do_not_depend_on_the_thread_count() -> None:
+    y, reference = torch.randn(4, 32, 30, 30), torch.randn(4, 1, 30, 30)
+    grad, logits, grad_weighted = torch.randn_like(y), torch.randn_like(y), torch.randn_like(y)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            weighted, extrema = native.san_weighted(y, reference, 0, True, True, with_count=True)
+            results.append((weighted, *native.san_input_grad(grad, y, reference, logits, grad_weighted, extrema, 0,
+                                                             use_abs=True, with_reference=True)))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0], strict=True))

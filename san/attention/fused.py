@@ -144,7 +144,8 @@ class _SANMask(torch.autograd.Function):
     Keeps ``y`` and ``reference`` (a 1-channel map with CCA) and either the uint8 extrema count
     (``recompute_smoothing``: backward recomputes the DoC, the weighted map and the smoothing conv's output — one
     extra conv forward) or the smoothing's output (backward recomputes the DoC, count and weighted map only), then
-    runs the conv's own backward. ``weight is None`` means no smoothing (``use_smoothing=False``).
+    runs the conv's own backward. ``weight is None`` means no smoothing (``use_smoothing=False``). In float32 on CPU
+    `_SANMaskNative` runs instead.
     """
 
     @staticmethod
@@ -206,6 +207,72 @@ class _SANMask(torch.autograd.Function):
             grad_y.add_(grad_doc)
             grad_reference = _sum_to(grad_doc, reference.shape).neg() if ctx.needs_input_grad[1] else None
         return grad_y, grad_reference, grad_weight, grad_bias, None, None, None, None, None
+
+
+class _SANMaskNative(torch.autograd.Function):
+    """`_SANMask` in float32 on CPU through C passes (`native.san_weighted`, `san_apply`, `san_logits_grad`,
+    `san_input_grad`), in ``y``'s own layout: the DoC, its extrema count and weighting in one pass, the mask and
+    output in one, and backward in two besides the weighting's: torch's formulation makes ~30 passes over a
+    full-size map each way (the count alone is 8 comparisons). The smoothing conv stays torch's.
+
+    It keeps ``y``, ``reference`` and, unless ``recompute_smoothing``, the smoothing's (activated) output; the
+    extrema count is recomputed in backward with the weighted map the conv's backward needs anyway.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        y: Tensor,
+        reference: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        conv: tuple[int, int, int],  # padding, dilation, groups
+        use_abs: bool,
+        use_extrema: bool,
+        activation: str,
+        recompute_smoothing: bool,
+    ) -> Tensor:
+        flat, layout = native.map_layout(y)
+        weighted, _ = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=False)
+        logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
+        out = _in_layout_of(native.san_apply(flat, logits), y)
+        recompute = recompute_smoothing or weight is None
+        ctx.save_for_backward(y, reference, None if recompute else logits, weight, bias)
+        ctx.settings = (conv, use_abs, use_extrema, activation, recompute)
+        return out
+
+    @staticmethod
+    def logits(
+        weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple, activation: str, layout: int
+    ) -> Tensor:
+        """σ(smooth(weighted)) of eq 11, in the maps' layout."""
+        logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, None))
+        return logits.contiguous(memory_format=native.memory_format(layout))
+
+    @staticmethod
+    @_first_order
+    def backward(ctx: FunctionCtx, grad_out: Tensor):
+        y, reference, logits, weight, bias = ctx.saved_tensors
+        conv, use_abs, use_extrema, activation, recompute = ctx.settings
+        with torch.no_grad():
+            flat, layout = native.map_layout(y)
+            grad = grad_out.contiguous(memory_format=native.memory_format(layout))
+            weighted, count = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=True)
+            if recompute:
+                logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
+            grad_logits = _activation_backward(activation, native.san_logits_grad(grad, flat, logits), logits)
+            grad_weight = grad_bias = None
+            if weight is None:
+                grad_weighted = grad_logits
+            else:
+                grad_weighted, grad_weight, grad_bias = _smooth_backward(
+                    grad_logits, weighted, weight, bias, conv, None
+                )
+            grad_weighted = grad_weighted.contiguous(memory_format=native.memory_format(layout))
+            grad_y, grad_reference = native.san_input_grad(
+                grad, flat, reference, logits, grad_weighted, count, layout, use_abs, ctx.needs_input_grad[1]
+            )
+        return _in_layout_of(grad_y, y), grad_reference, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool) -> tuple[Tensor, Tensor | None]:
@@ -279,9 +346,12 @@ def san_mask(
     activation: str,
     recompute_smoothing: bool,
 ) -> Tensor:
-    """SAN's output ``y * M`` through the fused function (see `_SANMask`)."""
+    """SAN's output ``y * M`` through the fused function: `_SANMaskNative` in float32 on CPU with the C kernels built,
+    else `_SANMask`."""
     conv = (padding, dilation, groups)
-    return _SANMask.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
+    native_path = _autocast_dtype(y) is None and native.san_applies(y, reference)
+    function = _SANMaskNative if native_path else _SANMask
+    return function.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
 
 
 # --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
@@ -342,9 +412,9 @@ class _Stage:
         return self.normalize(conv_out, update)
 
     def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
-        """Whether `native.stage_forward` takes this stage over ``x`` (its input, or with ``convolve`` False its conv
-        output): few channels the C kernels take, an activation they have, a transposed padding that is not
-        negative."""
+        """Whether `native.stage_forward` takes this stage (or with ``convolve`` False its batch norm and activation
+        only) over maps of ``x``'s dtype and device: few channels the C kernels take, an activation they have, a
+        transposed padding that is not negative."""
         if self.activation not in native.ACTIVATIONS:
             return False
         if not convolve:  # only the batch norm and activation run, over the conv's output channels
@@ -603,7 +673,7 @@ class _BAMNative(torch.autograd.Function):
         _bind(stages, stage_params)
         with torch.no_grad():
             flat, layout = native.map_layout(x)
-            grad = grad.contiguous(memory_format=_memory_format(layout))
+            grad = grad.contiguous(memory_format=native.memory_format(layout))
             branch = _NativeBranch(stages, reduced, update=False)
             spatial = branch.spatial
             grad_channel, grad_spatial = native.bam_backward_mask(flat, grad, layout, channel, spatial, ctx.product)
@@ -630,11 +700,11 @@ class _NativeBranch:
         self.spatial = self.chain.output
 
     @staticmethod
-    def takes(stages: list[_Stage], reduced: Tensor) -> bool:
-        """Whether every stage is one the kernels take, over the first conv's output ``reduced`` (or a tensor like
-        it: the later stages' inputs have its channels)."""
+    def takes(stages: list[_Stage], x: Tensor) -> bool:
+        """Whether every stage is one the kernels take, over maps of ``x``'s dtype and device (the first one's batch
+        norm and activation only: `native.bam_reduce` makes its conv)."""
         first = stages[0]
-        return first.native_ok(reduced, convolve=False) and all(stage.native_ok(reduced) for stage in stages[1:])
+        return first.native_ok(x, convolve=False) and all(stage.native_ok(x) for stage in stages[1:])
 
     def backward(self, grad: Tensor) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
         """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients)."""
@@ -654,7 +724,7 @@ def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.B
         _autocast_dtype(x) is None
         and first.pointwise
         and native.bam_applies(x, first.weight)
-        and _NativeBranch.takes(stages, x.new_empty(0, first.weight.shape[0], 1, 1))
+        and _NativeBranch.takes(stages, x)
     ):
         mlp = _ChannelMLP(channel_branch.mlp)
         return _BAMNative.apply(mlp, stages, x, product, *mlp.params(), *params)
@@ -790,7 +860,7 @@ class _CBAMNative(torch.autograd.Function):
         stage.bind(stage_params)
         with torch.no_grad():
             flat, layout = native.map_layout(x)
-            grad = grad.contiguous(memory_format=_memory_format(layout))
+            grad = grad.contiguous(memory_format=native.memory_format(layout))
             masks = (channel_mask, spatial_mask)
             pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
             grad_pooled, stage_grads = native.stage_backward(
@@ -811,16 +881,12 @@ class _CBAMNative(torch.autograd.Function):
         return None, grad_x, *mlp_grads, *stage_grads
 
 
-def _memory_format(layout: int) -> torch.memory_format:
-    return torch.channels_last if layout else torch.contiguous_format
-
-
 def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     """CBAM's output ``x · Mc · Ms`` as one autograd node (`_CBAMNative` in float32 on CPU with the C kernels built,
     else `_CBAM`), from its channel MLP's two 1x1 convs and its spatial branch's conv and batch norm."""
     stage = _Stage(conv, bn, "sigmoid")
     first, second = mlp
     params = [first.weight, first.bias, second.weight, second.bias, *stage.params()]
-    if _autocast_dtype(x) is None and native.cbam_applies(x, stage.weight) and stage.native_ok(x.new_empty(0, 2, 1, 1)):
+    if _autocast_dtype(x) is None and native.cbam_applies(x, stage.weight) and stage.native_ok(x):
         return _CBAMNative.apply(stage, x, *params)
     return _CBAM.apply(stage, x, *params)

@@ -861,31 +861,32 @@ static void stage_statistics(const float *y, long N, long K, long P, float eps, 
     free(sums);
 }
 
-/* conv_out = conv(x) + b (skipped when w is NULL: x is the conv output already, conv_out unused), then
-   out = act(gamma (conv_out - mean) invstd + beta). mean and invstd (K) are computed (batch_stats) or given. */
-void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K, long KH, long KW, long ph, long pw,
-                       long dh, long dw, const float *w, const float *b, float *scratch, float *conv_out,
-                       long has_bn, const float *gamma, const float *beta, long batch_stats, float eps, float factor,
-                       float *running_mean, float *running_var, float *mean, float *invstd, long activation,
-                       float *out) {
-    long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
-    const float *y = x;
-    if (w) {
-        san_conv2d_forward(x, Cin * H * W, H * W, W, 1, w, b, scratch, conv_out, N, Cin, H, W, K, KH, KW, ph, pw, dh,
-                           dw);
-        y = conv_out;
-    }
-    if (has_bn && batch_stats) {
-        double *variance = malloc(sizeof(double) * K);
-        stage_statistics(y, N, K, P, eps, mean, invstd, variance);
-        long count = N * P;
+/* The statistics batch norm uses over y (N, K, P), into mean and invstd (K): the batch's (batch_stats; the running
+   ones, if given, moved by `factor` with the unbiased variance), else the running ones if given, else mean and
+   invstd are the caller's. */
+static void batch_norm_statistics(const float *y, long N, long K, long P, long batch_stats, float eps, float factor,
+                                  float *running_mean, float *running_var, float *mean, float *invstd) {
+    if (!batch_stats) {
         for (long k = 0; k < K && running_mean; k++) {
-            running_mean[k] = (1.0f - factor) * running_mean[k] + factor * mean[k];
-            double unbiased = count > 1 ? variance[k] * (double)count / (double)(count - 1) : variance[k];
-            running_var[k] = (1.0f - factor) * running_var[k] + factor * (float)unbiased;
+            mean[k] = running_mean[k];
+            invstd[k] = (float)(1.0 / sqrt((double)running_var[k] + (double)eps));
         }
-        free(variance);
+        return;
     }
+    double *variance = malloc(sizeof(double) * K);
+    stage_statistics(y, N, K, P, eps, mean, invstd, variance);
+    long count = N * P;
+    for (long k = 0; k < K && running_mean; k++) {
+        running_mean[k] = (1.0f - factor) * running_mean[k] + factor * mean[k];
+        double unbiased = count > 1 ? variance[k] * (double)count / (double)(count - 1) : variance[k];
+        running_var[k] = (1.0f - factor) * running_var[k] + factor * (float)unbiased;
+    }
+    free(variance);
+}
+
+/* out = act(gamma (y - mean) invstd + beta) over y (N, K, P); without has_bn, out = act(y). */
+static void batch_norm_apply(const float *y, long N, long K, long P, long has_bn, const float *gamma,
+                             const float *beta, const float *mean, const float *invstd, long activation, float *out) {
 #pragma omp parallel for schedule(static) if (N * K * P > 20000)
     for (long n = 0; n < N; n++)
         for (long k = 0; k < K; k++) {
@@ -908,6 +909,51 @@ void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K,
         }
 }
 
+/* Backward of batch norm over y (N, K, P), in place: g holds ∂ its output and becomes ∂y; grad_gamma and grad_beta
+   (K) unless NULL. With batch statistics ∂y = gamma invstd (g - mean(g) - yhat mean(g yhat)), else gamma invstd g. */
+static void batch_norm_backward(float *g, const float *y, long N, long K, long P, const float *gamma, long batch_stats,
+                                const float *mean, const float *invstd, float *grad_gamma, float *grad_beta) {
+    double *sums = malloc(sizeof(double) * K), *dots = malloc(sizeof(double) * K);
+    SUM_ROWS(sums, N, K, P, row_sum(g + (n * K + k) * P, P));
+    SUM_ROWS(dots, N, K, P, row_dot_deviation(g + (n * K + k) * P, y + (n * K + k) * P, mean[k], P));
+    long count = N * P;
+    for (long k = 0; k < K; k++) {
+        if (grad_gamma) grad_gamma[k] = (float)(dots[k] * (double)invstd[k]);
+        if (grad_beta) grad_beta[k] = (float)sums[k];
+    }
+#pragma omp parallel for schedule(static) if (N * K * P > 20000)
+    for (long n = 0; n < N; n++)
+        for (long k = 0; k < K; k++) {
+            float g_mean = batch_stats ? (float)(sums[k] / (double)count) : 0.0f;
+            float proj = batch_stats ? (float)(dots[k] / (double)count * (double)invstd[k] * (double)invstd[k]) : 0.0f;
+            float unit = (gamma ? gamma[k] : 1.0f) * invstd[k], mu = mean[k];
+            float *row_g = g + (n * K + k) * P;
+            const float *row = y + (n * K + k) * P;
+            for (long p = 0; p < P; p++) row_g[p] = (row_g[p] - g_mean - (row[p] - mu) * proj) * unit;
+        }
+    free(sums);
+    free(dots);
+}
+
+/* conv_out = conv(x) + b (skipped when w is NULL: x is the conv output already, conv_out unused), then
+   out = act(gamma (conv_out - mean) invstd + beta). mean and invstd (K) are computed (batch_stats) or given. */
+void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K, long KH, long KW, long ph, long pw,
+                       long dh, long dw, const float *w, const float *b, float *scratch, float *conv_out,
+                       long has_bn, const float *gamma, const float *beta, long batch_stats, float eps, float factor,
+                       float *running_mean, float *running_var, float *mean, float *invstd, long activation,
+                       float *out) {
+    long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
+    const float *y = x;
+    if (w) {
+        san_conv2d_forward(x, Cin * H * W, H * W, W, 1, w, b, scratch, conv_out, N, Cin, H, W, K, KH, KW, ph, pw, dh,
+                           dw);
+        y = conv_out;
+    }
+    if (has_bn && batch_stats)
+        batch_norm_statistics(y, N, K, P, 1, eps, factor, running_mean, running_var, mean, invstd);
+    batch_norm_apply(y, N, K, P, has_bn, gamma, beta, mean, invstd, activation, out);
+}
+
 /* Backward of san_stage_forward from grad_out (N, K, P): grad_conv (N, K, P) always; with w, grad_x (N, Cin, H, W),
    grad_w and grad_b (NULL when the conv has no bias); with batch norm, grad_gamma and grad_beta (NULL when not
    affine). scratch: as san_conv2d_forward's for both x and grad_conv; partial: as san_conv2d_weight_grad's. */
@@ -924,30 +970,7 @@ void san_stage_backward(const float *grad_out, const float *x, long N, long Cin,
             grad_conv[i * P + p] = activation == 1   ? (out[i * P + p] <= 0.0f ? 0.0f : grad_out[i * P + p])
                                    : activation == 2 ? grad_out[i * P + p] * (1.0f - out[i * P + p]) * out[i * P + p]
                                                      : grad_out[i * P + p];
-    if (has_bn) {
-        double *sums = malloc(sizeof(double) * K), *dots = malloc(sizeof(double) * K);
-        SUM_ROWS(sums, N, K, P, row_sum(grad_conv + (n * K + k) * P, P));
-        SUM_ROWS(dots, N, K, P, row_dot_deviation(grad_conv + (n * K + k) * P, y + (n * K + k) * P, mean[k], P));
-        long count = N * P;
-        for (long k = 0; k < K; k++) {
-            if (grad_gamma) grad_gamma[k] = (float)(dots[k] * (double)invstd[k]);
-            if (grad_beta) grad_beta[k] = (float)sums[k];
-        }
-#pragma omp parallel for schedule(static) if (N * K * P > 20000)
-        for (long n = 0; n < N; n++)
-            for (long k = 0; k < K; k++) {
-                /* batch statistics: d_in = gamma invstd (g - mean(g) - xhat mean(g xhat)); else gamma invstd g */
-                float g_mean = batch_stats ? (float)(sums[k] / (double)count) : 0.0f;
-                float proj = batch_stats ? (float)(dots[k] / (double)count * (double)invstd[k] * (double)invstd[k])
-                                         : 0.0f;
-                float unit = (gamma ? gamma[k] : 1.0f) * invstd[k], mu = mean[k];
-                float *g = grad_conv + (n * K + k) * P;
-                const float *row = y + (n * K + k) * P;
-                for (long p = 0; p < P; p++) g[p] = (g[p] - g_mean - (row[p] - mu) * proj) * unit;
-            }
-        free(sums);
-        free(dots);
-    }
+    if (has_bn) batch_norm_backward(grad_conv, y, N, K, P, gamma, batch_stats, mean, invstd, grad_gamma, grad_beta);
     if (!w) return;
     if (grad_b) {
         double *sums = malloc(sizeof(double) * K);
@@ -971,48 +994,49 @@ void san_stage_backward(const float *grad_out, const float *x, long N, long Cin,
 
 /* ---- BAM's channel MLP: Linear (C -> K) -> BatchNorm1d -> ReLU -> Linear (K -> C), on (N, C) channel means ----------
 
-   Tiny (N x C), so plain loops in one thread; one call each way instead of a dozen torch ops. Batch norm as
-   san_stage_forward's: batch statistics (running ones moved by `factor` when given) or the running ones. */
+   Tiny (N x C), so plain loops; one call each way instead of a dozen torch ops. The batch norm is a stage's over
+   (N, K, 1). */
+
+/* out (N, O) = a (N, I) w^T + b (NULL: none). */
+static void linear_forward(const float *a, const float *w, const float *b, long N, long I, long O, float *out) {
+    for (long n = 0; n < N; n++)
+        for (long o = 0; o < O; o++) {
+            float v = b ? b[o] : 0.0f;
+            for (long i = 0; i < I; i++) v += w[o * I + i] * a[n * I + i];
+            out[n * O + o] = v;
+        }
+}
+
+/* Backward of linear_forward from g (N, O): gw (O, I) and gb (O, unless NULL), summed over n in double; grad_a (N, I)
+   unless NULL. */
+static void linear_backward(const float *g, const float *a, const float *w, long N, long I, long O, float *gw,
+                            float *gb, float *grad_a) {
+    for (long o = 0; o < O; o++) {
+        double bias = 0.0;
+        for (long n = 0; n < N; n++) bias += g[n * O + o];
+        if (gb) gb[o] = (float)bias;
+        for (long i = 0; i < I; i++) {
+            double sum = 0.0;
+            for (long n = 0; n < N; n++) sum += g[n * O + o] * a[n * I + i];
+            gw[o * I + i] = (float)sum;
+        }
+    }
+    for (long n = 0; n < N && grad_a; n++)
+        for (long i = 0; i < I; i++) {
+            float v = 0.0f;
+            for (long o = 0; o < O; o++) v += g[n * O + o] * w[o * I + i];
+            grad_a[n * I + i] = v;
+        }
+}
+
 void san_mlp_forward(const float *mean, long N, long C, long K, const float *w1, const float *b1, const float *gamma,
                      const float *beta, long batch_stats, float eps, float factor, float *running_mean,
                      float *running_var, const float *w2, const float *b2, float *hidden, float *bn_mean,
                      float *bn_invstd, float *active, float *channel) {
-    for (long n = 0; n < N; n++)
-        for (long k = 0; k < K; k++) {
-            float h = b1 ? b1[k] : 0.0f;
-            for (long c = 0; c < C; c++) h += w1[k * C + c] * mean[n * C + c];
-            hidden[n * K + k] = h;
-        }
-    for (long k = 0; k < K; k++) {
-        if (batch_stats) {
-            double sum = 0.0, squares = 0.0;
-            for (long n = 0; n < N; n++) sum += hidden[n * K + k];
-            double mu = sum / (double)N;
-            for (long n = 0; n < N; n++) squares += ((double)hidden[n * K + k] - mu) * ((double)hidden[n * K + k] - mu);
-            double variance = squares / (double)N;
-            bn_mean[k] = (float)mu;
-            bn_invstd[k] = (float)(1.0 / sqrt(variance + (double)eps));
-            if (running_mean) {
-                double unbiased = N > 1 ? variance * (double)N / (double)(N - 1) : variance;
-                running_mean[k] = (1.0f - factor) * running_mean[k] + factor * (float)mu;
-                running_var[k] = (1.0f - factor) * running_var[k] + factor * (float)unbiased;
-            }
-        } else {
-            bn_mean[k] = running_mean[k];
-            bn_invstd[k] = (float)(1.0 / sqrt((double)running_var[k] + (double)eps));
-        }
-        float scale = bn_invstd[k] * (gamma ? gamma[k] : 1.0f), shift = (beta ? beta[k] : 0.0f) - bn_mean[k] * scale;
-        for (long n = 0; n < N; n++) {
-            float v = hidden[n * K + k] * scale + shift;
-            active[n * K + k] = v > 0.0f ? v : 0.0f;
-        }
-    }
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < C; c++) {
-            float v = b2 ? b2[c] : 0.0f;
-            for (long k = 0; k < K; k++) v += w2[c * K + k] * active[n * K + k];
-            channel[n * C + c] = v;
-        }
+    linear_forward(mean, w1, b1, N, C, K, hidden);
+    batch_norm_statistics(hidden, N, K, 1, batch_stats, eps, factor, running_mean, running_var, bn_mean, bn_invstd);
+    batch_norm_apply(hidden, N, K, 1, 1, gamma, beta, bn_mean, bn_invstd, 1, active);
+    linear_forward(active, w2, b2, N, K, C, channel);
 }
 
 /* Backward of san_mlp_forward from grad_channel (N, C): grad_mean (N, C) and the gradients of w1, b1, gamma, beta, w2,
@@ -1021,52 +1045,10 @@ void san_mlp_backward(const float *grad_channel, const float *mean, long N, long
                       const float *gamma, long batch_stats, const float *w2, const float *hidden, const float *bn_mean,
                       const float *bn_invstd, const float *active, float *grad_mean, float *gw1, float *gb1,
                       float *ggamma, float *gbeta, float *gw2, float *gb2, float *work) {
-    for (long c = 0; c < C; c++) {
-        double bias = 0.0;
-        for (long n = 0; n < N; n++) bias += grad_channel[n * C + c];
-        if (gb2) gb2[c] = (float)bias;
-        for (long k = 0; k < K; k++) {
-            double sum = 0.0;
-            for (long n = 0; n < N; n++) sum += grad_channel[n * C + c] * active[n * K + k];
-            gw2[c * K + k] = (float)sum;
-        }
-    }
-    for (long n = 0; n < N; n++)
-        for (long k = 0; k < K; k++) {
-            float v = 0.0f;
-            for (long c = 0; c < C; c++) v += grad_channel[n * C + c] * w2[c * K + k];
-            work[n * K + k] = active[n * K + k] > 0.0f ? v : 0.0f;
-        }
-    for (long k = 0; k < K; k++) {
-        double sum = 0.0, dot = 0.0;
-        for (long n = 0; n < N; n++) {
-            sum += work[n * K + k];
-            dot += (double)work[n * K + k] * ((double)hidden[n * K + k] - (double)bn_mean[k]);
-        }
-        if (ggamma) ggamma[k] = (float)(dot * (double)bn_invstd[k]);
-        if (gbeta) gbeta[k] = (float)sum;
-        float g_mean = batch_stats ? (float)(sum / (double)N) : 0.0f;
-        float proj = batch_stats ? (float)(dot / (double)N * (double)bn_invstd[k] * (double)bn_invstd[k]) : 0.0f;
-        float unit = (gamma ? gamma[k] : 1.0f) * bn_invstd[k];
-        for (long n = 0; n < N; n++)
-            work[n * K + k] = (work[n * K + k] - g_mean - (hidden[n * K + k] - bn_mean[k]) * proj) * unit;
-    }
-    for (long k = 0; k < K; k++) {
-        double bias = 0.0;
-        for (long n = 0; n < N; n++) bias += work[n * K + k];
-        if (gb1) gb1[k] = (float)bias;
-        for (long c = 0; c < C; c++) {
-            double sum = 0.0;
-            for (long n = 0; n < N; n++) sum += work[n * K + k] * mean[n * C + c];
-            gw1[k * C + c] = (float)sum;
-        }
-    }
-    for (long n = 0; n < N; n++)
-        for (long c = 0; c < C; c++) {
-            float v = 0.0f;
-            for (long k = 0; k < K; k++) v += work[n * K + k] * w1[k * C + c];
-            grad_mean[n * C + c] = v;
-        }
+    linear_backward(grad_channel, active, w2, N, K, C, gw2, gb2, work);
+    for (long i = 0; i < N * K; i++) work[i] = active[i] > 0.0f ? work[i] : 0.0f;
+    batch_norm_backward(work, hidden, N, K, 1, gamma, batch_stats, bn_mean, bn_invstd, ggamma, gbeta);
+    linear_backward(work, mean, w1, N, C, K, gw1, gb1, grad_mean);
 }
 
 /* ---- A whole chain of stages in one call: stage i's input is stage i-1's output (stage 0's: x0) --------------------
@@ -1105,5 +1087,173 @@ void san_chain_backward(long S, long N, const long *geometry, float **tensors, c
                            t[T_INVSTD], g[13], t[T_GCONV], t[T_GX], t[T_GW], t[T_GB], t[T_GGAMMA], t[T_GBETA],
                            t[T_SCRATCH], t[T_PARTIAL], parts);
         if (!g[10]) t[T_GX] = t[T_GCONV]; /* a stage without a conv passes on its conv output's gradient */
+    }
+}
+
+/* ---- SAN's full-size passes (san/attention/fused.py, _SANMaskNative) --------------------------------------------
+
+   A map y (N, C, H, W) in NCHW (cl = 0) or channels-last (cl = 1) is walked as planes of H rows: NCHW has N C planes
+   whose rows are W long with horizontal neighbours 1 apart; channels-last has N planes whose rows are W C long with
+   horizontal neighbours C apart. The reference r is (N, 1, H, W) (rc = 1, CCA: one value per position) or y's shape
+   and layout (rc = C). d = |y - r| (or y - r without use_abs); the extrema count of eq 10 is 1 + how many of the 3x3
+   neighbours inside the map d is >= (a neighbour outside never counts), as `extrema_count` in fused.py. */
+
+#define SAN_ROWS 8 /* rows per task: a task recomputes d on the two rows around its own */
+
+typedef struct {
+    long planes, H, L, step, C, W, cl, rc;
+} san_geometry;
+
+static san_geometry san_geometry_of(long cl, long N, long C, long H, long W, long rc) {
+    san_geometry g = {cl ? N : N * C, H, cl ? W * C : W, cl ? C : 1, C, W, cl, rc};
+    return g;
+}
+
+static inline const float *san_ref_row(const float *r, san_geometry g, long plane, long h) {
+    if (g.rc != 1) return r + (plane * g.H + h) * g.L;
+    long n = g.cl ? plane : plane / g.C;
+    return r + (n * g.H + h) * g.W;
+}
+
+/* d of row h of a plane, L values. */
+static void san_doc_row(const float *y, const float *r, san_geometry g, long plane, long h, long use_abs, float *d) {
+    const float *yr = y + (plane * g.H + h) * g.L, *rr = san_ref_row(r, g, plane, h);
+    if (g.cl && g.rc == 1) {
+        for (long w = 0; w < g.W; w++) {
+            float ref = rr[w];
+            for (long c = 0; c < g.C; c++) d[w * g.C + c] = yr[w * g.C + c] - ref;
+        }
+    } else {
+        for (long i = 0; i < g.L; i++) d[i] = yr[i] - rr[i];
+    }
+    if (use_abs)
+        for (long i = 0; i < g.L; i++) d[i] = fabsf(d[i]);
+}
+
+/* count[i] = 1 + #{neighbours of cur[i] in the rows prev, cur, next (NULL: outside the map) that cur[i] is >=}. */
+static void san_extrema_row(const float *prev, const float *cur, const float *next, long L, long step, float *count) {
+    for (long i = 0; i < L; i++) count[i] = 1.0f;
+    const float *rows[3] = {prev, cur, next};
+    for (int k = 0; k < 3; k++) {
+        const float *row = rows[k];
+        if (!row) continue;
+        if (row != cur)
+            for (long i = 0; i < L; i++) count[i] += cur[i] >= row[i] ? 1.0f : 0.0f;
+        for (long i = step; i < L; i++) count[i] += cur[i] >= row[i - step] ? 1.0f : 0.0f;
+        for (long i = 0; i + step < L; i++) count[i] += cur[i] >= row[i + step] ? 1.0f : 0.0f;
+    }
+}
+
+/* weighted = d count / 9 (or d without use_extrema), and count (uint8, if not NULL), both in y's layout. */
+void san_san_weighted(const float *y, const float *r, long cl, long N, long C, long H, long W, long rc, long use_abs,
+                      long use_extrema, float *weighted, unsigned char *count) {
+    san_geometry g = san_geometry_of(cl, N, C, H, W, rc);
+    long blocks = (H + SAN_ROWS - 1) / SAN_ROWS;
+#pragma omp parallel
+    {
+        float *d[3], *cnt = malloc(sizeof(float) * g.L);
+        for (int k = 0; k < 3; k++) d[k] = malloc(sizeof(float) * g.L);
+#pragma omp for schedule(static)
+        for (long task = 0; task < g.planes * blocks; task++) {
+            long plane = task / blocks, h0 = task % blocks * SAN_ROWS;
+            long h1 = h0 + SAN_ROWS < H ? h0 + SAN_ROWS : H;
+            /* d[(h + 1) % 3] holds row h: rows h0 - 1 .. h0 first */
+            if (h0 > 0) san_doc_row(y, r, g, plane, h0 - 1, use_abs, d[h0 % 3]);
+            san_doc_row(y, r, g, plane, h0, use_abs, d[(h0 + 1) % 3]);
+            for (long h = h0; h < h1; h++) {
+                if (h + 1 < H) san_doc_row(y, r, g, plane, h + 1, use_abs, d[(h + 2) % 3]);
+                float *cur = d[(h + 1) % 3];
+                float *out = weighted + (plane * H + h) * g.L;
+                if (!use_extrema) {
+                    memcpy(out, cur, sizeof(float) * g.L);
+                    continue;
+                }
+                san_extrema_row(h > 0 ? d[h % 3] : NULL, cur, h + 1 < H ? d[(h + 2) % 3] : NULL, g.L, g.step, cnt);
+                for (long i = 0; i < g.L; i++) out[i] = cur[i] * cnt[i] * (1.0f / 9.0f);
+                if (count) {
+                    unsigned char *c8 = count + (plane * H + h) * g.L;
+                    for (long i = 0; i < g.L; i++) c8[i] = (unsigned char)cnt[i];
+                }
+            }
+        }
+        for (int k = 0; k < 3; k++) free(d[k]);
+        free(cnt);
+    }
+}
+
+/* Elementwise over `total` values, in blocks of 8 (a scalar tail). */
+#define SAN_BLOCK 4096
+
+/* out = y sigmoid(z). */
+void san_san_apply(const float *y, const float *z, long total, float *out) {
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < total; b += SAN_BLOCK) {
+        long e = b + SAN_BLOCK < total ? b + SAN_BLOCK : total, i = b;
+        for (; i + LANES <= e; i += LANES) store8(out + i, sigmoid8(load8(z + i)) * load8(y + i));
+        for (; i < e; i++) out[i] = y[i] / (1.0f + expf(-z[i]));
+    }
+}
+
+/* grad_z = g y m (1 - m) with m = sigmoid(z): the gradient reaching the smoothing's output. */
+void san_san_logits_grad(const float *g, const float *y, const float *z, long total, float *grad_z) {
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < total; b += SAN_BLOCK) {
+        long e = b + SAN_BLOCK < total ? b + SAN_BLOCK : total, i = b;
+        for (; i + LANES <= e; i += LANES) {
+            v8 m = sigmoid8(load8(z + i));
+            store8(grad_z + i, load8(g + i) * load8(y + i) * m * (1.0f - m));
+        }
+        for (; i < e; i++) {
+            float m = 1.0f / (1.0f + expf(-z[i]));
+            grad_z[i] = g[i] * y[i] * m * (1.0f - m);
+        }
+    }
+}
+
+/* ∂y = g m + e and ∂r = -e summed over channels (rc = 1) or -e (rc = C), with m = sigmoid(z) and e the gradient
+   reaching d through the weighting — grad_w count / 9 (or grad_w) — times sign(y - r) with use_abs. grad_r may be
+   NULL. Tasks own whole rows of every channel of a sample, so each ∂r value is one thread's sum in channel order. */
+void san_san_input_grad(const float *g, const float *y, const float *r, const float *z, const float *grad_w,
+                        const unsigned char *count, long cl, long N, long C, long H, long W, long rc, long use_abs,
+                        long use_extrema, float *grad_y, float *grad_r) {
+    san_geometry geo = san_geometry_of(cl, N, C, H, W, rc);
+    long P = H * W;
+#pragma omp parallel
+    {
+        float *e = malloc(sizeof(float) * (cl ? W * C : W)), *d = malloc(sizeof(float) * (cl ? W * C : W));
+        float *acc = malloc(sizeof(float) * W);
+#pragma omp for schedule(static)
+        for (long task = 0; task < N * H; task++) {
+            long n = task / H, h = task % H;
+            for (long w = 0; w < W; w++) acc[w] = 0.0f;
+            for (long c = 0; c < (cl ? 1 : C); c++) {
+                long plane = cl ? n : n * C + c, base = (plane * H + h) * geo.L;
+                const float *gr = g + base, *zr = z + base, *gw = grad_w + base;
+                san_doc_row(y, r, geo, plane, h, 0, d); /* y - r, for the sign */
+                for (long i = 0; i < geo.L; i++) {
+                    float v = gw[i];
+                    if (use_extrema) v = v * (1.0f / 9.0f) * (float)count[base + i];
+                    if (use_abs) v = d[i] > 0.0f ? v : (d[i] < 0.0f ? -v : 0.0f * v);
+                    e[i] = v;
+                }
+                long i = 0;
+                for (; i + LANES <= geo.L; i += LANES)
+                    store8(grad_y + base + i, load8(gr + i) * sigmoid8(load8(zr + i)) + load8(e + i));
+                for (; i < geo.L; i++) grad_y[base + i] = gr[i] / (1.0f + expf(-zr[i])) + e[i];
+                if (!grad_r) continue;
+                if (rc != 1) {
+                    for (long k = 0; k < geo.L; k++) grad_r[base + k] = -e[k];
+                } else if (cl) {
+                    for (long w = 0; w < W; w++)
+                        for (long k = 0; k < C; k++) acc[w] -= e[w * C + k];
+                } else {
+                    for (long w = 0; w < W; w++) acc[w] -= e[w];
+                }
+            }
+            if (grad_r && rc == 1) memcpy(grad_r + n * P + h * W, acc, sizeof(float) * W);
+        }
+        free(e);
+        free(d);
+        free(acc);
     }
 }

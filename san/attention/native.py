@@ -1,12 +1,16 @@
-"""CPU kernels for the attention branches' few-channel convolutions (``native.c``), compiled on first use.
+"""CPU kernels for the attention modules (``native.c``), compiled on first use: few-channel convolutions, and the
+full-size passes of CBAM, BAM and SAN.
 
 Why: oneDNN pads a conv's channels into blocks of 16, so the 1- and 2-channel convs of CBAM (2→1 7×7) and BAM
 (1→1 dilated 3×3 when C < 32) cost what 16× to 256× larger convs cost: on LeNet-5 they were most of those modules'
-time. ``native.c`` does the real taps only. It is compiled by the machine's C compiler (``$CC``, else ``cc``) for
-this CPU into a cache keyed by the source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else
-``~/.cache/san/native``), atomically, so concurrent workers share one build; loading it afterwards takes
-milliseconds. Without a compiler, or with ``SAN_NATIVE_KERNELS=0``, the fused paths use torch's convs instead
-(same results to float rounding; tests/test_attention_native.py).
+time. ``native.c`` does the real taps only. And each module's masks, written as torch ops, pass over a full-size map
+a dozen to thirty times each way (SAN's extrema count alone is eight comparisons); the kernels make two or three.
+
+``native.c`` is compiled by the machine's C compiler (``$CC``, else ``cc``) for this CPU into a cache keyed by the
+source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else ``~/.cache/san/native``), atomically, so concurrent
+workers share one build; loading it afterwards takes milliseconds. Without a compiler, or with
+``SAN_NATIVE_KERNELS=0``, the fused paths use torch's ops instead (same results to float rounding;
+tests/test_attention_native.py).
 """
 
 import ctypes
@@ -15,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -73,32 +78,33 @@ def _compile(compiler: str, target: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
 
 
+# An exported kernel's prototype in native.c: ``void san_name(params)``, over one or more lines.
+_PROTOTYPE = re.compile(r"^void (san_\w+)\(([^)]*)\)", re.MULTILINE)
+
+
+def _parameter_type(declaration: str) -> type:
+    if "*" in declaration:
+        return _POINTER
+    kind = declaration.split()[0]
+    if kind == "long":
+        return _LONG
+    if kind == "float":
+        return ctypes.c_float
+    raise ValueError(f"native.c: no ctypes type for parameter {declaration!r}")
+
+
+def prototypes() -> dict[str, list[type]]:
+    """Each exported kernel's ctypes argument types, read from native.c's own prototypes (declared once, in C)."""
+    return {
+        name: [_parameter_type(part.strip()) for part in params.split(",")]
+        for name, params in _PROTOTYPE.findall(SOURCE.read_text())
+    }
+
+
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    library.san_conv2d_forward.argtypes = [_POINTER, *[_LONG] * 4, *[_POINTER] * 4, *[_LONG] * 11]
-    library.san_conv2d_forward.restype = None
-    library.san_conv2d_weight_grad.argtypes = [*[_POINTER] * 2, *[_LONG] * 4, *[_POINTER] * 3, *[_LONG] * 12]
-    library.san_conv2d_weight_grad.restype = None
-    _FLOAT = ctypes.c_float
-    library.san_stage_forward.argtypes = [
-        _POINTER, *[_LONG] * 11, *[_POINTER] * 4, _LONG, *[_POINTER] * 2, _LONG, _FLOAT, _FLOAT, *[_POINTER] * 4,
-        _LONG, _POINTER,
-    ]  # fmt: skip
-    library.san_stage_forward.restype = None
-    library.san_stage_backward.argtypes = [
-        *[_POINTER] * 2, *[_LONG] * 11, *[_POINTER] * 3, _LONG, _POINTER, _LONG, *[_POINTER] * 2, _LONG,
-        *[_POINTER] * 8, _LONG,
-    ]  # fmt: skip
-    library.san_stage_backward.restype = None
-    library.san_chain_forward.argtypes = [_LONG, _LONG, *[_POINTER] * 4]
-    library.san_chain_forward.restype = None
-    library.san_chain_backward.argtypes = [_LONG, _LONG, *[_POINTER] * 4, _LONG]
-    library.san_chain_backward.restype = None
-    library.san_mlp_forward.argtypes = [
-        _POINTER, *[_LONG] * 3, *[_POINTER] * 4, _LONG, _FLOAT, _FLOAT, *[_POINTER] * 9,
-    ]  # fmt: skip
-    library.san_mlp_forward.restype = None
-    library.san_mlp_backward.argtypes = [_POINTER, _POINTER, *[_LONG] * 3, *[_POINTER] * 2, _LONG, *[_POINTER] * 13]
-    library.san_mlp_backward.restype = None
+    for name, argtypes in prototypes().items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
     return library
 
 
@@ -233,14 +239,15 @@ def map_layout(x: Tensor) -> tuple[Tensor, int]:
     return x.contiguous(), 0
 
 
+def memory_format(layout: int) -> torch.memory_format:
+    """The torch memory format of a `map_layout` layout."""
+    return torch.channels_last if layout else torch.contiguous_format
+
+
 def _call(name: str, *args: object) -> None:
     lib = library()
     assert lib is not None
-    function = getattr(lib, name)
-    if function.argtypes is None:
-        function.argtypes = [_POINTER if isinstance(arg, Tensor) or arg is None else _LONG for arg in args]
-        function.restype = None
-    function(*[arg.data_ptr() if isinstance(arg, Tensor) else arg for arg in args])
+    getattr(lib, name)(*[arg.data_ptr() if isinstance(arg, Tensor) else arg for arg in args])
 
 
 def _sizes(x: Tensor) -> tuple[int, int, int]:
@@ -387,6 +394,77 @@ def bam_backward_input(
           grad_reduced.contiguous(), spread.contiguous(), *_sizes(x), kernel.shape[0], grad_x, partial)  # fmt: skip
     sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
     return grad_x, sums[:, :channels].reshape(weight.shape), sums[:, channels]
+
+
+# --- SAN's full-size passes (`san.attention.fused._SANMaskNative`) ---------------------------------------------------
+
+
+def san_applies(y: Tensor, reference: Tensor) -> bool:
+    """Whether SAN's passes run here: float32 maps on CPU with the kernels built, and a reference with one channel
+    (CCA) or ``y``'s."""
+    return (
+        y.dim() == 4
+        and y.device.type == "cpu"
+        and y.dtype == reference.dtype == torch.float32
+        and reference.shape in (y.shape, (y.shape[0], 1, *y.shape[2:]))
+        and enabled()
+        and library() is not None
+    )
+
+
+def _san_reference(reference: Tensor, layout: int) -> tuple[Tensor, int]:
+    """The reference in the maps' layout (a 1-channel map's data is the same in either) and its channel count."""
+    if reference.shape[1] == 1:
+        return reference.contiguous(), 1
+    return reference.contiguous(memory_format=memory_format(layout)), reference.shape[1]
+
+
+def san_weighted(
+    y: Tensor, reference: Tensor, layout: int, use_abs: bool, use_extrema: bool, with_count: bool
+) -> tuple[Tensor, Tensor | None]:
+    """(SAN's α · DoC in ``y``'s layout, the uint8 extrema count behind α if ``with_count``), in one pass: eqs 8–10
+    as `san.attention.fused._weighted_doc` computes them."""
+    reference, channels = _san_reference(reference, layout)
+    weighted = torch.empty_like(y)
+    count = torch.empty_like(y, dtype=torch.uint8) if with_count and use_extrema else None
+    _call("san_san_weighted", y, reference, layout, *y.shape, channels, int(use_abs), int(use_extrema), weighted,
+          count)  # fmt: skip
+    return weighted, count
+
+
+def san_apply(y: Tensor, logits: Tensor) -> Tensor:
+    """``y · σ(logits)``, both in one layout."""
+    out = torch.empty_like(y)
+    _call("san_san_apply", y, logits, y.numel(), out)
+    return out
+
+
+def san_logits_grad(grad: Tensor, y: Tensor, logits: Tensor) -> Tensor:
+    """∂ logits of `san_apply` from its output's gradient, all in one layout."""
+    grad_logits = torch.empty_like(y)
+    _call("san_san_logits_grad", grad, y, logits, y.numel(), grad_logits)
+    return grad_logits
+
+
+def san_input_grad(
+    grad: Tensor,
+    y: Tensor,
+    reference: Tensor,
+    logits: Tensor,
+    grad_weighted: Tensor,
+    count: Tensor | None,
+    layout: int,
+    use_abs: bool,
+    with_reference: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(∂y, ∂reference or None) of SAN's mask from its output's gradient ``grad`` and the gradient reaching the
+    weighted DoC ``grad_weighted`` (all in ``y``'s layout; ``count`` None without the extrema weighting), one pass."""
+    reference, channels = _san_reference(reference, layout)
+    grad_y = torch.empty_like(y)
+    grad_reference = torch.empty_like(reference) if with_reference else None
+    _call("san_san_input_grad", grad, y, reference, logits, grad_weighted, count, layout, *y.shape, channels,
+          int(use_abs), int(count is not None), grad_y, grad_reference)  # fmt: skip
+    return grad_y, grad_reference
 
 
 # --- A few-channel chain's stages (`san.attention.fused._Stage`) ------------------------------------------------------
