@@ -614,102 +614,101 @@ class _BAM(torch.autograd.Function):
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
 
 
-class _ChannelMLP:
-    """BAM's channel branch after its average pool — Linear → BatchNorm1d → ReLU → Linear — as two C calls
-    (`native.mlp_forward`, `native.mlp_backward`), for `_BAMNative`: the module's tensors at forward time, the ones
-    autograd saved in backward."""
+class _BAMPlan:
+    """BAM in float32 on CPU as `native.bam_forward` and `native.bam_backward` take it: its sizes and settings (the
+    channel MLP's and each spatial stage's batch norm; stage 0 is the first conv's batch norm and activation, that conv
+    being made with the channel means), its running statistics, and its trainable tensors in `_BAMNative`'s order
+    (the MLP's Linear, BatchNorm1d and Linear weights and biases, then each stage's `_Stage.params`)."""
 
-    def __init__(self, mlp: nn.Sequential) -> None:
+    def __init__(self, x: Tensor, mlp: nn.Sequential, stages: list[_Stage], product: bool) -> None:
         _, first, bn, _, second = mlp
-        self.eps = bn.eps
-        self.use_batch_stats, self.momentum, self.running = _batch_norm_settings(bn)
-        self.weights = [first.weight, first.bias, bn.weight, bn.bias, second.weight, second.bias]
+        batch_stats, factor, running = _batch_norm_settings(bn)
+        self.trainable = [first.weight, first.bias, bn.weight, bn.bias, second.weight, second.bias]
+        self.trainable += [p for stage in stages for p in stage.params()]
+        self.running = [running, *(stage.running for stage in stages)]
+        batch, channels, height, width = x.shape
+        reduced = stages[0].weight.shape[0]
+        parts = max(1, min(native.WEIGHT_GRAD_PARTS, batch))
+        self.sizes = [batch, channels, height, width, reduced, first.weight.shape[0], int(batch_stats), int(product),
+                      len(stages), parts]  # fmt: skip
+        self.scalars = [bn.eps, factor]
+        in_channels = reduced
+        for index, stage in enumerate(stages):
+            out_channels = stage.weight.shape[0]
+            if index == 0:  # made by native.c's reduce pass: the stage itself only normalizes
+                kernel, padding, dilation, convolves = (1, 1), (0, 0), (1, 1), 0
+            else:
+                kernel, padding, dilation, convolves = tuple(stage.weight.shape[2:]), stage.padding, stage.dilation, 1
+            flags = [convolves, int(stage.has_bn), int(stage.use_batch_stats), native.ACTIVATIONS[stage.activation]]
+            self.sizes += [in_channels, height, width, out_channels, *kernel, *padding, *dilation, *flags]
+            self.scalars += [stage.eps, stage.momentum]
+            height, width = (size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip(
+                (height, width), padding, dilation, kernel, strict=True))  # fmt: skip
+            in_channels = out_channels
 
-    def params(self) -> list[Tensor | None]:
-        return self.weights
+    def native_params(self, trainable: list[Tensor | None]) -> list[Tensor | None]:
+        """``trainable`` (and the running statistics) in native.c's order: the first conv's weight and bias, the
+        MLP's tensors, then per stage conv weight, bias, batch-norm weight, bias, running mean and variance (stage 0's
+        conv being the first conv, its entries are empty)."""
+        w1, b1, gamma, beta, w2, b2 = trainable[:6]
+        stage_params = [trainable[6 + 4 * i : 10 + 4 * i] for i in range(len(self.running) - 1)]
+        reduce_weight, reduce_bias = stage_params[0][:2]
+        params = [reduce_weight.reshape(reduce_weight.shape[0], -1), reduce_bias, w1, b1, gamma, beta,
+                  *self.running[0], w2, b2]  # fmt: skip
+        for index, (weight, bias, bn_weight, bn_bias) in enumerate(stage_params):
+            conv = (None, None) if index == 0 else (weight, bias)
+            params += [*conv, bn_weight, bn_bias, *self.running[index + 1]]
+        return params
 
-    def forward(self, mean: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """(channel logits (N, C, 1, 1), what backward needs) from the channel means (N, C); running stats move."""
-        first_weight, first_bias, bn_weight, bn_bias, second_weight, second_bias = self.weights
-        norm = (bn_weight, bn_bias, self.use_batch_stats, self.momentum, self.eps, *self.running)
-        return native.mlp_forward(mean, (first_weight, first_bias, second_weight, second_bias), norm)
-
-    def backward(
-        self, grad: Tensor, mean: Tensor, saved: list[Tensor], params: list[Tensor | None]
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """(∂ channel means, the parameters' gradients) from ∂ channel logits (N, C, 1, 1)."""
-        return native.mlp_backward(grad, mean, saved, params, self.use_batch_stats)
+    def trainable_grads(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """The gradients native.c wrote (in `native_params`' order) in the order of ``trainable``."""
+        ordered = [grads[2], grads[3], grads[4], grads[5], grads[8], grads[9]]
+        for index in range(len(self.running) - 1):
+            block = grads[10 + 6 * index : 14 + 6 * index]
+            ordered += [grads[0].view(self.trainable[6].shape), grads[1], *block[2:]] if index == 0 else block
+        return ordered
 
 
 class _BAMNative(torch.autograd.Function):
-    """All of BAM as one node in float32 on CPU: the channel means (a C kernel), the channel MLP (`_ChannelMLP`),
-    the spatial branch (`native.bam_reduce` for its full-size 1x1 conv, `_NativeBranch` for its few-channel stages) and
-    ``x · (1 + σ(c ∘ s))`` and its backward (C kernels, in ``x``'s own layout, the mask never stored).
+    """All of BAM as one node in float32 on CPU, one C call each way (`native.bam_forward`, `native.bam_backward`):
+    the channel means and the spatial branch's first 1x1 conv in one pass over ``x``, the channel MLP, the branch's
+    few-channel stages, and ``x · (1 + σ(c ∘ s))`` (the mask never stored); backward recomputes the MLP and the
+    branch, makes one pass for the logits' gradients and one that writes all of ``∂x``.
 
-    It keeps ``x``, the channel means, the MLP's small tensors and the branch's first conv output (K of x's C
-    channels), and recomputes the rest of the branch in backward: no pass over ``x`` is made twice. The channel
-    means come from the pass of that first conv; backward makes two passes, one for the logits' gradients, one that
-    writes all of ``∂x`` (through the mask, the branch and the means).
+    It keeps ``x``, the channel means and the first conv's output (K of x's C channels).
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, mlp: _ChannelMLP, stages: list[_Stage], x: Tensor, product: bool, *params: Tensor):
+    def forward(ctx: FunctionCtx, plan: _BAMPlan, x: Tensor, *trainable: Tensor):
         flat, layout = native.map_layout(x)
-        reduced, mean = native.bam_reduce(flat, layout, stages[0].weight, stages[0].bias)
-        channel, saved = mlp.forward(mean)
-        spatial = _NativeBranch(stages, reduced, update=True).spatial
-        out = native.bam_apply(flat, layout, channel, spatial, product)
-        ctx.mlp, ctx.stages, ctx.product = mlp, stages, product
-        ctx.save_for_backward(x, reduced, mean, channel, *saved, *params)
+        out, reduced, mean = native.bam_forward(flat, layout, plan.sizes, plan.scalars, plan.native_params(trainable))
+        ctx.plan = plan
+        ctx.save_for_backward(x, reduced, mean, *trainable)
         return out
 
     @staticmethod
     @_first_order
     def backward(ctx: FunctionCtx, grad: Tensor):
-        x, reduced, mean, channel, *rest = ctx.saved_tensors
-        saved, params = rest[:4], rest[4:]
-        mlp_params, stage_params = params[:6], params[6:]
-        stages = ctx.stages
-        _bind(stages, stage_params)
-        with torch.no_grad():
-            flat, layout = native.map_layout(x)
-            grad = grad.contiguous(memory_format=native.memory_format(layout))
-            branch = _NativeBranch(stages, reduced, update=False)
-            spatial = branch.spatial
-            grad_channel, grad_spatial = native.bam_backward_mask(flat, grad, layout, channel, spatial, ctx.product)
-            grad_conv, bn_grads, chain_grads = branch.backward(grad_spatial)
-            grad_mean, mlp_grads = ctx.mlp.backward(grad_channel, mean, saved, mlp_params)
-            first = stages[0]
-            positions = x.shape[2] * x.shape[3]
-            grad_x, grad_weight, grad_bias = native.bam_backward_input(
-                flat, grad, layout, (channel, spatial, ctx.product), first.weight, grad_conv, grad_mean / positions
-            )
-        stage_grads = [grad_weight, grad_bias if first.bias is not None else None, *bn_grads, *chain_grads]
-        return None, None, grad_x, None, *mlp_grads, *stage_grads
+        x, reduced, mean, *trainable = ctx.saved_tensors
+        plan = ctx.plan
+        flat, layout = native.map_layout(x)
+        grad = grad.contiguous(memory_format=native.memory_format(layout))
+        grad_x, grads = native.bam_backward(
+            flat, grad, layout, plan.sizes, plan.scalars, plan.native_params(trainable), reduced, mean
+        )
+        return None, grad_x, *plan.trainable_grads(grads)
 
 
-class _NativeBranch:
-    """BAM's spatial branch in float32 on CPU from its first conv's output (`native.bam_reduce` of ``x``): all its
-    stages in one C call each way (`native.chain_forward`, `native.chain_backward`). ``.spatial``: its output."""
-
-    def __init__(self, stages: list[_Stage], reduced: Tensor, update: bool) -> None:
-        first = stages[0]
-        specs = [(None, first.native_norm(update), first.activation)]
-        specs += [(stage.native_conv(), stage.native_norm(update), stage.activation) for stage in stages[1:]]
-        self.chain = native.chain_forward(reduced, specs, update)
-        self.spatial = self.chain.output
-
-    @staticmethod
-    def takes(stages: list[_Stage], x: Tensor) -> bool:
-        """Whether every stage is one the kernels take, over maps of ``x``'s dtype and device (the first one's batch
-        norm and activation only: `native.bam_reduce` makes its conv)."""
-        first = stages[0]
-        return first.native_ok(x, convolve=False) and all(stage.native_ok(x) for stage in stages[1:])
-
-    def backward(self, grad: Tensor) -> tuple[Tensor, list[Tensor | None], list[Tensor | None]]:
-        """(∂ the first stage's conv output, its batch norm's gradients, the later stages' parameter gradients)."""
-        grad_reduced, grads = native.chain_backward(self.chain, grad)
-        return grad_reduced, grads[2:4], grads[4:]
+def _bam_native_takes(stages: list[_Stage], x: Tensor) -> bool:
+    """Whether `_BAMNative` takes this branch over ``x``: a first 1x1 conv to few channels, then stages the kernels
+    take (the first one's batch norm and activation only: native.c's reduce pass makes its conv)."""
+    first = stages[0]
+    return (
+        first.pointwise
+        and native.bam_applies(x, first.weight)
+        and first.native_ok(x, convolve=False)
+        and all(stage.native_ok(x) for stage in stages[1:])
+    )
 
 
 def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],
@@ -718,16 +717,10 @@ def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.B
     its spatial branch's (conv, batch norm, activation) layers, as one autograd node: `_BAMNative` in float32 on CPU
     (the C kernels built), else the channel branch as it runs and `_BAM`."""
     stages = [_Stage(*layer) for layer in layers]
+    if _autocast_dtype(x) is None and _bam_native_takes(stages, x):
+        plan = _BAMPlan(x, channel_branch.mlp, stages, product)
+        return _BAMNative.apply(plan, x, *plan.trainable)
     params = [p for stage in stages for p in stage.params()]
-    first = stages[0]
-    if (
-        _autocast_dtype(x) is None
-        and first.pointwise
-        and native.bam_applies(x, first.weight)
-        and _NativeBranch.takes(stages, x)
-    ):
-        mlp = _ChannelMLP(channel_branch.mlp)
-        return _BAMNative.apply(mlp, stages, x, product, *mlp.params(), *params)
     return _BAM.apply(stages, x, channel_branch(x), product, *params)
 
 

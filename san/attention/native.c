@@ -936,7 +936,7 @@ static void batch_norm_backward(float *g, const float *y, long N, long K, long P
 }
 
 /* conv_out = conv(x) + b (skipped when w is NULL: x is the conv output already, conv_out unused), then
-   out = act(gamma (conv_out - mean) invstd + beta). mean and invstd (K) are computed (batch_stats) or given. */
+   out = act(gamma (conv_out - mean) invstd + beta). mean and invstd (K): as batch_norm_statistics leaves them. */
 void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K, long KH, long KW, long ph, long pw,
                        long dh, long dw, const float *w, const float *b, float *scratch, float *conv_out,
                        long has_bn, const float *gamma, const float *beta, long batch_stats, float eps, float factor,
@@ -949,8 +949,7 @@ void san_stage_forward(const float *x, long N, long Cin, long H, long W, long K,
                            dw);
         y = conv_out;
     }
-    if (has_bn && batch_stats)
-        batch_norm_statistics(y, N, K, P, 1, eps, factor, running_mean, running_var, mean, invstd);
+    if (has_bn) batch_norm_statistics(y, N, K, P, batch_stats, eps, factor, running_mean, running_var, mean, invstd);
     batch_norm_apply(y, N, K, P, has_bn, gamma, beta, mean, invstd, activation, out);
 }
 
@@ -1088,6 +1087,185 @@ void san_chain_backward(long S, long N, const long *geometry, float **tensors, c
                            t[T_SCRATCH], t[T_PARTIAL], parts);
         if (!g[10]) t[T_GX] = t[T_GCONV]; /* a stage without a conv passes on its conv output's gradient */
     }
+}
+
+/* ---- BAM as one call each way (san/attention/fused.py, _BAMNative) -------------------------------------------------
+
+   The first 1x1 conv (C -> K) and the channel means in one pass over x, the channel MLP, the spatial branch's
+   stages as a chain from that conv's output (stage 0: its batch norm and activation only), and the mask; backward
+   recomputes the MLP and the branch from what forward kept (the conv's output, the means) and writes all of ∂x in
+   one pass. The branch's and the MLP's intermediates live in buffers of this call only.
+
+   sizes: N, C, H, W, K, hidden, mlp batch_stats, product, S, parts, then S rows of CHAIN_LONGS; scalars: the MLP's
+   (eps, factor), then S rows of (eps, factor); params (and grads, alike): reduce w (K, C), reduce b, then the MLP's
+   w1, b1, gamma, beta, running_mean, running_var, w2, b2, then per stage w, b, gamma, beta, running_mean,
+   running_var (the grads' running entries are unused, stage 0's w and b too: the reduce's come first). */
+#define BAM_SIZES 10
+#define BAM_MLP 2
+#define BAM_STAGE0 10
+#define BAM_STAGE_PARAMS 6
+
+/* The intermediates of one call come from a block kept per calling thread and grown to the largest call seen: fresh
+   memory for them each call cost more in page faults than the arithmetic (BAM's backward at LeNet-5's first map:
+   1.4 ms with fresh memory, 0.7 ms without). A call that outgrows the block takes malloc's memory for the rest and
+   leaves the next call a block large enough. */
+typedef struct {
+    char *base;
+    size_t size, used, wanted;
+} arena_t;
+static __thread arena_t arena;
+
+static void arena_begin(void) { arena.used = arena.wanted = 0; }
+
+static void arena_end(void) {
+    if (arena.wanted <= arena.size) return;
+    free(arena.base);
+    arena.base = malloc(arena.wanted);
+    arena.size = arena.base ? arena.wanted : 0;
+}
+
+typedef struct {
+    void **owned; /* what came from malloc (the block was full), freed by scratch_free */
+    long n_owned;
+} scratch_t;
+
+static float *scratch_floats(scratch_t *s, long count) {
+    size_t bytes = ((size_t)(count > 0 ? count : 1) * sizeof(float) + 63) & ~(size_t)63;
+    arena.wanted += bytes;
+    if (arena.base && arena.used + bytes <= arena.size) {
+        float *p = (float *)(arena.base + arena.used);
+        arena.used += bytes;
+        return p;
+    }
+    float *p = malloc(bytes);
+    s->owned = realloc(s->owned, sizeof(void *) * (size_t)(s->n_owned + 1));
+    s->owned[s->n_owned++] = p;
+    return p;
+}
+
+static void scratch_free(scratch_t *s) {
+    for (long i = 0; i < s->n_owned; i++) free(s->owned[i]);
+    free(s->owned);
+    s->owned = NULL;
+    s->n_owned = 0;
+}
+
+typedef struct {
+    float **t; /* S rows of CHAIN_POINTERS, as san_chain_forward takes them */
+} chain_buffers;
+
+/* Buffers for a chain from x0 (N, geometry[0] channels, H, W): per stage its parameters (from params, running
+   statistics only where `update` moves them or batch statistics are off) and its maps; with grads, its gradients. */
+static chain_buffers chain_new(scratch_t *sc, long S, long N, const long *geometry, float **params, float **grads,
+                               const float *x0, long update, long parts) {
+    chain_buffers b = {calloc((size_t)S * CHAIN_POINTERS, sizeof(float *))};
+    for (long i = 0; i < S; i++) {
+        const long *g = geometry + i * CHAIN_LONGS;
+        float **t = b.t + i * CHAIN_POINTERS, **p = params + i * BAM_STAGE_PARAMS;
+        long Cin = g[0], H = g[1], W = g[2], K = g[3], KH = g[4], KW = g[5], ph = g[6], pw = g[7], dh = g[8],
+             dw = g[9], has_conv = g[10], batch_stats = g[12];
+        long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1);
+        t[T_W] = has_conv ? p[0] : NULL;
+        t[T_B] = has_conv ? p[1] : NULL;
+        t[T_GAMMA] = p[2];
+        t[T_BETA] = p[3];
+        int running = update || !batch_stats;
+        t[T_RMEAN] = running ? p[4] : NULL;
+        t[T_RVAR] = running ? p[5] : NULL;
+        t[T_MEAN] = scratch_floats(sc, K);
+        t[T_INVSTD] = scratch_floats(sc, K);
+        t[T_CONV] = has_conv ? scratch_floats(sc, N * K * Ho * Wo)
+                             : (float *)(i == 0 ? x0 : b.t[(i - 1) * CHAIN_POINTERS + T_OUT]);
+        t[T_OUT] = scratch_floats(sc, N * K * Ho * Wo);
+        if (has_conv) {
+            long tph = dh * (KH - 1) - ph, tpw = dw * (KW - 1) - pw;
+            long forward = N * Cin * (H + 2 * ph) * (W + 2 * pw), backward = N * K * (Ho + 2 * tph) * (Wo + 2 * tpw);
+            t[T_SCRATCH] = scratch_floats(sc, forward > backward ? forward : backward);
+        }
+        if (grads) {
+            float **q = grads + i * BAM_STAGE_PARAMS;
+            t[T_GCONV] = scratch_floats(sc, N * K * Ho * Wo);
+            t[T_GX] = has_conv ? scratch_floats(sc, N * Cin * H * W) : NULL;
+            t[T_GW] = has_conv ? q[0] : NULL;
+            t[T_GB] = has_conv ? q[1] : NULL;
+            t[T_GGAMMA] = g[11] ? q[2] : NULL;
+            t[T_GBETA] = g[11] ? q[3] : NULL;
+            t[T_PARTIAL] = has_conv ? scratch_floats(sc, parts * K * Cin * KH * KW) : NULL;
+        }
+    }
+    return b;
+}
+
+static void chain_free(chain_buffers *b) { free(b->t); }
+
+typedef struct {
+    float *hidden, *mean, *invstd, *active, *channel;
+} mlp_buffers;
+
+/* The channel logits (N, C) from the channel means; running statistics move only if `update`. */
+static mlp_buffers bam_mlp(scratch_t *sc, const long *sizes, const float *scalars, float **params, const float *mean,
+                           long update) {
+    long N = sizes[0], C = sizes[1], hidden = sizes[5], batch_stats = sizes[6];
+    float **m = params + BAM_MLP;
+    mlp_buffers b = {scratch_floats(sc, N * hidden), scratch_floats(sc, hidden), scratch_floats(sc, hidden),
+                     scratch_floats(sc, N * hidden), scratch_floats(sc, N * C)};
+    int running = update || !batch_stats;
+    san_mlp_forward(mean, N, C, hidden, m[0], m[1], m[2], m[3], batch_stats, scalars[0], scalars[1],
+                    running ? m[4] : NULL, running ? m[5] : NULL, m[6], m[7], b.hidden, b.mean, b.invstd, b.active,
+                    b.channel);
+    return b;
+}
+
+/* out = x + x M; reduced (N, K, P) and mean (N, C): what backward needs. */
+void san_bam_forward(const float *x, long cl, const long *sizes, const float *scalars, float **params, long update,
+                     float *reduced, float *mean, float *out) {
+    long N = sizes[0], C = sizes[1], P = sizes[2] * sizes[3], K = sizes[4], product = sizes[7], S = sizes[8];
+    scratch_t sc = {NULL, 0};
+    arena_begin();
+    san_bam_reduce(x, cl, params[0], params[1], N, C, P, K, reduced, mean);
+    mlp_buffers mlp = bam_mlp(&sc, sizes, scalars, params, mean, update);
+    chain_buffers chain = chain_new(&sc, S, N, sizes + BAM_SIZES, params + BAM_STAGE0, NULL, reduced, update,
+                                    sizes[9]);
+    san_chain_forward(S, N, sizes + BAM_SIZES, scalars + 2, chain.t, reduced);
+    san_bam_apply(x, cl, mlp.channel, chain.t[(S - 1) * CHAIN_POINTERS + T_OUT], product, N, C, P, out);
+    chain_free(&chain);
+    scratch_free(&sc);
+    arena_end();
+}
+
+/* ∂x (in x's layout) and every parameter's gradient into grads, from g (in x's layout). */
+void san_bam_backward(const float *x, const float *g, long cl, const long *sizes, const float *scalars,
+                      float **params, const float *reduced, const float *mean, float *grad_x, float **grads) {
+    long N = sizes[0], C = sizes[1], P = sizes[2] * sizes[3], K = sizes[4], hidden = sizes[5], product = sizes[7];
+    long S = sizes[8], parts = sizes[9];
+    scratch_t sc = {NULL, 0};
+    arena_begin();
+    mlp_buffers mlp = bam_mlp(&sc, sizes, scalars, params, mean, 0);
+    chain_buffers chain = chain_new(&sc, S, N, sizes + BAM_SIZES, params + BAM_STAGE0, grads + BAM_STAGE0, reduced, 0,
+                                    parts);
+    san_chain_forward(S, N, sizes + BAM_SIZES, scalars + 2, chain.t, reduced);
+    const float *spatial = chain.t[(S - 1) * CHAIN_POINTERS + T_OUT];
+    float *grad_channel = scratch_floats(&sc, N * C), *grad_spatial = scratch_floats(&sc, N * P);
+    san_bam_backward_mask(x, g, cl, mlp.channel, spatial, product, N, C, P, grad_channel, grad_spatial);
+    san_chain_backward(S, N, sizes + BAM_SIZES, chain.t, reduced, grad_spatial, parts);
+    float *grad_mean = scratch_floats(&sc, N * C), *work = scratch_floats(&sc, N * hidden);
+    float **m = params + BAM_MLP, **gm = grads + BAM_MLP;
+    san_mlp_backward(grad_channel, mean, N, C, hidden, m[0], m[2], sizes[6], m[6], mlp.hidden, mlp.mean, mlp.invstd,
+                     mlp.active, grad_mean, gm[0], gm[1], gm[2], gm[3], gm[6], gm[7], work);
+    for (long i = 0; i < N * C; i++) grad_mean[i] /= (float)P; /* each position's share of the mean */
+    float *partial = scratch_floats(&sc, N * K * (C + 1));
+    san_bam_reduce_backward(x, g, cl, mlp.channel, spatial, product, params[0], chain.t[T_GCONV], grad_mean, N, C, P,
+                            K, grad_x, partial);
+    for (long i = 0; i < K * (C + 1); i++) { /* per sample, summed in order */
+        float total = 0.0f;
+        for (long n = 0; n < N; n++) total += partial[n * K * (C + 1) + i];
+        long k = i / (C + 1), c = i % (C + 1);
+        if (c < C) grads[0][k * C + c] = total;
+        else if (grads[1]) grads[1][k] = total;
+    }
+    chain_free(&chain);
+    scratch_free(&sc);
+    arena_end();
 }
 
 /* ---- SAN's full-size passes (san/attention/fused.py, _SANMaskNative) --------------------------------------------

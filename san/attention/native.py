@@ -345,55 +345,50 @@ def cbam_backward_input(
     return grad_x
 
 
-def bam_reduce(x: Tensor, layout: int, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(BAM's first 1x1 conv (C → K) of ``x``, (N, K, H, W) NCHW; the mean of ``x`` over positions (N, C)), in one
-    pass; ``weight`` (K, C, 1, 1)."""
-    out = x.new_empty(x.shape[0], weight.shape[0], *x.shape[2:])
-    mean = x.new_empty(x.shape[:2])
-    weight = weight.reshape(weight.shape[0], -1).contiguous()
-    _call("san_bam_reduce", x, layout, weight, None if bias is None else bias.contiguous(), *_sizes(x),
-          weight.shape[0], out, mean)  # fmt: skip
-    return out, mean
+def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(_pointer(t) for t in tensors))
 
 
-def bam_apply(x: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool) -> Tensor:
-    """``x + x · σ(c ∘ s)`` in ``x``'s layout, from the channel logits (N, C, 1, 1) and spatial ones (N, 1, H, W)."""
+def bam_forward(
+    x: Tensor, layout: int, sizes: list[int], scalars: list[float], params: list[Tensor | None]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(BAM's output in ``x``'s layout, its first 1x1 conv's output (N, K, H, W), the channel means (N, C)) in one
+    call, running statistics moved; ``sizes``, ``scalars`` and ``params`` as native.c's san_bam_forward takes them
+    (`san.attention.fused._BAMPlan`)."""
+    params = [_contiguous(t) for t in params]  # held until the call returns, as every tensor below
     out = torch.empty_like(x)
-    _call("san_bam_apply", x, layout, channel.contiguous(), spatial.contiguous(), int(product), *_sizes(x), out)
-    return out
+    reduced = x.new_empty(x.shape[0], sizes[4], *x.shape[2:])
+    mean = x.new_empty(x.shape[:2])
+    _call("san_bam_forward", x, layout, (ctypes.c_long * len(sizes))(*sizes),
+          (ctypes.c_float * len(scalars))(*scalars), _pointers(params), 1, reduced, mean, out)  # fmt: skip
+    return out, reduced, mean
 
 
-def bam_backward_mask(
-    x: Tensor, grad: Tensor, layout: int, channel: Tensor, spatial: Tensor, product: bool
-) -> tuple[Tensor, Tensor]:
-    """(∂c shaped like ``channel``, ∂s shaped like ``spatial``); ``grad`` in ``x``'s layout."""
-    grad_channel, grad_spatial = x.new_empty(channel.shape), x.new_empty(spatial.shape)
-    _call("san_bam_backward_mask", x, grad, layout, channel.contiguous(), spatial.contiguous(), int(product),
-          *_sizes(x), grad_channel, grad_spatial)  # fmt: skip
-    return grad_channel, grad_spatial
+# The entries of san_bam_forward's params that are running statistics (the MLP's, then each stage's): no gradient.
+def _bam_running(count: int) -> set[int]:
+    return {6, 7} | {10 + 6 * stage + offset for stage in range((count - 10) // 6) for offset in (4, 5)}
 
 
-def bam_backward_input(
+def bam_backward(
     x: Tensor,
     grad: Tensor,
     layout: int,
-    logits: tuple[Tensor, Tensor, bool],
-    weight: Tensor,
-    grad_reduced: Tensor,
-    spread: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂x in ``x``'s layout, ∂weight, ∂bias of `bam_reduce`'s conv): ``g + g · M`` with ``M`` from ``logits``
-    (channel, spatial, product), plus that conv's ∂x from ``grad_reduced`` (N, K, H, W), plus ``spread`` (N, C) at
-    every position, in one pass."""
-    channel, spatial, product = logits
-    kernel = weight.reshape(weight.shape[0], -1).contiguous()
-    channels = kernel.shape[1]
+    sizes: list[int],
+    scalars: list[float],
+    params: list[Tensor | None],
+    reduced: Tensor,
+    mean: Tensor,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(∂x in ``x``'s layout, the gradient of every entry of ``params``, None for running statistics and absent
+    tensors) of `bam_forward`, from ``grad`` in ``x``'s layout, in one call."""
+    params = [_contiguous(t) for t in params]
+    running = _bam_running(len(params))
+    grads = [None if t is None or i in running else torch.empty_like(t) for i, t in enumerate(params)]
     grad_x = torch.empty_like(x)
-    partial = x.new_empty(x.shape[0], kernel.shape[0], channels + 1)
-    _call("san_bam_reduce_backward", x, grad, layout, channel.contiguous(), spatial.contiguous(), int(product), kernel,
-          grad_reduced.contiguous(), spread.contiguous(), *_sizes(x), kernel.shape[0], grad_x, partial)  # fmt: skip
-    sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
-    return grad_x, sums[:, :channels].reshape(weight.shape), sums[:, channels]
+    _call("san_bam_backward", x, grad, layout, (ctypes.c_long * len(sizes))(*sizes),
+          (ctypes.c_float * len(scalars))(*scalars), _pointers(params), reduced, mean, grad_x,
+          _pointers(grads))  # fmt: skip
+    return grad_x, grads
 
 
 # --- SAN's full-size passes (`san.attention.fused._SANMaskNative`) ---------------------------------------------------
@@ -571,157 +566,3 @@ def stage_backward(
     if conv is None:
         return grad_conv, [None, None, grad_gamma, grad_beta]
     return grad_x, [grad_weight, grad_bias, grad_gamma, grad_beta]
-
-
-# --- BAM's channel MLP (`san.attention.fused._ChannelMLP`) ------------------------------------------------------------
-
-
-def mlp_forward(
-    mean: Tensor, linears: tuple[Tensor, Tensor | None, Tensor, Tensor | None], norm: tuple
-) -> tuple[Tensor, list[Tensor]]:
-    """(channel logits (N, C, 1, 1), [hidden, bn mean, bn invstd, active] for `mlp_backward`) of Linear → BatchNorm1d
-    → ReLU → Linear over the channel means (N, C). ``linears``: (w1, b1, w2, b2); ``norm``: (weight, bias, batch
-    statistics?, running-statistics factor, eps, running mean, running var)."""
-    first_weight, first_bias, second_weight, second_bias = (_contiguous(t) for t in linears)
-    gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
-    mean = mean.contiguous()
-    batch, channels = mean.shape
-    hidden_size = first_weight.shape[0]
-    hidden, active = mean.new_empty(batch, hidden_size), mean.new_empty(batch, hidden_size)
-    bn_mean, bn_invstd = mean.new_empty(hidden_size), mean.new_empty(hidden_size)
-    channel = mean.new_empty(batch, channels, 1, 1)
-    lib = library()
-    assert lib is not None
-    lib.san_mlp_forward(
-        mean.data_ptr(), batch, channels, hidden_size, first_weight.data_ptr(), _pointer(first_bias), _pointer(gamma),
-        _pointer(beta), int(batch_stats), ctypes.c_float(eps), ctypes.c_float(factor), _pointer(running_mean),
-        _pointer(running_var), second_weight.data_ptr(), _pointer(second_bias), hidden.data_ptr(),
-        bn_mean.data_ptr(), bn_invstd.data_ptr(), active.data_ptr(), channel.data_ptr(),
-    )  # fmt: skip
-    return channel, [hidden, bn_mean, bn_invstd, active]
-
-
-def mlp_backward(
-    grad: Tensor, mean: Tensor, saved: list[Tensor], params: list[Tensor | None], batch_stats: bool
-) -> tuple[Tensor, list[Tensor | None]]:
-    """(∂ channel means, [∂w1, ∂b1, ∂bn weight, ∂bn bias, ∂w2, ∂b2]) of `mlp_forward` from ∂ channel logits."""
-    first_weight, first_bias, gamma, beta, second_weight, second_bias = params
-    hidden, bn_mean, bn_invstd, active = saved
-    grad, mean = grad.reshape(grad.shape[0], -1).contiguous(), mean.contiguous()
-    first_weight, second_weight = first_weight.contiguous(), second_weight.contiguous()
-    batch, channels = mean.shape
-    hidden_size = first_weight.shape[0]
-    grad_mean, work = torch.empty_like(mean), mean.new_empty(batch, hidden_size)
-    grads = [torch.empty_like(first_weight), _empty_like(first_bias), _empty_like(gamma), _empty_like(beta),
-             torch.empty_like(second_weight), _empty_like(second_bias)]  # fmt: skip
-    lib = library()
-    assert lib is not None
-    lib.san_mlp_backward(
-        grad.data_ptr(), mean.data_ptr(), batch, channels, hidden_size, first_weight.data_ptr(), _pointer(gamma),
-        int(batch_stats), second_weight.data_ptr(), hidden.data_ptr(), bn_mean.data_ptr(), bn_invstd.data_ptr(),
-        active.data_ptr(), grad_mean.data_ptr(), *(_pointer(g) for g in grads), work.data_ptr(),
-    )  # fmt: skip
-    return grad_mean, grads
-
-
-def _empty_like(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else torch.empty_like(tensor)
-
-
-# --- A chain of stages in one call each way (BAM's spatial branch) ---------------------------------------------------
-
-_CHAIN_POINTERS = 18  # per stage, as native.c's san_chain_forward lists them
-
-
-class Chain:
-    """The tensors of `chain_forward`'s stages, kept for `chain_backward`."""
-
-    def __init__(self, x: Tensor, stages: list[tuple], update: bool) -> None:
-        """``stages``: per stage (conv (weight, bias, padding, dilation) or None for a stage whose input is its conv
-        output, norm as `stage_forward` takes it or None, activation)."""
-        self.x, self.stages = x.contiguous(), stages
-        self.geometry: list[int] = []
-        self.scalars: list[float] = []
-        self.tensors: list[list[Tensor | None]] = []
-        h = self.x
-        for conv, norm, activation in stages:
-            batch, channels, height, width = h.shape
-            if conv is None:
-                weight = bias = None
-                padding, dilation, kernel, out_channels = (0, 0), (1, 1), (1, 1), channels
-                conv_out, scratch = h, None
-            else:
-                weight, bias, padding, dilation = conv
-                weight = weight.contiguous()
-                kernel, out_channels = tuple(weight.shape[2:]), weight.shape[0]
-                conv_out = h.new_empty(batch, out_channels, *_output_size(h, weight, padding, dilation))
-                transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, kernel, strict=True)]
-                scratch = h.new_empty(max(_scratch_size(h, padding), _scratch_size(conv_out, transposed)))
-            gamma = beta = running_mean = running_var = mean = invstd = None
-            batch_stats, eps, factor = False, 0.0, 0.0
-            if norm is not None:
-                gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
-                if batch_stats:
-                    mean, invstd = h.new_empty(out_channels), h.new_empty(out_channels)
-                    if not update:
-                        running_mean = running_var = None
-                else:  # as torch's batch norm without batch statistics: the running ones
-                    mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
-                    running_mean = running_var = None
-            out = torch.empty_like(conv_out)
-            flags = [int(conv is not None), int(norm is not None), int(batch_stats), ACTIVATIONS[activation]]
-            self.geometry += [channels, height, width, out_channels, *kernel, *padding, *dilation, *flags]
-            self.scalars += [eps, factor]
-            self.tensors.append([weight, None if bias is None else bias.contiguous(), gamma, beta, running_mean,
-                                 running_var, mean, invstd, conv_out, out, scratch])  # fmt: skip
-            h = out
-        self.output = h
-
-
-def chain_forward(x: Tensor, stages: list[tuple], update: bool) -> Chain:
-    """Runs `stage_forward` for each of ``stages`` in turn from ``x``, in one C call; running statistics move only
-    if ``update``. The chain's output is ``.output``."""
-    chain = Chain(x, stages, update)
-    pointers = [_pointer(t) for tensors in chain.tensors for t in (*tensors, *[None] * (_CHAIN_POINTERS - 11))]
-    lib = library()
-    assert lib is not None
-    lib.san_chain_forward(
-        len(stages), x.shape[0], (ctypes.c_long * len(chain.geometry))(*chain.geometry),
-        (ctypes.c_float * len(chain.scalars))(*chain.scalars), (ctypes.c_void_p * len(pointers))(*pointers),
-        chain.x.data_ptr(),
-    )  # fmt: skip
-    return chain
-
-
-def chain_backward(chain: Chain, grad: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-    """(∂ chain input, [∂conv weight, ∂conv bias, ∂bn weight, ∂bn bias] of every stage in order) of `chain_forward`
-    from ∂ its output, in one C call."""
-    grad = grad.contiguous()
-    parts = max(1, min(WEIGHT_GRAD_PARTS, chain.x.shape[0]))
-    pointers: list[int | None] = []
-    grads: list[Tensor | None] = []
-    grad_inputs: list[Tensor] = []  # per stage, ∂ its input (its conv output's, for a stage without a conv)
-    keep: list[Tensor] = []  # every tensor whose address the kernel gets, held until it returns
-    inputs = [chain.x] + [tensors[9] for tensors in chain.tensors[:-1]]
-    for h, tensors, (conv, norm, _) in zip(inputs, chain.tensors, chain.stages, strict=True):
-        weight, bias, gamma, beta, conv_out = tensors[0], tensors[1], tensors[2], tensors[3], tensors[8]
-        grad_conv = torch.empty_like(conv_out)
-        grad_x = grad_weight = grad_bias = partial = None
-        if conv is not None:
-            grad_x, grad_weight = torch.empty_like(h), torch.empty(weight.shape, dtype=h.dtype)
-            grad_bias = None if bias is None else torch.empty_like(bias)
-            partial = h.new_empty(parts * weight.numel())
-        grad_gamma = None if norm is None or gamma is None else torch.empty_like(gamma)
-        grad_beta = None if norm is None or beta is None else torch.empty_like(beta)
-        stage_grads = (grad_conv, grad_x, grad_weight, grad_bias, grad_gamma, grad_beta, partial)
-        keep += [t for t in stage_grads if t is not None]
-        pointers += [_pointer(t) for t in (*tensors, *stage_grads)]
-        grads += [grad_weight, grad_bias, grad_gamma, grad_beta]
-        grad_inputs.append(grad_conv if conv is None else grad_x)
-    lib = library()
-    assert lib is not None
-    lib.san_chain_backward(
-        len(chain.stages), chain.x.shape[0], (ctypes.c_long * len(chain.geometry))(*chain.geometry),
-        (ctypes.c_void_p * len(pointers))(*pointers), chain.x.data_ptr(), grad.data_ptr(), parts,
-    )  # fmt: skip
-    return grad_inputs[0], grads
