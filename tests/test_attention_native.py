@@ -3,6 +3,7 @@ per machine into a cache, and optional — without a compiler the modules run on
 
 import contextlib
 import itertools
+import platform
 from copy import deepcopy
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from san.attention import native, reference_formulation
+from san.attention import native, prebuild, reference_formulation
 from san.attention.bam import BAM
 from san.attention.cbam import CBAM
 from san.attention.fused import extrema_count
@@ -159,6 +160,7 @@ def test_without_a_compiler_the_modules_run_on_torch_convs(
     fresh_build: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("SAN_NATIVE_PREBUILT", str(fresh_build.parent / "no-prebuilt"))
     x, weight = torch.randn(2, 2, 8, 8), torch.randn(1, 2, 3, 3)
     assert native.library() is None and not native.applies(x, weight, groups=1)
     assert "no C compiler" in caplog.text
@@ -167,8 +169,46 @@ def test_without_a_compiler_the_modules_run_on_torch_convs(
     assert not list(fresh_build.glob("*"))
 
 
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable builds are x86-64 levels")
+def test_without_a_compiler_the_prebuilt_kernels_load(
+    fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m san.attention.prebuild DIR` (the images' build stage) builds each portable level; a machine without
+    a compiler loads the best one its CPU runs, and the modules compute with it as with a build for this CPU."""
+    prebuilt = tmp_path / "prebuilt"
+    prebuild.main([str(prebuilt)])
+    built = sorted(path.name for path in prebuilt.iterdir())
+    assert len(built) == len(native.PORTABLE_TARGETS) and not any(name.endswith(".tmp") for name in built)
+    torch.manual_seed(0)
+    module, x = BAM(6), torch.randn(4, 6, 12, 12)
+    expected = module(x)
+    cached = list(fresh_build.glob("*"))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("SAN_NATIVE_PREBUILT", str(prebuilt))
+    native.library.cache_clear()
+    library = native.library()
+    flags = set(native._cpu_signature().split())
+    best = next(t for t, needs in native.PORTABLE_TARGETS.items() if set(needs) <= flags)
+    assert library is not None and Path(library._name).name.endswith(f"_{best}.so")
+    assert type(module(x).grad_fn).__name__ == "_BAMNativeBackward"
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
+    assert list(fresh_build.glob("*")) == cached, "nothing is built when there is no compiler"
+
+
+def test_prebuild_without_a_compiler_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(SystemExit) as exit_info:
+        prebuild.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no C compiler (/nonexistent/cc)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_compiler_that_fails_leaves_nothing_behind(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("SAN_NATIVE_PREBUILT", str(fresh_build.parent / "no-prebuilt"))
     assert native.library() is None
     assert not list(fresh_build.glob("*"))
 

@@ -8,7 +8,8 @@ a dozen to thirty times each way (SAN's extrema count alone is eight comparisons
 
 ``native.c`` is compiled by the machine's C compiler (``$CC``, else ``cc``) for this CPU into a cache keyed by the
 source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else ``~/.cache/san/native``), atomically, so concurrent
-workers share one build; loading it afterwards takes milliseconds. Without a compiler, or with
+workers share one build; loading it afterwards takes milliseconds. A machine without a compiler (the runtime
+images) loads a build for a portable x86-64 level made beforehand (`san.attention.prebuild`). Without either, or with
 ``SAN_NATIVE_KERNELS=0``, the fused paths use torch's ops instead (same results to float rounding;
 tests/test_attention_native.py).
 """
@@ -37,6 +38,13 @@ MAX_CHANNELS = 15
 # its rounding, depends on the input only.
 WEIGHT_GRAD_PARTS = 8
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+# Portable builds for machines without a compiler (the runtime images build them: ``python -m
+# san.attention.prebuild``), best first, with the CPU flags each x86-64 level needs.
+PORTABLE_TARGETS = {
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"),
+    "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt"),
+}
+PREBUILT_DIR = Path(__file__).with_name("prebuilt")
 _LIBRARIES = ("-lm",)  # after the source: linkers drop a library named before what uses it
 _LONG, _POINTER = ctypes.c_long, ctypes.c_void_p
 
@@ -59,7 +67,7 @@ def _cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "san" / "native"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, flags: tuple[str, ...] = _FLAGS) -> None:
     """Build ``target`` through a temporary file in its directory and a rename: a reader never sees half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
@@ -68,7 +76,7 @@ def _compile(compiler: str, target: Path) -> None:
         # OpenMP when the compiler has it: libgomp is the one torch loaded (same soname), so the kernels share its
         # threads and torch.set_num_threads.
         for openmp in (["-fopenmp"], []):
-            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", temporary, *_LIBRARIES]
+            command = [compiler, *flags, *openmp, str(SOURCE), "-o", temporary, *_LIBRARIES]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
                 os.replace(temporary, target)
@@ -108,14 +116,51 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     return library
 
 
+def _prebuilt_name(target: str) -> str:
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return f"san_native_{source}_{target}.so"
+
+
+def prebuild(directory: Path, compiler: str) -> list[Path]:
+    """Builds the kernels for every `PORTABLE_TARGETS` level into ``directory``, for machines without a compiler."""
+    built = []
+    for target in PORTABLE_TARGETS:
+        path = directory / _prebuilt_name(target)
+        _compile(compiler, path, tuple(f"-march={target}" if flag == "-march=native" else flag for flag in _FLAGS))
+        built.append(path)
+    return built
+
+
+def _prebuilt() -> Path | None:
+    """The best prebuilt library of this source that this CPU runs (``$SAN_NATIVE_PREBUILT``, else `PREBUILT_DIR`)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    directory = Path(os.environ.get("SAN_NATIVE_PREBUILT", PREBUILT_DIR))
+    flags = set(_cpu_signature().split())
+    for target, needs in PORTABLE_TARGETS.items():
+        path = directory / _prebuilt_name(target)
+        if set(needs) <= flags and path.exists():
+            return path
+    return None
+
+
+def _load_prebuilt(reason: str) -> ctypes.CDLL | None:
+    prebuilt = _prebuilt()
+    if prebuilt is None:
+        log.warning("%s, and no prebuilt kernels for this CPU: the attention modules use torch's ops", reason)
+        return None
+    log.info("%s: the attention modules use the prebuilt kernels %s", reason, prebuilt.name)
+    return _declare(ctypes.CDLL(str(prebuilt)))
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, building them on first use; None (with one warning) where they cannot be built."""
+    """The kernels, built for this CPU on first use, else prebuilt for a portable target; None (with one warning)
+    where neither is there."""
     name = os.environ.get("CC", "cc")
     compiler = shutil.which(name)
     if compiler is None:
-        log.warning("no C compiler (%s): the attention modules use torch's few-channel convs", name)
-        return None
+        return _load_prebuilt(f"no C compiler ({name})")
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(
@@ -128,8 +173,7 @@ def library() -> ctypes.CDLL | None:
             _compile(compiler, target)
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("the attention modules' CPU kernels could not be built, torch's convs run instead: %s", error)
-        return None
+        return _load_prebuilt(f"the kernels could not be built ({error})")
 
 
 def applies(x: Tensor, weight: Tensor, groups: int) -> bool:
