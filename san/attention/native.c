@@ -964,14 +964,22 @@ void san_stage_backward(const float *grad_out, const float *x, long N, long Cin,
     long Ho = H + 2 * ph - dh * (KH - 1), Wo = W + 2 * pw - dw * (KW - 1), P = Ho * Wo;
     const float *y = w ? conv_out : x;
 #pragma omp parallel for schedule(static) if (N * K * P > 20000)
-    for (long i = 0; i < N * K; i++)
-        for (long p = 0; p < P; p++)
-            grad_conv[i * P + p] = activation == 1   ? (out[i * P + p] <= 0.0f ? 0.0f : grad_out[i * P + p])
-                                   : activation == 2 ? grad_out[i * P + p] * (1.0f - out[i * P + p]) * out[i * P + p]
-                                                     : grad_out[i * P + p];
+    for (long i = 0; i < N * K; i++) {
+        const float *o = out + i * P, *go = grad_out + i * P;
+        float *gc = grad_conv + i * P;
+        if (activation == 1)
+            for (long p = 0; p < P; p++) gc[p] = o[p] <= 0.0f ? 0.0f : go[p];
+        else if (activation == 2)
+            for (long p = 0; p < P; p++) gc[p] = go[p] * (1.0f - o[p]) * o[p];
+        else
+            memcpy(gc, go, sizeof(float) * P);
+    }
     if (has_bn) batch_norm_backward(grad_conv, y, N, K, P, gamma, batch_stats, mean, invstd, grad_gamma, grad_beta);
     if (!w) return;
-    if (grad_b) {
+    if (grad_b && has_bn && batch_stats) {
+        /* a bias before a batch norm over batch statistics is subtracted again with the mean: its gradient is 0 */
+        for (long k = 0; k < K; k++) grad_b[k] = 0.0f;
+    } else if (grad_b) {
         double *sums = malloc(sizeof(double) * K);
         SUM_ROWS(sums, N, K, P, row_sum(grad_conv + (n * K + k) * P, P));
         for (long k = 0; k < K; k++) grad_b[k] = (float)sums[k];
