@@ -408,8 +408,9 @@ def bam_forward(
     return out, reduced, mean
 
 
-# The entries of san_bam_forward's params that are running statistics (the MLP's, then each stage's): no gradient.
 def _bam_running(count: int) -> set[int]:
+    """The entries of san_bam_forward's ``count`` params that are running statistics (the MLP's, then each
+    stage's): they get no gradient."""
     return {6, 7} | {10 + 6 * stage + offset for stage in range((count - 10) // 6) for offset in (4, 5)}
 
 
