@@ -6,6 +6,8 @@ python bench/profile_attention.py layouts
     a small-channel conv's forward and backward, NCHW vs channels-last (oneDNN's NCHW backward pads to 16)
 python bench/profile_attention.py compile
     SAN's α·DoC on a ResNet stem map, eager vs torch.compile
+python bench/profile_attention.py direct-convs
+    the attention modules' few-channel convs: oneDNN (channels-last) vs san/attention/native.c's direct kernels
 """
 
 import argparse
@@ -20,8 +22,8 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_overhead import median_seconds  # the attention bench's step timer
-from san.attention import create_attention
-from san.attention.fused import extrema_count
+from san.attention import create_attention, native
+from san.attention.fused import extrema_count, few_channel_conv_backward
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
@@ -63,6 +65,35 @@ def layouts(_: argparse.Namespace) -> None:
             figures.append(median_ms(lambda xl=xl, gl=gl, w=w, p=padding, bias=[cout]: backward(
                 gl, xl, w, bias, [1, 1], p, [1, 1], False, [0, 0], 1, [True, True, True])))  # fmt: skip
         print(f"| {n}, {cin}→{cout}, {size}, {k} | " + " | ".join(f"{f:.2f}" for f in figures) + " |")
+
+
+def conv_timings(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: tuple, dilation: tuple) -> list[float]:
+    """ms of (oneDNN forward, oneDNN backward, direct forward, direct backward) of one conv; x channels-last."""
+    g = torch.randn(x.shape[0], w.shape[0], *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+    mask = [True, True, True]
+    args = ([w.shape[0]], [1, 1], list(padding), list(dilation), False, [0, 0], 1, mask)
+    return [
+        median_ms(lambda: F.conv2d(x, w, b, padding=padding, dilation=dilation)),
+        median_ms(lambda: torch.ops.aten.convolution_backward(g, x, w, *args)),
+        median_ms(lambda: native.conv2d(x, w, b, padding, dilation)),
+        median_ms(lambda: few_channel_conv_backward(g.contiguous(), x, w, True, padding, dilation, 1)),
+    ]
+
+
+def direct_convs(_: argparse.Namespace) -> None:
+    """Where the direct kernels pay: oneDNN pads channels to blocks of 16, which costs a 1- or 2-channel conv
+    16-256× its taps, and a 6-channel one ~7× (SAN's smoothing conv on LeNet-5)."""
+    if not (native.enabled() and native.library() is not None):
+        print("the C kernels are not built here (no compiler, or SAN_NATIVE_KERNELS=0)")
+        return
+    print("ms per call | conv (N, Cin→Cout, H, k, dilation) | oneDNN fwd | oneDNN bwd | direct fwd | direct bwd |")
+    sites = [(64, 2, 1, 28, 7, 1, "CBAM"), (64, 1, 1, 28, 3, 4, "BAM"), (64, 6, 6, 28, 5, 1, "SAN-c"),
+             (64, 6, 6, 14, 5, 1, "SAN-c")]  # fmt: skip
+    for n, cin, cout, size, k, d, who in sites:
+        x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
+        padding, dilation = (d * (k - 1) // 2,) * 2, (d, d)
+        figures = conv_timings(x, torch.randn(cout, cin, k, k), torch.randn(cout), padding, dilation)
+        print(f"| {who}: {n}, {cin}→{cout}, {size}, {k}, {d} | " + " | ".join(f"{f:.2f}" for f in figures) + " |")
 
 
 def weighted_doc(y: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -132,6 +163,7 @@ def main() -> None:
     commands.add_parser("layouts").set_defaults(run=layouts)
     commands.add_parser("compile").set_defaults(run=compile_comparison)
     commands.add_parser("compile-model").set_defaults(run=compile_model)
+    commands.add_parser("direct-convs").set_defaults(run=direct_convs)
     args = parser.parse_args()
     args.run(args)
 
