@@ -4,6 +4,9 @@ per machine into a cache, and optional — without a compiler the modules run on
 import contextlib
 import itertools
 import platform
+import subprocess
+import sys
+import zipfile
 from copy import deepcopy
 from pathlib import Path
 
@@ -193,6 +196,52 @@ def test_without_a_compiler_the_prebuilt_kernels_load(
     assert type(module(x).grad_fn).__name__ == "_BAMNativeBackward"
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
     assert list(fresh_build.glob("*")) == cached, "nothing is built when there is no compiler"
+
+
+@pytest.mark.parametrize("compiler", ["cc", "/nonexistent/cc"], ids=["compiler", "no-compiler"])
+def test_without_the_kernel_source_the_modules_fall_back(
+    fresh_build: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, compiler: str
+) -> None:
+    """An install that lacks native.c (it is package data) warns once and runs torch's ops, never raises."""
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setattr(native, "SOURCE", fresh_build.parent / "missing" / "native.c")
+    assert native.library() is None and "torch's ops" in caplog.text
+    out = BAM(6)(torch.randn(2, 6, 8, 8, requires_grad=True))
+    assert type(out.grad_fn).__name__ == "_BAMBackward"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable builds are x86-64 levels")
+def test_a_prebuilt_library_that_does_not_load_falls_back(
+    fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    prebuilt = tmp_path / "prebuilt"
+    prebuilt.mkdir()
+    for target in native.PORTABLE_TARGETS:
+        (prebuilt / native._prebuilt_name(target)).write_bytes(b"not a shared library")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("SAN_NATIVE_PREBUILT", str(prebuilt))
+    assert native.library() is None and "do not load" in caplog.text
+
+
+@pytest.mark.parametrize("module", [BAM(6), CBAM(6)], ids=["bam", "cbam"])
+def test_batch_statistics_of_one_value_are_refused_as_torch_refuses_them(module: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        module(torch.randn(1, 6, 1, 1))
+    with reference_formulation(), pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        module(torch.randn(1, 6, 1, 1))
+    module.eval()
+    assert module(torch.randn(1, 6, 1, 1)).shape == (1, 6, 1, 1)  # running statistics: one sample is fine
+
+
+def test_the_package_carries_the_kernel_source(tmp_path: Path) -> None:
+    """native.c is package data: a wheel (what the images install) has it, or neither the kernels nor
+    `san.attention.prebuild` could be built from an installed package."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    (wheel,) = tmp_path.glob("san-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "san/attention/native.c" in names and "san/attention/prebuild.py" in names
 
 
 def test_prebuild_without_a_compiler_is_a_one_line_error(

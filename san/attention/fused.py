@@ -614,6 +614,12 @@ class _BAM(torch.autograd.Function):
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
 
 
+def _check_batch_statistics(values: int, shape: tuple[int, ...]) -> None:
+    """Batch statistics need more than one value per channel: torch's batch norm refuses one, so do the C paths."""
+    if values <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+
+
 class _BAMPlan:
     """BAM in float32 on CPU as `native.bam_forward` and `native.bam_backward` take it: its sizes and settings (the
     channel MLP's and each spatial stage's batch norm; stage 0 is the first conv's batch norm and activation, that conv
@@ -628,6 +634,10 @@ class _BAMPlan:
         self.running = [running, *(stage.running for stage in stages)]
         batch, channels, height, width = x.shape
         reduced = stages[0].weight.shape[0]
+        if batch_stats:
+            _check_batch_statistics(batch, (batch, first.weight.shape[0]))
+        if any(stage.has_bn and stage.use_batch_stats for stage in stages):
+            _check_batch_statistics(batch * height * width, (batch, reduced, height, width))
         parts = max(1, min(native.WEIGHT_GRAD_PARTS, batch))
         self.sizes = [batch, channels, height, width, reduced, first.weight.shape[0], int(batch_stats), int(product),
                       len(stages), parts]  # fmt: skip
@@ -881,5 +891,7 @@ def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.Ba
     first, second = mlp
     params = [first.weight, first.bias, second.weight, second.bias, *stage.params()]
     if _autocast_dtype(x) is None and native.cbam_applies(x, stage.weight) and stage.native_ok(x):
+        if stage.use_batch_stats:
+            _check_batch_statistics(x.shape[0] * x.shape[2] * x.shape[3], (x.shape[0], 2, *x.shape[2:]))
         return _CBAMNative.apply(stage, x, *params)
     return _CBAM.apply(stage, x, *params)

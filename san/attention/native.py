@@ -121,6 +121,11 @@ def _prebuilt_name(target: str) -> str:
     return f"san_native_{source}_{target}.so"
 
 
+def portable_machine() -> bool:
+    """Whether this machine has `PORTABLE_TARGETS` builds (x86-64 levels)."""
+    return platform.machine() in ("x86_64", "AMD64")
+
+
 def prebuild(directory: Path, compiler: str) -> list[Path]:
     """Builds the kernels for every `PORTABLE_TARGETS` level into ``directory``, for machines without a compiler."""
     built = []
@@ -133,7 +138,7 @@ def prebuild(directory: Path, compiler: str) -> list[Path]:
 
 def _prebuilt() -> Path | None:
     """The best prebuilt library of this source that this CPU runs (``$SAN_NATIVE_PREBUILT``, else `PREBUILT_DIR`)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not portable_machine() or not SOURCE.exists():
         return None
     directory = Path(os.environ.get("SAN_NATIVE_PREBUILT", PREBUILT_DIR))
     flags = set(_cpu_signature().split())
@@ -149,8 +154,14 @@ def _load_prebuilt(reason: str) -> ctypes.CDLL | None:
     if prebuilt is None:
         log.warning("%s, and no prebuilt kernels for this CPU: the attention modules use torch's ops", reason)
         return None
+    try:
+        library = _declare(ctypes.CDLL(str(prebuilt)))
+    except (OSError, ValueError, AttributeError) as error:
+        log.warning("%s, and the prebuilt kernels %s do not load (%s): the attention modules use torch's ops",
+                    reason, prebuilt.name, error)  # fmt: skip
+        return None
     log.info("%s: the attention modules use the prebuilt kernels %s", reason, prebuilt.name)
-    return _declare(ctypes.CDLL(str(prebuilt)))
+    return library
 
 
 @functools.cache

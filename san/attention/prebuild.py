@@ -7,6 +7,7 @@ runtime images run this in their build stage, whose compiler the final stage doe
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", type=Path, nargs="?", default=native.PREBUILT_DIR, metavar="DIR",
                         help=f"where to write them (default: {native.PREBUILT_DIR})")  # fmt: skip
     args = parser.parse_args(argv)
+    if not native.portable_machine():  # an arm64 image builds for its own CPU at run time, if it has a compiler
+        print(f"nothing to build: the portable builds are x86-64 levels, this machine is {platform.machine()}")
+        return
     name = os.environ.get("CC", "cc")
     compiler = shutil.which(name)
     if compiler is None:
