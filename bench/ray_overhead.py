@@ -7,13 +7,16 @@ Fashion-MNIST.
    adds nothing over DDP) and vs 1 Ray worker × 1 thread; of the DDP group vs the plain loop: what the per-step
    gradient all-reduce costs without Ray; and of the same 2 processes with no gradient sync (each trains its own
    copy): the ceiling this machine sets. The plain loop, the DDP group and the 1- and 2-worker Ray runs each run
-   ``--repeats`` times in alternating order (run-to-run noise here is up to 10 %, so one run proves little).
+   ``--repeats`` times, each Ray run beside what it is compared with (plain, 1 worker, DDP, 2 workers; the next
+   repeat in reverse): this machine's speed drifts by up to 15 % within minutes (one bench's DDP runs read 5,400 to
+   6,400 img/s), more than the few per cent measured, so each target's ratio is the median over repeats of the
+   ratio of two neighbouring runs.
 3. The latency of one blocking gloo all-reduce of the model's gradient between 2 idle processes (p50 and p90): the
    floor under every DDP step's wait.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
-                                 [--repeats 3] [--quick] [--json PATH]
+                                 [--repeats 5] [--quick] [--json PATH]
 """
 
 import argparse
@@ -132,7 +135,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each: plain, DDP, 1 and 2 Ray workers")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each: plain, DDP, 1 and 2 Ray workers")
     args = parse_args(parser, quick={"images": 6000, "epochs": 3, "repeats": 1})
     channels_last = args.memory_format == "channels-last" or (args.memory_format == "auto" and args.model == "lenet5")
     job = (args.epochs, args.batch_size, args.model, channels_last)
@@ -145,9 +148,11 @@ def main() -> None:
         # Every epoch after each run's first: "plain" and 1, 2 (Ray workers) by epoch time and rate, "ddp" by rate.
         times: dict[int | str, list[float]] = {"plain": [], 1: [], 2: []}
         rates: dict[int | str, list[float]] = {"plain": [], "ddp": [], 1: [], 2: []}
-        pairs = []  # per repeat: the 2-worker rate over the 1-worker rate
+        # Per repeat, each a ratio of the runs' medians: 1 Ray worker's epoch time over the plain loop's (neighbours),
+        # 2 Ray workers' rate over the DDP group's (neighbours), over 1 Ray worker's.
+        pairs: dict[str, list[float]] = {"ray/plain": [], "ray/ddp": [], "2/1": []}
         for repeat in range(args.repeats):
-            for run in ("plain", "ddp", 1, 2) if repeat % 2 == 0 else (2, 1, "ddp", "plain"):
+            for run in ("plain", 1, "ddp", 2) if repeat % 2 == 0 else (2, "ddp", 1, "plain"):
                 if run == "plain":
                     epochs = plain_epochs(spec_for(1, *job), data)[1:]
                     times[run] += [e["seconds"] for e in epochs]
@@ -158,11 +163,15 @@ def main() -> None:
                     epoch_s, img_s = ray_epochs(spec_for(run, *job), data, runs, f"w{run}-r{repeat}")
                     times[run] += epoch_s[1:]
                     rates[run] += img_s[1:]
-            per_run = args.epochs - 1
-            pairs.append(statistics.median(rates[2][-per_run:]) / statistics.median(rates[1][-per_run:]))
+
+            def this_repeat(values: list[float]) -> float:  # the median of the epochs this repeat's run added
+                return statistics.median(values[-(args.epochs - 1) :])
+
+            pairs["ray/plain"].append(this_repeat(times[1]) / this_repeat(times["plain"]))
+            pairs["ray/ddp"].append(this_repeat(rates[2]) / this_repeat(rates["ddp"]))
+            pairs["2/1"].append(this_repeat(rates[2]) / this_repeat(rates[1]))
         ray.shutdown()
     median = {key: statistics.median(values) for key, values in rates.items()}
-    plain = statistics.median(times["plain"])
     print(f"\n{args.model} + san-c, {args.images:,} Fashion-MNIST images, batch {args.batch_size} per worker, "
           f"{'channels-last' if channels_last else 'NCHW'}, 1 thread per worker; {args.repeats} runs of each: the "
           "median (min–max) of every epoch after each run's first\n")  # fmt: skip
@@ -176,12 +185,12 @@ def main() -> None:
           f"{latency[0] * 1000:.2f} / {latency[1] * 1000:.2f} |")  # fmt: skip
     print(f"| plain loop epoch s | {spread(times['plain'], '.2f')} |")
     print(f"| 1 Ray worker epoch s | {spread(times[1], '.2f')} |")
-    print(f"| Ray / plain | {statistics.median(times[1]) / plain:.3f} |")
+    print(f"| Ray / plain (run pairs) | {spread(pairs['ray/plain'], '.3f')} |")
     print(f"| 1 worker img/s | {spread(rates[1], ',.0f')} |")
     print(f"| 2 workers img/s | {spread(rates[2], ',.0f')} |")
-    print(f"| 2 workers / 1 worker (run pairs) | {spread(pairs, '.2f')} |")
+    print(f"| 2 workers / 1 worker (per repeat) | {spread(pairs['2/1'], '.2f')} |")
     print(f"| 2 plain DDP processes (no Ray) img/s | {spread(rates['ddp'], ',.0f')} |")
-    print(f"| 2 Ray workers / 2 plain DDP | {median[2] / median['ddp']:.3f} |")
+    print(f"| 2 Ray workers / 2 plain DDP (run pairs) | {spread(pairs['ray/ddp'], '.3f')} |")
     print(f"| 2 plain DDP / 1 plain loop | {median['ddp'] / median['plain']:.2f} |")
     print(f"| 2 plain processes, no gradient sync, img/s | {unsynced:,.0f} |")
     print(f"| 2 plain, no sync / 1 plain loop | {unsynced / median['plain']:.2f} |")
@@ -189,8 +198,8 @@ def main() -> None:
         write_rows(args.json, report_rows(times, rates, pairs, unsynced, latency, gradient, channels_last, args))
 
 
-def report_rows(times, rates, pairs: list[float], unsynced: float, latency: tuple[float, float], gradient: int,
-                channels_last: bool, args) -> list[Row]:  # fmt: skip
+def report_rows(times, rates, pairs: dict[str, list[float]], unsynced: float, latency: tuple[float, float],
+                gradient: int, channels_last: bool, args) -> list[Row]:  # fmt: skip
     """Ray against what it wraps: 1 worker against the plain loop, 2 workers against plain DDP; the 2-worker
     speed-up beside this machine's core count, which bounds it."""
     command, cores = this_command(), os.cpu_count()
@@ -201,14 +210,16 @@ def report_rows(times, rates, pairs: list[float], unsynced: float, latency: tupl
     return [
         measured("ray", "plain loop (no Ray) · epoch", times["plain"], "s", note=job, command=command),
         measured("ray", "1 Ray worker · epoch", times[1], "s", baseline="plain loop (no Ray)",
-                 ratio=statistics.median(times[1]) / statistics.median(times["plain"]), target=("<=", 1.05),
-                 command=command),
+                 ratio=statistics.median(pairs["ray/plain"]), target=("<=", 1.05), command=command,
+                 note=f"ratio: the median of {len(pairs['ray/plain'])} neighbouring-run pairs, "
+                      f"{min(pairs['ray/plain']):.3f}–{max(pairs['ray/plain']):.3f}"),
         measured("ray", "2 plain DDP processes (gloo, no Ray) · throughput", rates["ddp"], "img/s",
                  baseline="plain loop", ratio=median["ddp"] / median["plain"], command=command),
         measured("ray", "2 Ray workers · throughput", rates[2], "img/s", baseline="2 plain DDP processes (no Ray)",
-                 ratio=median[2] / median["ddp"], target=(">=", 0.97), note="Ray adds nothing over DDP",
-                 command=command),
-        measured("ray", "2 Ray workers vs 1 · throughput", pairs, "×", command=command,
+                 ratio=statistics.median(pairs["ray/ddp"]), target=(">=", 0.97), command=command,
+                 note=f"Ray adds nothing over DDP; ratio: the median of {len(pairs['ray/ddp'])} neighbouring-run "
+                      f"pairs, {min(pairs['ray/ddp']):.3f}–{max(pairs['ray/ddp']):.3f}"),
+        measured("ray", "2 Ray workers vs 1 · throughput", pairs["2/1"], "×", command=command,
                  note=f"bounded by the machine's {cores} cores: 2 plain processes that never sync a gradient reach "
                       f"{ceiling:.2f}× the plain loop"),
         Row("ray", "2 plain processes, no gradient sync · throughput", unsynced, "img/s", baseline="plain loop",

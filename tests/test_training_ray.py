@@ -20,6 +20,7 @@ from training.data.manifest import load_manifest
 from training.data.writer import WriterOptions
 from training.launch import connect_ray, launch
 from training.loop import CHECKPOINT_FILE, evaluate
+from training.stop import CHECK_INTERVAL_S, MAX_CHECK_EVERY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
 
@@ -178,9 +179,11 @@ def test_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resume
     state = checkpoint_state(result)
     [stop] = state["stops"]
     assert stop["reason"] == "preempted" and stop["epoch"] == 1, (stop, notice.sent)  # signalled after epoch 0
-    # the next step boundary where the ranks agree: checks every few steps (≈ 50 ms of them)
+    # the next step boundary where the ranks agree: checks every few steps, ≈ CHECK_INTERVAL_S of them at the pace of
+    # the run's last (whole) epoch
     assert ITERATIONS <= stop["requested_at_step"] <= stop["at_step"] <= stop["requested_at_step"] + stop["check_every"]
-    assert stop["check_every"] <= 16
+    pace = min(MAX_CHECK_EVERY, max(1, CHECK_INTERVAL_S * ITERATIONS / state["history"][-1]["time/epoch_s"]))
+    assert pace / 3 <= stop["check_every"] <= min(MAX_CHECK_EVERY, 3 * pace), (stop, pace)
     assert 0 < stop["step"] < ITERATIONS, stop  # mid-epoch
     saved = [
         torch.load(path / CHECKPOINT_FILE, weights_only=False) for path in checkpoints(roots / "runs" / "ray" / name)

@@ -375,7 +375,7 @@ static inline float row_count(const float *a, float value, long T) {
 }
 
 /* avg, top (N, C): the mean and max of x over positions. */
-void san_channel_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
+static void san_channel_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
 #pragma omp parallel
     {
         float *tile = new_tile(C);
@@ -651,8 +651,8 @@ static int negative_exps(const float *v, float *out, long T) {
 
 /* h (N, K, P) = b + w x: BAM's first 1x1 conv, C -> K channels; and, if avg is not NULL, avg (N, C): the mean of x
    over positions, in the same pass. */
-void san_bam_reduce(const float *x, long cl, const float *w, const float *b, long N, long C, long P, long K,
-                    float *h, float *avg) {
+static void san_bam_reduce(const float *x, long cl, const float *w, const float *b, long N, long C, long P, long K,
+                           float *h, float *avg) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), acc[TILE];
@@ -681,8 +681,8 @@ void san_bam_reduce(const float *x, long cl, const float *w, const float *b, lon
 }
 
 /* out = x + x M, in x's layout. */
-void san_bam_apply(const float *x, long cl, const float *channel, const float *spatial, long product, long N, long C,
-                   long P, float *out) {
+static void san_bam_apply(const float *x, long cl, const float *channel, const float *spatial, long product, long N,
+                          long C, long P, float *out) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *cexp = malloc(sizeof(float) * C), s[TILE] = {0}, sexp[TILE];
@@ -712,8 +712,8 @@ void san_bam_apply(const float *x, long cl, const float *channel, const float *s
 /* Backward through the mask, with l = sigmoid'(M) g x: grad_channel (N, C) = sum_p l (times s for product) and
    grad_spatial (N, P) = sum_c l (times c for product). (∂x's own part, g + g M, is written with the branch's in
    san_bam_reduce_backward, in one pass.) */
-void san_bam_backward_mask(const float *x, const float *g, long cl, const float *channel, const float *spatial,
-                           long product, long N, long C, long P, float *grad_channel, float *grad_spatial) {
+static void san_bam_backward_mask(const float *x, const float *g, long cl, const float *channel, const float *spatial,
+                                  long product, long N, long C, long P, float *grad_channel, float *grad_spatial) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *gtile = new_tile(C), *cexp = malloc(sizeof(float) * C), s[TILE] = {0};
@@ -755,9 +755,9 @@ void san_bam_backward_mask(const float *x, const float *g, long cl, const float 
 /* ∂x of BAM, in x's layout: g + g M (through the mask; g in x's layout) + w^T grad_h (through the branch's first 1x1
    conv, grad_h (N, K, P)) + spread (N, C) at every position (through the channel means); and per sample that conv's
    weight and bias gradients, partial (N, K, C + 1), summed in order by the caller. */
-void san_bam_reduce_backward(const float *x, const float *g, long cl, const float *channel, const float *spatial,
-                             long product, const float *w, const float *grad_h, const float *spread, long N, long C,
-                             long P, long K, float *grad_x, float *partial) {
+static void san_bam_reduce_backward(const float *x, const float *g, long cl, const float *channel, const float *spatial,
+                                    long product, const float *w, const float *grad_h, const float *spread, long N,
+                                    long C, long P, long K, float *grad_x, float *partial) {
 #pragma omp parallel
     {
         float *tile = new_tile(C), *gtile = new_tile(C), *hrow = calloc(TILE, sizeof(float));
@@ -1036,10 +1036,10 @@ static void linear_backward(const float *g, const float *a, const float *w, long
         }
 }
 
-void san_mlp_forward(const float *mean, long N, long C, long K, const float *w1, const float *b1, const float *gamma,
-                     const float *beta, long batch_stats, float eps, float factor, float *running_mean,
-                     float *running_var, const float *w2, const float *b2, float *hidden, float *bn_mean,
-                     float *bn_invstd, float *active, float *channel) {
+static void san_mlp_forward(const float *mean, long N, long C, long K, const float *w1, const float *b1,
+                            const float *gamma, const float *beta, long batch_stats, float eps, float factor,
+                            float *running_mean, float *running_var, const float *w2, const float *b2, float *hidden,
+                            float *bn_mean, float *bn_invstd, float *active, float *channel) {
     linear_forward(mean, w1, b1, N, C, K, hidden);
     batch_norm_statistics(hidden, N, K, 1, batch_stats, eps, factor, running_mean, running_var, bn_mean, bn_invstd);
     batch_norm_apply(hidden, N, K, 1, 1, gamma, beta, bn_mean, bn_invstd, 1, active);
@@ -1048,10 +1048,10 @@ void san_mlp_forward(const float *mean, long N, long C, long K, const float *w1,
 
 /* Backward of san_mlp_forward from grad_channel (N, C): grad_mean (N, C) and the gradients of w1, b1, gamma, beta, w2,
    b2 (a NULL one is skipped); work: N * K floats. */
-void san_mlp_backward(const float *grad_channel, const float *mean, long N, long C, long K, const float *w1,
-                      const float *gamma, long batch_stats, const float *w2, const float *hidden, const float *bn_mean,
-                      const float *bn_invstd, const float *active, float *grad_mean, float *gw1, float *gb1,
-                      float *ggamma, float *gbeta, float *gw2, float *gb2, float *work) {
+static void san_mlp_backward(const float *grad_channel, const float *mean, long N, long C, long K, const float *w1,
+                             const float *gamma, long batch_stats, const float *w2, const float *hidden,
+                             const float *bn_mean, const float *bn_invstd, const float *active, float *grad_mean,
+                             float *gw1, float *gb1, float *ggamma, float *gbeta, float *gw2, float *gb2, float *work) {
     linear_backward(grad_channel, active, w2, N, K, C, gw2, gb2, work);
     for (long i = 0; i < N * K; i++) work[i] = active[i] > 0.0f ? work[i] : 0.0f;
     batch_norm_backward(work, hidden, N, K, 1, gamma, batch_stats, bn_mean, bn_invstd, ggamma, gbeta);
@@ -1069,7 +1069,8 @@ void san_mlp_backward(const float *grad_channel, const float *mean, long N, long
 enum { T_W, T_B, T_GAMMA, T_BETA, T_RMEAN, T_RVAR, T_MEAN, T_INVSTD, T_CONV, T_OUT, T_SCRATCH, T_GCONV, T_GX, T_GW, T_GB,
        T_GGAMMA, T_GBETA, T_PARTIAL };
 
-void san_chain_forward(long S, long N, const long *geometry, const float *scalars, float **tensors, const float *x0) {
+static void san_chain_forward(long S, long N, const long *geometry, const float *scalars, float **tensors,
+                              const float *x0) {
     for (long i = 0; i < S; i++) {
         const long *g = geometry + i * CHAIN_LONGS;
         float **t = tensors + i * CHAIN_POINTERS;
@@ -1082,8 +1083,8 @@ void san_chain_forward(long S, long N, const long *geometry, const float *scalar
 
 /* Backward from grad_out, the last stage's output gradient: each stage's parameter gradients, and stage 0's
    grad_conv (or, if stage 0 convolves, its grad_x). */
-void san_chain_backward(long S, long N, const long *geometry, float **tensors, const float *x0, const float *grad_out,
-                        long parts) {
+static void san_chain_backward(long S, long N, const long *geometry, float **tensors, const float *x0,
+                               const float *grad_out, long parts) {
     for (long i = S - 1; i >= 0; i--) {
         const long *g = geometry + i * CHAIN_LONGS;
         float **t = tensors + i * CHAIN_POINTERS;
