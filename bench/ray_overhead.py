@@ -13,6 +13,9 @@ Fashion-MNIST.
    ratio of two neighbouring runs.
 3. The latency of one blocking gloo all-reduce of the model's gradient between 2 idle processes (p50 and p90): the
    floor under every DDP step's wait.
+4. The CPU the rest of the machine takes while 2 Ray workers, or the 2 DDP processes, train (`bench.other_cpu`):
+   Ray's daemons and actors, the driver and the kernel — on a machine whose cores the workers fill, what Ray's
+   own processes use comes out of training.
 Epoch times are the median over epochs after the first (which pays FFCV's JIT compilation).
 
     python bench/ray_overhead.py [--model lenet5|resnet18] [--images 20000] [--epochs 4] [--batch-size 128]
@@ -41,6 +44,7 @@ from training.launch import launch
 from training.loop import CHECKPOINT_FILE, flush_denormals_on_cpu, make_optimizer, train_one_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.other_cpu import OtherCpu, is_ray_train_worker, is_spawned_process
 from bench.report import Row, measured, parse_args, this_command, write_rows
 from tests.services import free_port  # the tests' helper
 
@@ -137,6 +141,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="per worker")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each: plain, DDP, 1 and 2 Ray workers")
     args = parse_args(parser, quick={"images": 6000, "epochs": 3, "repeats": 1})
+    if args.epochs < 2:
+        parser.error("--epochs: at least 2 (each run's first epoch pays FFCV's compilation and is left out)")
     channels_last = args.memory_format == "channels-last" or (args.memory_format == "auto" and args.model == "lenet5")
     job = (args.epochs, args.batch_size, args.model, channels_last)
     with tempfile.TemporaryDirectory() as temp:
@@ -151,6 +157,8 @@ def main() -> None:
         # Per repeat, each a ratio of the runs' medians: 1 Ray worker's epoch time over the plain loop's (neighbours),
         # 2 Ray workers' rate over the DDP group's (neighbours), over 1 Ray worker's.
         pairs: dict[str, list[float]] = {"ray/plain": [], "ray/ddp": [], "2/1": []}
+        # Per run of 2 Ray workers and of the DDP group: the CPU the rest of the machine took while they trained.
+        other_cpu: dict[int | str, list[float]] = {"ddp": [], 2: []}
         for repeat in range(args.repeats):
             for run in ("plain", 1, "ddp", 2) if repeat % 2 == 0 else (2, "ddp", 1, "plain"):
                 if run == "plain":
@@ -158,9 +166,14 @@ def main() -> None:
                     times[run] += [e["seconds"] for e in epochs]
                     rates[run] += [e["images"] / e["seconds"] for e in epochs]
                 elif run == "ddp":
-                    rates[run] += plain_ddp_rates(spec_for(2, *job), data, Path(temp))
+                    with OtherCpu(is_spawned_process, 2) as cpu:
+                        rates[run] += plain_ddp_rates(spec_for(2, *job), data, Path(temp))
+                    other_cpu[run].append(cpu.busy_other)
                 else:
-                    epoch_s, img_s = ray_epochs(spec_for(run, *job), data, runs, f"w{run}-r{repeat}")
+                    with OtherCpu(is_ray_train_worker, run) as cpu:
+                        epoch_s, img_s = ray_epochs(spec_for(run, *job), data, runs, f"w{run}-r{repeat}")
+                    if run == 2:
+                        other_cpu[run].append(cpu.busy_other)
                     times[run] += epoch_s[1:]
                     rates[run] += img_s[1:]
 
@@ -192,14 +205,17 @@ def main() -> None:
     print(f"| 2 plain DDP processes (no Ray) img/s | {spread(rates['ddp'], ',.0f')} |")
     print(f"| 2 Ray workers / 2 plain DDP (run pairs) | {spread(pairs['ray/ddp'], '.3f')} |")
     print(f"| 2 plain DDP / 1 plain loop | {median['ddp'] / median['plain']:.2f} |")
+    print(f"| CPU besides the 2 workers while they train: Ray / DDP | {spread(other_cpu[2], '.3f')} / "
+          f"{spread(other_cpu['ddp'], '.3f')} |")  # fmt: skip
     print(f"| 2 plain processes, no gradient sync, img/s | {unsynced:,.0f} |")
     print(f"| 2 plain, no sync / 1 plain loop | {unsynced / median['plain']:.2f} |")
     if args.json:
-        write_rows(args.json, report_rows(times, rates, pairs, unsynced, latency, gradient, channels_last, args))
+        write_rows(args.json, report_rows(times, rates, pairs, other_cpu, unsynced, latency, gradient, channels_last,
+                                          args))  # fmt: skip
 
 
-def report_rows(times, rates, pairs: dict[str, list[float]], unsynced: float, latency: tuple[float, float],
-                gradient: int, channels_last: bool, args) -> list[Row]:  # fmt: skip
+def report_rows(times, rates, pairs: dict[str, list[float]], other_cpu, unsynced: float,
+                latency: tuple[float, float], gradient: int, channels_last: bool, args) -> list[Row]:  # fmt: skip
     """Ray against what it wraps: 1 worker against the plain loop, 2 workers against plain DDP; the 2-worker
     speed-up beside this machine's core count, which bounds it."""
     command, cores = this_command(), os.cpu_count()
@@ -219,6 +235,11 @@ def report_rows(times, rates, pairs: dict[str, list[float]], unsynced: float, la
                  ratio=statistics.median(pairs["ray/ddp"]), target=(">=", 0.97), command=command,
                  note=f"Ray adds nothing over DDP; ratio: the median of {len(pairs['ray/ddp'])} neighbouring-run "
                       f"pairs, {min(pairs['ray/ddp']):.3f}–{max(pairs['ray/ddp']):.3f}"),
+        measured("ray", "2 Ray workers · CPU the rest of the machine takes", other_cpu[2], "CPU", command=command,
+                 note=f"of {cores}, while they train (per second, median): Ray's daemons and actors, the driver, the "
+                      "kernel"),
+        measured("ray", "2 plain DDP processes · CPU the rest of the machine takes", other_cpu["ddp"], "CPU",
+                 command=command, note="the same, the idle Ray cluster's daemons included"),
         measured("ray", "2 Ray workers vs 1 · throughput", pairs["2/1"], "×", command=command,
                  note=f"bounded by the machine's {cores} cores: 2 plain processes that never sync a gradient reach "
                       f"{ceiling:.2f}× the plain loop"),

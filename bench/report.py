@@ -31,7 +31,7 @@ class Row:
     low: float | None = None  # min over repeats
     high: float | None = None  # max over repeats
     baseline: str | None = None  # what the ratio is relative to, in words ("bare lenet5", "plain loop")
-    ratio: float | None = None  # value / the baseline's value
+    ratio: float | None = None  # value / the baseline's value, or as the note says (a median of paired ratios)
     target: tuple[str, float] | None = None  # ("<=", 2.0) or (">=", 0.97): applied to ratio if set, else value
     note: str = ""  # e.g. "bounded by 2 cores", "FLOP ratio 4.23"
     command: str = ""  # the command that produced it
@@ -208,7 +208,8 @@ def render_markdown(rows: list[Row], machine: dict[str, str]) -> str:
     lines = ["# Benchmarks", "",
              f"Written by `make bench` (bench/run_all.py) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Each figure "
              "is the median after warm-up, with the min–max over its repeats; a ratio is the figure over its "
-             "baseline's; a target applies to the ratio where there is one, else to the figure.", "",
+             "baseline's (unless its note says otherwise, e.g. a median of ratios of neighbouring runs); a target "
+             "applies to the ratio where there is one, else to the figure.", "",
              "## Machine", "", "| | |", "|---|---|"]  # fmt: skip
     lines += [f"| {key} | {_cell(value)} |" for key, value in machine.items()]
     lines += ["", "## Summary", "", f"{len(targeted) - len(failing)} of {len(targeted)} targets hold."]

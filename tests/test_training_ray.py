@@ -169,7 +169,9 @@ def test_sigkill_to_a_worker_mid_epoch_restarts_the_group_and_logs_each_epoch_on
 
 def test_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resumes_at_that_step(roots, uninterrupted):
     name, before = "sigterm", train_worker_count()
-    notice = SignalWorker(roots / "runs" / "ray" / name, signal.SIGTERM, after_checkpoints=1, delay_s=0.5)
+    # At once: the stop lands within a check interval (up to 64 steps of this epoch's 256) of the signal, so a later
+    # signal could land it at the epoch's end; any signal after epoch 0's checkpoint is at step 256 or later.
+    notice = SignalWorker(roots / "runs" / "ray" / name, signal.SIGTERM, after_checkpoints=1, delay_s=0)
     notice.start()
     started = time.monotonic()
     result = run(roots, signal_job(roots), name)
@@ -179,11 +181,11 @@ def test_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resume
     state = checkpoint_state(result)
     [stop] = state["stops"]
     assert stop["reason"] == "preempted" and stop["epoch"] == 1, (stop, notice.sent)  # signalled after epoch 0
-    # the next step boundary where the ranks agree: checks every few steps, ≈ CHECK_INTERVAL_S of them at the pace of
-    # the run's last (whole) epoch
+    # the next step boundary where the ranks agree: checks every few steps, at most ≈ CHECK_INTERVAL_S of them at the
+    # pace of the run's last (whole) epoch (fewer just after an epoch's end, whose pace counts validation)
     assert ITERATIONS <= stop["requested_at_step"] <= stop["at_step"] <= stop["requested_at_step"] + stop["check_every"]
     pace = min(MAX_CHECK_EVERY, max(1, CHECK_INTERVAL_S * ITERATIONS / state["history"][-1]["time/epoch_s"]))
-    assert pace / 3 <= stop["check_every"] <= min(MAX_CHECK_EVERY, 3 * pace), (stop, pace)
+    assert 1 <= stop["check_every"] <= min(MAX_CHECK_EVERY, 3 * pace), (stop, pace)
     assert 0 < stop["step"] < ITERATIONS, stop  # mid-epoch
     saved = [
         torch.load(path / CHECKPOINT_FILE, weights_only=False) for path in checkpoints(roots / "runs" / "ray" / name)

@@ -76,8 +76,9 @@ def connect_ray(cpus_needed: int) -> None:
 def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, data: Path | None = None,
            worker=train_worker) -> JobResult:  # fmt: skip
     """Validate, record and run ``spec`` on the Ray cluster this process is attached to (or a local one). SIGTERM
-    meanwhile (Ray Jobs' ``stop_job``) cancels: the workers checkpoint at the next step boundary and stop, the run
-    ends KILLED, and `training.stop.Cancelled` (a BaseException) carries the result."""
+    meanwhile (Ray Jobs' ``stop_job``) cancels: the workers checkpoint at the step boundary where they next agree
+    (`training.stop`) and stop, the run ends KILLED, and `training.stop.Cancelled` (a BaseException) carries the
+    result."""
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
     root = root or storage_root()
     resolved = resolve_data(spec, data)

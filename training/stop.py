@@ -169,7 +169,7 @@ class StopOnSignal:
         first, self.requested = not self.requested, True
         self.marker.write_text(f"SIGTERM to the driver, pid {os.getpid()}, at {time.time():.3f}\n")
         if first:
-            log.warning("SIGTERM: stopping at the next step boundary with a checkpoint")
+            log.warning("SIGTERM: stopping at the next agreed step boundary with a checkpoint")
             if self.on_stop:
                 self.on_stop()
 

@@ -1,0 +1,50 @@
+"""bench/other_cpu.py: the training workers' CPU and the rest of the machine's, told apart by command line."""
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+from bench.other_cpu import OtherCpu, is_ray_train_worker, is_spawned_process
+
+INTERVAL_S = 0.25
+
+
+def busy_loop(marker: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass", marker])
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
+
+
+def test_the_workers_cpu_and_the_rest_are_each_processs_own_cpu_time():
+    """Two busy loops, one a "worker": over the sampled seconds the workers' CPU adds up to that loop's own CPU
+    time and the rest's to at least the other loop's, whatever else this machine runs meanwhile."""
+    worker, other = busy_loop("worker-marker"), busy_loop("other-marker")
+    try:
+        time.sleep(0.5)  # both started and spinning
+        with OtherCpu(lambda command: "worker-marker" in command, workers=1, interval_s=INTERVAL_S) as cpu:
+            before = cpu_seconds(worker), cpu_seconds(other)
+            time.sleep(2.5)
+            after = cpu_seconds(worker), cpu_seconds(other)
+    finally:
+        for process in (worker, other):
+            process.kill()
+            process.wait()
+    sampled_workers = sum(workers * INTERVAL_S for workers, _ in cpu.seconds)
+    sampled_rest = sum(rest * INTERVAL_S for _, rest in cpu.seconds)
+    worker_spent, other_spent = after[0] - before[0], after[1] - before[1]
+    assert len(cpu.seconds) >= 8 and worker_spent > 0.5 and other_spent > 0.5, (before, after)
+    # the sampled intervals lie within the measured window but for the last partial one
+    assert worker_spent - 2 * INTERVAL_S <= sampled_workers <= worker_spent + 2 * INTERVAL_S, cpu.seconds
+    assert sampled_rest >= other_spent - 2 * INTERVAL_S, cpu.seconds
+
+
+def test_the_workers_are_recognised_by_their_command_lines():
+    assert is_ray_train_worker(["ray::RayTrainWorker.run_train_fn"]) and not is_ray_train_worker(["ray::IDLE"])
+    assert not is_ray_train_worker([])
+    spawned = ["python", "-c", "from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5, pipe_handle=7)"]
+    assert is_spawned_process(spawned) and not is_spawned_process(["python", "bench/ray_overhead.py"])
