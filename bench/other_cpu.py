@@ -20,11 +20,11 @@ def is_spawned_process(command: list[str]) -> bool:
 class OtherCpu:
     """In a thread, each second: the workers' CPU seconds (processes ``is_worker`` accepts by command line) and every
     other process's. `busy_other` is the median of the others' over the seconds when the ``workers`` were training
-    (together above 80 % of a core each), less this sampler's own CPU time."""
+    (together above 80 % of a core each), less this sampler's own CPU time. A command line is read at every sample:
+    Ray starts a worker process as ``ray::IDLE`` and renames it when it becomes a Train worker."""
 
     def __init__(self, is_worker, workers: int, interval_s: float = 1.0) -> None:
         self.is_worker, self.workers, self.interval_s = is_worker, workers, interval_s
-        self.known: dict[tuple[int, float], bool] = {}
         self.seconds: list[tuple[float, float]] = []  # per interval: (workers', others') CPU seconds per second
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -33,11 +33,9 @@ class OtherCpu:
         found = {}
         for process in psutil.process_iter():
             try:
-                key = (process.pid, process.create_time())
-                if key not in self.known:
-                    self.known[key] = self.is_worker(process.cmdline())
                 times = process.cpu_times()
-                found[key] = (self.known[key], times.user + times.system)
+                found[(process.pid, process.create_time())] = (self.is_worker(process.cmdline()),
+                                                               times.user + times.system)  # fmt: skip
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return found

@@ -43,6 +43,23 @@ def test_the_workers_cpu_and_the_rest_are_each_processs_own_cpu_time():
     assert sampled_rest >= other_spent - 2 * INTERVAL_S, cpu.seconds
 
 
+def test_a_process_renamed_into_a_worker_counts_as_one_from_then_on(tmp_path):
+    """As Ray's ``ray::IDLE`` process becomes ``ray::RayTrainWorker``: whether a process is a worker is its command
+    line's answer at each sample, not at the first one."""
+    renamed = tmp_path / "renamed"
+    loop = busy_loop("idle-marker")
+    try:
+        with OtherCpu(lambda command: "idle-marker" in command and renamed.exists(), workers=1,
+                      interval_s=INTERVAL_S) as cpu:  # fmt: skip
+            time.sleep(1.0)
+            renamed.touch()
+            time.sleep(1.5)
+    finally:
+        loop.kill()
+        loop.wait()
+    assert max(workers for workers, _ in cpu.seconds) > 0.5, cpu.seconds
+
+
 def test_the_workers_are_recognised_by_their_command_lines():
     assert is_ray_train_worker(["ray::RayTrainWorker.run_train_fn"]) and not is_ray_train_worker(["ray::IDLE"])
     assert not is_ray_train_worker([])
