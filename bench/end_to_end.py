@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import ROOT, Row, measured, parse_args, this_command, write_rows
+from bench.sampling import PeriodicSampler
 from tests.services import free_port
 from tests.test_demo import started_here  # which processes belong to a demo: its storage root, inherited
 from training.data.build import build_dataset
@@ -36,18 +36,17 @@ STUDY = "configs/studies/table4-fmnist.yaml"
 ATTENTION = "model.attention"
 
 
-class PeakMemory:
+class PeakMemory(PeriodicSampler):
     """The peak over time of the summed RSS of the processes that ``belongs`` accepts, sampled every
     ``interval_s`` in a thread; each process is asked once whether it belongs. Beside it, the peak rise of the
     machine's used memory: RSS counts the pages that processes share (torch's libraries, mostly) once each."""
 
     def __init__(self, belongs, interval_s: float = 0.5) -> None:
-        self.belongs, self.interval_s = belongs, interval_s
+        super().__init__(interval_s)
+        self.belongs = belongs
         self.known: dict[tuple[int, float], bool] = {}
         self.peak_bytes, self.peak_processes = 0, 0
         self.used_before, self.peak_used_rise = psutil.virtual_memory().used, 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         total, count = 0, 0
@@ -64,18 +63,6 @@ class PeakMemory:
         if total > self.peak_bytes:
             self.peak_bytes, self.peak_processes = total, count
         self.peak_used_rise = max(self.peak_used_rise, psutil.virtual_memory().used - self.used_before)
-
-    def _run(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> "PeakMemory":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.stopped.set()
-        self.thread.join()
 
 
 def run_demo(root: Path, images: int, epochs: int) -> tuple[str, float, PeakMemory]:

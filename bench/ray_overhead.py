@@ -23,6 +23,7 @@ Epoch times are the median over epochs after the first (which pays FFCV's JIT co
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -159,6 +160,10 @@ def main() -> None:
         pairs: dict[str, list[float]] = {"ray/plain": [], "ray/ddp": [], "2/1": []}
         # Per run of 2 Ray workers and of the DDP group: the CPU the rest of the machine took while they trained.
         other_cpu: dict[int | str, list[float]] = {"ddp": [], 2: []}
+
+        def this_repeat(values: list[float]) -> float:  # the median of the epochs this repeat's run added
+            return statistics.median(values[-(args.epochs - 1) :])
+
         for repeat in range(args.repeats):
             for run in ("plain", 1, "ddp", 2) if repeat % 2 == 0 else (2, "ddp", 1, "plain"):
                 if run == "plain":
@@ -169,17 +174,13 @@ def main() -> None:
                     with OtherCpu(is_spawned_process, 2) as cpu:
                         rates[run] += plain_ddp_rates(spec_for(2, *job), data, Path(temp))
                     other_cpu[run].append(cpu.busy_other)
-                else:
-                    with OtherCpu(is_ray_train_worker, run) as cpu:
+                else:  # the sampler only where its figure is reported: its own CPU would touch the 1-worker run
+                    with OtherCpu(is_ray_train_worker, run) if run == 2 else contextlib.nullcontext() as cpu:
                         epoch_s, img_s = ray_epochs(spec_for(run, *job), data, runs, f"w{run}-r{repeat}")
                     if run == 2:
                         other_cpu[run].append(cpu.busy_other)
                     times[run] += epoch_s[1:]
                     rates[run] += img_s[1:]
-
-            def this_repeat(values: list[float]) -> float:  # the median of the epochs this repeat's run added
-                return statistics.median(values[-(args.epochs - 1) :])
-
             pairs["ray/plain"].append(this_repeat(times[1]) / this_repeat(times["plain"]))
             pairs["ray/ddp"].append(this_repeat(rates[2]) / this_repeat(rates["ddp"]))
             pairs["2/1"].append(this_repeat(rates[2]) / this_repeat(rates[1]))

@@ -3,7 +3,6 @@ per machine into a cache, and optional — without a compiler the modules run on
 
 import contextlib
 import itertools
-import platform
 import subprocess
 import sys
 import zipfile
@@ -172,7 +171,7 @@ def test_without_a_compiler_the_modules_run_on_torch_convs(
     assert not list(fresh_build.glob("*"))
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable builds are x86-64 levels")
+@pytest.mark.skipif(not native.portable_machine(), reason="the portable builds are x86-64 levels")
 def test_without_a_compiler_the_prebuilt_kernels_load(
     fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -210,7 +209,7 @@ def test_without_the_kernel_source_the_modules_fall_back(
     assert type(out.grad_fn).__name__ == "_BAMBackward"
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable builds are x86-64 levels")
+@pytest.mark.skipif(not native.portable_machine(), reason="the portable builds are x86-64 levels")
 def test_a_prebuilt_library_that_does_not_load_falls_back(
     fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
