@@ -6,6 +6,7 @@ import itertools
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 
@@ -92,17 +93,55 @@ def test_what_the_kernels_take() -> None:
         native.conv2d(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 5, 5), None, (0, 0), (1, 1))
 
 
-@pytest.mark.parametrize(
-    "module",
-    [CBAM(6), BAM(6), BAM(6, combine="product"), CBAM(16), BAM(40)],
-    ids=["cbam-6", "bam-6", "bam-6-product", "cbam-16", "bam-40"],
-)
-def test_modules_equal_with_and_without_the_kernels(module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+# Built inside the test, under its seed: built at collection they took whatever state the global generator had
+# then, which differs from run to run.
+MODULES_ON_LENET_MAPS: dict[str, Callable[[], torch.nn.Module]] = {
+    "cbam-6": lambda: CBAM(6),
+    "bam-6": lambda: BAM(6),
+    "bam-6-product": lambda: BAM(6, combine="product"),
+    "cbam-16": lambda: CBAM(16),
+    "bam-40": lambda: BAM(40),
+}
+# Two float32 paths round a ReLU's input differently (by up to ~1e-6 here); an input closer than this to 0 may fall
+# on either side of the kink in each, and its gradient flow in one and not in the other (a CI run's random weights
+# met one at 1.3e-7: the kernels agreed with float64 there, torch's path did not).
+RELU_MARGIN = 2e-5
+
+
+def smallest_relu_input(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """The smallest |input| of any ReLU of ``module`` over ``x``, computed stepwise in float64."""
+    smallest = [float("inf")]
+
+    def record(_: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        smallest[0] = min(smallest[0], inputs[0].abs().min().item())
+
+    copy = deepcopy(module).double()
+    for layer in copy.modules():
+        if isinstance(layer, torch.nn.ReLU):
+            layer.register_forward_pre_hook(record)
+    with reference_formulation(), torch.no_grad():
+        copy(x.double())
+    return smallest[0]
+
+
+def away_from_relu_kinks(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A module and a LeNet-5-sized input from the first seed whose ReLU inputs are all `RELU_MARGIN` from 0 — a
+    criterion computed in float64, blind to the two paths the test compares."""
+    for seed in range(100):
+        torch.manual_seed(seed)
+        module = build()
+        # Per-map offsets keep the channel means apart: BAM's BatchNorm1d over them is then well conditioned.
+        x = torch.randn(8, module_channels(module), 30, 30) + torch.randn(8, module_channels(module), 1, 1)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if smallest_relu_input(module, x) > RELU_MARGIN:
+            return module, x
+    raise AssertionError("no seed below 100 keeps every ReLU input away from its kink")
+
+
+@pytest.mark.parametrize("name", list(MODULES_ON_LENET_MAPS))
+def test_modules_equal_with_and_without_the_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On LeNet-5-sized maps (the kernels' vector loops), outputs, gradients and running statistics agree."""
-    torch.manual_seed(0)
-    # Per-map offsets keep the channel means apart: BAM's BatchNorm1d over them is then well conditioned.
-    x = torch.randn(8, module_channels(module), 30, 30) + torch.randn(8, module_channels(module), 1, 1)
-    x = x.contiguous(memory_format=torch.channels_last)
+    module, x = away_from_relu_kinks(MODULES_ON_LENET_MAPS[name])
     results = []
     for setting in ("1", "0"):
         monkeypatch.setenv("SAN_NATIVE_KERNELS", setting)
