@@ -5,6 +5,8 @@ import contextlib
 import itertools
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from copy import deepcopy
@@ -168,6 +170,33 @@ def test_modules_equal_with_and_without_the_kernels(name: str, monkeypatch: pyte
         )
     for buffer, ref_buffer in zip(buffers, ref_buffers, strict=True):
         torch.testing.assert_close(buffer, ref_buffer)
+
+
+def test_a_threads_scratch_block_is_freed_when_the_thread_exits() -> None:
+    """BAM's single calls keep a scratch block per calling thread; a thread that exits (a worker's training thread
+    at the end of a run) leaves none behind."""
+    torch.manual_seed(0)
+    module, x = BAM(6), torch.randn(4, 6, 12, 12, requires_grad=True)
+    module(x).sum().backward()  # this thread's own block, if it had none
+    before = native.arena_blocks()
+    during: list[int] = []
+
+    def train_step() -> None:
+        out = module(x)
+        assert type(out.grad_fn).__name__ == "_BAMNativeBackward"
+        out.sum().backward()
+        during.append(native.arena_blocks())
+
+    for _ in range(3):
+        thread = threading.Thread(target=train_step)
+        thread.start()
+        thread.join()
+        # join returns once Python is done with the thread; the OS thread (and its key destructors) ends just after
+        deadline = time.monotonic() + 10
+        while native.arena_blocks() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert during[-1] == before + 1 and native.arena_blocks() == before
+    assert len(during) == 3
 
 
 def biases_before_batch_norm(module: torch.nn.Module) -> set[str]:

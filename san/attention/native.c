@@ -8,6 +8,7 @@
    Results are deterministic for a given input: the batch is split into a fixed number of parts however many
    threads run, and the weight gradient's per-part sums are added in order. */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -1117,21 +1118,39 @@ static void san_chain_backward(long S, long N, const long *geometry, float **ten
 /* The intermediates of one call come from a block kept per calling thread and grown to the largest call seen: fresh
    memory for them each call cost more in page faults than the arithmetic (BAM's backward at LeNet-5's first map:
    1.4 ms with fresh memory, 0.7 ms without). A call that outgrows the block takes malloc's memory for the rest and
-   leaves the next call a block large enough. */
+   leaves the next call a block large enough. The block is freed when its thread exits (a thread-specific key's
+   destructor), so threads that come and go — a worker's training thread per run — leave nothing behind. */
 typedef struct {
     char *base;
     size_t size, used, wanted;
 } arena_t;
 static __thread arena_t arena;
+static pthread_key_t arena_key;
+static pthread_once_t arena_key_once = PTHREAD_ONCE_INIT;
+static long arena_blocks; /* blocks held by live threads, for san_arena_blocks */
+
+static void arena_release(void *block) {
+    free(block);
+    __atomic_sub_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
+}
+
+static void arena_key_create(void) { pthread_key_create(&arena_key, arena_release); }
 
 static void arena_begin(void) { arena.used = arena.wanted = 0; }
 
 static void arena_end(void) {
     if (arena.wanted <= arena.size) return;
+    pthread_once(&arena_key_once, arena_key_create);
+    if (arena.base) __atomic_sub_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
     free(arena.base);
     arena.base = malloc(arena.wanted);
     arena.size = arena.base ? arena.wanted : 0;
+    if (arena.base) __atomic_add_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
+    pthread_setspecific(arena_key, arena.base);
 }
+
+/* How many threads hold a block (tests/test_attention_native.py). */
+void san_arena_blocks(long *count) { *count = __atomic_load_n(&arena_blocks, __ATOMIC_RELAXED); }
 
 typedef struct {
     void **owned; /* what came from malloc (the block was full), freed by scratch_free */

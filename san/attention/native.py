@@ -39,13 +39,15 @@ MAX_CHANNELS = 15
 WEIGHT_GRAD_PARTS = 8
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # Portable builds for machines without a compiler (the runtime images build them: ``python -m
-# san.attention.prebuild``), best first, with the CPU flags each x86-64 level needs.
+# san.attention.prebuild``), best first, with the CPU flags each x86-64 level needs as /proc/cpuinfo names them
+# (SSE3 is "pni", LZCNT "abm").
+_X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
 PORTABLE_TARGETS = {
-    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"),
-    "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt"),
+    "x86-64-v3": (*_X86_64_V2, "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "x86-64-v2": _X86_64_V2,
 }
 PREBUILT_DIR = Path(__file__).with_name("prebuilt")
-_LIBRARIES = ("-lm",)  # after the source: linkers drop a library named before what uses it
+_LIBRARIES = ("-lm", "-lpthread")  # after the source: linkers drop a library named before what uses it
 _LONG, _POINTER = ctypes.c_long, ctypes.c_void_p
 
 
@@ -303,6 +305,13 @@ def _call(name: str, *args: object) -> None:
     lib = library()
     assert lib is not None
     getattr(lib, name)(*[arg.data_ptr() if isinstance(arg, Tensor) else arg for arg in args])
+
+
+def arena_blocks() -> int:
+    """How many threads hold a scratch block for BAM's single calls (each is freed when its thread exits)."""
+    count = ctypes.c_long(0)
+    _call("san_arena_blocks", ctypes.byref(count))
+    return count.value
 
 
 def _sizes(x: Tensor) -> tuple[int, int, int]:
