@@ -127,8 +127,8 @@ def smallest_relu_input(module: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def away_from_relu_kinks(build: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A module and a LeNet-5-sized input from the first seed whose ReLU inputs are all `RELU_MARGIN` from 0 — a
-    criterion computed in float64, blind to the two paths the test compares."""
+    """A module and a LeNet-5-sized input from the first seed whose ReLU inputs are all more than `RELU_MARGIN` from
+    0 — a criterion computed in float64, blind to the two paths the test compares."""
     for seed in range(100):
         torch.manual_seed(seed)
         module = build()
@@ -179,24 +179,31 @@ def test_a_threads_scratch_block_is_freed_when_the_thread_exits() -> None:
     module, x = BAM(6), torch.randn(4, 6, 12, 12, requires_grad=True)
     module(x).sum().backward()  # this thread's own block, if it had none
     before = native.arena_blocks()
-    during: list[int] = []
+    seen: dict[str, object] = {}
 
     def train_step() -> None:
-        out = module(x)
-        assert type(out.grad_fn).__name__ == "_BAMNativeBackward"
-        out.sum().backward()
-        during.append(native.arena_blocks())
+        try:
+            out = module(x)
+            seen["node"] = type(out.grad_fn).__name__
+            out.sum().backward()
+            seen["blocks"] = native.arena_blocks()
+        except Exception as error:  # re-raised below, in the test's own thread
+            seen["error"] = error
 
     for _ in range(3):
+        seen.clear()
         thread = threading.Thread(target=train_step)
         thread.start()
         thread.join()
+        if "error" in seen:
+            raise seen["error"]
+        assert seen["node"] == "_BAMNativeBackward"
+        assert seen["blocks"] == before + 1, "the thread kept a block of its own"
         # join returns once Python is done with the thread; the OS thread (and its key destructors) ends just after
         deadline = time.monotonic() + 10
         while native.arena_blocks() != before and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert during[-1] == before + 1 and native.arena_blocks() == before
-    assert len(during) == 3
+        assert native.arena_blocks() == before, "the exited thread's block was not freed"
 
 
 def biases_before_batch_norm(module: torch.nn.Module) -> set[str]:

@@ -6,7 +6,11 @@
    which the kernels make themselves from the input's own strides (any layout).
 
    Results are deterministic for a given input: the batch is split into a fixed number of parts however many
-   threads run, and the weight gradient's per-part sums are added in order. */
+   threads run, and the weight gradient's per-part sums are added in order.
+
+   Below the convolutions: CBAM's, BAM's and SAN's full-size passes (each walks a map a few times where torch's
+   formulation makes a dozen to thirty passes), the few-channel conv -> batch norm -> activation chains of BAM's
+   spatial branch, and BAM as one call each way. */
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -1119,7 +1123,8 @@ static void san_chain_backward(long S, long N, const long *geometry, float **ten
    memory for them each call cost more in page faults than the arithmetic (BAM's backward at LeNet-5's first map:
    1.4 ms with fresh memory, 0.7 ms without). A call that outgrows the block takes malloc's memory for the rest and
    leaves the next call a block large enough. The block is freed when its thread exits (a thread-specific key's
-   destructor), so threads that come and go — a worker's training thread per run — leave nothing behind. */
+   destructor), so threads that come and go — a worker's training thread per run — leave nothing behind; ctypes never
+   unloads the library, so the destructor stays there for every thread's exit. */
 typedef struct {
     char *base;
     size_t size, used, wanted;
@@ -1127,26 +1132,39 @@ typedef struct {
 static __thread arena_t arena;
 static pthread_key_t arena_key;
 static pthread_once_t arena_key_once = PTHREAD_ONCE_INIT;
-static long arena_blocks; /* blocks held by live threads, for san_arena_blocks */
+static int arena_key_made; /* pthread_key_create succeeded: without a key no block is kept (plain malloc per call) */
+static long arena_blocks;  /* blocks held by live threads, for san_arena_blocks */
 
 static void arena_release(void *block) {
+    /* a library call from this thread's later exit code must not see the freed block */
+    if (block == arena.base) arena = (arena_t){0};
     free(block);
     __atomic_sub_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
 }
 
-static void arena_key_create(void) { pthread_key_create(&arena_key, arena_release); }
+static void arena_key_create(void) { arena_key_made = pthread_key_create(&arena_key, arena_release) == 0; }
 
 static void arena_begin(void) { arena.used = arena.wanted = 0; }
 
 static void arena_end(void) {
     if (arena.wanted <= arena.size) return;
+    size_t wanted = arena.wanted;
     pthread_once(&arena_key_once, arena_key_create);
-    if (arena.base) __atomic_sub_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
-    free(arena.base);
-    arena.base = malloc(arena.wanted);
-    arena.size = arena.base ? arena.wanted : 0;
-    if (arena.base) __atomic_add_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
-    pthread_setspecific(arena_key, arena.base);
+    if (arena.base) { /* a block exists only under a key */
+        pthread_setspecific(arena_key, NULL);
+        free(arena.base);
+        __atomic_sub_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
+    }
+    arena = (arena_t){0};
+    char *block = arena_key_made ? malloc(wanted) : NULL;
+    if (block && pthread_setspecific(arena_key, block) != 0) {
+        free(block);
+        block = NULL;
+    }
+    if (!block) return; /* the next calls take malloc's memory, as a call that outgrows its block does */
+    __atomic_add_fetch(&arena_blocks, 1, __ATOMIC_RELAXED);
+    arena.base = block;
+    arena.size = wanted;
 }
 
 /* How many threads hold a block (tests/test_attention_native.py). */
