@@ -53,6 +53,7 @@ SCRIPTS = [
     Script("ray", "ray", ["bench/ray_overhead.py"], timeout_s=240),
     Script("api", "api-sqlite", ["bench/api_latency.py"], timeout_s=60),
     Script("api", "api-postgresql", ["bench/api_latency.py", "--database", "postgresql"], timeout_s=90),
+    Script("api", "api-reads", ["bench/api_reads.py"], timeout_s=120),
     Script("end-to-end", "end_to_end", ["bench/end_to_end.py"], timeout_s=330),
     Script("gpu", "gpu", ["bench/gpu.py", "--out", "bench/results/gpu"], quick_args=[], timeout_s=60, json=False),
 ]

@@ -13,7 +13,7 @@ STORAGE="$(realpath -m "${SAN_STORAGE_ROOT:-runs}")"
 mkdir -p "$STORAGE"
 export SAN_API_URL="http://127.0.0.1:${PORT}"
 export SAN_API_TOKEN="demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-export SAN_TOKENS="{\"demo\": \"$("$BIN/san" jobs hash-token "$SAN_API_TOKEN")\"}"
+export SAN_TOKENS="{\"demo\": \"$(printf %s "$SAN_API_TOKEN" | "$BIN/san" jobs hash-token)\"}"  # stdin: not in ps
 export SAN_MLFLOW_URI="http://127.0.0.1:${MLFLOW_PORT}" SAN_MLFLOW_UI_URL="http://127.0.0.1:${MLFLOW_PORT}"
 export SAN_STORAGE_ROOT="$STORAGE"
 LOGS="$(mktemp -d -t san-demo.XXXXXX)"

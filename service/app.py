@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from san import __version__
+from service.admission import ModelChecks, ModelSizes
 from service.auth import principals_by_hash
 from service.progress import RunReader
 from service.queue import Dispatcher
@@ -21,8 +22,9 @@ from service.ray_jobs import LocalRayHead, RayJobs, auth_token
 from service.routes import catalog, health, jobs, studies
 from service.settings import ServiceSettings
 from service.store import GroupCommit, JobStore, StudyStore
-from service.studies import StudyFinisher
-from service.validation import ClusterSize
+from service.studies import Expansions, StudyFinisher
+from service.validation import ClusterSize, JobShares
+from training.config import MODELS_BUILT_ELSEWHERE
 from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
 
 log = logging.getLogger("san.service")
@@ -66,6 +68,21 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ModelsBuiltElsewhere:
+    """Every request's validation leaves building models to the admission worker (`MODELS_BUILT_ELSEWHERE`): the
+    routes ask it (`ModelSizes`, `ModelChecks`), so no request builds a model in this process."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        token = MODELS_BUILT_ELSEWHERE.set(True)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            MODELS_BUILT_ELSEWHERE.reset(token)
+
+
 ECHOED_CHARS = 200  # of a string input, in a 422's body
 
 
@@ -101,12 +118,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         head = None
         address = settings.ray_address
-        if address == "local":
-            head = LocalRayHead(settings.local_ray_port, settings.local_ray_dashboard_port, settings.local_ray_cpus)
-            await asyncio.to_thread(head.start)
-            address = head.address
-            log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)
         token = auth_token(settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None)
+        if address == "local":  # token auth on even with no token configured: the head then makes one
+            head = LocalRayHead(settings.local_ray_port, settings.local_ray_dashboard_port, settings.local_ray_cpus,
+                                token=token)  # fmt: skip
+            await asyncio.to_thread(head.start)
+            address, token = head.address, head.token
+            log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)
         env = {DATA_ROOT_ENV: str(settings.data_root), STORAGE_ROOT_ENV: str(settings.storage_root),
                # Ray Jobs' stop_job sends SIGTERM, then SIGKILL after this wait (3 s by default): long enough for the
                # driver to have the workers checkpoint at a step boundary and end the MLflow run KILLED.
@@ -118,8 +136,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         runs = RunReader(settings.mlflow_uris.values())  # never a URI a request named
         app.state.principals, app.state.runs, app.state.cluster = principals, runs, ClusterSize(ray)
         app.state.new_jobs = GroupCommit(store)
+        app.state.shares = JobShares(store, settings)
         app.state.studies = StudyStore(store)
-        finisher = StudyFinisher(app.state.studies, settings)
+        app.state.checks = checks = ModelChecks(settings.admission_timeout_s)
+        await asyncio.to_thread(checks.start)  # the worker warms up while the service starts answering
+        app.state.expansions = Expansions(checks)
+        app.state.model_sizes = ModelSizes(checks)
+        finisher = StudyFinisher(app.state.studies, settings, app.state.expansions)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S)),
                  asyncio.create_task(finisher.run(settings.poll_interval_s))]  # fmt: skip
@@ -135,12 +158,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                     await task
             store.close()
             ray.close()
+            await asyncio.to_thread(checks.close)
             if head is not None:
                 await asyncio.to_thread(head.stop)
 
     app = FastAPI(title="SAN training service", version=__version__, lifespan=lifespan,
                   description="Submit and follow Scale-Space Attention Network training jobs on Ray.")  # fmt: skip
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(ModelsBuiltElsewhere)
     app.add_exception_handler(RequestValidationError, invalid_request)
     for router in (jobs.router, studies.router, catalog.router, health.router):
         app.include_router(router)

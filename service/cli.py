@@ -3,11 +3,12 @@
     san serve [--host 127.0.0.1] [--port 8000] [--env-file service.env]
     san jobs submit SPEC [--workers N] [--epochs N] [--wait]
     san jobs list [--status S] | show ID | cancel ID | logs ID [--tail N]
-    san jobs hash-token TOKEN        # the value to put in SAN_TOKENS
+    printf %s "$TOKEN" | san jobs hash-token     # the value to put in SAN_TOKENS (the token from stdin)
     san study run SPEC [--seeds N] [--epochs N]      # on the local Ray, children one after another
     san study submit SPEC [--seeds N] [--epochs N] [--wait] | list | show ID | table ID [--format md] | cancel ID
     san stack up [--dir runs/stack] [--api-port 8000] [--mlflow-port 5000] [--dashboard-port 8265] | down | status
-The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN``.
+The client reads ``SAN_API_URL`` (default http://127.0.0.1:8000) and ``SAN_API_TOKEN`` (or ``--token-file PATH``).
+Tokens never go on the command line: every local user sees it in ``ps``.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -33,10 +35,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_token(args: argparse.Namespace) -> str | None:
+    """The token in ``--token-file``, else ``$SAN_API_TOKEN``; a one-line error (exit 2) for an unreadable or empty
+    file."""
+    if not args.token_file:
+        return os.environ.get("SAN_API_TOKEN")
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as error:
+        print(f"san {args.command}: error: --token-file {args.token_file}: {error.strerror}", file=sys.stderr)
+        sys.exit(2)
+    if not token:
+        print(f"san {args.command}: error: --token-file {args.token_file} is empty", file=sys.stderr)
+        sys.exit(2)
+    return token
+
+
+class _TokenOnCommandLine(argparse.Action):
+    """``--token`` and ``hash-token TOKEN`` are refused: the token would be on the command line, which ``ps`` shows
+    to every local user. The message does not repeat the token (argparse's own "unrecognized arguments" would)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=None, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string:
+            parser.error(f"{option_string} is gone: a token on the command line shows in `ps`; give it in "
+                         "$SAN_API_TOKEN or in a file, --token-file PATH")  # fmt: skip
+        if values is not None:  # hash-token's positional (absent, argparse still calls with None)
+            parser.error(f'the token is read from stdin, not the command line (`ps` shows that): printf %s "$TOKEN" | '
+                         f"{parser.prog}")  # fmt: skip
+
+
 def _client(args: argparse.Namespace):
     import httpx
 
-    token = args.token or os.environ.get("SAN_API_TOKEN")
+    token = _api_token(args)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=args.url, headers=headers, timeout=30)
 
@@ -225,9 +259,17 @@ def _study_list(args: argparse.Namespace) -> int:
 
 
 def _hash_token(args: argparse.Namespace) -> int:
+    """The hash of the token on stdin's first line; from a terminal, asked for without echo."""
+    import getpass
+
     from service.auth import hash_token
 
-    print(hash_token(args.token))
+    token = (getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
+    if not token:
+        print('san jobs hash-token: error: no token on stdin; e.g. printf %s "$TOKEN" | san jobs hash-token',
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(hash_token(token))
     return 0
 
 
@@ -276,7 +318,8 @@ def register(commands) -> None:
 
     jobs = commands.add_parser("jobs", help="submit and follow jobs through the service's REST API")
     jobs.add_argument("--url", default=os.environ.get("SAN_API_URL", DEFAULT_URL), help="the service's base URL")
-    jobs.add_argument("--token", help="bearer token (default: $SAN_API_TOKEN)")
+    jobs.add_argument("--token-file", metavar="PATH", help="a file holding the bearer token (default: $SAN_API_TOKEN)")
+    jobs.add_argument("--token", action=_TokenOnCommandLine)
     actions = jobs.add_subparsers(dest="action", required=True, parser_class=type(jobs))
     submit = actions.add_parser("submit", help="submit a JobSpec (YAML/JSON)")
     submit.add_argument("spec")
@@ -299,13 +342,16 @@ def register(commands) -> None:
     logs.add_argument("id")
     logs.add_argument("--tail", type=int, default=200)
     logs.set_defaults(handler=_logs)
-    hashing = actions.add_parser("hash-token", help="print the sha256 hash of a token, for SAN_TOKENS")
-    hashing.add_argument("token")
+    hashing = actions.add_parser("hash-token", help="print the sha256 hash of the token on stdin, for SAN_TOKENS",
+                                 description='The token is read from stdin (its first line): printf %s "$TOKEN" | '
+                                 "san jobs hash-token; from a terminal it is asked for, not echoed.")  # fmt: skip
+    hashing.add_argument("token", action=_TokenOnCommandLine)
     hashing.set_defaults(handler=_hash_token)
 
     study = commands.add_parser("study", help="a grid of jobs over seeds as one table (the paper's comparisons)")
     study.add_argument("--url", default=os.environ.get("SAN_API_URL", DEFAULT_URL), help="the service's base URL")
-    study.add_argument("--token", help="bearer token (default: $SAN_API_TOKEN)")
+    study.add_argument("--token-file", metavar="PATH", help="a file holding the bearer token (default: $SAN_API_TOKEN)")
+    study.add_argument("--token", action=_TokenOnCommandLine)
     verbs = study.add_subparsers(dest="action", required=True, parser_class=type(study))
     for name, text in (("run", "run a study on the local Ray (or $RAY_ADDRESS), children one after another"),
                        ("submit", "submit a study to the service")):  # fmt: skip
@@ -333,6 +379,8 @@ def register(commands) -> None:
     table.add_argument("id")
     table.add_argument("--format", choices=["md", "csv", "json"], default="md")
     table.set_defaults(handler=_study_table)
+    for verb in [*actions.choices.values(), *verbs.choices.values()]:  # `san jobs list --token X` too
+        verb.add_argument("--token", action=_TokenOnCommandLine)
 
     stack = commands.add_parser("stack", help="the deployed topology as local processes (Ray head + node, "
                                 "PostgreSQL, mlflow server, API)")  # fmt: skip

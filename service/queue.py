@@ -1,13 +1,16 @@
 """The service's own durable queue: Ray Jobs has none (submitted jobs contend for resources), so jobs wait in
 the store as ``queued`` and at most ``max_submitted`` are on Ray at once. Each tick first reconciles the
-active jobs with Ray — so a restart, or a job that ended while the API was down, shows its true state — then
-submits queued jobs in order while there is room."""
+active jobs with Ray — so a restart, or a job that ended while the API was down, shows its true state — then ends
+the waiting jobs whose cancel was asked for, then submits while there is room: interrupted jobs first, then queued
+jobs round-robin across principals (the one with the fewest jobs on Ray, then the one served longest ago, each
+principal's jobs in their own order), so one principal's study cannot hold everyone's queue."""
 
 import asyncio
 import contextlib
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable, failure_path
@@ -26,6 +29,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._kick = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.served: dict[str, float] = {}  # principal → when a queued job of theirs was last submitted
 
     def spec_path(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "spec.json"
@@ -43,6 +47,7 @@ class Dispatcher:
             try:
                 for job in self.store.in_states(ACTIVE):
                     self.reconcile(job)
+                self.end_cancelled()
                 self.fill()
             except RayUnavailable as error:
                 log.warning("queue: %s; retrying in the next tick", error)
@@ -52,7 +57,9 @@ class Dispatcher:
         info = self.ray.info(job.id)
         if info is None:
             ran = (running := job.at("running")) is not None and running > job.at("submitted")
-            if job.status == "submitted" and not ran:
+            if job.status == "submitted" and not ran and job.cancel_requested:  # its owner cancelled it meanwhile
+                self.store.transition(job.id, "cancelled", only_from=("submitted",))
+            elif job.status == "submitted" and not ran:
                 # claimed, then the process stopped before Ray got it (or Ray lost it before it ran): submit again
                 self.submit(job)
             else:  # Ray answered without it: the cluster that ran it is gone (a head restarted empty)
@@ -88,15 +95,36 @@ class Dispatcher:
             self.store.transition(job.id, "interrupted", only_from=(job.status,),
                                   error="the Ray cluster lost it; it resumes from its last checkpoint")  # fmt: skip
 
+    def end_cancelled(self) -> None:
+        for job_id in self.store.cancel_requested_waiting():
+            self.store.transition(job_id, "cancelled", only_from=WAITING)
+
     def fill(self) -> None:
         room = self.max_submitted - self.store.count(ACTIVE)
-        if room <= 0:
-            return
-        for job in self.store.in_states(WAITING, limit=room):
-            if job.cancel_requested:  # a cancel is under way: it must not reach Ray
-                continue
-            if self.store.transition(job.id, "submitted", only_from=(job.status,)):  # claimed: no other dispatcher
+        tried: set[str] = set()
+        while room > 0:
+            job = self.next_job()
+            if job is None or job.id in tried:
+                return
+            tried.add(job.id)
+            # Claimed (compare-and-set: no other dispatcher, and no cancel since it was read), then submitted.
+            if self.store.transition(job.id, "submitted", only_from=(job.status,), unless_cancel_requested=True):
+                if job.status == "queued":
+                    self.served[job.principal] = time.monotonic()
                 self.submit(job)
+                room -= 1
+
+    def next_job(self) -> Job | None:
+        """The interrupted job that waited longest; else the head of line of the principal with the fewest jobs on
+        Ray, served longest ago (never served first), oldest first among equals."""
+        resumed = [job for job in self.store.in_states(("interrupted",), limit=1) if not job.cancel_requested]
+        if resumed:
+            return resumed[0]
+        heads = self.store.queue_heads()
+        if not heads:
+            return None
+        active = self.store.active_by_principal()
+        return min(heads, key=lambda job: (active.get(job.principal, 0), self.served.get(job.principal, -1.0)))
 
     def submit(self, job: Job) -> None:
         path = self.spec_path(job.id)
@@ -121,7 +149,9 @@ class Dispatcher:
             return
         with self._lock:  # not while a tick is submitting it
             current = self.store.get(job.id)
-            if current is not None and current.status in ACTIVE:
+            if current is not None and current.status in WAITING:  # a failed submit put it back in line meanwhile
+                self.store.transition(job.id, "cancelled", only_from=WAITING)
+            elif current is not None and current.status in ACTIVE:
                 self.ray.stop(job.id)
                 self.store.transition(job.id, "cancelled")
 

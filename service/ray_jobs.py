@@ -4,6 +4,7 @@ by PID (never ``ray stop``, which would end every Ray process on the machine).""
 
 import contextlib
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -23,6 +24,9 @@ RAY_STATES = {  # Ray's job status → the service's state
     "FAILED": "failed",
     "STOPPED": "cancelled",
 }
+
+
+MAX_LOG_BYTES = 4 * 1024 * 1024  # of a log tail the API passes on
 
 
 class RayUnavailable(RuntimeError):
@@ -112,9 +116,29 @@ class RayJobs:
     def stop(self, job_id: str) -> None:
         self.request("POST", f"/api/jobs/{job_id}/stop")
 
-    def logs(self, job_id: str) -> str:
-        response = self.request("GET", f"/api/jobs/{job_id}/logs")
-        return "" if response is None else response.json().get("logs", "")
+    def logs(self, job_id: str, tail: int) -> str:
+        """The driver log's last ``tail`` lines, read from the file's end by Ray's state API on the driver's node (the
+        Jobs API's ``/logs`` answers the whole log), at most `MAX_LOG_BYTES`; empty when Ray has no such job or no
+        log for it yet."""
+        found = self.request("GET", f"/api/jobs/{job_id}")
+        node = found.json().get("driver_node_id") if found is not None else None
+        if not node:
+            return ""
+        params = {"node_id": node, "filename": f"job-driver-{job_id}.log", "lines": tail}
+        chunks: list[bytes] = []
+        try:
+            with self.http.stream("GET", "/api/v0/logs/file", params=params) as response:
+                if response.status_code >= 400:  # the cluster answered above: the file is not there (yet)
+                    return ""
+                size = 0
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size >= MAX_LOG_BYTES:
+                        break
+        except httpx.HTTPError as error:
+            raise RayUnavailable(f"Ray at {self.address}: {error}") from None
+        return b"".join(chunks)[-MAX_LOG_BYTES:].decode(errors="replace")
 
     def resources(self) -> dict[str, float]:
         """CPUs and GPUs of the cluster's live nodes (the dashboard's state API)."""
@@ -148,12 +172,40 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def saved_auth_token() -> str:
+    """A new cluster token, saved 0600 where Ray's own clients on this machine read one (as Ray's first ``ray.init``
+    saves its own), unless another process saved one there first: then that one."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=".auth_token.")  # created 0600
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(token)
+        os.link(temp, path)  # whole or not at all, and never over a token that is there
+    except FileExistsError:
+        token = path.read_text().strip()
+    finally:
+        os.unlink(temp)
+    return token
+
+
 class LocalRayHead:
     """``ray start --head --block`` with the dashboard, in its own process group, so stopping it ends exactly the
-    processes it started. Its temp dir is short and private: Ray's socket paths have a length limit."""
+    processes it started. Its temp dir is short and private: Ray's socket paths have a length limit.
 
-    def __init__(self, port: int, dashboard_port: int, num_cpus: int | None, env: dict[str, str] | None = None) -> None:
-        self.port, self.dashboard_port, self.num_cpus, self.env = port, dashboard_port, num_cpus, env
+    Token authentication is always on (``RAY_AUTH_MODE=token``: Ray 2.60's ``ray start`` turns it on only when it
+    finds a token). The token: ``token``, else ``RAY_AUTH_TOKEN`` of ``env``, else the one Ray's clients on this
+    machine use (`auth_token`), else a new one saved where they look (`saved_auth_token`); it is ``self.token``."""
+
+    def __init__(self, port: int, dashboard_port: int, num_cpus: int | None, env: dict[str, str] | None = None,
+                 token: str | None = None) -> None:  # fmt: skip
+        self.port, self.dashboard_port, self.num_cpus = port, dashboard_port, num_cpus
+        env = dict(os.environ if env is None else env)
+        self.token = token or env.get("RAY_AUTH_TOKEN") or auth_token(None) or saved_auth_token()
+        # The head's processes pass their environment on to the job supervisors and drivers they start: a job's
+        # `ray.init()` finds the token there.
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
         self.process: subprocess.Popen | None = None
         self.temp_dir = tempfile.mkdtemp(prefix="san-ray-")
 
@@ -177,11 +229,12 @@ class LocalRayHead:
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + timeout_s
+        headers = {"Authorization": f"Bearer {self.token}"}
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"ray head exited with {self.process.returncode}; see {log.name}")
             try:
-                if httpx.get(f"{self.address}/api/version", timeout=2).status_code in (200, 401):
+                if httpx.get(f"{self.address}/api/version", headers=headers, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -49,6 +49,14 @@ class ServiceSettings(BaseSettings):
     max_workers: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     max_study_cells: int = Field(default=200, ge=1)  # grid cells of one study (before merging equal networks)
+    max_study_jobs: int = Field(default=1000, ge=1)  # cells × seeds of one study (a larger one: 422)
+    # Each principal's share (more: 429 with Retry-After): jobs not yet ended (queued, on Ray, interrupted; a study's
+    # children count), and studies running at once.
+    max_jobs_per_principal: int = Field(default=2000, ge=1)
+    max_studies_per_principal: int = Field(default=10, ge=1)
+    retry_after_s: int = Field(default=60, ge=1)  # what a 429 tells the caller to wait
+    # A study's admission builds each cell's model on the meta device, in a worker process, within this bound.
+    admission_timeout_s: float = Field(default=60, gt=0, le=3600)
 
     @field_validator("data_root", "storage_root")
     @classmethod

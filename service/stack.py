@@ -1,10 +1,12 @@
 """``san stack up|down|status``: the deployed topology as processes on this machine — a Ray head with dashboard, a
 second Ray node joined with ``ray start --address`` (one CPU each, so a 2-worker job spans both), PostgreSQL (the
 Debian package, its own data dir and port), an ``mlflow server`` on it serving a local artifact store, and the API
-pointed at all of them. Token authentication stays on for Ray and for the API.
+pointed at all of them. Token authentication stays on for Ray and for the API, and PostgreSQL asks for a password
+(SCRAM), a new one each ``up``.
 
-``up`` writes what it started (PIDs, ports, dirs, tokens) to ``<dir>/stack.json`` as it goes, so ``down`` — from
-any process — stops exactly those, by PID (never ``ray stop``); a failed ``up`` stops what it had started.
+``up`` writes what it started (PIDs, ports, dirs, tokens, the password) to ``<dir>/stack.json`` (mode 0600) as it
+goes, so ``down`` — from any process — stops exactly those, by PID (never ``ray stop``); a failed ``up`` stops what
+it had started.
 """
 
 import contextlib
@@ -16,9 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import psutil
@@ -35,6 +39,18 @@ class StackError(RuntimeError):
     """The stack could not start or stop; the message says which part and where its log is."""
 
 
+def write_private(path: Path, text: str) -> None:
+    """``text`` into ``path`` by rename, readable by its owner alone from before the first byte (it holds secrets)."""
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 def postgres_bin() -> Path:
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not versions:
@@ -42,18 +58,29 @@ def postgres_bin() -> Path:
     return versions[-1].parent
 
 
+# Replaces a reused data dir's pg_hba.conf: one an older `up` made with trust auth must not stay open.
+PASSWORD_HBA = (
+    "# san stack: TCP on 127.0.0.1 only, every user with its password\nhost all all 127.0.0.1/32 scram-sha-256\n"
+)
+
+
 class PostgresCluster:
-    """A PostgreSQL cluster in ``directory`` on ``port``, TCP on 127.0.0.1 only, trust auth for user ``san``.
+    """A PostgreSQL cluster in ``directory`` on ``port``, TCP on 127.0.0.1 only, for user ``san``: with its
+    ``password`` (SCRAM) — the stack's — or, without one, trust auth (for a test's own throwaway cluster alone).
     PostgreSQL refuses to run as root, so as root it runs as the 'postgres' user that the Debian package creates."""
 
-    def __init__(self, directory: Path, port: int) -> None:
-        self.dir, self.port, self.bin = Path(directory), port, postgres_bin()
+    def __init__(self, directory: Path, port: int, password: str | None = None) -> None:
+        self.dir, self.port, self.bin, self.password = Path(directory), port, postgres_bin(), password
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
-    def run(self, *command: str) -> None:
-        result = subprocess.run([*self.as_user, *command], capture_output=True, text=True, timeout=120)
+    def run(self, *command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        # The password goes in the environment (libpq's PGPASSWORD), which `ps` does not show, never on argv.
+        env = {**os.environ, "PGPASSWORD": self.password} if self.password else None
+        result = subprocess.run([*self.as_user, *command], input=stdin, capture_output=True, text=True, timeout=120,
+                                env=env)  # fmt: skip
         if result.returncode != 0:
             raise StackError(f"{Path(command[0]).name} failed: {(result.stderr or result.stdout).strip()}")
+        return result
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -63,22 +90,50 @@ class PostgresCluster:
                 raise StackError(f"PostgreSQL runs as 'postgres' and cannot reach {self.dir}: let others enter its "
                                  "parent directories (chmod o+x), or choose another --dir")  # fmt: skip
         if not (self.dir / "data" / "PG_VERSION").exists():
-            self.run(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "san", "--auth=trust", "-E", "UTF8")
+            self.initdb()
+        elif self.password:
+            self.set_password()
         # -k '': no Unix socket (its path has a length limit a deep directory can exceed); TCP only.
         self.run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
                  f"-p {self.port} -k '' -h 127.0.0.1", "start")  # fmt: skip
 
+    def initdb(self) -> None:
+        data = str(self.dir / "data")
+        if not self.password:
+            self.run(str(self.bin / "initdb"), "-D", data, "-U", "san", "--auth=trust", "-E", "UTF8")
+            return
+        descriptor, pwfile = tempfile.mkstemp(dir=self.dir, prefix=".pwfile-")  # 0600; initdb reads it, then it goes
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(self.password + "\n")
+            if self.as_user:
+                shutil.chown(pwfile, "postgres", "postgres")
+            self.run(str(self.bin / "initdb"), "-D", data, "-U", "san", "--auth=scram-sha-256", f"--pwfile={pwfile}",
+                     "-E", "UTF8")  # fmt: skip
+        finally:
+            Path(pwfile).unlink(missing_ok=True)
+
+    def set_password(self) -> None:
+        """A data dir an earlier ``up`` made: its password left with that stack's state file. The server is down, so
+        single-user mode (no connection, no password) sets this one, read from stdin; and only it lets anyone in."""
+        literal = self.password.replace("'", "''")
+        result = self.run(str(self.bin / "postgres"), "--single", "-D", str(self.dir / "data"), "postgres",
+                          stdin=f"ALTER ROLE san PASSWORD '{literal}';\n")  # fmt: skip
+        if "ERROR" in result.stdout + result.stderr:  # single-user mode reports a failed statement, yet exits 0
+            raise StackError(f"setting PostgreSQL's password in {self.dir} failed: {result.stderr.strip()}")
+        (self.dir / "data" / "pg_hba.conf").write_text(PASSWORD_HBA)  # in place: its owner and mode stay
+
     def create_database(self, name: str) -> str:
         """A database (created unless it exists) and its SQLAlchemy URL."""
-        probe = subprocess.run([*self.as_user, str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
-                                "san", "-d", "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
-        if probe.stdout.strip() != "1":
+        exists = self.run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", "-d",
+                          "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'")  # fmt: skip
+        if exists.stdout.strip() != "1":
             self.run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", name)
         return self.url(name)
 
     def url(self, name: str) -> str:
-        return f"postgresql+psycopg://san@127.0.0.1:{self.port}/{name}"
+        user = f"san:{quote(self.password, safe='')}" if self.password else "san"
+        return f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/{name}"
 
     def pid(self) -> int | None:
         pid_file = self.dir / "data" / "postmaster.pid"
@@ -100,6 +155,7 @@ class StackState:
     ray_temp_dir: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     postgres_dir: str = ""
+    postgres_password: str = ""
 
     @property
     def api_url(self) -> str:
@@ -118,11 +174,7 @@ class StackState:
         return f"127.0.0.1:{self.ports['ray']}"
 
     def save(self) -> None:
-        path = Path(self.dir) / STATE_FILE
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(asdict(self), indent=2))
-        temp.chmod(0o600)  # it holds the tokens
-        temp.replace(path)
+        write_private(Path(self.dir) / STATE_FILE, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> "StackState | None":
@@ -207,7 +259,8 @@ class LocalStack:
         ports |= {"postgres": next(free), "ray": next(free), "node2_agent": next(free)}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)  # PostgreSQL runs as 'postgres' under root and must reach its data dir
-        state = StackState(str(self.dir), ports, api_token=secrets.token_urlsafe(24), ray_token=secrets.token_hex(32))
+        state = StackState(str(self.dir), ports, api_token=secrets.token_urlsafe(24), ray_token=secrets.token_hex(32),
+                           postgres_password=secrets.token_urlsafe(24))  # fmt: skip
         state.save()
         try:
             self._start(state, timeout_s)
@@ -228,19 +281,20 @@ class LocalStack:
         return process
 
     def _start(self, state: StackState, timeout_s: float) -> None:
-        postgres = PostgresCluster(self.dir / "postgres", state.ports["postgres"])
+        postgres = PostgresCluster(self.dir / "postgres", state.ports["postgres"], state.postgres_password)
         state.postgres_dir = str(postgres.dir)
         state.save()
         postgres.start()
         service_db, mlflow_db = postgres.create_database("san"), postgres.create_database("mlflow")
 
         artifacts = self.dir / "mlflow-artifacts"
+        # The store's URL holds the password: in the environment (mlflow reads it there), not on argv, which `ps` shows.
         mlflow = self._spawn(state, "mlflow", [
-            str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db, "--serve-artifacts",
-            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(state.ports["mlflow"]),
-            "--workers", "1"], dict(os.environ))  # fmt: skip
+            str(BIN / "mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(artifacts),
+            "--host", "127.0.0.1", "--port", str(state.ports["mlflow"]), "--workers", "1"],
+            {**os.environ, "MLFLOW_BACKEND_STORE_URI": mlflow_db})  # fmt: skip
 
-        head = LocalRayHead(state.ports["ray"], state.ports["dashboard"], num_cpus=1, env=self.ray_env(state))
+        head = LocalRayHead(state.ports["ray"], state.ports["dashboard"], num_cpus=1, token=state.ray_token)
         state.ray_temp_dir = head.temp_dir
         try:
             head.start(timeout_s)
@@ -286,10 +340,7 @@ class LocalStack:
         lines = {"SAN_API_URL": state.api_url, "SAN_API_TOKEN": state.api_token,
                  "MLFLOW_TRACKING_URI": state.mlflow_url, "RAY_ADDRESS": state.dashboard_url,
                  "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": state.ray_token}  # fmt: skip
-        temp = path.with_suffix(".tmp")
-        temp.write_text("".join(f"export {key}={value}\n" for key, value in lines.items()))
-        temp.chmod(0o600)
-        temp.replace(path)
+        write_private(path, "".join(f"export {key}={value}\n" for key, value in lines.items()))
         return path
 
     def down(self, state: StackState | None = None) -> list[str]:
@@ -310,7 +361,7 @@ class LocalStack:
         while group_members(set(state.pids.values())) and time.monotonic() < deadline:
             time.sleep(0.2)
         if state.postgres_dir:
-            postgres = PostgresCluster(Path(state.postgres_dir), state.ports["postgres"])
+            postgres = PostgresCluster(Path(state.postgres_dir), state.ports["postgres"], state.postgres_password)
             if (pid := postgres.pid()) and alive(pid):
                 postgres.stop()
                 stopped.append("postgres")

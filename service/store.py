@@ -17,6 +17,7 @@ from sqlalchemy import (
     JSON,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -27,7 +28,9 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Row, make_url
@@ -41,6 +44,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # interrupted: it was on a Ray cluster that lost it (a head restarted empty); it goes back to Ray ahead of the
 # queue and resumes from its last checkpoint in the storage root, into the same MLflow run.
 WAITING = ("interrupted", "queued")  # the dispatcher's order
+OPEN = (*WAITING, *ACTIVE)  # not yet ended: what a principal's share counts
 TRANSITIONS = {
     "queued": {"submitted", "cancelled"},
     "submitted": {"queued", "running", "interrupted", "succeeded", "failed", "cancelled"},  # → queued: Ray unreachable
@@ -59,7 +63,10 @@ class Base(DeclarativeBase):
 
 class JobRow(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("principal", "idempotency_key", name="one_job_per_key"),)
+    __table_args__ = (
+        UniqueConstraint("principal", "idempotency_key", name="one_job_per_key"),
+        Index("jobs_by_principal_and_status", "principal", "status"),
+    )  # a principal's share, counted
 
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # queue order
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
@@ -102,6 +109,12 @@ class StudyRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # What the expansion said at creation (cells, refused, merged): a read never expands the study again.
+    summary: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+
+
+# Columns added after a table was first created: (table, column, SQL type). `create_all` makes missing tables only.
+ADDED_COLUMNS = (("studies", "summary", "JSON"),)
 
 
 class StudyJobRow(Base):
@@ -127,6 +140,7 @@ class Study:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    summary: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,7 +181,8 @@ def aware(moment: datetime) -> datetime:  # SQLite hands back naive datetimes
 
 def _study(row: StudyRow) -> Study:
     return Study(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.mlflow_run_id,
-                 row.cancel_requested, row.error, aware(row.created_at), aware(row.updated_at))  # fmt: skip
+                 row.cancel_requested, row.error, aware(row.created_at), aware(row.updated_at),
+                 row.summary)  # fmt: skip
 
 
 def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
@@ -224,7 +239,18 @@ class JobStore:
         # 100 ms at a time). Queueing this process's writers on a lock wakes each as soon as the last commits.
         self._write_lock = threading.Lock() if url.startswith("sqlite") else None
         Base.metadata.create_all(self.engine)
+        self._add_columns()
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_columns(self) -> None:
+        """The columns a database made by an earlier version lacks (nullable, so old rows stay valid)."""
+        found = inspect(self.engine)
+        with self.engine.begin() as connection:
+            for table, column, kind in ADDED_COLUMNS:
+                if column not in {c["name"] for c in found.get_columns(table)}:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+            for index in JobRow.__table__.indexes:  # create_all makes a table's indexes only with the table
+                index.create(connection, checkfirst=True)
 
     def _writing(self):
         return self._write_lock if self._write_lock is not None else contextlib.nullcontext()
@@ -321,21 +347,46 @@ class JobStore:
             query = select(JobRow).where(JobRow.status.in_(states)).order_by(order, JobRow.seq).limit(limit)
             return self._read_all(session, session.scalars(query).all())
 
-    def count(self, states: tuple[str, ...]) -> int:
+    def count(self, states: tuple[str, ...], principal: str | None = None) -> int:
+        query = select(func.count()).where(JobRow.status.in_(states))
+        if principal is not None:
+            query = query.where(JobRow.principal == principal)
         with self.session() as session:
-            return session.scalar(select(func.count()).where(JobRow.status.in_(states))) or 0
+            return session.scalar(query) or 0
 
-    def transition(self, job_id: str, to: str, only_from: tuple[str, ...] | None = None, **fields: Any) -> bool:
-        """Move the job to ``to`` if its current state allows it (and is one of ``only_from``, when given):
-        compare-and-set; False if another writer moved it first or the move is not allowed. ``fields``: error,
-        mlflow_run_id."""
+    def cancel_requested_waiting(self) -> list[str]:
+        """Waiting jobs whose cancel was asked for: however they came to still wait (a cancel that raced a failed
+        submit, an API that died between a cancel's two writes), they must end cancelled, never hold the queue."""
+        query = select(JobRow.id).where(JobRow.status.in_(WAITING), JobRow.cancel_requested.is_(True))
+        with self.session() as session:
+            return list(session.scalars(query.order_by(JobRow.seq)))
+
+    def queue_heads(self) -> list[Job]:
+        """Each principal's oldest queued job that no cancel was asked for: one row per principal."""
+        first = (select(func.min(JobRow.seq)).where(JobRow.status == "queued", JobRow.cancel_requested.is_(False))
+                 .group_by(JobRow.principal))  # fmt: skip
+        with self.session() as session:
+            rows = session.scalars(select(JobRow).where(JobRow.seq.in_(first)).order_by(JobRow.seq)).all()
+            return self._read_all(session, rows)
+
+    def active_by_principal(self) -> dict[str, int]:
+        query = select(JobRow.principal, func.count()).where(JobRow.status.in_(ACTIVE)).group_by(JobRow.principal)
+        with self.session() as session:
+            return {principal: count for principal, count in session.execute(query)}
+
+    def transition(self, job_id: str, to: str, only_from: tuple[str, ...] | None = None,
+                   unless_cancel_requested: bool = False, **fields: Any) -> bool:  # fmt: skip
+        """Move the job to ``to`` if its current state allows it (and is one of ``only_from``, when given, and no
+        cancel was asked for, with ``unless_cancel_requested``): compare-and-set; False if another writer moved it
+        first or the move is not allowed. ``fields``: error, mlflow_run_id."""
         allowed = [state for state, targets in TRANSITIONS.items() if to in targets and state in (only_from or STATES)]
         moment = now()
+        where = [JobRow.id == job_id, JobRow.status.in_(allowed)]
+        if unless_cancel_requested:
+            where.append(JobRow.cancel_requested.is_(False))
         with self._writing(), self.session.begin() as session:
             changed = session.execute(
-                update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.in_(allowed))
-                .values(status=to, updated_at=moment, **fields)
+                update(JobRow).where(*where).values(status=to, updated_at=moment, **fields)
             ).rowcount  # fmt: skip
             if changed:
                 session.add(JobEvent(job_id=job_id, status=to, at=moment))
@@ -355,11 +406,13 @@ class StudyStore:
         self.jobs = jobs
 
     def create(self, principal: str, study_id: str, spec: dict[str, Any], idempotency_key: str | None,
-               mlflow_run_id: str, children: Sequence[tuple[str, int, dict[str, Any]]]) -> Study:  # fmt: skip
-        """``children``: (cell, seed, job spec) in queue order. Raises IntegrityError when the key was taken."""
+               mlflow_run_id: str, children: Sequence[tuple[str, int, dict[str, Any]]],
+               summary: dict[str, int] | None = None) -> Study:  # fmt: skip
+        """``children``: (cell, seed, job spec) in queue order; ``summary``: what the expansion said (cells, refused,
+        merged). Raises IntegrityError when the key was taken."""
         moment = now()
         study = Study(study_id, principal, "running", spec, idempotency_key or None, mlflow_run_id, False, None,
-                      moment, moment)  # fmt: skip
+                      moment, moment, summary)  # fmt: skip
         jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
         links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
                  for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
@@ -390,6 +443,24 @@ class StudyStore:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.scalars(query.order_by(StudyRow.seq.desc()).limit(limit).offset(offset)).all()
             return [_study(row) for row in rows], total
+
+    def count_running(self, principal: str) -> int:
+        query = select(func.count()).where(StudyRow.principal == principal, StudyRow.status == "running")
+        with self.jobs.session() as session:
+            return session.scalar(query) or 0
+
+    def child_states(self, study_ids: Sequence[str]) -> dict[str, list[tuple[str, str, str]]]:
+        """Each study's children as (cell, job id, state), in queue order: one query for a whole page of studies."""
+        found: dict[str, list[tuple[str, str, str]]] = {study_id: [] for study_id in study_ids}
+        if not study_ids:
+            return found
+        query = (select(StudyJobRow.study_id, StudyJobRow.cell, JobRow.id, JobRow.status)
+                 .join(JobRow, JobRow.id == StudyJobRow.job_id)
+                 .where(StudyJobRow.study_id.in_(list(study_ids))).order_by(JobRow.seq))  # fmt: skip
+        with self.jobs.session() as session:
+            for study_id, cell, job_id, status in session.execute(query):
+                found[study_id].append((cell, job_id, status))
+        return found
 
     def in_state(self, status: str) -> list[Study]:
         with self.jobs.session() as session:

@@ -3,15 +3,17 @@ queued), its progress from its children's job states, and the finisher that — 
 writes the table and figures, logs them on the parent run and ends the study."""
 
 import asyncio
-import functools
 import json
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from service.admission import ModelChecks
 from service.settings import ServiceSettings
 from service.store import TERMINAL, Study, StudyChild, StudyStore
-from service.validation import ClusterSize, Rejected, admit
+from service.validation import Rejected, admit, reject_reserved_tags
 from training.study import Expansion, StudyError, StudySpec, axis_of, expand
 from training.study_results import table, write_results
 from training.tracking import finish_study_run
@@ -19,34 +21,80 @@ from training.tracking import finish_study_run
 log = logging.getLogger("san.service")
 
 
-def admit_study(study: StudySpec, settings: ServiceSettings, cluster: ClusterSize) -> Expansion:
-    """The expansion of ``study`` with the MLflow URI its runs will log to, once every cell passed `expand` and
-    every child the job admission rules; `StudyError` naming the axis (or the base field) otherwise."""
+def check_study_size(study: StudySpec, settings: ServiceSettings) -> None:
+    """What can be told from the spec alone, before anything is built: the base's tags, and the grid's size
+    (cells, and cells × seeds) against this service's limits; `StudyError` naming the field."""
+    try:
+        reject_reserved_tags(study.base.tracking.tags)
+    except Rejected as error:
+        raise StudyError(("base", *error.loc), error.message) from None
+    if study.cell_count > settings.max_study_cells:
+        sizes = " × ".join(str(len(values)) for values in study.axes.values())
+        raise StudyError(("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of "
+                         f"{settings.max_study_cells}")  # fmt: skip
+    if study.size > settings.max_study_jobs:
+        raise StudyError(("seeds",), f"{study.cell_count} cells × {len(study.seeds)} seeds = {study.size} jobs is "
+                         f"more than this service's limit of {settings.max_study_jobs} jobs a study")  # fmt: skip
+
+
+def with_tracking_uri(study: StudySpec, settings: ServiceSettings) -> StudySpec:
+    """``study`` with the MLflow URI its runs will log to: the service's, or one its operator allowed."""
     try:
         uri = settings.configured_mlflow_uri(study.base.tracking.mlflow_uri)
     except ValueError as error:
         raise StudyError(("base", "tracking", "mlflow_uri"), f"tracking.mlflow_uri: {error}") from None
     tracking = study.base.tracking.model_copy(update={"mlflow_uri": uri})
-    study = study.model_copy(update={"base": study.base.model_copy(update={"tracking": tracking})})
+    return study.model_copy(update={"base": study.base.model_copy(update={"tracking": tracking})})
+
+
+def admit_study(study: StudySpec, settings: ServiceSettings, size: dict[str, float] | None) -> Expansion:
+    """The expansion of ``study`` with the MLflow URI its runs will log to, once every cell passed `expand` and
+    every child the job admission rules; `StudyError` naming the axis (or the base field) otherwise. Builds every
+    cell's model: the service runs it in its admission worker (`ModelChecks`)."""
+    check_study_size(study, settings)
+    study = with_tracking_uri(study, settings)
     expansion = expand(study, settings.max_study_cells)
     for child in expansion.children:
         try:
-            admit(child.spec, settings, cluster)
+            admit(child.spec, settings, size, own_tags=True)
         except Rejected as error:
             raise StudyError(axis_of(study, error.loc), error.message) from None
     return expansion
 
 
-def expansion_of(study: Study) -> Expansion:
-    """The stored study's cells (the same as at submission: expansion is deterministic). Cached: expanding builds
-    every cell's model on the meta device, and a study's spec never changes."""
-    return _expansion(study.id, json.dumps(study.spec, sort_keys=True), study.mlflow_run_id)
-
-
-@functools.lru_cache(maxsize=256)
-def _expansion(study_id: str, spec: str, parent_run_id: str | None) -> Expansion:
+def expand_stored(spec: str, study_id: str, parent_run_id: str | None) -> Expansion:
+    """A stored study's expansion (run in the admission worker): the same as at submission, expansion being
+    deterministic."""
     return expand(StudySpec.model_validate_json(spec), max_cells=10**9, study_id=study_id,
                   parent_run_id=parent_run_id)  # fmt: skip
+
+
+def summary_of(expansion: Expansion) -> dict[str, int]:
+    """What a study's reads show of its expansion, stored with it at creation."""
+    return {"cells": len(expansion.cells), "refused": sum(1 for cell in expansion.cells if cell.refused),
+            "merged": sum(1 for cell in expansion.cells if cell.runs_as and not cell.runs)}  # fmt: skip
+
+
+class Expansions:
+    """Stored studies' expansions, made in the admission worker and kept for the most recently used studies (a
+    study's spec never changes): for the tables and figures, which need every cell."""
+
+    def __init__(self, checks: ModelChecks, keep: int = 64) -> None:
+        self.checks, self.keep = checks, keep
+        self._kept: OrderedDict[str, Expansion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def of(self, study: Study) -> Expansion:
+        with self._lock:
+            if study.id in self._kept:
+                self._kept.move_to_end(study.id)
+                return self._kept[study.id]
+        found = self.checks.run(expand_stored, json.dumps(study.spec, sort_keys=True), study.id, study.mlflow_run_id)
+        with self._lock:
+            self._kept[study.id] = found
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+        return found
 
 
 JOB_TO_OBSERVED = {"queued": "queued", "submitted": "queued", "running": "running", "interrupted": "queued",
@@ -65,12 +113,13 @@ class Progress:
     merged: int  # cells served by another cell's runs
 
 
-def progress(expansion: Expansion, children: list[StudyChild]) -> Progress:
-    """A running cell is done when all its seeds succeeded, failed when one failed, cancelled when one was
-    cancelled, running while one is on the cluster, else queued."""
+def progress(summary: dict[str, int], children: list[tuple[str, str]]) -> Progress:
+    """From the stored summary and the children as (cell, job state): a running cell is done when all its seeds
+    succeeded, failed when one failed, cancelled when one was cancelled, running while one is on the cluster,
+    else queued."""
     by_cell: dict[str, list[str]] = {}
-    for child in children:
-        by_cell.setdefault(child.cell, []).append(child.job.status)
+    for cell, status in children:
+        by_cell.setdefault(cell, []).append(status)
     cells = {"done": 0, "running": 0, "queued": 0, "failed": 0, "cancelled": 0}
     for states in by_cell.values():
         if all(state == "succeeded" for state in states):
@@ -84,11 +133,9 @@ def progress(expansion: Expansion, children: list[StudyChild]) -> Progress:
         else:
             cells["queued"] += 1
     jobs: dict[str, int] = {}
-    for child in children:
-        jobs[child.job.status] = jobs.get(child.job.status, 0) + 1
-    refused = sum(1 for cell in expansion.cells if cell.refused)
-    merged = sum(1 for cell in expansion.cells if cell.runs_as and not cell.runs)
-    return Progress(cells, jobs, refused, merged)
+    for _, status in children:
+        jobs[status] = jobs.get(status, 0) + 1
+    return Progress(cells, jobs, summary.get("refused", 0), summary.get("merged", 0))
 
 
 def outcome(children: list[StudyChild]) -> str | None:
@@ -113,8 +160,8 @@ class StudyFinisher:
 
     MAX_ATTEMPTS = 5  # then the study ends failed, with the error, instead of being retried every pass
 
-    def __init__(self, studies: StudyStore, settings: ServiceSettings) -> None:
-        self.studies, self.settings = studies, settings
+    def __init__(self, studies: StudyStore, settings: ServiceSettings, expansions: Expansions) -> None:
+        self.studies, self.settings, self.expansions = studies, settings, expansions
         self.attempts: dict[str, int] = {}
 
     def tick(self) -> None:
@@ -134,7 +181,7 @@ class StudyFinisher:
             return False
         uri = self.settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])  # never another
         results = self.settings.studies_dir() / study.id
-        write_results(expansion_of(study), uri, study.mlflow_run_id, results, child_states(children))
+        write_results(self.expansions.of(study), uri, study.mlflow_run_id, results, child_states(children))
         finish_study_run(uri, study.mlflow_run_id, results, MLFLOW_STATUS[final])
         self.attempts.pop(study.id, None)
         return self.studies.finish(study.id, final)
@@ -145,7 +192,7 @@ class StudyFinisher:
             await asyncio.sleep(interval_s)
 
 
-def table_of(study: Study, studies: StudyStore, settings: ServiceSettings) -> dict[str, Any]:
+def table_of(study: Study, studies: StudyStore, settings: ServiceSettings, expansions: Expansions) -> dict[str, Any]:
     """The table so far, read from MLflow (only ever a URI this service configured); once the study has ended, the
     table its finisher wrote."""
     written = settings.studies_dir() / study.id / "table.json"
@@ -153,4 +200,4 @@ def table_of(study: Study, studies: StudyStore, settings: ServiceSettings) -> di
         return json.loads(written.read_text())
     children = studies.children(study.id)
     uri = settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])
-    return table(expansion_of(study), uri, study.mlflow_run_id, child_states(children))
+    return table(expansions.of(study), uri, study.mlflow_run_id, child_states(children))

@@ -5,18 +5,22 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 import san
+from service.auth import hash_token
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 
 SAN = str(Path(sys.executable).with_name("san"))
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SAN, *args], capture_output=True, text=True, timeout=120)
+def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([SAN, *args], capture_output=True, text=True, timeout=120, input=stdin, env=env)
 
 
 def test_version():
@@ -119,3 +123,66 @@ def test_train_runs_a_job_on_a_local_ray_with_one_progress_line_per_epoch(tmp_pa
     # the local Ray has its dashboard, so Ray Train's placement-group cleaner can see the controller
     assert "Failed to query Ray Train Controller" not in output
     assert re.search(r": 2 epochs, val/top1 0\.\d+", result.stdout), result.stdout
+
+
+def test_hash_token_reads_the_token_from_stdin_and_prints_what_the_service_compares():
+    token = "alice-secret-token"
+    for given in (token, f"  {token}  \nsecond line ignored\n"):
+        result = run("jobs", "hash-token", stdin=given)
+        assert result.returncode == 0 and result.stdout == hash_token(token) + "\n", result.stderr
+    for empty in ("", "   \n"):
+        result = run("jobs", "hash-token", stdin=empty)
+        assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("san jobs hash-token: error: no token on stdin"), result.stderr
+
+
+def test_a_token_on_the_command_line_is_refused_with_exit_2_without_repeating_it():
+    secret = "secret-on-argv"
+    cases = [("jobs", "hash-token", secret), ("jobs", f"--token={secret}", "list"), ("jobs", "list", "--token", secret),
+             ("study", "--token", secret, "list")]  # fmt: skip
+    for args in cases:
+        result = run(*args, stdin=secret)
+        assert result.returncode == 2 and result.stdout == "", (args, result.stdout)
+        assert result.stderr.count("\n") == 1 and secret not in result.stderr, (args, result.stderr)
+        assert "`ps`" in result.stderr, result.stderr
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """Answers every GET with an empty page of jobs, keeping each request's Authorization header."""
+
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        Recorder.seen.append(self.headers.get("Authorization"))
+        body = b'{"items": []}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_client_takes_its_token_from_san_api_token_or_a_token_file(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        env = {**os.environ, "SAN_API_URL": url, "SAN_API_TOKEN": "from-the-environment"}
+        token_file = tmp_path / "token"
+        token_file.write_text("from-the-file\n")
+        (tmp_path / "empty").write_text("\n")
+        Recorder.seen.clear()
+        assert run("jobs", "list", env=env).returncode == 0
+        assert run("jobs", "--token-file", str(token_file), "list", env=env).returncode == 0  # the file wins
+        assert run("study", "--token-file", str(token_file), "list", env=env).returncode == 0
+        assert Recorder.seen == ["Bearer from-the-environment", "Bearer from-the-file", "Bearer from-the-file"]
+        for bad, reason in ((tmp_path / "missing", "No such file or directory"), (tmp_path / "empty", "is empty")):
+            result = run("jobs", "--token-file", str(bad), "list", env=env)
+            assert result.returncode == 2 and result.stderr.count("\n") == 1 and reason in result.stderr
+        assert len(Recorder.seen) == 3  # neither bad file made a request
+    finally:
+        server.shutdown()
+        server.server_close()

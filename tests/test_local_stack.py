@@ -1,6 +1,6 @@
 """`san stack up` end to end: the deployed topology as processes — a Ray head and a second Ray node (one CPU each),
 PostgreSQL, an mlflow server serving its artifact store, the API — a REST job spanning both nodes, a node lost
-mid-job, and `down` leaving nothing behind."""
+mid-job, secrets kept off command lines and out of other users' reach, and `down` leaving nothing behind."""
 
 import signal
 import socket
@@ -77,7 +77,7 @@ def test_a_rest_job_spans_both_nodes_tracks_in_postgresql_and_its_checkpoint_is_
     assert {w["node_id"] for w in workers} == {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
     run_id = job["mlflow_run_id"]
-    postgres = f"postgresql://san@127.0.0.1:{state.ports['postgres']}/mlflow"
+    postgres = f"postgresql://san:{state.postgres_password}@127.0.0.1:{state.ports['postgres']}/mlflow"
     with psycopg.connect(postgres) as connection:
         status, artifact_uri = connection.execute(
             "SELECT status, artifact_uri FROM runs WHERE run_uuid = %s", (run_id,)).fetchone()  # fmt: skip
@@ -117,6 +117,30 @@ def test_a_node_lost_mid_job_ends_it_failed_with_rays_reason_and_nothing_hangs(s
     assert job["status"] == "failed", job
     reasons = ("waiting for 2 workers", "is unavailable")
     assert any(reason in (job["error"] or "") for reason in reasons), job["error"]
+
+
+def test_the_stacks_secrets_are_in_owner_only_files_never_on_a_command_line_and_postgresql_wants_its_password(stack):
+    local, state = stack
+    for name in ("stack.json", "stack.env"):
+        assert (local.dir / name).stat().st_mode & 0o777 == 0o600, name
+    assert [p.name for p in local.dir.iterdir() if p.name.startswith(".")] == []  # written by rename, no temp left
+    assert StackState.load(local.dir).postgres_password == state.postgres_password != ""
+    secrets = {
+        "API token": state.api_token,
+        "Ray token": state.ray_token,
+        "PostgreSQL password": state.postgres_password,
+    }
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        command_line = " ".join(process.info["cmdline"] or [])
+        for what, secret in secrets.items():
+            assert secret not in command_line, f"the {what} is on the command line of pid {process.info['pid']}"
+    dsn = f"host=127.0.0.1 port={state.ports['postgres']} user=san dbname=san connect_timeout=10"
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        psycopg.connect(dsn)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(f"{dsn} password=not-the-password")
+    with psycopg.connect(f"{dsn} password={state.postgres_password}") as connection:  # the API's store is in it
+        assert connection.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] > 0
 
 
 def test_stack_down_stops_every_process_it_started(stack):

@@ -42,7 +42,9 @@ def stack(tmp_path_factory):
     head = LocalRayHead(free_port(), free_port(), num_cpus=2)
     head.start()
     mlflow, mlflow_url = mlflow_server(root)
-    service = Service(root, ray_address=head.address, mlflow_uri=mlflow_url, max_submitted=1).start()
+    # the link users follow: only where the operator says where they see MLflow (here, the server itself)
+    service = Service(root, ray_address=head.address, mlflow_uri=mlflow_url, max_submitted=1,
+                      mlflow_ui_url=mlflow_url).start()  # fmt: skip
     yield service, head, mlflow_url
     service.stop()
     stop_group(mlflow)
@@ -76,6 +78,11 @@ def test_a_job_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
     history = torch.load(checkpoints[-1], weights_only=False)["history"]
     assert [round(row["val/top1"], 6) for row in served["epochs"]] == [round(m["val/top1"], 6) for m in history]
     assert f"{job_id}: 2 epochs" in logs
+    # the tail Ray reads from the file's end: the whole log's last lines, no more
+    whole = ray_jobs(head).http.get(f"/api/jobs/{job_id}/logs").json()["logs"].splitlines()
+    assert len(whole) > 20 and logs.splitlines() == whole[-50:]
+    with service.client() as alice:
+        assert alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 7}).text.splitlines() == whole[-7:]
     assert ray_jobs(head).info(job_id).state == "succeeded"
 
 
@@ -127,7 +134,7 @@ def test_a_job_survives_a_restart_of_the_api_and_ends_succeeded(stack):
 def test_ray_jobs_answers_are_told_apart_by_status_code(stack, tmp_path):
     _, head, _ = stack
     ray = ray_jobs(head)
-    assert ray.info("job-never-submitted") is None and ray.logs("job-never-submitted") == ""
+    assert ray.info("job-never-submitted") is None and ray.logs("job-never-submitted", 10) == ""
     ray.stop("job-never-submitted")  # 404: nothing to stop, no error
     with pytest.raises(RayRefused, match="HTTP 403"):  # a wrong token: refused, not "unavailable"
         RayJobs(head.address, "not-the-token", "python", {}).info("job-never-submitted")

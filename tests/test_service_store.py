@@ -9,28 +9,8 @@ import pytest
 from sqlalchemy import event
 
 from service.store import TRANSITIONS, WAITING, GroupCommit, IdempotencyConflict, JobStore, StudyStore
-from tests.services import Postgres
 
 pytestmark = pytest.mark.timeout(300, method="thread")
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    server = Postgres()
-    url = server.start()
-    yield url
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    sqlite = f"sqlite:///{tmp_path / 'jobs.db'}"
-    store = JobStore(sqlite if request.param == "sqlite" else request.getfixturevalue("postgres_url"))
-    yield store
-    if request.param == "postgresql":  # one database for the module: empty it between tests
-        with store.engine.begin() as connection:
-            connection.exec_driver_sql("TRUNCATE study_jobs, studies, job_events, jobs")
-    store.close()
 
 
 SPEC = {"model": {"name": "lenet5"}, "training": {"epochs": 2}}

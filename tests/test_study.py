@@ -4,9 +4,11 @@ numbers computed here independently) and its formats."""
 import csv
 import io
 import json
+import re
 import statistics
 
 import pytest
+from pydantic import ValidationError
 
 from training.config import JobSpec
 from training.report import build_table, markdown, to_csv
@@ -81,20 +83,43 @@ def test_bad_study_specs_are_refused_by_validation_naming_the_field(fields, loc,
 @pytest.mark.parametrize(("axes", "loc", "message"), [
     ({"model.attention": ["none", "sanc"]}, ("axes", "model.attention"), "unknown attention 'sanc'"),
     ({"training.batch_size": [32, 0]}, ("axes", "training.batch_size"), "greater than or equal to 1"),
-    ({"model.attention": ["cbam"], "model.attention_kwargs": [{"bogus": 1}]}, ("axes", "model.attention_kwargs"),
-     "bogus"),
     ({"lr.peak_epoch": [1, 3]}, ("axes", "lr.peak_epoch"), "lr.peak_epoch 3.0 is after the last epoch (2)"),
     ({"scaling.use_gpu": [False], "training.amp": ["none", "bf16"]}, ("axes", "training.amp"), "needs scaling.use_gpu"),
-    ({"model.attention": ["bam"], "model.attention_kwargs": [{"reduction": 0}]}, ("axes", "model.attention_kwargs"),
-     "greater than or equal to 1"),
-    ({"model.attention": ["san-c"], "model.attention_kwargs": [{"use_abs": "maybe"}]},
-     ("axes", "model.attention_kwargs"), "valid boolean"),
-
 ])  # fmt: skip
 def test_cells_the_job_rules_refuse_are_study_errors_naming_the_axis(axes, loc, message):
     with pytest.raises(StudyError) as error:
         expand(study(axes=axes))
     assert error.value.loc[: len(loc)] == loc and message in error.value.message, error.value
+
+
+@pytest.mark.parametrize(("axes", "message"), [
+    ({"model.attention": ["cbam"], "model.attention_kwargs": [{"bogus": 1}]},
+     "axis 'model.attention_kwargs': cbam takes no argument 'bogus'; it takes: reduction, spatial_kernel_size"),
+    ({"model.attention": ["bam"], "model.attention_kwargs": [{"reduction": 0}]},
+     "axis 'model.attention_kwargs': reduction=0: Input should be greater than or equal to 1"),
+    ({"model.attention": ["san-c"], "model.attention_kwargs": [{"use_abs": "maybe"}]},
+     "axis 'model.attention_kwargs': use_abs=\"maybe\": Input should be a valid boolean"),
+    ({"model.attention": ["san-c", "cbam"], "model.attention_kwargs.nope": [1, 2]},
+     "axis 'model.attention_kwargs.nope': san-c, cbam take no argument 'nope'"),
+    ({"model.attention_kwargs.reduction": [4, -1]}, "axis 'model.attention_kwargs.reduction': reduction=-1"),
+])  # fmt: skip
+def test_attention_kwarg_axes_are_checked_against_the_modules_signatures_before_any_cell(axes, message):
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        study(axes=axes)
+
+
+def test_the_schema_bounds_the_grid_so_its_size_is_known_before_anything_is_built():
+    """Issue 24: 30 axes of two values expanded 2**30 cells in memory before the cell limit was compared (fails
+    on b867172 with a MemoryError or the OOM killer, not a ValidationError)."""
+    with pytest.raises(ValidationError, match="at most 8 items"):
+        study(axes={f"model.attention_kwargs.k{i}": [1, 2] for i in range(30)})
+    with pytest.raises(ValidationError, match="has 65 values; at most 64"):
+        study(axes={"training.batch_size": list(range(1, 66))})
+    wide = study(axes={"training.batch_size": list(range(1, 65)), "training.epochs": list(range(1, 65)),
+                       "lr.lr": [0.1 * k for k in range(1, 65)]}, seeds=[0, 1, 2])  # fmt: skip
+    assert (wide.cell_count, wide.size) == (64**3, 3 * 64**3)
+    with pytest.raises(StudyError, match=r"262144 cells \(64 × 64 × 64\) is more than this service's limit of 200"):
+        expand(wide, max_cells=200)  # at once: nothing built, nothing listed
 
 
 def test_more_cells_than_the_limit_is_refused_before_anything_else():

@@ -52,7 +52,7 @@ def test_stop_job_checkpoints_at_a_step_boundary_and_ends_the_mlflow_run_killed(
         jobs.stop(job_id)
         wait_until(lambda: jobs.info(job_id).state == "cancelled", STOP_WAIT_S + 30, "Ray's STOPPED", 0.5)
         took = time.monotonic() - stopped_at
-        logs = jobs.logs(job_id)
+        logs = jobs.logs(job_id, 10_000)
     finally:
         jobs.close()
         head.stop()

@@ -10,6 +10,7 @@ import math
 import posixpath
 import re
 import unicodedata
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -367,14 +368,24 @@ class TrackingSection(Section):
 UNRECORDED_SECTIONS = ("tracking",)
 
 
+# True where another process builds the models (the service's API, whose admission worker does: `service.admission`):
+# validation then checks everything but whether the model builds, and the caller asks that of the builder.
+MODELS_BUILT_ELSEWHERE: ContextVar[bool] = ContextVar("models_built_elsewhere", default=False)
+
+
 @functools.lru_cache(maxsize=256)
-def _model_params(model_section: str, num_classes: int, in_chans: int) -> int:
+def count_model_params(model_section: str, num_classes: int, in_chans: int) -> int:
     """The model's parameter count, built on the meta device (shapes only: no memory, no arithmetic). Cached by
     the model section and the data's shape: a ResNet-50 takes ~25 ms to build even there, and the service
     validates every submitted spec."""
     with torch.device("meta"):
         model = ModelSection.model_validate_json(model_section).build(num_classes=num_classes, in_chans=in_chans)
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def default_experiment(dataset: str) -> str:
+    """The MLflow experiment of a job that names none."""
+    return f"san/{dataset}"
 
 
 class JobSpec(Section):
@@ -422,7 +433,10 @@ class JobSpec(Section):
 
     def _check_model_builds(self) -> None:
         """Build the model on the meta device (no memory, no arithmetic) so kwargs its constructors refuse (a
-        group count that does not divide the channels, Table IX's undefined ablations) fail here."""
+        group count that does not divide the channels, Table IX's undefined ablations) fail here — unless the
+        models are built elsewhere (`MODELS_BUILT_ELSEWHERE`)."""
+        if MODELS_BUILT_ELSEWHERE.get():
+            return
         try:
             self.model_params()
         except Exception as error:  # any constructor failure on bad kwargs
@@ -430,7 +444,11 @@ class JobSpec(Section):
 
     def model_params(self) -> int:
         """The model's parameter count for this spec's data (computed on the meta device, cached)."""
-        return _model_params(self.model.model_dump_json(), *self.data.shape())
+        return count_model_params(*self.model_key())
+
+    def model_key(self) -> tuple[str, int, int]:
+        """What the model's size depends on: the model section (JSON) and the data's classes and channels."""
+        return self.model.model_dump_json(), *self.data.shape()
 
     def build_model(self, num_classes: int, in_chans: int) -> torch.nn.Module:
         return self.model.build(num_classes, in_chans)
@@ -442,7 +460,7 @@ class JobSpec(Section):
 
     @property
     def experiment(self) -> str:
-        return self.tracking.experiment or f"san/{self.data.dataset}"
+        return self.tracking.experiment or default_experiment(self.data.dataset)
 
     def flat(self) -> dict[str, str]:
         """``{"model.name": "lenet5", ...}``: the spec as flat strings, for MLflow params — less where the run is

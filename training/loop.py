@@ -201,7 +201,7 @@ def train_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])

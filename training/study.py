@@ -15,15 +15,16 @@ The result table is built by `training.report` from `Observation`s, read from th
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from san.attention import IncompatibleConfiguration, attention_modules
-from training.config import FiniteJson, JobSpec, ModelSection, Section, Seed
+from training.config import ATTENTION_KWARGS, FiniteJson, JobSpec, ModelSection, Section, Seed
 from training.data.catalog import CATALOG
 from training.tasks import LOGGED, METRICS, table_metrics
 
@@ -32,6 +33,9 @@ RESERVED_PATHS = ("training.seed", "tracking")
 DISPLAY = {"none": "Base Model", "cbam": "CBAM", "bam": "BAM", "san-c": "SAN-c", "san-d": "SAN-d"}
 ATTENTION, PLACEMENT, KWARGS = "model.attention", "model.placement", "model.attention_kwargs"
 NETWORK_AXES = ("model.name", ATTENTION, PLACEMENT)  # named in the run name already
+# The grid's shape, bounded by the schema: a study's cost (cells × seeds) is the product of its axes' sizes, so it is
+# computed from them and checked before one cell is built (`StudySpec.size`, `expand`).
+MAX_AXES, MAX_AXIS_VALUES = 8, 64
 
 
 class StudyError(ValueError):
@@ -43,6 +47,9 @@ class StudyError(ValueError):
 
     def detail(self) -> list[dict]:
         return [{"loc": ["body", *self.loc], "msg": self.message, "type": "value_error"}]
+
+    def __reduce__(self):  # crosses from the service's admission worker process
+        return type(self), (self.loc, self.message)
 
 
 class PaperCell(Section):
@@ -69,7 +76,8 @@ class StudySpec(Section):
     name: str = Field(default="study", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = Field(default="", max_length=2000)
     base: JobSpec = Field(default_factory=JobSpec)
-    axes: dict[str, list[FiniteJson]] = Field(default_factory=dict)  # in order: the first axis varies slowest
+    # In order: the first axis varies slowest.
+    axes: dict[str, list[FiniteJson]] = Field(default_factory=dict, max_length=MAX_AXES)
     labels: dict[str, list[str]] = Field(default_factory=dict)  # display labels, one per axis value
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
     # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
@@ -80,13 +88,18 @@ class StudySpec(Section):
 
     @field_validator("axes")
     @classmethod
-    def _known_paths(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def _known_paths(cls, axes: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
         for path, values in axes.items():
             check_path(path)
             if not values:
                 raise ValueError(f"axis {path!r} has no values")
+            if len(values) > MAX_AXIS_VALUES:
+                raise ValueError(f"axis {path!r} has {len(values)} values; at most {MAX_AXIS_VALUES}")
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                 raise ValueError(f"axis {path!r} repeats a value")
+        base = info.data.get("base")
+        if base is not None:  # None: the base is invalid, and that error is reported
+            check_attention_kwargs(axes, base)
         return axes
 
     @field_validator("seeds")
@@ -123,6 +136,16 @@ class StudySpec(Section):
         if unlogged:
             raise ValueError(f"metrics: a {task} job logs no {', '.join(unlogged)}; it logs {', '.join(LOGGED[task])}")
         return self
+
+    @property
+    def cell_count(self) -> int:
+        """The grid's cells (before equal networks are merged): the product of the axes' sizes."""
+        return math.prod(len(values) for values in self.axes.values())
+
+    @property
+    def size(self) -> int:
+        """The most jobs the study can queue: cells × seeds (merging equal networks only makes it fewer)."""
+        return self.cell_count * len(self.seeds)
 
     @property
     def baseline_values(self) -> dict[str, Any]:
@@ -186,6 +209,32 @@ def check_path(path: str) -> None:
         raise ValueError(f"axis {path!r}: {section}.{name} is not a mapping")
     if any(path == reserved or path.startswith(reserved + ".") for reserved in RESERVED_PATHS):
         raise ValueError(f"axis {path!r}: set by the study itself (seeds: use 'seeds')")
+
+
+def check_attention_kwargs(axes: dict[str, list[Any]], base: JobSpec) -> None:
+    """Attention-kwarg axes (``model.attention_kwargs.<name>``, or whole ``model.attention_kwargs`` dicts) checked
+    against the constructors of the study's attention modules — the names each takes and their types — before any
+    cell is built: ValueError naming the axis."""
+    attentions = [name for name in axes.get(ATTENTION, [base.model.attention]) if name in ATTENTION_KWARGS]
+    modules = [name for name in attentions if name != "none"] or ["none"]  # "none" alone: any module's argument
+    takes = {key for name in modules for key in ATTENTION_KWARGS[name].model_fields}
+    for path, values in axes.items():
+        if path == KWARGS:
+            named = [(key, value) for kwargs in values if isinstance(kwargs, dict) for key, value in kwargs.items()]
+        elif path.startswith(KWARGS + "."):
+            named = [(path.removeprefix(KWARGS + "."), value) for value in values]
+        else:
+            continue
+        for key, value in named:
+            if key not in takes:
+                verbs = ("takes", "it takes") if len(modules) == 1 else ("take", "they take")
+                raise ValueError(f"axis {path!r}: {', '.join(modules)} {verbs[0]} no argument {key!r}; {verbs[1]}: "
+                                 f"{', '.join(sorted(takes)) or 'nothing'}")  # fmt: skip
+            try:  # the argument's type and bounds, as the module that declares it takes it
+                ATTENTION_KWARGS["none"].model_validate({key: value})
+            except ValidationError as error:
+                raise ValueError(f"axis {path!r}: {key}={json.dumps(value)[:60]}: "
+                                 f"{error.errors()[0]['msg']}") from None  # fmt: skip
 
 
 @dataclass
@@ -291,10 +340,11 @@ def _dataset_shape(data: dict[str, Any]) -> tuple[int, int]:
 def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_run_id: str | None = None) -> Expansion:
     """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`."""
     paths = list(study.axes)
-    grid = list(itertools.product(*study.axes.values())) if paths else [()]
-    if len(grid) > max_cells:
+    if study.cell_count > max_cells:  # from the axes' sizes: nothing is built for a study too large to run
         sizes = " × ".join(str(len(v)) for v in study.axes.values())
-        raise StudyError(("axes",), f"{len(grid)} cells ({sizes}) is more than this service's limit of {max_cells}")
+        raise StudyError(("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of "
+                         f"{max_cells}")  # fmt: skip
+    grid = itertools.product(*study.axes.values())  # lazily: one cell at a time
     base = study.base.model_dump(mode="json")
     cells: list[Cell] = []
     identities: dict[str, str] = {}  # canonical job (less seed and tracking) → the key of the cell that runs it

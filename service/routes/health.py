@@ -1,4 +1,5 @@
-"""``/healthz`` (the process answers; no token needed) and ``/readyz`` (database, Ray and MLflow reachable).
+"""``/healthz`` (the process answers; no token needed) and ``/readyz`` (database, Ray and MLflow reachable, the
+admission worker started).
 
 ``/readyz`` needs no token either, and then says only ``ok`` or ``error`` per dependency: its details (the MLflow
 URI, Ray's version, an error's text, which may hold an address) go only to a caller with a known token."""
@@ -37,8 +38,9 @@ async def readyz(request: Request) -> JSONResponse:
         asyncio.to_thread(check, state.store.ping),
         asyncio.to_thread(check, state.ray.ping),
         asyncio.to_thread(check, mlflow),
+        asyncio.to_thread(check, state.checks.ping),
     )
-    checks = dict(zip(("database", "ray", "mlflow"), results, strict=True))
+    checks = dict(zip(("database", "ray", "mlflow", "admission"), results, strict=True))
     if known_principal(request) is None:
         checks = {name: {"status": check["status"]} for name, check in checks.items()}
     ready = all(c["status"] == "ok" for c in checks.values())

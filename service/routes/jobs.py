@@ -11,11 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
+from service.admission import CheckTimeout, ModelRefused, WorkerLost
 from service.auth import Principal
+from service.progress import Latest
 from service.ray_jobs import RayUnavailable
 from service.store import ACTIVE, TERMINAL, IdempotencyConflict, Job, State
 from service.validation import Rejected, admit
-from training.config import JobSpec
+from training.config import JobSpec, default_experiment
 
 T = TypeVar("T")
 
@@ -96,11 +98,14 @@ def reconciled(request: Request, job: Job) -> Job:
 
 
 def run_id(request: Request, job: Job) -> str | None:
-    """The job's MLflow run (found by its tag once the driver created it, then remembered)."""
-    if job.mlflow_run_id or job.status in ("queued", "submitted"):
+    """The job's MLflow run (found by its tag in the job's own experiment once the driver created it, then
+    remembered); MLflow is never asked about a job that never reached Ray."""
+    if job.mlflow_run_id or not job.reached_ray or job.status == "submitted":
         return job.mlflow_run_id
+    tracking = job.spec["tracking"]
+    experiment = tracking.get("experiment") or default_experiment(job.spec["data"]["dataset"])
     try:
-        found = request.app.state.runs.find_run(job.spec["tracking"]["mlflow_uri"], job.id)
+        found = request.app.state.runs.find_run(tracking["mlflow_uri"], job.id, experiment, job.status in TERMINAL)
     except Exception as error:  # MLflow down: the view goes without its run
         log.warning("mlflow for %s: %s", job.id, error)
         return None
@@ -109,28 +114,34 @@ def run_id(request: Request, job: Job) -> str | None:
     return found
 
 
+def progress_of(job: Job, latest: Latest, now: datetime) -> Progress:
+    """Epoch k of N, and for a running job the time left at its pace since its last (re)start: epochs run before an
+    interruption took none of that time (counting them made the ETA too low after a resume)."""
+    progress = Progress(epoch=latest.epochs, epochs=job.spec["training"]["epochs"], eta_s=None)
+    running_since = job.at("running")
+    if job.status == "running" and running_since and latest.epochs_since:
+        elapsed = (now - running_since).total_seconds()
+        progress.eta_s = elapsed / latest.epochs_since * (progress.epochs - latest.epochs)
+    return progress
+
+
 def detailed(request: Request, job: Job) -> JobView:
     view = summary(job)
     view.mlflow_run_id = run_id(request, job)
     if view.mlflow_run_id is None:
         return view
     uri = job.spec["tracking"]["mlflow_uri"]
+    running_since = job.at("running")
     try:
-        metrics, done, experiment = request.app.state.runs.latest(uri, view.mlflow_run_id)
+        latest = request.app.state.runs.latest(uri, view.mlflow_run_id, since=running_since)
     except Exception as error:
         log.warning("mlflow for %s: %s", job.id, error)
         return view
-    epochs = job.spec["training"]["epochs"]
-    eta = None
-    running_since = job.at("running")
-    if job.status == "running" and running_since and done:
-        elapsed = (datetime.now(UTC) - running_since).total_seconds()
-        eta = elapsed / done * (epochs - done)
-    view.progress = Progress(epoch=done, epochs=epochs, eta_s=eta)
-    view.metrics = metrics
-    ui = request.app.state.settings.mlflow_ui_url or (uri if uri.startswith("http") else None)
+    view.progress = progress_of(job, latest, datetime.now(UTC))
+    view.metrics = latest.metrics
+    ui = request.app.state.settings.mlflow_ui_url  # only where the operator configured where users see MLflow
     if ui:
-        view.mlflow_url = f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{view.mlflow_run_id}"
+        view.mlflow_url = f"{ui.rstrip('/')}/#/experiments/{latest.experiment_id}/runs/{view.mlflow_run_id}"
     return view
 
 
@@ -143,12 +154,21 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobView:
     """Queue a training job. With an ``Idempotency-Key`` header a retry returns the job the first call made
-    (200 instead of 201); the same key with a different spec is a 409."""
+    (200 instead of 201); the same key with a different spec is a 409; a principal at its share of jobs not yet
+    ended gets a 429 with ``Retry-After``."""
     state = request.app.state
     try:
-        admitted = admit(spec, state.settings, state.cluster)
+        params = await asyncio.to_thread(state.model_sizes.params, spec.model_key())  # in the admission worker
+    except ModelRefused as error:  # located as the spec's own validation locates it
+        detail = [{"loc": ["body"], "msg": f"Value error, {error}", "type": "value_error"}]
+        raise HTTPException(422, detail=detail) from None
+    except (CheckTimeout, WorkerLost) as error:
+        raise HTTPException(503, detail=f"checking the model: {error}", headers={"Retry-After": "5"}) from None
+    try:
+        admitted = admit(spec, state.settings, state.cluster.value, params=params)
     except Rejected as error:
         raise HTTPException(422, detail=error.detail()) from None
+    await stored(request, state.shares.take, principal, 1)
     try:
         # On the event loop, not in a thread: handing the write to the threadpool made each POST wait for the GIL
         # behind the loop (p99 188 ms vs 101 ms at 50 clients). A local SQLite commit in WAL mode does not fsync.
@@ -195,6 +215,7 @@ def cancel_job(job_id: str, request: Request, principal: Principal) -> JobView:
         request.app.state.dispatcher.cancel(job)
     except RayUnavailable as error:
         raise HTTPException(503, detail=f"cannot reach Ray to stop the job: {error}") from None
+    request.app.state.shares.release(principal, 1)
     return summary(request.app.state.store.get(job_id) or job)
 
 
@@ -202,12 +223,13 @@ def cancel_job(job_id: str, request: Request, principal: Principal) -> JobView:
 def job_logs(
     job_id: str, request: Request, principal: Principal, tail: Annotated[int, Query(ge=1, le=100_000)] = 200
 ) -> str:
-    """The last ``tail`` lines of the Ray job's driver log (empty for a job that never reached Ray)."""
+    """The last ``tail`` lines of the Ray job's driver log (empty for a job that never reached Ray), read from the
+    end of the file by Ray: the cost is the lines asked for, not the log's length."""
     job = owned(request, job_id, principal)
     if not job.reached_ray:
         return ""
     try:
-        text = request.app.state.ray.logs(job.id)
+        text = request.app.state.ray.logs(job.id, tail)
     except RayUnavailable as error:
         raise HTTPException(503, detail=f"cannot reach Ray for the logs: {error}") from None
     return "\n".join(text.splitlines()[-tail:]) + "\n" if text else ""

@@ -14,11 +14,13 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
+from service.admission import CheckTimeout
 from service.auth import Principal
 from service.ray_jobs import RayUnavailable
 from service.routes.jobs import reconciled
 from service.store import TERMINAL, IdempotencyConflict, Study, same_spec
-from service.studies import admit_study, expansion_of, progress, table_of
+from service.studies import admit_study, check_study_size, progress, summary_of, table_of, with_tracking_uri
+from service.validation import check_study_share
 from training.report import FORMATS
 from training.study import StudyError, StudySpec, child_spec
 from training.tracking import create_study_run
@@ -60,18 +62,30 @@ class StudyList(BaseModel):
     offset: int
 
 
+def views(request: Request, studies: list[Study]) -> list[StudyView]:
+    """The studies' progress from their stored summaries and their children's states, read in one query for
+    them all: a page of studies costs two queries, whatever they hold."""
+    children = request.app.state.studies.child_states([study.id for study in studies])
+    out = []
+    for study in studies:
+        mine = children[study.id]
+        summary = study.summary if study.summary is not None else summary_of(request.app.state.expansions.of(study))
+        found = progress(summary, [(cell, status) for cell, _, status in mine])
+        out.append(StudyView(id=study.id, name=study.spec["name"], status=study.status, spec=study.spec,
+                             created_at=study.created_at, updated_at=study.updated_at,
+                             cancel_requested=study.cancel_requested, error=study.error,
+                             mlflow_run_id=study.mlflow_run_id, cells=CellProgress(**found.cells), jobs=found.jobs,
+                             job_ids=[job_id for _, job_id, _ in mine], refused_cells=found.refused,
+                             merged_cells=found.merged))  # fmt: skip
+    return out
+
+
 def view(request: Request, study: Study, with_table: bool = False) -> StudyView:
-    studies = request.app.state.studies
-    children = studies.children(study.id)
-    found = progress(expansion_of(study), children)
-    out = StudyView(id=study.id, name=study.spec["name"], status=study.status, spec=study.spec,
-                    created_at=study.created_at, updated_at=study.updated_at, cancel_requested=study.cancel_requested,
-                    error=study.error, mlflow_run_id=study.mlflow_run_id, cells=CellProgress(**found.cells),
-                    jobs=found.jobs, job_ids=[child.job.id for child in children], refused_cells=found.refused,
-                    merged_cells=found.merged)  # fmt: skip
+    out = views(request, [study])[0]
     if with_table:
+        state = request.app.state
         try:
-            out.table = table_of(study, studies, request.app.state.settings)
+            out.table = table_of(study, state.studies, state.settings, state.expansions)
         except Exception as error:  # MLflow down: the view goes without its table
             log.warning("table of %s: %s", study.id, error)
     return out
@@ -93,20 +107,29 @@ def submit_study(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> StudyView:
     """Queue every child of a study (cells × seeds, equal networks run once). Every cell is checked first —
-    unknown axes, empty axes, too many cells, a cell the job rules refuse → 422 naming the axis, nothing queued.
+    unknown axes, empty axes, too many cells or jobs, a cell the job rules refuse → 422 naming the axis, nothing
+    queued; a principal at its share of running studies or of jobs not yet ended → 429 with ``Retry-After``.
     An ``Idempotency-Key`` retry returns the study the first call made (200); the same key with another spec is
     a 409."""
     state = request.app.state
     try:
-        expansion = admit_study(study, state.settings, state.cluster)
+        check_study_size(study, state.settings)  # from the spec alone, before the worker builds any model
+        spec = with_tracking_uri(study, state.settings).model_dump(mode="json")  # as it will be stored
     except StudyError as error:
         raise HTTPException(422, detail=error.detail()) from None
-    admitted = expansion.study
-    spec = admitted.model_dump(mode="json")
     if idempotency_key:
         existing = state.studies.by_key(principal, idempotency_key)
         if existing is not None:
             return _same(request, existing, spec, response)
+    check_study_share(state.studies, principal, state.settings)
+    state.shares.take(principal, study.size)  # at most this many: merging makes fewer (corrected at the next count)
+    try:
+        expansion = state.checks.run(admit_study, study, state.settings, state.cluster.value)
+    except StudyError as error:
+        raise HTTPException(422, detail=error.detail()) from None
+    except CheckTimeout as error:
+        raise HTTPException(422, detail=[{"loc": ["body", "axes"], "msg": str(error), "type": "value_error"}]) from None
+    admitted = expansion.study
     study_id = f"study-{uuid.uuid4().hex[:16]}"
     uri = admitted.base.tracking.mlflow_uri
     try:
@@ -118,7 +141,8 @@ def submit_study(
                  child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
                 for child in expansion.children]  # fmt: skip
     try:
-        stored = state.studies.create(principal, study_id, spec, idempotency_key, parent, children)
+        stored = state.studies.create(principal, study_id, spec, idempotency_key, parent, children,
+                                      summary_of(expansion))  # fmt: skip
     except Exception as error:
         with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
             MlflowClient(uri).set_terminated(parent, "FAILED")
@@ -150,7 +174,7 @@ def list_studies(
 ) -> StudyList:
     """This principal's studies, newest first, with their progress (no tables: see each study)."""
     studies, total = request.app.state.studies.page(principal, limit, offset)
-    return StudyList(items=[view(request, s) for s in studies], total=total, limit=limit, offset=offset)
+    return StudyList(items=views(request, studies), total=total, limit=limit, offset=offset)
 
 
 @router.get("/{study_id}", response_model=StudyView)
@@ -167,7 +191,8 @@ def study_table(
     """The table so far: JSON, Markdown in the paper's layout, or CSV."""
     study = owned(request, study_id, principal)
     try:
-        table = table_of(study, request.app.state.studies, request.app.state.settings)
+        state = request.app.state
+        table = table_of(study, state.studies, state.settings, state.expansions)
     except Exception as error:
         raise HTTPException(503, detail=f"cannot read the study's runs from MLflow: {error}") from None
     if format == "json":
@@ -191,6 +216,7 @@ async def cancel_study(study_id: str, request: Request, principal: Principal) ->
             job = reconciled(request, child.job)
             if job.status not in TERMINAL:
                 state.dispatcher.cancel(job)
+                state.shares.release(principal, 1)
 
     try:
         await run_in_threadpool(cancel_children)

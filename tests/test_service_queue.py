@@ -1,0 +1,133 @@
+"""The dispatcher over the real store (SQLite and PostgreSQL) with Ray stood in for by a recorder — the queue's rules
+are the subject here; the real Ray path is tests/test_service_ray.py. Issue 24: a cancel can never wedge the queue,
+and principals are served round-robin, so one principal's study cannot hold everyone's queue."""
+
+import threading
+from pathlib import Path
+
+from service.queue import Dispatcher
+from service.ray_jobs import RayJobInfo, RayUnavailable
+from service.store import JobStore, StudyStore, new_job
+
+SPEC = {"training": {"epochs": 1}}
+
+
+class RecordingRay:
+    """Ray as the dispatcher sees it: submissions recorded in order, states set by the test."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.states: dict[str, str] = {}
+        self.on_submit = None  # called with the job id before the submit answers
+
+    def submit(self, job_id: str, spec_path: Path) -> None:
+        if self.on_submit is not None:
+            self.on_submit(job_id)
+        self.submitted.append(job_id)
+        self.states[job_id] = "running"
+
+    def info(self, job_id: str) -> RayJobInfo | None:
+        return RayJobInfo(self.states[job_id], None) if job_id in self.states else None
+
+    def stop(self, job_id: str) -> None:
+        self.states[job_id] = "cancelled"
+
+    def finish(self, job_id: str) -> None:
+        self.states[job_id] = "succeeded"
+
+
+def dispatcher(store: JobStore, tmp_path: Path, ray: RecordingRay, max_submitted: int = 1) -> Dispatcher:
+    return Dispatcher(store, ray, tmp_path / "jobs", max_submitted)  # type: ignore[arg-type]
+
+
+def add(store: JobStore, principal: str, count: int = 1) -> list[str]:
+    jobs = [new_job(principal, SPEC) for _ in range(count)]
+    store.add(jobs)
+    return [job.id for job in jobs]
+
+
+def test_a_second_principal_is_served_before_the_first_principals_study_goes_on(store, tmp_path):
+    """Issue 24's must-show: A queues a 40-job study, then B one job, one job on Ray at a time → B's job starts
+    before A's third (on b867172 the FIFO ran all 40 of A's first: B's job was the 41st)."""
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray)
+    studies = StudyStore(store)
+    studies.create("alice", "study-a", {"name": "a"}, None, "run-a", [(f"c{i:03d}", 0, SPEC) for i in range(40)])
+    queue.tick()
+    (bobs,) = add(store, "bob")
+    for _ in range(4):  # each job ends, the next tick reconciles it and submits the next
+        ray.finish(ray.submitted[-1])
+        queue.tick()
+    alices = [child.job.id for child in studies.children("study-a")]
+    assert ray.submitted[:2] == [alices[0], bobs]
+    assert ray.submitted.index(bobs) < ray.submitted.index(alices[2])
+    assert ray.submitted[2:] == alices[1:4]  # then A's, in their order
+
+
+def test_with_room_for_two_each_principal_gets_one_slot_in_turn(store, tmp_path):
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray, max_submitted=2)
+    alices = add(store, "alice", 5)
+    bobs = add(store, "bob", 2)
+    carols = add(store, "carol", 1)
+    queue.tick()
+    assert set(ray.submitted) == {alices[0], bobs[0]}  # two slots, two principals — not alice's first two
+    ray.finish(alices[0])
+    queue.tick()
+    assert ray.submitted[-1] == carols[0]  # never served, none on Ray: before alice (just served) and bob (one on Ray)
+
+
+def test_a_waiting_job_with_its_cancel_asked_for_ends_cancelled_and_the_next_job_starts(store, tmp_path):
+    """However it came to be (an API killed between a cancel's two writes; made here by hand in the store), a queued
+    job with ``cancel_requested`` is cancelled at the next tick and never holds the queue (on b867172 `fill` fetched
+    it as the one job there was room for, skipped it, and submitted nothing, restart included)."""
+    ray = RecordingRay()
+    first, second = add(store, "alice", 2)
+    store.update(first, cancel_requested=True)
+    dispatcher(store, tmp_path, ray).tick()
+    assert store.get(first).status == "cancelled"
+    assert ray.submitted == [second] and first not in ray.states
+    assert store.get(second).status == "submitted"
+
+
+def test_a_cancel_that_races_a_submit_failing_on_ray_still_cancels_and_the_queue_goes_on(store, tmp_path):
+    """The cancel reads the job as submitted; the submit fails (Ray unreachable) and puts it back in line; the cancel
+    then finds it waiting (on b867172 it did nothing there: the job waited with its flag, and blocked the queue)."""
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray)
+    job_id, after = add(store, "alice", 2)
+    cancelling: list[threading.Thread] = []
+
+    def fail_while_cancelled(submitted: str) -> None:
+        ray.on_submit = None
+        cancel = threading.Thread(target=queue.cancel, args=(store.get(submitted),))
+        cancel.start()  # it sets the flag, finds the job submitted, and waits for the tick's lock
+        cancelling.append(cancel)
+        raise RayUnavailable("connection refused")
+
+    ray.on_submit = fail_while_cancelled
+    queue.tick()
+    cancelling[0].join(10)
+    assert store.get(job_id).status == "cancelled"
+    queue.tick()
+    assert ray.submitted == [after]
+
+
+def test_a_claimed_job_whose_owner_cancelled_it_is_not_submitted_again_on_reconcile(store, tmp_path):
+    """Claimed (submitted) but Ray never got it — the API stopped in between — and cancelled meanwhile: the restarted
+    dispatcher ends it cancelled instead of sending it to Ray (on b867172 it resubmitted it)."""
+    ray = RecordingRay()
+    (job_id,) = add(store, "alice")
+    assert store.transition(job_id, "submitted", only_from=("queued",))
+    store.update(job_id, cancel_requested=True)
+    dispatcher(store, tmp_path, ray).tick()
+    assert store.get(job_id).status == "cancelled" and ray.submitted == []
+
+
+def test_an_interrupted_job_still_goes_back_ahead_of_every_principals_queue(store, tmp_path):
+    ray = RecordingRay()
+    (queued,) = add(store, "bob")
+    (lost,) = add(store, "alice")
+    assert store.transition(lost, "submitted") and store.transition(lost, "interrupted")
+    dispatcher(store, tmp_path, ray).tick()
+    assert ray.submitted == [lost] and store.get(queued).status == "queued"
