@@ -29,6 +29,7 @@ import psutil
 
 from service.auth import hash_token
 from service.ray_jobs import LocalRayHead, free_ports
+from training.data.manifest import write_atomically
 
 BIN = Path(sys.executable).parent
 STATE_FILE = "stack.json"
@@ -40,15 +41,9 @@ class StackError(RuntimeError):
 
 
 def write_private(path: Path, text: str) -> None:
-    """``text`` into ``path`` by rename, readable by its owner alone from before the first byte (it holds secrets)."""
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """``text`` into ``path`` by rename, readable by its owner alone from before the first byte (it holds secrets):
+    `write_atomically`'s temp file is mkstemp's, created 0600, and keeps its mode through the rename."""
+    write_atomically(path, lambda temp: temp.write_text(text))
 
 
 def postgres_bin() -> Path:

@@ -3,6 +3,7 @@ are the subject here; the real Ray path is tests/test_service_ray.py. Issue 24: 
 and principals are served round-robin, so one principal's study cannot hold everyone's queue."""
 
 import threading
+import time
 from pathlib import Path
 
 from service.queue import Dispatcher
@@ -103,6 +104,10 @@ def test_a_cancel_that_races_a_submit_failing_on_ray_still_cancels_and_the_queue
         cancel = threading.Thread(target=queue.cancel, args=(store.get(submitted),))
         cancel.start()  # it sets the flag, finds the job submitted, and waits for the tick's lock
         cancelling.append(cancel)
+        deadline = time.monotonic() + 10
+        while not store.get(submitted).cancel_requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # its compare-and-set from a waiting state has failed: the job is still submitted
         raise RayUnavailable("connection refused")
 
     ray.on_submit = fail_while_cancelled
