@@ -149,12 +149,19 @@ class ModelSizes:
         self._kept: OrderedDict[tuple[str, int, int], int | str] = OrderedDict()  # params, or why it was refused
         self._lock = threading.Lock()
 
-    def params(self, key: tuple[str, int, int]) -> int:
-        """``key``: `JobSpec.model_key`. `ModelRefused` naming the constructor's reason; blocks (a thread)."""
+    def known(self, key: tuple[str, int, int]) -> int | None:
+        """The count when it is kept (never blocks: for the event loop), else None; `ModelRefused` for a refusal."""
         with self._lock:
             found = self._kept.get(key)
             if found is not None:
                 self._kept.move_to_end(key)
+        if isinstance(found, str):
+            raise ModelRefused(f"model: {found}")
+        return found
+
+    def params(self, key: tuple[str, int, int]) -> int:
+        """``key``: `JobSpec.model_key`. `ModelRefused` naming the constructor's reason; blocks (a thread)."""
+        found: int | str | None = self.known(key)
         if found is None:
             try:
                 found = self.checks.run(count_model_params, *key)

@@ -2,7 +2,6 @@
 data inside the data root. Each failure names its field, as pydantic's own errors do."""
 
 import asyncio
-import math
 import threading
 import time
 
@@ -109,8 +108,8 @@ def too_many(message: str, settings: ServiceSettings) -> HTTPException:
 
 class JobShares:
     """Each principal's jobs not yet ended, against ``max_jobs_per_principal``: counted in the store at most once every
-    `REFRESH_S` per principal, plus what this process admitted since — a count per POST cost more than the POST
-    itself once a principal held thousands of jobs (p99 at 50 clients 29 → 254 ms). Other API replicas' admissions
+    `REFRESH_S` per principal, plus what this process admitted since: a count per POST grows with the jobs the
+    principal holds, and on the event loop it delays every other request. Other API replicas' admissions
     show at the next count: a principal can pass its share by what they admit within `REFRESH_S`, no more."""
 
     REFRESH_S = 1.0
@@ -118,22 +117,47 @@ class JobShares:
     def __init__(self, store: JobStore, settings: ServiceSettings) -> None:
         self.store, self.settings = store, settings
         self._held: dict[str, tuple[int, float]] = {}  # principal → (jobs not yet ended, when counted)
+        self._counting: dict[str, asyncio.Future[tuple[int, float]]] = {}  # counts in flight, by principal
         self._lock = threading.Lock()
 
     def take(self, principal: str, adding: int) -> None:
-        """Count ``adding`` jobs against the principal's share, or `too_many` (nothing counted)."""
+        """Count ``adding`` jobs against the principal's share, or `too_many` (nothing counted). Counts in the store
+        in this thread when the last count is stale."""
+        self._decide(principal, adding, self._fresh(principal) or self._count(principal))
+
+    async def take_on_loop(self, principal: str, adding: int) -> None:
+        """`take` from the event loop: no thread hop while the count is fresh (almost every POST), and a count across
+        the network (PostgreSQL) in a thread."""
+        held = self._fresh(principal)
+        if held is None and self.store.local:
+            held = self._count(principal)
+        elif held is None:  # one count in flight per principal; the requests meanwhile wait for the same one
+            pending = self._counting.get(principal)
+            if pending is None:
+                pending = self._counting[principal] = asyncio.ensure_future(asyncio.to_thread(self._count, principal))
+                pending.add_done_callback(lambda _: self._counting.pop(principal, None))
+            counted = await pending
+            held = self._fresh(principal) or counted  # with what the requests before this one took since
+        self._decide(principal, adding, held)
+
+    def _fresh(self, principal: str) -> tuple[int, float] | None:
         with self._lock:
-            held, counted = self._held.get(principal, (0, -math.inf))
-        if time.monotonic() - counted > self.REFRESH_S:
-            held, counted = self.store.count(OPEN, principal), time.monotonic()
+            found = self._held.get(principal)
+        return found if found is not None and time.monotonic() - found[1] <= self.REFRESH_S else None
+
+    def _count(self, principal: str) -> tuple[int, float]:
+        return self.store.count(OPEN, principal), time.monotonic()
+
+    def _decide(self, principal: str, adding: int, counted: tuple[int, float]) -> None:
+        held, at = counted
         limit = self.settings.max_jobs_per_principal
         if held + adding > limit:
             with self._lock:
-                self._held[principal] = (held, counted)
+                self._held[principal] = (held, at)
             raise too_many(f"{principal} has {held} jobs not yet ended; {adding} more would pass this service's "
                            f"limit of {limit} a principal (SAN_MAX_JOBS_PER_PRINCIPAL)", self.settings)  # fmt: skip
         with self._lock:
-            self._held[principal] = (held + adding, counted)
+            self._held[principal] = (held + adding, at)
 
     def release(self, principal: str, ended: int) -> None:
         """``ended`` of the principal's jobs ended here (cancelled): their places are free before the next count."""
