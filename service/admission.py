@@ -8,6 +8,7 @@ killed, a fresh one started, and the request refused. The API process keeps answ
 
 import logging
 import multiprocessing
+import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,12 +24,20 @@ READY = "ready"
 STARTUP_S = 300.0  # the worker's imports (torch, MLflow): outside each check's bound, but not forever
 
 
-class CheckTimeout(RuntimeError):
+class AdmissionUnavailable(RuntimeError):
+    """The worker could not answer: not a verdict on the request (HTTP 503, try again)."""
+
+
+class CheckTimeout(AdmissionUnavailable):
     """A check ran past its bound (the worker was killed for it)."""
 
 
-class WorkerLost(RuntimeError):
-    """The worker ended in the middle of a check (killed from outside, or out of memory)."""
+class WorkerLost(AdmissionUnavailable):
+    """The worker ended in the middle of a check (killed from outside, or out of memory), or could not start."""
+
+
+class WorkerBusy(AdmissionUnavailable):
+    """Other checks held the worker for longer than a check's bound: the request is not queued behind them."""
 
 
 def serve(connection: Connection) -> None:
@@ -90,9 +99,11 @@ class ModelChecks:
     def run(self, check: Callable[..., T], *args: Any) -> T:
         """``check(*args)`` in the worker (a module-level function; its arguments and result cross by pickle), or
         its exception; `CheckTimeout` past the bound. Blocks: call it from a thread, never the event loop."""
-        with self._lock:
-            connection = self._started()
+        if not self._lock.acquire(timeout=self.timeout_s):
+            raise WorkerBusy(f"the admission worker was busy with other checks for {self.timeout_s:g} s")
+        try:
             try:
+                connection = self._started()
                 if not self._ready:
                     if not connection.poll(STARTUP_S) or connection.recv() != READY:
                         self._stop()
@@ -104,9 +115,11 @@ class ModelChecks:
                     self._stop()
                     raise CheckTimeout(f"checking it took longer than this service's bound of {self.timeout_s:g} s")
                 ok, value = connection.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, pickle.UnpicklingError):
                 self._stop()
                 raise WorkerLost("the admission worker ended during the check; try again") from None
+        finally:
+            self._lock.release()
         if not ok:
             raise value
         return value
@@ -165,9 +178,9 @@ class ModelSizes:
         if found is None:
             try:
                 found = self.checks.run(count_model_params, *key)
-            except (CheckTimeout, WorkerLost):
+            except AdmissionUnavailable:  # not a verdict: never kept
                 raise
-            except Exception as error:  # any constructor's failure on bad kwargs
+            except Exception as error:  # raised by the check itself: a constructor's refusal of the kwargs
                 found = str(error)
             with self._lock:
                 self._kept[key] = found

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -142,6 +143,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await asyncio.to_thread(checks.start)  # the worker warms up while the service starts answering
         app.state.expansions = Expansions(checks)
         app.state.model_sizes = ModelSizes(checks)
+        # the waits for the admission worker: their own threads, so a flood of checks never holds the default
+        # executor's, which the queue's ticks, the finisher and every store call on PostgreSQL use
+        app.state.admission_threads = ThreadPoolExecutor(4, thread_name_prefix="san-admission")
         finisher = StudyFinisher(app.state.studies, settings, app.state.expansions)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(app.state.cluster.run(CLUSTER_REFRESH_S)),
@@ -159,6 +163,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             store.close()
             ray.close()
             await asyncio.to_thread(checks.close)
+            app.state.admission_threads.shutdown(wait=False, cancel_futures=True)
             if head is not None:
                 await asyncio.to_thread(head.stop)
 

@@ -26,7 +26,8 @@ RAY_STATES = {  # Ray's job status → the service's state
 }
 
 
-MAX_LOG_BYTES = 4 * 1024 * 1024  # of a log tail the API passes on
+MAX_LOG_BYTES = 4 * 1024 * 1024  # of a log tail the API passes on: the newest
+MAX_LOG_READ_BYTES = 64 * 1024 * 1024  # of a tail read from Ray (100,000 lines of very long ones)
 
 
 class RayUnavailable(RuntimeError):
@@ -130,11 +131,13 @@ class RayJobs:
             with self.http.stream("GET", "/api/v0/logs/file", params=params) as response:
                 if response.status_code >= 400:  # the cluster answered above: the file is not there (yet)
                     return ""
-                size = 0
-                for chunk in response.iter_bytes():
+                kept = read = 0
+                for chunk in response.iter_bytes():  # oldest first: keep the newest MAX_LOG_BYTES
                     chunks.append(chunk)
-                    size += len(chunk)
-                    if size >= MAX_LOG_BYTES:
+                    kept, read = kept + len(chunk), read + len(chunk)
+                    while kept - len(chunks[0]) >= MAX_LOG_BYTES:
+                        kept -= len(chunks.pop(0))
+                    if read >= MAX_LOG_READ_BYTES:
                         break
         except httpx.HTTPError as error:
             raise RayUnavailable(f"Ray at {self.address}: {error}") from None

@@ -110,7 +110,7 @@ class StudyRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # What the expansion said at creation (cells, refused, merged): a read never expands the study again.
-    summary: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    summary: Mapped[dict[str, int] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 # Columns added after a table was first created: (table, column, SQL type). `create_all` makes missing tables only.
@@ -443,6 +443,15 @@ class StudyStore:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.scalars(query.order_by(StudyRow.seq.desc()).limit(limit).offset(offset)).all()
             return [_study(row) for row in rows], total
+
+    def unsummarised(self, limit: int) -> list[Study]:
+        with self.jobs.session() as session:
+            query = select(StudyRow).where(StudyRow.summary.is_(None)).order_by(StudyRow.seq).limit(limit)
+            return [_study(row) for row in session.scalars(query)]
+
+    def set_summary(self, study_id: str, summary: dict[str, int]) -> None:
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            session.execute(update(StudyRow).where(StudyRow.id == study_id).values(summary=summary))
 
     def count_running(self, principal: str) -> int:
         query = select(func.count()).where(StudyRow.principal == principal, StudyRow.status == "running")

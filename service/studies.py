@@ -14,7 +14,7 @@ from service.admission import ModelChecks
 from service.settings import ServiceSettings
 from service.store import TERMINAL, Study, StudyChild, StudyStore
 from service.validation import Rejected, admit, reject_reserved_tags
-from training.study import Expansion, StudyError, StudySpec, axis_of, expand
+from training.study import STORED, Expansion, StudyError, StudySpec, axis_of, expand
 from training.study_results import table, write_results
 from training.tracking import finish_study_run
 
@@ -65,7 +65,7 @@ def admit_study(study: StudySpec, settings: ServiceSettings, size: dict[str, flo
 def expand_stored(spec: str, study_id: str, parent_run_id: str | None) -> Expansion:
     """A stored study's expansion (run in the admission worker): the same as at submission, expansion being
     deterministic."""
-    return expand(StudySpec.model_validate_json(spec), max_cells=10**9, study_id=study_id,
+    return expand(StudySpec.model_validate_json(spec, context={STORED: True}), max_cells=10**9, study_id=study_id,
                   parent_run_id=parent_run_id)  # fmt: skip
 
 
@@ -165,6 +165,7 @@ class StudyFinisher:
         self.attempts: dict[str, int] = {}
 
     def tick(self) -> None:
+        self.summarise()
         for study in self.studies.in_state("running"):
             try:
                 self.finish(study)
@@ -173,6 +174,15 @@ class StudyFinisher:
                 log.warning("study %s: could not finish (attempt %d): %s", study.id, attempts, error)
                 if attempts >= self.MAX_ATTEMPTS:
                     self.studies.finish(study.id, "failed", error=f"writing the results failed: {error}")
+
+    def summarise(self, at_most: int = 10) -> None:
+        """Studies stored before summaries were (a database an earlier version made): theirs, made in the admission
+        worker a few at a time, so their reads never expand them."""
+        for study in self.studies.unsummarised(at_most):
+            try:
+                self.studies.set_summary(study.id, summary_of(self.expansions.of(study)))
+            except Exception as error:  # the next pass tries again; reads show no refused or merged cells meanwhile
+                log.warning("study %s: no summary yet: %s", study.id, error)
 
     def finish(self, study: Study) -> bool:
         children = self.studies.children(study.id)

@@ -2,8 +2,10 @@
 data inside the data root. Each failure names its field, as pydantic's own errors do."""
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import HTTPException
 
@@ -107,38 +109,74 @@ def too_many(message: str, settings: ServiceSettings) -> HTTPException:
 
 
 class JobShares:
-    """Each principal's jobs not yet ended, against ``max_jobs_per_principal``: counted in the store at most once every
-    `REFRESH_S` per principal, plus what this process admitted since: a count per POST grows with the jobs the
-    principal holds, and on the event loop it delays every other request. Other API replicas' admissions
-    show at the next count: a principal can pass its share by what they admit within `REFRESH_S`, no more."""
+    """Each principal's jobs not yet ended, against ``max_jobs_per_principal``: the store's count, taken at most once
+    every `REFRESH_S` per principal (one count in flight at a time), plus the jobs stored here since that count, plus
+    the jobs of requests still being admitted (reserved until their commit, or their failure, settles them) — so
+    neither a stale count nor requests in flight let a principal pass its share. A count per POST grows with the
+    jobs the principal holds, and on the event loop it delays every other request. Other API replicas' admissions
+    show at the next count. One study admission at a time per principal: a study's checks hold the admission
+    worker, and a second one in flight would pass the running-studies count too."""
 
     REFRESH_S = 1.0
 
     def __init__(self, store: JobStore, settings: ServiceSettings) -> None:
         self.store, self.settings = store, settings
-        self._held: dict[str, tuple[int, float]] = {}  # principal → (jobs not yet ended, when counted)
+        self._held: dict[str, tuple[int, float]] = {}  # principal → (jobs the store holds, when counted)
+        self._reserved: dict[str, int] = {}  # principal → jobs of requests in flight
+        self._studies: set[str] = set()  # principals with a study being admitted
         self._counting: dict[str, asyncio.Future[tuple[int, float]]] = {}  # counts in flight, by principal
         self._lock = threading.Lock()
 
-    def take(self, principal: str, adding: int) -> None:
-        """Count ``adding`` jobs against the principal's share, or `too_many` (nothing counted). Counts in the store
-        in this thread when the last count is stale."""
-        self._decide(principal, adding, self._fresh(principal) or self._count(principal))
+    @contextlib.contextmanager
+    def reserve(self, principal: str, adding: int) -> Iterator[None]:
+        """Hold ``adding`` jobs of the principal's share while the block admits and stores them, or `too_many`.
+        Counts in the store in this thread when the count is stale."""
+        self._reserve(principal, adding, self._fresh(principal) or self._count(principal))
+        with self._settled(principal, adding):
+            yield
 
-    async def take_on_loop(self, principal: str, adding: int) -> None:
-        """`take` from the event loop: no thread hop while the count is fresh (almost every POST), and a count across
-        the network (PostgreSQL) in a thread."""
+    @contextlib.asynccontextmanager
+    async def reserve_on_loop(self, principal: str, adding: int) -> AsyncIterator[None]:
+        """`reserve` from the event loop: no thread hop while the count is fresh (almost every POST), a count across
+        the network (PostgreSQL) in a thread, one at a time (the requests meanwhile wait for the same one)."""
         held = self._fresh(principal)
         if held is None and self.store.local:
             held = self._count(principal)
-        elif held is None:  # one count in flight per principal; the requests meanwhile wait for the same one
+        elif held is None:
             pending = self._counting.get(principal)
             if pending is None:
                 pending = self._counting[principal] = asyncio.ensure_future(asyncio.to_thread(self._count, principal))
                 pending.add_done_callback(lambda _: self._counting.pop(principal, None))
-            counted = await pending
-            held = self._fresh(principal) or counted  # with what the requests before this one took since
-        self._decide(principal, adding, held)
+            counted = await asyncio.shield(pending)  # a waiter that goes away does not cancel the others' count
+            held = self._fresh(principal) or counted  # with what the requests before this one stored since
+        self._reserve(principal, adding, held)
+        with self._settled(principal, adding):
+            yield
+
+    @contextlib.contextmanager
+    def admitting_study(self, principal: str, studies: StudyStore) -> Iterator[None]:
+        """One study admission at a time per principal, and no more running studies than its share, or `too_many`."""
+        with self._lock:
+            busy = principal in self._studies
+            self._studies.add(principal)
+        if busy:
+            raise too_many(f"a study of {principal}'s is being admitted; one at a time", self.settings)
+        try:
+            running = studies.count_running(principal)
+            if running >= self.settings.max_studies_per_principal:
+                raise too_many(f"{principal} has {running} studies running, this service's limit a principal "
+                               f"(SAN_MAX_STUDIES_PER_PRINCIPAL)", self.settings)  # fmt: skip
+            yield
+        finally:
+            with self._lock:
+                self._studies.discard(principal)
+
+    def release(self, principal: str, ended: int) -> None:
+        """``ended`` of the principal's jobs ended here (cancelled): their places are free before the next count."""
+        with self._lock:
+            if principal in self._held:
+                held, counted = self._held[principal]
+                self._held[principal] = (max(0, held - ended), counted)
 
     def _fresh(self, principal: str) -> tuple[int, float] | None:
         with self._lock:
@@ -148,27 +186,35 @@ class JobShares:
     def _count(self, principal: str) -> tuple[int, float]:
         return self.store.count(OPEN, principal), time.monotonic()
 
-    def _decide(self, principal: str, adding: int, counted: tuple[int, float]) -> None:
-        held, at = counted
+    def _reserve(self, principal: str, adding: int, counted: tuple[int, float]) -> None:
         limit = self.settings.max_jobs_per_principal
-        if held + adding > limit:
+        with self._lock:
+            held, at = counted
+            current = self._held.get(principal)
+            if current is None or current[1] <= at:  # a newer count than the one kept
+                self._held[principal] = counted
+            else:
+                held, at = current
+            reserved = self._reserved.get(principal, 0)
+            if held + reserved + adding > limit:
+                message = (f"{principal} has {held + reserved} jobs not yet ended; {adding} more would pass this "
+                           f"service's limit of {limit} a principal (SAN_MAX_JOBS_PER_PRINCIPAL)")  # fmt: skip
+            else:
+                message = None
+                self._reserved[principal] = reserved + adding
+        if message:
+            raise too_many(message, self.settings)
+
+    @contextlib.contextmanager
+    def _settled(self, principal: str, adding: int) -> Iterator[None]:
+        """The reservation ends with the block: stored (counted as held until the next count) or not."""
+        stored = False
+        try:
+            yield
+            stored = True
+        finally:
             with self._lock:
-                self._held[principal] = (held, at)
-            raise too_many(f"{principal} has {held} jobs not yet ended; {adding} more would pass this service's "
-                           f"limit of {limit} a principal (SAN_MAX_JOBS_PER_PRINCIPAL)", self.settings)  # fmt: skip
-        with self._lock:
-            self._held[principal] = (held + adding, at)
-
-    def release(self, principal: str, ended: int) -> None:
-        """``ended`` of the principal's jobs ended here (cancelled): their places are free before the next count."""
-        with self._lock:
-            if principal in self._held:
-                held, counted = self._held[principal]
-                self._held[principal] = (max(0, held - ended), counted)
-
-
-def check_study_share(studies: StudyStore, principal: str, settings: ServiceSettings) -> None:
-    running = studies.count_running(principal)
-    if running >= settings.max_studies_per_principal:
-        raise too_many(f"{principal} has {running} studies running, this service's limit a principal "
-                       f"(SAN_MAX_STUDIES_PER_PRINCIPAL)", settings)  # fmt: skip
+                self._reserved[principal] = self._reserved.get(principal, 0) - adding
+                if stored and principal in self._held:
+                    held, at = self._held[principal]
+                    self._held[principal] = (held + adding, at)

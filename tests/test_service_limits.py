@@ -45,7 +45,7 @@ def wait_for_probes(answered: list[float], count: int, timeout_s: float = 30) ->
 def test_a_30_axis_study_is_a_422_at_once_while_healthz_answers_and_the_api_does_not_grow(service):
     """~1.5 kB that expanded 2**30 cells in the API's memory on b867172 (23.8 GB, then the OOM killer)."""
     bodies = [
-        ({**STUDY, "axes": {f"model.attention_kwargs.k{i}": [1, 2] for i in range(30)}}, "at most 8 items"),
+        ({**STUDY, "axes": {f"model.attention_kwargs.k{i}": [1, 2] for i in range(30)}}, "30 axes; at most 8"),
         # within the schema's caps, but 64**8 cells: refused from the axes' sizes, before one cell is built
         ({**STUDY, "axes": {path: list(range(1, 65)) for path in ["training.batch_size", "training.epochs",
           "validation.batch_size", "checkpoint.every_epochs", "checkpoint.keep", "lr.step_epochs",

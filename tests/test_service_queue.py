@@ -2,13 +2,19 @@
 are the subject here; the real Ray path is tests/test_service_ray.py. Issue 24: a cancel can never wedge the queue,
 and principals are served round-robin, so one principal's study cannot hold everyone's queue."""
 
+import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+from sqlalchemy import inspect
 
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobInfo, RayUnavailable
+from service.settings import ServiceSettings
 from service.store import JobStore, StudyStore, new_job
+from service.studies import StudyFinisher, expand_stored
 
 SPEC = {"training": {"epochs": 1}}
 
@@ -136,3 +142,29 @@ def test_an_interrupted_job_still_goes_back_ahead_of_every_principals_queue(stor
     assert store.transition(lost, "submitted") and store.transition(lost, "interrupted")
     dispatcher(store, tmp_path, ray).tick()
     assert ray.submitted == [lost] and store.get(queued).status == "queued"
+
+
+def test_a_database_made_before_summaries_gets_the_column_and_its_studies_summaries(tmp_path):
+    """An existing database (no ``summary`` column, no share index) opens with both added; its studies' summaries
+    are made by the finisher's pass, never by a read."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = JobStore(url)
+    with old.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX jobs_by_principal_and_status")
+        connection.exec_driver_sql("ALTER TABLE studies DROP COLUMN summary")
+    old.close()
+    spec = {"name": "old", "seeds": [0], "axes": {"model.attention": ["none", "san-c"],
+                                                  "model.placement": ["bottleneck", "full"]}}  # fmt: skip
+    store = JobStore(url)
+    try:
+        assert "jobs_by_principal_and_status" in {i["name"] for i in inspect(store.engine).get_indexes("jobs")}
+        studies = StudyStore(store)
+        studies.create("alice", "study-old", spec, None, "run-old", [("c000", 0, SPEC)])  # no summary, as then
+        assert studies.get("study-old").summary is None
+        expansions = SimpleNamespace(of=lambda study: expand_stored(json.dumps(study.spec), study.id, None))
+        StudyFinisher(studies, ServiceSettings(), expansions).summarise()  # type: ignore[arg-type]
+        # none runs once for both placements, and LeNet-5's two san-c placements are one network
+        assert studies.get("study-old").summary == {"cells": 4, "refused": 0, "merged": 2}
+        assert studies.unsummarised(10) == []
+    finally:
+        store.close()

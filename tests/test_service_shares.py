@@ -9,7 +9,7 @@ import pytest
 from fastapi import HTTPException
 
 from service.settings import ServiceSettings
-from service.store import new_job
+from service.store import StudyStore, new_job
 from service.validation import JobShares
 
 
@@ -26,8 +26,12 @@ def test_one_count_at_a_time_and_the_requests_meanwhile_decide_on_the_last_one(s
     monkeypatch.setattr(store, "count", slow_count)
     shares = JobShares(store, ServiceSettings(max_jobs_per_principal=10))
 
+    async def one() -> None:
+        async with shares.reserve_on_loop("alice", 1):
+            await asyncio.sleep(0)  # stored
+
     async def burst() -> list[int | None]:
-        answers = await asyncio.gather(*(shares.take_on_loop("alice", 1) for _ in range(20)), return_exceptions=True)
+        answers = await asyncio.gather(*(one() for _ in range(20)), return_exceptions=True)
         return [error.status_code if isinstance(error, HTTPException) else None for error in answers]
 
     answers = asyncio.run(burst())
@@ -41,11 +45,31 @@ def test_one_count_at_a_time_and_the_requests_meanwhile_decide_on_the_last_one(s
     assert len(counts) == 2 and answers.count(None) == 7  # the store holds 3: the same decisions
 
 
-def test_a_principals_refusal_says_which_setting_and_when_to_retry(store):
-    shares = JobShares(store, ServiceSettings(max_jobs_per_principal=2, retry_after_s=9))
-    shares.take("bob", 2)
-    with pytest.raises(HTTPException) as refused:
-        shares.take("bob", 1)
-    assert refused.value.status_code == 429 and refused.value.headers == {"Retry-After": "9"}
-    assert "SAN_MAX_JOBS_PER_PRINCIPAL" in refused.value.detail
-    shares.take("carol", 2)  # another principal's share is its own
+def test_a_principals_refusal_says_which_setting_and_when_to_retry_and_requests_in_flight_count(store):
+    shares = JobShares(store, ServiceSettings(max_jobs_per_principal=3, retry_after_s=9))
+    with shares.reserve("bob", 2):  # in flight: not stored yet, and the count is fresh
+        with pytest.raises(HTTPException) as refused, shares.reserve("bob", 2):
+            pass
+        assert refused.value.status_code == 429 and refused.value.headers == {"Retry-After": "9"}
+        assert "2 jobs not yet ended" in refused.value.detail and "SAN_MAX_JOBS_PER_PRINCIPAL" in refused.value.detail
+    with pytest.raises(RuntimeError), shares.reserve("bob", 1):  # a request that fails frees what it held
+        raise RuntimeError("refused later")
+    with shares.reserve("bob", 1):  # stored: 2 + 1 = 3, the share
+        pass
+    with pytest.raises(HTTPException), shares.reserve("bob", 1):
+        pass
+    with shares.reserve("carol", 3):  # another principal's share is its own
+        pass
+
+
+def test_one_study_admission_at_a_time_per_principal(store):
+    shares = JobShares(store, ServiceSettings(max_studies_per_principal=5))
+    studies = StudyStore(store)
+    with shares.admitting_study("alice", studies):
+        with pytest.raises(HTTPException) as busy, shares.admitting_study("alice", studies):
+            pass
+        assert busy.value.status_code == 429 and "one at a time" in busy.value.detail
+        with shares.admitting_study("bob", studies):
+            pass
+    with shares.admitting_study("alice", studies):  # the first one ended
+        pass

@@ -121,7 +121,7 @@ def test_bad_studies_get_422_naming_the_axis_and_queue_nothing(service, change, 
 
 
 AXIS_VALUES = {
-    "model.attention": st.sampled_from(["none", "cbam", "bam", "san-c", "san-d", "sand", ""]),
+    "model.attention": st.sampled_from(["none", "cbam", "bam", "san-c", "san-d", "sand", "", {"a": 1}, [1], 3]),
     "model.placement": st.sampled_from(["bottleneck", "full", "reference", "middle"]),
     "model.attention_kwargs": st.dictionaries(
         st.sampled_from(["use_abs", "use_cca", "reduction", "dilation", "x"]),

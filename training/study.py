@@ -36,6 +36,7 @@ NETWORK_AXES = ("model.name", ATTENTION, PLACEMENT)  # named in the run name alr
 # The grid's shape, bounded by the schema: a study's cost (cells × seeds) is the product of its axes' sizes, so it is
 # computed from them and checked before one cell is built (`StudySpec.size`, `expand`).
 MAX_AXES, MAX_AXIS_VALUES = 8, 64
+STORED = "stored"  # validation context: a study the service admitted before, re-read (the caps were checked then)
 
 
 class StudyError(ValueError):
@@ -76,8 +77,7 @@ class StudySpec(Section):
     name: str = Field(default="study", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = Field(default="", max_length=2000)
     base: JobSpec = Field(default_factory=JobSpec)
-    # In order: the first axis varies slowest.
-    axes: dict[str, list[FiniteJson]] = Field(default_factory=dict, max_length=MAX_AXES)
+    axes: dict[str, list[FiniteJson]] = Field(default_factory=dict)  # in order: the first axis varies slowest
     labels: dict[str, list[str]] = Field(default_factory=dict)  # display labels, one per axis value
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=100)
     # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
@@ -89,11 +89,14 @@ class StudySpec(Section):
     @field_validator("axes")
     @classmethod
     def _known_paths(cls, axes: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        stored = bool(info.context and info.context.get(STORED))  # admitted under the caps of its day
+        if len(axes) > MAX_AXES and not stored:
+            raise ValueError(f"{len(axes)} axes; at most {MAX_AXES}")
         for path, values in axes.items():
             check_path(path)
             if not values:
                 raise ValueError(f"axis {path!r} has no values")
-            if len(values) > MAX_AXIS_VALUES:
+            if len(values) > MAX_AXIS_VALUES and not stored:
                 raise ValueError(f"axis {path!r} has {len(values)} values; at most {MAX_AXIS_VALUES}")
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                 raise ValueError(f"axis {path!r} repeats a value")
@@ -170,8 +173,8 @@ class StudySpec(Section):
         """How a value of an axis is shown: its given label, else a readable form of the value."""
         if path in self.labels:
             return self.labels[path][self.axes[path].index(value)]
-        if path == ATTENTION:
-            return DISPLAY.get(value, str(value))
+        if path == ATTENTION and isinstance(value, str):
+            return DISPLAY.get(value, value)
         if isinstance(value, dict):
             return ", ".join(f"{k}={v}" for k, v in value.items()) or "default"
         return str(value)
@@ -215,7 +218,8 @@ def check_attention_kwargs(axes: dict[str, list[Any]], base: JobSpec) -> None:
     """Attention-kwarg axes (``model.attention_kwargs.<name>``, or whole ``model.attention_kwargs`` dicts) checked
     against the constructors of the study's attention modules — the names each takes and their types — before any
     cell is built: ValueError naming the axis."""
-    attentions = [name for name in axes.get(ATTENTION, [base.model.attention]) if name in ATTENTION_KWARGS]
+    attentions = [name for name in axes.get(ATTENTION, [base.model.attention])
+                  if isinstance(name, str) and name in ATTENTION_KWARGS]  # fmt: skip
     modules = [name for name in attentions if name != "none"] or ["none"]  # "none" alone: any module's argument
     takes = {key for name in modules for key in ATTENTION_KWARGS[name].model_fields}
     for path, values in axes.items():

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
-from service.admission import CheckTimeout, ModelRefused, WorkerLost
+from service.admission import AdmissionUnavailable, ModelRefused
 from service.auth import Principal
 from service.progress import Latest
 from service.ray_jobs import RayUnavailable
@@ -78,6 +78,11 @@ async def stored(request: Request, call: Callable[..., T], *args: Any) -> T:
     if request.app.state.store.local:
         return call(*args)
     return await asyncio.to_thread(call, *args)
+
+
+def unavailable(message: str) -> HTTPException:
+    """503 for the admission worker's failure to answer (not a verdict on the request)."""
+    return HTTPException(503, detail=message, headers={"Retry-After": "5"})
 
 
 def owned(request: Request, job_id: str, principal: str) -> Job:
@@ -157,25 +162,26 @@ async def submit_job(
     (200 instead of 201); the same key with a different spec is a 409; a principal at its share of jobs not yet
     ended gets a 429 with ``Retry-After``."""
     state = request.app.state
-    try:
-        key = spec.model_key()  # counted in the admission worker, once per model; a thread hop only then
-        params = state.model_sizes.known(key) or await asyncio.to_thread(state.model_sizes.params, key)
-    except ModelRefused as error:  # located as the spec's own validation locates it
-        detail = [{"loc": ["body"], "msg": f"Value error, {error}", "type": "value_error"}]
-        raise HTTPException(422, detail=detail) from None
-    except (CheckTimeout, WorkerLost) as error:
-        raise HTTPException(503, detail=f"checking the model: {error}", headers={"Retry-After": "5"}) from None
-    try:
-        admitted = admit(spec, state.settings, state.cluster.value, params=params)
-    except Rejected as error:
-        raise HTTPException(422, detail=error.detail()) from None
-    await state.shares.take_on_loop(principal, 1)
-    try:
-        # On the event loop, not in a thread: handing the write to the threadpool made each POST wait for the GIL
-        # behind the loop (p99 188 ms vs 101 ms at 50 clients). A local SQLite commit in WAL mode does not fsync.
-        job, created = await state.new_jobs.create(principal, admitted.model_dump(mode="json"), idempotency_key)
-    except IdempotencyConflict as error:
-        raise HTTPException(409, detail=str(error)) from None
+    async with state.shares.reserve_on_loop(principal, 1):  # first: a principal past its share costs no check
+        try:
+            key = spec.model_key()  # counted in the admission worker, once per model; a thread hop only then
+            params = state.model_sizes.known(key) or await asyncio.get_running_loop().run_in_executor(
+                state.admission_threads, state.model_sizes.params, key)  # fmt: skip
+        except ModelRefused as error:  # located as the spec's own validation locates it
+            detail = [{"loc": ["body"], "msg": f"Value error, {error}", "type": "value_error"}]
+            raise HTTPException(422, detail=detail) from None
+        except AdmissionUnavailable as error:
+            raise unavailable(f"checking the model: {error}") from None
+        try:
+            admitted = admit(spec, state.settings, state.cluster.value, params=params)
+        except Rejected as error:
+            raise HTTPException(422, detail=error.detail()) from None
+        try:
+            # On the event loop, not in a thread: handing the write to the threadpool made each POST wait for the GIL
+            # behind the loop (p99 188 ms vs 101 ms at 50 clients). A local SQLite commit in WAL mode does not fsync.
+            job, created = await state.new_jobs.create(principal, admitted.model_dump(mode="json"), idempotency_key)
+        except IdempotencyConflict as error:
+            raise HTTPException(409, detail=str(error)) from None
     if created:
         state.dispatcher.kick()
     else:

@@ -14,13 +14,12 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 
-from service.admission import CheckTimeout
+from service.admission import AdmissionUnavailable
 from service.auth import Principal
 from service.ray_jobs import RayUnavailable
-from service.routes.jobs import reconciled
+from service.routes.jobs import reconciled, unavailable
 from service.store import TERMINAL, IdempotencyConflict, Study, same_spec
 from service.studies import admit_study, check_study_size, progress, summary_of, table_of, with_tracking_uri
-from service.validation import check_study_share
 from training.report import FORMATS
 from training.study import StudyError, StudySpec, child_spec
 from training.tracking import create_study_run
@@ -69,8 +68,7 @@ def views(request: Request, studies: list[Study]) -> list[StudyView]:
     out = []
     for study in studies:
         mine = children[study.id]
-        summary = study.summary if study.summary is not None else summary_of(request.app.state.expansions.of(study))
-        found = progress(summary, [(cell, status) for cell, _, status in mine])
+        found = progress(study.summary or {}, [(cell, status) for cell, _, status in mine])  # none yet: see summarise
         out.append(StudyView(id=study.id, name=study.spec["name"], status=study.status, spec=study.spec,
                              created_at=study.created_at, updated_at=study.updated_at,
                              cancel_requested=study.cancel_requested, error=study.error,
@@ -98,6 +96,39 @@ def owned(request: Request, study_id: str, principal: str) -> Study:
     return study
 
 
+def _admit_and_store(request: Request, response: Response, principal: str, study: StudySpec, spec: dict[str, Any],
+                     idempotency_key: str | None) -> Study | StudyView:  # fmt: skip
+    """Every cell checked in the admission worker, the parent run created, the study and its children stored."""
+    state = request.app.state
+    try:
+        expansion = state.checks.run(admit_study, study, state.settings, state.cluster.value)
+    except StudyError as error:
+        raise HTTPException(422, detail=error.detail()) from None
+    except AdmissionUnavailable as error:
+        raise unavailable(f"checking the study: {error}") from None
+    admitted = expansion.study
+    study_id = f"study-{uuid.uuid4().hex[:16]}"
+    uri = admitted.base.tracking.mlflow_uri
+    try:
+        parent = create_study_run(uri, admitted.experiment, state.settings.storage_root, study_id, admitted.name,
+                                  admitted.model_dump_json(indent=2))  # fmt: skip
+    except Exception as error:
+        raise HTTPException(503, detail=f"cannot reach MLflow to record the study: {error}") from None
+    children = [(child.cell, child.seed,
+                 child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
+                for child in expansion.children]  # fmt: skip
+    try:
+        return state.studies.create(principal, study_id, spec, idempotency_key, parent, children,
+                                    summary_of(expansion))  # fmt: skip
+    except Exception as error:
+        with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
+            MlflowClient(uri).set_terminated(parent, "FAILED")
+        existing = state.studies.by_key(principal, idempotency_key) if idempotency_key else None
+        if not isinstance(error, IntegrityError) or existing is None:
+            raise
+        return _same(request, existing, spec, response)
+
+
 @router.post("", status_code=201, response_model=StudyView)
 def submit_study(
     study: StudySpec,
@@ -121,35 +152,12 @@ def submit_study(
         existing = state.studies.by_key(principal, idempotency_key)
         if existing is not None:
             return _same(request, existing, spec, response)
-    check_study_share(state.studies, principal, state.settings)
-    state.shares.take(principal, study.size)  # at most this many: merging makes fewer (corrected at the next count)
-    try:
-        expansion = state.checks.run(admit_study, study, state.settings, state.cluster.value)
-    except StudyError as error:
-        raise HTTPException(422, detail=error.detail()) from None
-    except CheckTimeout as error:
-        raise HTTPException(422, detail=[{"loc": ["body", "axes"], "msg": str(error), "type": "value_error"}]) from None
-    admitted = expansion.study
-    study_id = f"study-{uuid.uuid4().hex[:16]}"
-    uri = admitted.base.tracking.mlflow_uri
-    try:
-        parent = create_study_run(uri, admitted.experiment, state.settings.storage_root, study_id, admitted.name,
-                                  admitted.model_dump_json(indent=2))  # fmt: skip
-    except Exception as error:
-        raise HTTPException(503, detail=f"cannot reach MLflow to record the study: {error}") from None
-    children = [(child.cell, child.seed,
-                 child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
-                for child in expansion.children]  # fmt: skip
-    try:
-        stored = state.studies.create(principal, study_id, spec, idempotency_key, parent, children,
-                                      summary_of(expansion))  # fmt: skip
-    except Exception as error:
-        with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
-            MlflowClient(uri).set_terminated(parent, "FAILED")
-        existing = state.studies.by_key(principal, idempotency_key) if idempotency_key else None
-        if not isinstance(error, IntegrityError) or existing is None:
-            raise
-        return _same(request, existing, spec, response)  # a concurrent request with the same key won
+    # One admission at a time per principal, its jobs (at most cells × seeds: merging makes fewer) held against its
+    # share until they are stored: a principal past either gets a 429 before the worker builds anything.
+    with state.shares.admitting_study(principal, state.studies), state.shares.reserve(principal, study.size):
+        stored = _admit_and_store(request, response, principal, study, spec, idempotency_key)
+    if isinstance(stored, StudyView):
+        return stored  # a concurrent request with the same Idempotency-Key made it
     state.dispatcher.kick()
     response.headers["Location"] = f"/v1/studies/{stored.id}"
     return view(request, stored)
