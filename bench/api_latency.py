@@ -67,8 +67,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         settings = {"database_url": postgres.start()} if postgres else {}
         # thousands of POSTs by one principal: its share (SAN_MAX_JOBS_PER_PRINCIPAL) lifted, its check still made
-        service = Service(Path(temp), max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}",
-                          max_jobs_per_principal=10**9, **settings)  # fmt: skip
+        service = Service(
+            Path(temp),
+            max_submitted=0,
+            ray_address=f"http://127.0.0.1:{free_port()}",
+            max_jobs_per_principal=10**9,
+            **settings,
+        )
         service.start()
         try:
             with service.client() as client:

@@ -20,10 +20,19 @@ from bench.report import Row, measured, parse_args, this_command, write_rows
 from service.store import JobStore, StudyStore, new_job
 from tests.services import TOKENS, Service, free_port
 
-SPEC = {"model": {"name": "lenet5", "attention": "san-c"}, "training": {"epochs": 2, "batch_size": 32},
-        "lr": {"peak_epoch": 1}, "data": {"dataset": "fashion-mnist"}, "tracking": {"mlflow_uri": None}}  # fmt: skip
-STUDY = {"name": "table4", "base": SPEC, "seeds": [0, 1, 2],
-         "axes": {"model.attention": ["none", "cbam", "bam", "san-c", "san-d"]}}  # fmt: skip
+SPEC = {
+    "model": {"name": "lenet5", "attention": "san-c"},
+    "training": {"epochs": 2, "batch_size": 32},
+    "lr": {"peak_epoch": 1},
+    "data": {"dataset": "fashion-mnist"},
+    "tracking": {"mlflow_uri": None},
+}
+STUDY = {
+    "name": "table4",
+    "base": SPEC,
+    "seeds": [0, 1, 2],
+    "axes": {"model.attention": ["none", "cbam", "bam", "san-c", "san-d"]},
+}
 CHILDREN = [(f"c{cell:03d}", seed, SPEC) for cell in range(5) for seed in range(3)]  # Table IV: 5 cells × 3 seeds
 
 
@@ -32,8 +41,15 @@ def fill(database: Path, studies: int, jobs: int) -> None:
     try:
         study_store = StudyStore(store)
         for index in range(studies):
-            study_store.create("alice", f"study-{index:016x}", STUDY, None, f"run-{index}", CHILDREN,
-                               {"cells": 5, "refused": 0, "merged": 0})  # fmt: skip
+            study_store.create(
+                "alice",
+                f"study-{index:016x}",
+                STUDY,
+                None,
+                f"run-{index}",
+                CHILDREN,
+                {"cells": 5, "refused": 0, "merged": 0},
+            )
         loose = max(0, jobs - studies * len(CHILDREN))
         for start in range(0, loose, 1000):
             store.add([new_job("alice", SPEC) for _ in range(min(1000, loose - start))])
@@ -76,8 +92,10 @@ def main() -> None:
         finally:
             service.stop()
     targets = {"studies": 200.0, "jobs": 50.0}
-    print(f"\nsan serve (uvicorn, 1 process, SQLite), {args.studies} studies of 15 jobs, {args.jobs:,} jobs in all, "
-          f"{args.requests} sequential requests each\n")  # fmt: skip
+    print(
+        f"\nsan serve (uvicorn, 1 process, SQLite), {args.studies} studies of 15 jobs, {args.jobs:,} jobs in all, "
+        f"{args.requests} sequential requests each\n"
+    )
     print("| request | p50 ms | p99 ms | target p99 |")
     print("|---|---:|---:|---:|")
     for name, path in (("studies", "GET /v1/studies?limit=300"), ("jobs", "GET /v1/jobs?limit=50")):

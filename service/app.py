@@ -121,8 +121,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         address = settings.ray_address
         token = auth_token(settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None)
         if address == "local":  # token auth on even with no token configured: the head then makes one
-            head = LocalRayHead(settings.local_ray_port, settings.local_ray_dashboard_port, settings.local_ray_cpus,
-                                token=token)  # fmt: skip
+            head = LocalRayHead(
+                settings.local_ray_port, settings.local_ray_dashboard_port, settings.local_ray_cpus, token=token
+            )
             await asyncio.to_thread(head.start)
             address, token = head.address, head.token
             log.info("started a local Ray head (pid %s) at %s", head.process.pid, address)

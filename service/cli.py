@@ -60,11 +60,15 @@ class _TokenOnCommandLine(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         if option_string:
-            parser.error(f"{option_string} is gone: a token on the command line shows in `ps`; give it in "
-                         "$SAN_API_TOKEN or in a file, --token-file PATH")  # fmt: skip
+            parser.error(
+                f"{option_string} is gone: a token on the command line shows in `ps`; give it in "
+                "$SAN_API_TOKEN or in a file, --token-file PATH"
+            )
         if values is not None:  # hash-token's positional (absent, argparse still calls with None)
-            parser.error(f'the token is read from stdin, not the command line (`ps` shows that): printf %s "$TOKEN" | '
-                         f"{parser.prog}")  # fmt: skip
+            parser.error(
+                f'the token is read from stdin, not the command line (`ps` shows that): printf %s "$TOKEN" | '
+                f"{parser.prog}"
+            )
 
 
 def _client(args: argparse.Namespace):
@@ -266,8 +270,10 @@ def _hash_token(args: argparse.Namespace) -> int:
 
     token = (getpass.getpass("token: ") if sys.stdin.isatty() else sys.stdin.readline()).strip()
     if not token:
-        print('san jobs hash-token: error: no token on stdin; e.g. printf %s "$TOKEN" | san jobs hash-token',
-              file=sys.stderr)  # fmt: skip
+        print(
+            'san jobs hash-token: error: no token on stdin; e.g. printf %s "$TOKEN" | san jobs hash-token',
+            file=sys.stderr,
+        )
         return 2
     print(hash_token(token))
     return 0
@@ -342,9 +348,12 @@ def register(commands) -> None:
     logs.add_argument("id")
     logs.add_argument("--tail", type=int, default=200)
     logs.set_defaults(handler=_logs)
-    hashing = actions.add_parser("hash-token", help="print the sha256 hash of the token on stdin, for SAN_TOKENS",
-                                 description='The token is read from stdin (its first line): printf %s "$TOKEN" | '
-                                 "san jobs hash-token; from a terminal it is asked for, not echoed.")  # fmt: skip
+    hashing = actions.add_parser(
+        "hash-token",
+        help="print the sha256 hash of the token on stdin, for SAN_TOKENS",
+        description='The token is read from stdin (its first line): printf %s "$TOKEN" | '
+        "san jobs hash-token; from a terminal it is asked for, not echoed.",
+    )
     hashing.add_argument("token", action=_TokenOnCommandLine)
     hashing.set_defaults(handler=_hash_token)
 

@@ -52,8 +52,13 @@ class RunReader:
                 return None
         client = self.client(uri)
         found = client.get_experiment_by_name(experiment)
-        runs = [] if found is None else client.search_runs(
-            [found.experiment_id], filter_string=f"tags.`san.job_id` = '{job_id}'", max_results=1)  # fmt: skip
+        runs = (
+            []
+            if found is None
+            else client.search_runs(
+                [found.experiment_id], filter_string=f"tags.`san.job_id` = '{job_id}'", max_results=1
+            )
+        )
         if runs:
             return runs[0].info.run_id
         with self._lock:
@@ -69,8 +74,7 @@ class RunReader:
         history = client.get_metric_history(run_id, "val/loss")  # every task logs it each epoch
         since_ms = since.timestamp() * 1000 if since else 0
         metrics = {key: value for key, value in run.data.metrics.items() if key in METRIC_KEYS}
-        return Latest(metrics, len(history), sum(1 for m in history if m.timestamp >= since_ms),
-                      run.info.experiment_id)  # fmt: skip
+        return Latest(metrics, len(history), sum(1 for m in history if m.timestamp >= since_ms), run.info.experiment_id)
 
     def history(self, uri: str, run_id: str) -> list[dict[str, Any]]:
         """One row per epoch: ``{"epoch": k, "train/loss": …, "val/top1": …, …}``, in epoch order."""

@@ -201,8 +201,14 @@ class LocalRayHead:
     finds a token). The token: ``token``, else ``RAY_AUTH_TOKEN`` of ``env``, else the one Ray's clients on this
     machine use (`auth_token`), else a new one saved where they look (`saved_auth_token`); it is ``self.token``."""
 
-    def __init__(self, port: int, dashboard_port: int, num_cpus: int | None, env: dict[str, str] | None = None,
-                 token: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        port: int,
+        dashboard_port: int,
+        num_cpus: int | None,
+        env: dict[str, str] | None = None,
+        token: str | None = None,
+    ) -> None:
         self.port, self.dashboard_port, self.num_cpus = port, dashboard_port, num_cpus
         env = dict(os.environ if env is None else env)
         self.token = token or env.get("RAY_AUTH_TOKEN") or auth_token(None) or saved_auth_token()

@@ -71,8 +71,9 @@ class PostgresCluster:
     def run(self, *command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         # The password goes in the environment (libpq's PGPASSWORD), which `ps` does not show, never on argv.
         env = {**os.environ, "PGPASSWORD": self.password} if self.password else None
-        result = subprocess.run([*self.as_user, *command], input=stdin, capture_output=True, text=True, timeout=120,
-                                env=env)  # fmt: skip
+        result = subprocess.run(
+            [*self.as_user, *command], input=stdin, capture_output=True, text=True, timeout=120, env=env
+        )
         if result.returncode != 0:
             raise StackError(f"{Path(command[0]).name} failed: {(result.stderr or result.stdout).strip()}")
         return result
@@ -103,8 +104,17 @@ class PostgresCluster:
                 file.write(self.password + "\n")
             if self.as_user:
                 shutil.chown(pwfile, "postgres", "postgres")
-            self.run(str(self.bin / "initdb"), "-D", data, "-U", "san", "--auth=scram-sha-256", f"--pwfile={pwfile}",
-                     "-E", "UTF8")  # fmt: skip
+            self.run(
+                str(self.bin / "initdb"),
+                "-D",
+                data,
+                "-U",
+                "san",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+            )
         finally:
             Path(pwfile).unlink(missing_ok=True)
 
@@ -112,16 +122,33 @@ class PostgresCluster:
         """A data dir an earlier ``up`` made: its password left with that stack's state file. The server is down, so
         single-user mode (no connection, no password) sets this one, read from stdin; and only it lets anyone in."""
         literal = self.password.replace("'", "''")
-        result = self.run(str(self.bin / "postgres"), "--single", "-D", str(self.dir / "data"), "postgres",
-                          stdin=f"ALTER ROLE san PASSWORD '{literal}';\n")  # fmt: skip
+        result = self.run(
+            str(self.bin / "postgres"),
+            "--single",
+            "-D",
+            str(self.dir / "data"),
+            "postgres",
+            stdin=f"ALTER ROLE san PASSWORD '{literal}';\n",
+        )
         if "ERROR" in result.stdout + result.stderr:  # single-user mode reports a failed statement, yet exits 0
             raise StackError(f"setting PostgreSQL's password in {self.dir} failed: {result.stderr.strip()}")
         (self.dir / "data" / "pg_hba.conf").write_text(PASSWORD_HBA)  # in place: its owner and mode stay
 
     def create_database(self, name: str) -> str:
         """A database (created unless it exists) and its SQLAlchemy URL."""
-        exists = self.run(str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", "-d",
-                          "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'")  # fmt: skip
+        exists = self.run(
+            str(self.bin / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-U",
+            "san",
+            "-d",
+            "postgres",
+            "-tAc",
+            f"SELECT 1 FROM pg_database WHERE datname = '{name}'",
+        )
         if exists.stdout.strip() != "1":
             self.run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "san", name)
         return self.url(name)
@@ -254,8 +281,13 @@ class LocalStack:
         ports |= {"postgres": next(free), "ray": next(free), "node2_agent": next(free)}
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)  # PostgreSQL runs as 'postgres' under root and must reach its data dir
-        state = StackState(str(self.dir), ports, api_token=secrets.token_urlsafe(24), ray_token=secrets.token_hex(32),
-                           postgres_password=secrets.token_urlsafe(24))  # fmt: skip
+        state = StackState(
+            str(self.dir),
+            ports,
+            api_token=secrets.token_urlsafe(24),
+            ray_token=secrets.token_hex(32),
+            postgres_password=secrets.token_urlsafe(24),
+        )
         state.save()
         try:
             self._start(state, timeout_s)
@@ -284,10 +316,24 @@ class LocalStack:
 
         artifacts = self.dir / "mlflow-artifacts"
         # The store's URL holds the password: in the environment (mlflow reads it there), not on argv, which `ps` shows.
-        mlflow = self._spawn(state, "mlflow", [
-            str(BIN / "mlflow"), "server", "--serve-artifacts", "--artifacts-destination", str(artifacts),
-            "--host", "127.0.0.1", "--port", str(state.ports["mlflow"]), "--workers", "1"],
-            {**os.environ, "MLFLOW_BACKEND_STORE_URI": mlflow_db})  # fmt: skip
+        mlflow = self._spawn(
+            state,
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(state.ports["mlflow"]),
+                "--workers",
+                "1",
+            ],
+            {**os.environ, "MLFLOW_BACKEND_STORE_URI": mlflow_db},
+        )
 
         head = LocalRayHead(state.ports["ray"], state.ports["dashboard"], num_cpus=1, token=state.ray_token)
         state.ray_temp_dir = head.temp_dir

@@ -180,9 +180,19 @@ def aware(moment: datetime) -> datetime:  # SQLite hands back naive datetimes
 
 
 def _study(row: StudyRow) -> Study:
-    return Study(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.mlflow_run_id,
-                 row.cancel_requested, row.error, aware(row.created_at), aware(row.updated_at),
-                 row.summary)  # fmt: skip
+    return Study(
+        row.id,
+        row.principal,
+        row.status,
+        row.spec,
+        row.idempotency_key,
+        row.mlflow_run_id,
+        row.cancel_requested,
+        row.error,
+        aware(row.created_at),
+        aware(row.updated_at),
+        row.summary,
+    )
 
 
 def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
@@ -363,8 +373,11 @@ class JobStore:
 
     def queue_heads(self) -> list[Job]:
         """Each principal's oldest queued job that no cancel was asked for: one row per principal."""
-        first = (select(func.min(JobRow.seq)).where(JobRow.status == "queued", JobRow.cancel_requested.is_(False))
-                 .group_by(JobRow.principal))  # fmt: skip
+        first = (
+            select(func.min(JobRow.seq))
+            .where(JobRow.status == "queued", JobRow.cancel_requested.is_(False))
+            .group_by(JobRow.principal)
+        )
         with self.session() as session:
             rows = session.scalars(select(JobRow).where(JobRow.seq.in_(first)).order_by(JobRow.seq)).all()
             return self._read_all(session, rows)
@@ -374,8 +387,14 @@ class JobStore:
         with self.session() as session:
             return {principal: count for principal, count in session.execute(query)}
 
-    def transition(self, job_id: str, to: str, only_from: tuple[str, ...] | None = None,
-                   unless_cancel_requested: bool = False, **fields: Any) -> bool:  # fmt: skip
+    def transition(
+        self,
+        job_id: str,
+        to: str,
+        only_from: tuple[str, ...] | None = None,
+        unless_cancel_requested: bool = False,
+        **fields: Any,
+    ) -> bool:
         """Move the job to ``to`` if its current state allows it (and is one of ``only_from``, when given, and no
         cancel was asked for, with ``unless_cancel_requested``): compare-and-set; False if another writer moved it
         first or the move is not allowed. ``fields``: error, mlflow_run_id."""
@@ -405,14 +424,32 @@ class StudyStore:
     def __init__(self, jobs: JobStore) -> None:
         self.jobs = jobs
 
-    def create(self, principal: str, study_id: str, spec: dict[str, Any], idempotency_key: str | None,
-               mlflow_run_id: str, children: Sequence[tuple[str, int, dict[str, Any]]],
-               summary: dict[str, int] | None = None) -> Study:  # fmt: skip
+    def create(
+        self,
+        principal: str,
+        study_id: str,
+        spec: dict[str, Any],
+        idempotency_key: str | None,
+        mlflow_run_id: str,
+        children: Sequence[tuple[str, int, dict[str, Any]]],
+        summary: dict[str, int] | None = None,
+    ) -> Study:
         """``children``: (cell, seed, job spec) in queue order; ``summary``: what the expansion said (cells, refused,
         merged). Raises IntegrityError when the key was taken."""
         moment = now()
-        study = Study(study_id, principal, "running", spec, idempotency_key or None, mlflow_run_id, False, None,
-                      moment, moment, summary)  # fmt: skip
+        study = Study(
+            study_id,
+            principal,
+            "running",
+            spec,
+            idempotency_key or None,
+            mlflow_run_id,
+            False,
+            None,
+            moment,
+            moment,
+            summary,
+        )
         jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
         links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
                  for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
@@ -463,9 +500,12 @@ class StudyStore:
         found: dict[str, list[tuple[str, str, str]]] = {study_id: [] for study_id in study_ids}
         if not study_ids:
             return found
-        query = (select(StudyJobRow.study_id, StudyJobRow.cell, JobRow.id, JobRow.status)
-                 .join(JobRow, JobRow.id == StudyJobRow.job_id)
-                 .where(StudyJobRow.study_id.in_(list(study_ids))).order_by(JobRow.seq))  # fmt: skip
+        query = (
+            select(StudyJobRow.study_id, StudyJobRow.cell, JobRow.id, JobRow.status)
+            .join(JobRow, JobRow.id == StudyJobRow.job_id)
+            .where(StudyJobRow.study_id.in_(list(study_ids)))
+            .order_by(JobRow.seq)
+        )
         with self.jobs.session() as session:
             for study_id, cell, job_id, status in session.execute(query):
                 found[study_id].append((cell, job_id, status))

@@ -30,11 +30,16 @@ def check_study_size(study: StudySpec, settings: ServiceSettings) -> None:
         raise StudyError(("base", *error.loc), error.message) from None
     if study.cell_count > settings.max_study_cells:
         sizes = " × ".join(str(len(values)) for values in study.axes.values())
-        raise StudyError(("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of "
-                         f"{settings.max_study_cells}")  # fmt: skip
+        raise StudyError(
+            ("axes",),
+            f"{study.cell_count} cells ({sizes}) is more than this service's limit of {settings.max_study_cells}",
+        )
     if study.size > settings.max_study_jobs:
-        raise StudyError(("seeds",), f"{study.cell_count} cells × {len(study.seeds)} seeds = {study.size} jobs is "
-                         f"more than this service's limit of {settings.max_study_jobs} jobs a study")  # fmt: skip
+        raise StudyError(
+            ("seeds",),
+            f"{study.cell_count} cells × {len(study.seeds)} seeds = {study.size} jobs is "
+            f"more than this service's limit of {settings.max_study_jobs} jobs a study",
+        )
 
 
 def with_tracking_uri(study: StudySpec, settings: ServiceSettings) -> StudySpec:
@@ -65,14 +70,21 @@ def admit_study(study: StudySpec, settings: ServiceSettings, size: dict[str, flo
 def expand_stored(spec: str, study_id: str, parent_run_id: str | None) -> Expansion:
     """A stored study's expansion (run in the admission worker): the same as at submission, expansion being
     deterministic."""
-    return expand(StudySpec.model_validate_json(spec, context={STORED: True}), max_cells=10**9, study_id=study_id,
-                  parent_run_id=parent_run_id)  # fmt: skip
+    return expand(
+        StudySpec.model_validate_json(spec, context={STORED: True}),
+        max_cells=10**9,
+        study_id=study_id,
+        parent_run_id=parent_run_id,
+    )
 
 
 def summary_of(expansion: Expansion) -> dict[str, int]:
     """What a study's reads show of its expansion, stored with it at creation."""
-    return {"cells": len(expansion.cells), "refused": sum(1 for cell in expansion.cells if cell.refused),
-            "merged": sum(1 for cell in expansion.cells if cell.runs_as and not cell.runs)}  # fmt: skip
+    return {
+        "cells": len(expansion.cells),
+        "refused": sum(1 for cell in expansion.cells if cell.refused),
+        "merged": sum(1 for cell in expansion.cells if cell.runs_as and not cell.runs),
+    }
 
 
 class Expansions:

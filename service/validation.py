@@ -57,12 +57,20 @@ class ClusterSize:
 def reject_reserved_tags(tags: dict[str, str], loc: tuple[str, ...] = ("tracking", "tags")) -> None:
     for key in tags:
         if key.lower().startswith(RESERVED_TAG_PREFIXES):
-            raise Rejected((*loc, key), f"{'.'.join(loc)}: {key[:60]!r}: tags starting with "
-                           f"{' or '.join(repr(p) for p in RESERVED_TAG_PREFIXES)} are set by the service")  # fmt: skip
+            raise Rejected(
+                (*loc, key),
+                f"{'.'.join(loc)}: {key[:60]!r}: tags starting with "
+                f"{' or '.join(repr(p) for p in RESERVED_TAG_PREFIXES)} are set by the service",
+            )
 
 
-def admit(spec: JobSpec, settings: ServiceSettings, size: dict[str, float] | None, own_tags: bool = False,
-          params: int | None = None) -> JobSpec:  # fmt: skip
+def admit(
+    spec: JobSpec,
+    settings: ServiceSettings,
+    size: dict[str, float] | None,
+    own_tags: bool = False,
+    params: int | None = None,
+) -> JobSpec:
     """``spec`` as the job will run it — with the MLflow URI it will log to, the service's when the spec names
     none, else one its operator allowed — or `Rejected`. ``size``: the cluster's CPUs and GPUs (`ClusterSize`;
     None while unknown); ``own_tags``: the spec's tags were set by the service (a study's child); ``params``: the
@@ -164,8 +172,11 @@ class JobShares:
         try:
             running = studies.count_running(principal)
             if running >= self.settings.max_studies_per_principal:
-                raise too_many(f"{principal} has {running} studies running, this service's limit a principal "
-                               f"(SAN_MAX_STUDIES_PER_PRINCIPAL)", self.settings)  # fmt: skip
+                raise too_many(
+                    f"{principal} has {running} studies running, this service's limit a principal "
+                    f"(SAN_MAX_STUDIES_PER_PRINCIPAL)",
+                    self.settings,
+                )
             yield
         finally:
             with self._lock:
@@ -197,8 +208,10 @@ class JobShares:
                 held, at = current
             reserved = self._reserved.get(principal, 0)
             if held + reserved + adding > limit:
-                message = (f"{principal} has {held + reserved} jobs not yet ended; {adding} more would pass this "
-                           f"service's limit of {limit} a principal (SAN_MAX_JOBS_PER_PRINCIPAL)")  # fmt: skip
+                message = (
+                    f"{principal} has {held + reserved} jobs not yet ended; {adding} more would pass this "
+                    f"service's limit of {limit} a principal (SAN_MAX_JOBS_PER_PRINCIPAL)"
+                )
             else:
                 message = None
                 self._reserved[principal] = reserved + adding

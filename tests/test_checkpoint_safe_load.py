@@ -22,8 +22,11 @@ BATCHES = 4
 
 
 def loop_function(name: str) -> ast.FunctionDef:
-    (found,) = [node for node in ast.walk(ast.parse(LOOP.read_text()))
-                if isinstance(node, ast.FunctionDef) and node.name == name]  # fmt: skip
+    (found,) = [
+        node
+        for node in ast.walk(ast.parse(LOOP.read_text()))
+        if isinstance(node, ast.FunctionDef) and node.name == name
+    ]
     return found
 
 
@@ -40,8 +43,11 @@ def state_at_keys() -> set[str]:
 
 def history_keys() -> set[str]:
     """The literal keys of an epoch's ``metrics`` in ``train_worker`` (the validation metrics are spread into it)."""
-    (metrics,) = [node.value for node in ast.walk(loop_function("train_worker")) if isinstance(node, ast.Assign)
-                  and [getattr(target, "id", None) for target in node.targets] == ["metrics"]]  # fmt: skip
+    (metrics,) = [
+        node.value
+        for node in ast.walk(loop_function("train_worker"))
+        if isinstance(node, ast.Assign) and [getattr(target, "id", None) for target in node.targets] == ["metrics"]
+    ]
     return constant_keys(metrics)
 
 
@@ -54,17 +60,21 @@ class StopAt:
 
 def batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator))
-            for _ in range(BATCHES)]  # fmt: skip
+    return [
+        (torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator))
+        for _ in range(BATCHES)
+    ]
 
 
 def spec_for(optimizer: str) -> JobSpec:
-    return JobSpec.model_validate({
-        "model": {"name": "lenet5", "attention": "san-c"},
-        "data": {"train_path": "train.beton", "val_path": "val.beton"},
-        "training": {"epochs": 2, "batch_size": 8},
-        "optimizer": {"name": optimizer},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "model": {"name": "lenet5", "attention": "san-c"},
+            "data": {"train_path": "train.beton", "val_path": "val.beton"},
+            "training": {"epochs": 2, "batch_size": 8},
+            "optimizer": {"name": optimizer},
+        }
+    )
 
 
 def loop_checkpoint(spec: JobSpec, scaler_enabled: bool):
@@ -78,26 +88,54 @@ def loop_checkpoint(spec: JobSpec, scaler_enabled: bool):
     trained = train_one_epoch(model, batches(1), optimizer, scaler, spec, 0, device, 1, task=task)
     validated = evaluate(model, batches(2), spec, device, task=task)
     validated.pop("sample")
-    history = [{"epoch": 0, "train/loss": trained["loss"], **validated, "time/epoch_s": trained["seconds"],
-                "throughput/img_s": trained["images"] / trained["seconds"], "lr": trained["lr"],
-                "resolution": trained["resolution"], "timestamp_ms": time.time() * 1000}]  # fmt: skip
+    history = [
+        {
+            "epoch": 0,
+            "train/loss": trained["loss"],
+            **validated,
+            "time/epoch_s": trained["seconds"],
+            "throughput/img_s": trained["images"] / trained["seconds"],
+            "lr": trained["lr"],
+            "resolution": trained["resolution"],
+            "timestamp_ms": time.time() * 1000,
+        }
+    ]
     assert set(history[0]) - set(validated) == history_keys(), "build the history entry as train_worker does"
     stopped = train_one_epoch(model, batches(3), optimizer, scaler, spec, 1, device, 1, watch=StopAt(), task=task)
     stop = stopped["stop"]
     assert stopped["partial"] and stop is not None
-    stops = [{"reason": stop.reason, "epoch": 1, "step": stop.at_step - BATCHES, "at_step": stop.at_step,
-              "requested_at_step": stop.requested_at_step, "check_every": stop.check_every}]  # fmt: skip
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": 1, "partial": stopped["partial"], "history": history,
-             "best_score": task.score(history[0]), "steps": trained["steps"] + stopped["steps"],
-             "stops": stops, "spec": spec.model_dump(mode="json")}  # fmt: skip
+    stops = [
+        {
+            "reason": stop.reason,
+            "epoch": 1,
+            "step": stop.at_step - BATCHES,
+            "at_step": stop.at_step,
+            "requested_at_step": stop.requested_at_step,
+            "check_every": stop.check_every,
+        }
+    ]
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": 1,
+        "partial": stopped["partial"],
+        "history": history,
+        "best_score": task.score(history[0]),
+        "steps": trained["steps"] + stopped["steps"],
+        "stops": stops,
+        "spec": spec.model_dump(mode="json"),
+    }
     assert set(state) == state_at_keys(), "build the checkpoint as train_worker's state_at does"
     return state, (model, optimizer, scaler)
 
 
 def test_the_loop_resumes_with_weights_only():
-    calls = [node for node in ast.walk(ast.parse(LOOP.read_text())) if isinstance(node, ast.Call)
-             and ast.unparse(node.func) == "torch.load"]  # fmt: skip
+    calls = [
+        node
+        for node in ast.walk(ast.parse(LOOP.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load"
+    ]
     assert calls, "training/loop.py resumes with torch.load"
     for call in calls:
         keywords = {keyword.arg: keyword.value for keyword in call.keywords}

@@ -138,8 +138,12 @@ def test_hash_token_reads_the_token_from_stdin_and_prints_what_the_service_compa
 
 def test_a_token_on_the_command_line_is_refused_with_exit_2_without_repeating_it():
     secret = "secret-on-argv"
-    cases = [("jobs", "hash-token", secret), ("jobs", f"--token={secret}", "list"), ("jobs", "list", "--token", secret),
-             ("study", "--token", secret, "list")]  # fmt: skip
+    cases = [
+        ("jobs", "hash-token", secret),
+        ("jobs", f"--token={secret}", "list"),
+        ("jobs", "list", "--token", secret),
+        ("study", "--token", secret, "list"),
+    ]
     for args in cases:
         result = run(*args, stdin=secret)
         assert result.returncode == 2 and result.stdout == "", (args, result.stdout)

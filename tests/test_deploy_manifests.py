@@ -41,8 +41,10 @@ NOT_APPLIED = {"kustomization.yaml", "secrets.example.yaml"}  # in deploy/k8s bu
 OUR_IMAGE = re.compile(r"(^|/)san:(cpu|cuda)$")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY")
 # A PostgreSQL URL as the stacks write it: its password, if any, a Compose ${VAR...} or a Kubernetes $(VAR).
-DB_URL = re.compile(r"postgresql\+psycopg://(?P<user>\w+)(?::(?:\$\{(?P<var>\w+)[^}]*\}|\$\((?P<ref>\w+)\)))?"
-                    r"@(?P<host>[\w.-]+):(?P<port>\d+)/(?P<db>\w+)")  # fmt: skip
+DB_URL = re.compile(
+    r"postgresql\+psycopg://(?P<user>\w+)(?::(?:\$\{(?P<var>\w+)[^}]*\}|\$\((?P<ref>\w+)\)))?"
+    r"@(?P<host>[\w.-]+):(?P<port>\d+)/(?P<db>\w+)"
+)
 PASSWORD_HOLDERS = {  # each password of deploy/.env → the compose services that receive it, and no others
     "POSTGRES_PASSWORD": {"postgres"},
     "SAN_DB_PASSWORD": {"postgres", "api"},
@@ -180,7 +182,11 @@ def test_compose_topology():
         assert env["SAN_DATA_ROOT"] == "/shared/data" and env["SAN_STORAGE_ROOT"] == "/shared/storage"
     assert "shared" in load_yaml(COMPOSE)["volumes"]
     assert [services[name]["command"] for name in ("api", "ray-head", "ray-worker", "mlflow")] == [
-        ["api"], ["ray-head"], ["ray-worker"], ["mlflow", "--app-name", "basic-auth"]]  # fmt: skip
+        ["api"],
+        ["ray-head"],
+        ["ray-worker"],
+        ["mlflow", "--app-name", "basic-auth"],
+    ]
 
     expected = {
         "api": {"postgres": "service_healthy", "ray-head": "service_healthy", "mlflow": "service_healthy"},
@@ -452,16 +458,27 @@ def init_statements() -> list[str]:
 def test_postgres_init_gives_each_role_its_own_databases_and_revokes_public_connect():
     text = POSTGRES_INIT.read_text()
     assert re.findall(r"^\\getenv (\w+) (\w+)$", text, re.MULTILINE) == [
-        ("san_password", "SAN_DB_PASSWORD"), ("mlflow_password", "MLFLOW_DB_PASSWORD")]  # fmt: skip
+        ("san_password", "SAN_DB_PASSWORD"),
+        ("mlflow_password", "MLFLOW_DB_PASSWORD"),
+    ]
     statements = init_statements()
-    roles = dict(re.fullmatch(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)'", s).groups()
-                 for s in statements if s.startswith("CREATE ROLE"))  # fmt: skip
+    roles = dict(
+        re.fullmatch(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)'", s).groups()
+        for s in statements
+        if s.startswith("CREATE ROLE")
+    )
     assert roles == {"san": "san_password", "mlflow": "mlflow_password"}  # no SUPERUSER, CREATEDB, CREATEROLE
-    owners = dict(re.fullmatch(r"CREATE DATABASE (\w+) OWNER (\w+)", s).groups()
-                  for s in statements if s.startswith("CREATE DATABASE"))  # fmt: skip
+    owners = dict(
+        re.fullmatch(r"CREATE DATABASE (\w+) OWNER (\w+)", s).groups()
+        for s in statements
+        if s.startswith("CREATE DATABASE")
+    )
     assert owners == {"san": "san", "mlflow": "mlflow", "mlflow_auth": "mlflow"}
-    revoked = {re.fullmatch(r"REVOKE CONNECT, TEMPORARY ON DATABASE (\w+) FROM PUBLIC", s)[1]
-               for s in statements if s.startswith("REVOKE")}  # fmt: skip
+    revoked = {
+        re.fullmatch(r"REVOKE CONNECT, TEMPORARY ON DATABASE (\w+) FROM PUBLIC", s)[1]
+        for s in statements
+        if s.startswith("REVOKE")
+    }
     assert revoked == set(owners)
     assert len(statements) == len(roles) + len(owners) + len(revoked), "no GRANT or other statement"
 
@@ -472,14 +489,23 @@ def test_compose_gives_the_api_and_mlflow_their_own_roles_and_each_password_only
     assert (api["user"], api["var"], api["host"], api["db"]) == ("san", "SAN_DB_PASSWORD", "postgres", "san")
     mlflow = DB_URL.fullmatch(environment(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"])
     assert (mlflow["user"], mlflow["var"], mlflow["host"], mlflow["db"]) == (
-        "mlflow", "MLFLOW_DB_PASSWORD", "postgres", "mlflow")  # fmt: skip
+        "mlflow",
+        "MLFLOW_DB_PASSWORD",
+        "postgres",
+        "mlflow",
+    )
     postgres = environment(services["postgres"])
     assert postgres["POSTGRES_USER"] == "postgres" and "POSTGRES_DB" not in postgres  # the init script makes them
     for name in ("POSTGRES_PASSWORD", "SAN_DB_PASSWORD", "MLFLOW_DB_PASSWORD"):  # the superuser's, the roles' (\getenv)
         assert postgres[name].startswith(f"${{{name}:?"), name
-    holders = {variable: {name for name, service in services.items()
-                          if any(f"${{{variable}:" in value for value in environment(service).values())}
-               for variable in PASSWORD_HOLDERS}  # fmt: skip
+    holders = {
+        variable: {
+            name
+            for name, service in services.items()
+            if any(f"${{{variable}:" in value for value in environment(service).values())
+        }
+        for variable in PASSWORD_HOLDERS
+    }
     assert holders == PASSWORD_HOLDERS
 
 
@@ -510,8 +536,11 @@ def test_k8s_gives_the_api_and_mlflow_their_own_roles_and_each_secret_only_where
     (postgres,) = pods[POSTGRES_POD]["containers"]
     env = env_of(postgres)
     assert env["POSTGRES_USER"]["value"] == "postgres" and "POSTGRES_DB" not in env
-    for name, key in {"POSTGRES_PASSWORD": "postgres-password", "SAN_DB_PASSWORD": "san-db-password",
-                      "MLFLOW_DB_PASSWORD": "mlflow-db-password"}.items():  # fmt: skip
+    for name, key in {
+        "POSTGRES_PASSWORD": "postgres-password",
+        "SAN_DB_PASSWORD": "san-db-password",
+        "MLFLOW_DB_PASSWORD": "mlflow-db-password",
+    }.items():
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == key, name
     init = manifest("ConfigMap", "postgres-init")
     assert init["data"] == {"10-roles.sql": POSTGRES_INIT.read_text()}, "deploy/postgres-init.sql, verbatim"
@@ -548,10 +577,28 @@ class ScratchPostgres:
         if self.as_user:
             for path in (self.dir, password):
                 shutil.chown(path, "postgres", "postgres")
-        self.server(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "-E", "UTF8",
-                    "--auth=scram-sha-256", f"--pwfile={password}")  # fmt: skip
-        self.server(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
-                    "-o", f"-p {self.port} -k '' -h 127.0.0.1", "start")  # fmt: skip
+        self.server(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.dir / "data"),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--auth=scram-sha-256",
+            f"--pwfile={password}",
+        )
+        self.server(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.dir / "data"),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k '' -h 127.0.0.1",
+            "start",
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -560,17 +607,38 @@ class ScratchPostgres:
 
     def run_init(self, env: dict[str, str]) -> subprocess.CompletedProcess:
         """postgres-init.sql as the image's docker-entrypoint.sh runs an init file: psql as the superuser."""
-        command = [str(self.bin / "psql"), "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
-                   "--username", "postgres", "--no-password", "--no-psqlrc", "--dbname", "postgres",
-                   "-f", str(POSTGRES_INIT)]  # fmt: skip
+        command = [
+            str(self.bin / "psql"),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--username",
+            "postgres",
+            "--no-password",
+            "--no-psqlrc",
+            "--dbname",
+            "postgres",
+            "-f",
+            str(POSTGRES_INIT),
+        ]
         env = {**os.environ, "PGPASSWORD": self.SUPERUSER_PASSWORD, **env}
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
     def connect(self, user: str, password: str, database: str):
         import psycopg
 
-        return psycopg.connect(host="127.0.0.1", port=self.port, user=user, password=password, dbname=database,
-                               connect_timeout=30, autocommit=True)  # fmt: skip
+        return psycopg.connect(
+            host="127.0.0.1",
+            port=self.port,
+            user=user,
+            password=password,
+            dbname=database,
+            connect_timeout=30,
+            autocommit=True,
+        )
 
 
 def free_port() -> int:
@@ -617,8 +685,10 @@ def test_postgres_init_on_a_real_server_keeps_each_role_out_of_the_others_databa
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         server.connect("mlflow", ROLE_PASSWORDS["san"], "mlflow")
     with server.connect("postgres", server.SUPERUSER_PASSWORD, "postgres") as superuser:
-        flags = superuser.execute("SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles "
-                                  "WHERE rolname IN ('san', 'mlflow') ORDER BY rolname").fetchall()  # fmt: skip
+        flags = superuser.execute(
+            "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles "
+            "WHERE rolname IN ('san', 'mlflow') ORDER BY rolname"
+        ).fetchall()
         assert flags == [("mlflow", False, False, False), ("san", False, False, False)]
 
 
@@ -707,8 +777,11 @@ def test_k8s_mlflow_requires_a_login_and_the_api_and_ray_nodes_have_one():
     (container,) = pods[MLFLOW_POD]["containers"]
     assert container["args"] == ["mlflow", "--app-name", "basic-auth"]
     env = env_of(container)
-    for name, key in {"MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-admin-password", "PGPASSWORD": "mlflow-db-password",
-                      "MLFLOW_FLASK_SERVER_SECRET_KEY": "mlflow-flask-secret-key"}.items():  # fmt: skip
+    for name, key in {
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "mlflow-admin-password",
+        "PGPASSWORD": "mlflow-db-password",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "mlflow-flask-secret-key",
+    }.items():
         assert env[name]["valueFrom"]["secretKeyRef"]["key"] == key, name
     config = manifest("ConfigMap", "san-config")["data"]
     assert config["MLFLOW_TRACKING_USERNAME"] == auth_settings(k8s_auth_ini())["admin_username"]
@@ -725,8 +798,11 @@ def test_k8s_mlflow_requires_a_login_and_the_api_and_ray_nodes_have_one():
 
 def test_k8s_mlflow_mounts_only_its_artifact_directory():
     pod = pod_specs()[MLFLOW_POD]
-    claims = {volume["name"]: volume["persistentVolumeClaim"]["claimName"]
-              for volume in pod["volumes"] if "persistentVolumeClaim" in volume}  # fmt: skip
+    claims = {
+        volume["name"]: volume["persistentVolumeClaim"]["claimName"]
+        for volume in pod["volumes"]
+        if "persistentVolumeClaim" in volume
+    }
     (container,) = pod["containers"]
     destination = env_of(container)["MLFLOW_ARTIFACTS_DESTINATION"]["value"]
     (mount,) = [mount for mount in container["volumeMounts"] if mount["name"] in claims]
@@ -782,25 +858,46 @@ def test_mlflow_with_the_stacks_auth_config_on_their_postgres_roles(postgres_rol
     ini = tmp_path / "basic_auth.ini"
     ini.write_text(compose_auth_ini().replace("@postgres:5432/", f"@{address}/"))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "PG"))}
-    env |= {"PGPASSWORD": ROLE_PASSWORDS["mlflow"], "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test"}  # fmt: skip
+    env |= {
+        "PGPASSWORD": ROLE_PASSWORDS["mlflow"],
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test",
+    }
     port, backend = free_port(), f"postgresql+psycopg://mlflow:{ROLE_PASSWORDS['mlflow']}@{address}/mlflow"
     role_args = load_yaml(COMPOSE)["services"]["mlflow"]["command"][1:]  # after the role: --app-name basic-auth
     # docker/entrypoint.sh's mlflow role, on this machine's ports and paths
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts"),
-               "--serve-artifacts", "--workers", "1", *role_args]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend,
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        "--serve-artifacts",
+        "--workers",
+        "1",
+        *role_args,
+    ]
     with open(tmp_path / "mlflow.log", "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: process.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200, 300,
-                 f"mlflow server (log: {tmp_path / 'mlflow.log'})")  # fmt: skip
+        wait_for(
+            lambda: process.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200,
+            300,
+            f"mlflow server (log: {tmp_path / 'mlflow.log'})",
+        )
         search = f"{url}/api/2.0/mlflow/experiments/search"
         assert httpx.get(search, params={"max_results": 1}, timeout=60).status_code == 401
-        assert httpx.get(search, params={"max_results": 1}, auth=("admin", "wrong-password-0123"),
-                         timeout=60).status_code == 401  # fmt: skip
+        assert (
+            httpx.get(search, params={"max_results": 1}, auth=("admin", "wrong-password-0123"), timeout=60).status_code
+            == 401
+        )
 
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", auth_settings(ini.read_text())["admin_username"])
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_password)
@@ -831,27 +928,41 @@ def kuberay_pod_labels(cluster: dict, group: str, template: dict) -> dict[str, s
     """The labels KubeRay gives a pod of ``group`` ("head" or a worker group's name): its defaults, the template's
     over them, then ray.io/cluster, ray.io/node-type and ray.io/group, which no template overrides (KubeRay's
     labelPod, ray-operator/controllers/ray/common/pod.go)."""
-    labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
-              "app.kubernetes.io/created-by": "kuberay-operator"}  # fmt: skip
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
     labels |= template["metadata"].get("labels", {})
     head = group == "head"
-    return labels | {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head" if head else "worker",
-                     "ray.io/group": "headgroup" if head else group}  # fmt: skip
+    return labels | {
+        "ray.io/cluster": cluster["metadata"]["name"],
+        "ray.io/node-type": "head" if head else "worker",
+        "ray.io/group": "headgroup" if head else group,
+    }
 
 
 @functools.cache
 def stack_pods() -> dict[str, tuple[dict[str, str], dict[str, int]]]:
     """Each kind of pod the stack runs → (its labels, its containers' named ports). Cached: read it, never change it."""
-    templates = {"api": manifest("Deployment", "api")["spec"]["template"],
-                 "mlflow": manifest("Deployment", "mlflow")["spec"]["template"],
-                 "postgres": manifest("StatefulSet", "postgres")["spec"]["template"]}  # fmt: skip
+    templates = {
+        "api": manifest("Deployment", "api")["spec"]["template"],
+        "mlflow": manifest("Deployment", "mlflow")["spec"]["template"],
+        "postgres": manifest("StatefulSet", "postgres")["spec"]["template"],
+    }
     labels = {name: template["metadata"]["labels"] for name, template in templates.items()}
     cluster = raycluster()
     for group, template in ray_pod_templates(cluster).items():
         name = "ray-head" if group == "head" else f"ray-worker-{group}"
         templates[name], labels[name] = template, kuberay_pod_labels(cluster, group, template)
-    ports = {name: {port["name"]: port["containerPort"] for container in template["spec"]["containers"]
-                    for port in container.get("ports", [])} for name, template in templates.items()}  # fmt: skip
+    ports = {
+        name: {
+            port["name"]: port["containerPort"]
+            for container in template["spec"]["containers"]
+            for port in container.get("ports", [])
+        }
+        for name, template in templates.items()
+    }
     return {name: (labels[name], ports[name]) for name in templates}
 
 
@@ -871,8 +982,12 @@ def unmatched_selectors(policies: list[dict]) -> list[str]:
     a label the manifests do not set, so the policy does not do what it says."""
     labels = [pod_labels for pod_labels, _ in stack_pods().values()]
     selectors = [(policy["metadata"]["name"], policy["spec"]["podSelector"]) for policy in policies]
-    selectors += [(policy["metadata"]["name"], peer["podSelector"]) for policy in policies
-                  for rule in policy["spec"].get("ingress", []) for peer in rule.get("from", [])]  # fmt: skip
+    selectors += [
+        (policy["metadata"]["name"], peer["podSelector"])
+        for policy in policies
+        for rule in policy["spec"].get("ingress", [])
+        for peer in rule.get("from", [])
+    ]
     return [f"{name}: {selector}" for name, selector in selectors if not any(selects(selector, pod) for pod in labels)]
 
 
@@ -880,13 +995,19 @@ def allowed_sources(target: str, port: int, policies: list[dict] | None = None) 
     """The pods of the stack (None: anything else, e.g. outside the namespace) that may open ``port`` of ``target``."""
     pods = stack_pods()
     target_labels, target_ports = pods[target]
-    applied = [policy["spec"] for policy in policies or network_policies() if selects(policy["spec"]["podSelector"],
-                                                                                        target_labels)]  # fmt: skip
+    applied = [
+        policy["spec"]
+        for policy in policies or network_policies()
+        if selects(policy["spec"]["podSelector"], target_labels)
+    ]
     assert applied and all("Ingress" in spec["policyTypes"] for spec in applied), f"{target} is not isolated"
     allowed: set[str | None] = set()
     for rule in (rule for spec in applied for rule in spec.get("ingress", [])):
-        ports = {target_ports[p["port"]] if isinstance(p["port"], str) else p["port"]
-                 for p in rule.get("ports", []) if p.get("protocol", "TCP") == "TCP"}  # fmt: skip
+        ports = {
+            target_ports[p["port"]] if isinstance(p["port"], str) else p["port"]
+            for p in rule.get("ports", [])
+            if p.get("protocol", "TCP") == "TCP"
+        }
         if "ports" in rule and port not in ports:
             continue
         if "from" not in rule:
@@ -903,16 +1024,22 @@ def service_target(name: str) -> tuple[str, list[int]]:
     selector = {"matchLabels": service["spec"]["selector"]}
     (pod,) = [pod for pod, (labels, _) in stack_pods().items() if selects(selector, labels)]
     named = stack_pods()[pod][1]
-    return pod, [named[p["targetPort"]] if isinstance(p["targetPort"], str) else p["targetPort"]
-                 for p in service["spec"]["ports"]]  # fmt: skip
+    return pod, [
+        named[p["targetPort"]] if isinstance(p["targetPort"], str) else p["targetPort"]
+        for p in service["spec"]["ports"]
+    ]
 
 
 def policy_ports(target: str) -> set[int]:
     """The ports the NetworkPolicies that select ``target`` open on it."""
     labels, named = stack_pods()[target]
-    return {named[port["port"]] if isinstance(port["port"], str) else port["port"] for policy in network_policies()
-            if selects(policy["spec"]["podSelector"], labels) for rule in policy["spec"].get("ingress", [])
-            for port in rule.get("ports", [])}  # fmt: skip
+    return {
+        named[port["port"]] if isinstance(port["port"], str) else port["port"]
+        for policy in network_policies()
+        if selects(policy["spec"]["podSelector"], labels)
+        for rule in policy["spec"].get("ingress", [])
+        for port in rule.get("ports", [])
+    }
 
 
 def test_network_policies_deny_ingress_by_default_and_select_pods_by_the_labels_the_manifests_set():
@@ -950,8 +1077,10 @@ def test_each_service_port_is_open_to_exactly_the_pods_that_use_it():
     # and the clients connect to those ports
     config = manifest("ConfigMap", "san-config")["data"]
     assert [urlsplit(config["SAN_MLFLOW_URI"]).port] == service_target("mlflow")[1]
-    for url in (env_of(pod_specs()[API_POD]["containers"][0])["SAN_DATABASE_URL"]["value"],
-                env_of(pod_specs()[MLFLOW_POD]["containers"][0])["MLFLOW_BACKEND_STORE_URI"]["value"]):  # fmt: skip
+    for url in (
+        env_of(pod_specs()[API_POD]["containers"][0])["SAN_DATABASE_URL"]["value"],
+        env_of(pod_specs()[MLFLOW_POD]["containers"][0])["MLFLOW_BACKEND_STORE_URI"]["value"],
+    ):
         assert [int(DB_URL.fullmatch(url)["port"])] == service_target("postgres")[1]
 
 

@@ -31,8 +31,9 @@ def pg_dir():
 
 
 def connect(port: int, password: str | None) -> None:
-    with psycopg.connect(host="127.0.0.1", port=port, user="san", dbname="postgres", password=password,
-                         connect_timeout=10) as connection:  # fmt: skip
+    with psycopg.connect(
+        host="127.0.0.1", port=port, user="san", dbname="postgres", password=password, connect_timeout=10
+    ) as connection:
         assert connection.execute("SELECT 1").fetchone() == (1,)
 
 
@@ -94,8 +95,9 @@ def test_a_local_ray_head_refuses_requests_without_its_token_and_its_jobs_reach_
         # the head's processes handed down.
         driver = 'import ray; ray.init(); print("answer", ray.get(ray.remote(lambda: 6 * 7).remote()))'
         entrypoint = shlex.join([sys.executable, "-c", driver])
-        submitted = httpx.post(f"{head.address}/api/jobs/", json={"entrypoint": entrypoint}, headers=headers,
-                               timeout=30)  # fmt: skip
+        submitted = httpx.post(
+            f"{head.address}/api/jobs/", json={"entrypoint": entrypoint}, headers=headers, timeout=30
+        )
         assert submitted.status_code == 200, submitted.text
         job = submitted.json()["submission_id"]
 
@@ -112,8 +114,14 @@ def test_a_local_ray_head_refuses_requests_without_its_token_and_its_jobs_reach_
 
 def test_local_mode_starts_its_head_with_token_auth_and_uses_that_token(tmp_path):
     ray_port, dashboard_port = free_ports(2)
-    service = Service(tmp_path, ray_address="local", local_ray_port=ray_port, local_ray_dashboard_port=dashboard_port,
-                      local_ray_cpus=1, max_submitted=0)  # fmt: skip
+    service = Service(
+        tmp_path,
+        ray_address="local",
+        local_ray_port=ray_port,
+        local_ray_dashboard_port=dashboard_port,
+        local_ray_cpus=1,
+        max_submitted=0,
+    )
     # No token configured and none saved where Ray looks: the head makes one and saves it there, readable by its
     # owner alone.
     token_file = tmp_path / "ray" / "auth_token"
@@ -132,9 +140,15 @@ def test_local_mode_starts_its_head_with_token_auth_and_uses_that_token(tmp_path
         service.stop()
 
     ray_port, dashboard_port = free_ports(2)
-    configured = Service(tmp_path, ray_address="local", local_ray_port=ray_port,
-                         local_ray_dashboard_port=dashboard_port, local_ray_cpus=1, max_submitted=0,
-                         ray_auth_token="a-configured-token").start()  # fmt: skip
+    configured = Service(
+        tmp_path,
+        ray_address="local",
+        local_ray_port=ray_port,
+        local_ray_dashboard_port=dashboard_port,
+        local_ray_cpus=1,
+        max_submitted=0,
+        ray_auth_token="a-configured-token",
+    ).start()
     try:
         version = f"http://127.0.0.1:{dashboard_port}/api/version"
         assert httpx.get(version, timeout=10).status_code == 401

@@ -139,9 +139,15 @@ def test_readyz_tells_an_anonymous_caller_only_ok_or_error(service):
     assert response.status_code == 503  # neither Ray nor MLflow is there
     body = response.text
     assert service.default_uri not in body and host_port not in body and ALLOWED not in body
-    assert response.json() == {"ready": False, "checks": {"database": {"status": "ok"}, "ray": {"status": "error"},
-                                                          "mlflow": {"status": "error"},
-                                                          "admission": {"status": "ok"}}}  # fmt: skip
+    assert response.json() == {
+        "ready": False,
+        "checks": {
+            "database": {"status": "ok"},
+            "ray": {"status": "error"},
+            "mlflow": {"status": "error"},
+            "admission": {"status": "ok"},
+        },
+    }
     with service.client("alice") as alice:  # a known token gets the details
         checks = alice.get("/readyz").json()["checks"]
     assert checks["mlflow"]["status"] == "error" and checks["mlflow"]["detail"]

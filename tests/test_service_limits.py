@@ -21,8 +21,15 @@ STUDY = {"name": "small", "base": SPEC, "seeds": [0, 1], "axes": {"model.attenti
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    service = Service(root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", max_jobs_per_principal=6,
-                      max_studies_per_principal=1, max_study_jobs=8, retry_after_s=7).start()  # fmt: skip
+    service = Service(
+        root,
+        max_submitted=0,
+        ray_address=f"http://127.0.0.1:{free_port()}",
+        max_jobs_per_principal=6,
+        max_studies_per_principal=1,
+        max_study_jobs=8,
+        retry_after_s=7,
+    ).start()
     yield service
     service.stop()
     assert "Traceback" not in Path(service.log).read_text()
@@ -47,10 +54,26 @@ def test_a_30_axis_study_is_a_422_at_once_while_healthz_answers_and_the_api_does
     bodies = [
         ({**STUDY, "axes": {f"model.attention_kwargs.k{i}": [1, 2] for i in range(30)}}, "30 axes; at most 8"),
         # within the schema's caps, but 64**8 cells: refused from the axes' sizes, before one cell is built
-        ({**STUDY, "axes": {path: list(range(1, 65)) for path in ["training.batch_size", "training.epochs",
-          "validation.batch_size", "checkpoint.every_epochs", "checkpoint.keep", "lr.step_epochs",
-          "data.loader_workers", "scaling.cpus_per_worker"]}}, "more than this service's limit of 200"),
-    ]  # fmt: skip
+        (
+            {
+                **STUDY,
+                "axes": {
+                    path: list(range(1, 65))
+                    for path in [
+                        "training.batch_size",
+                        "training.epochs",
+                        "validation.batch_size",
+                        "checkpoint.every_epochs",
+                        "checkpoint.keep",
+                        "lr.step_epochs",
+                        "data.loader_workers",
+                        "scaling.cpus_per_worker",
+                    ]
+                },
+            },
+            "more than this service's limit of 200",
+        ),
+    ]
     health: list[float] = []
     stop = threading.Event()
 

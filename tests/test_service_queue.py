@@ -153,8 +153,11 @@ def test_a_database_made_before_summaries_gets_the_column_and_its_studies_summar
         connection.exec_driver_sql("DROP INDEX jobs_by_principal_and_status")
         connection.exec_driver_sql("ALTER TABLE studies DROP COLUMN summary")
     old.close()
-    spec = {"name": "old", "seeds": [0], "axes": {"model.attention": ["none", "san-c"],
-                                                  "model.placement": ["bottleneck", "full"]}}  # fmt: skip
+    spec = {
+        "name": "old",
+        "seeds": [0],
+        "axes": {"model.attention": ["none", "san-c"], "model.placement": ["bottleneck", "full"]},
+    }
     store = JobStore(url)
     try:
         assert "jobs_by_principal_and_status" in {i["name"] for i in inspect(store.engine).get_indexes("jobs")}

@@ -43,8 +43,9 @@ def stack(tmp_path_factory):
     head.start()
     mlflow, mlflow_url = mlflow_server(root)
     # the link users follow: only where the operator says where they see MLflow (here, the server itself)
-    service = Service(root, ray_address=head.address, mlflow_uri=mlflow_url, max_submitted=1,
-                      mlflow_ui_url=mlflow_url).start()  # fmt: skip
+    service = Service(
+        root, ray_address=head.address, mlflow_uri=mlflow_url, max_submitted=1, mlflow_ui_url=mlflow_url
+    ).start()
     yield service, head, mlflow_url
     service.stop()
     stop_group(mlflow)

@@ -22,8 +22,14 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 def job_through(states: list[tuple[str, datetime]], epochs: int = 10, uri: str = "sqlite://"):
-    job = new_job("alice", {"training": {"epochs": epochs}, "data": {"dataset": "fashion-mnist"},
-                            "tracking": {"mlflow_uri": uri, "experiment": None}})  # fmt: skip
+    job = new_job(
+        "alice",
+        {
+            "training": {"epochs": epochs},
+            "data": {"dataset": "fashion-mnist"},
+            "tracking": {"mlflow_uri": uri, "experiment": None},
+        },
+    )
     job.transitions = states
     job.status = states[-1][0]
     return job
@@ -34,15 +40,25 @@ def test_the_eta_after_a_resume_counts_only_the_epochs_since_the_restart(mlflow_
     resumed = start + timedelta(minutes=30)
     client = MlflowClient(mlflow_uri)
     run = client.create_run(client.create_experiment("eta")).info.run_id
-    stamps = [start + timedelta(minutes=5 * k) for k in range(1, 4)] + [resumed + timedelta(seconds=10 * k)
-                                                                           for k in range(1, 3)]  # fmt: skip
-    client.log_batch(run, metrics=[Metric("val/loss", 1.0 / (k + 1), int(at.timestamp() * 1000), k)
-                                   for k, at in enumerate(stamps)])  # fmt: skip
+    stamps = [start + timedelta(minutes=5 * k) for k in range(1, 4)] + [
+        resumed + timedelta(seconds=10 * k) for k in range(1, 3)
+    ]
+    client.log_batch(
+        run, metrics=[Metric("val/loss", 1.0 / (k + 1), int(at.timestamp() * 1000), k) for k, at in enumerate(stamps)]
+    )
     latest = RunReader([mlflow_uri]).latest(mlflow_uri, run, since=resumed)
     assert (latest.epochs, latest.epochs_since) == (5, 2)
 
-    job = job_through([("queued", start), ("submitted", start), ("running", start), ("interrupted", resumed),
-                       ("submitted", resumed), ("running", resumed)])  # fmt: skip
+    job = job_through(
+        [
+            ("queued", start),
+            ("submitted", start),
+            ("running", start),
+            ("interrupted", resumed),
+            ("submitted", resumed),
+            ("running", resumed),
+        ]
+    )
     progress = progress_of(job, latest, now=resumed + timedelta(seconds=20))
     # 2 epochs in the 20 s since the restart, 5 of 10 left: 50 s. Counting all 5 epochs done in those 20 s (as
     # b867172 did) gave 20 s.

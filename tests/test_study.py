@@ -92,17 +92,28 @@ def test_cells_the_job_rules_refuse_are_study_errors_naming_the_axis(axes, loc, 
     assert error.value.loc[: len(loc)] == loc and message in error.value.message, error.value
 
 
-@pytest.mark.parametrize(("axes", "message"), [
-    ({"model.attention": ["cbam"], "model.attention_kwargs": [{"bogus": 1}]},
-     "axis 'model.attention_kwargs': cbam takes no argument 'bogus'; it takes: reduction, spatial_kernel_size"),
-    ({"model.attention": ["bam"], "model.attention_kwargs": [{"reduction": 0}]},
-     "axis 'model.attention_kwargs': reduction=0: Input should be greater than or equal to 1"),
-    ({"model.attention": ["san-c"], "model.attention_kwargs": [{"use_abs": "maybe"}]},
-     "axis 'model.attention_kwargs': use_abs=\"maybe\": Input should be a valid boolean"),
-    ({"model.attention": ["san-c", "cbam"], "model.attention_kwargs.nope": [1, 2]},
-     "axis 'model.attention_kwargs.nope': san-c, cbam take no argument 'nope'"),
-    ({"model.attention_kwargs.reduction": [4, -1]}, "axis 'model.attention_kwargs.reduction': reduction=-1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("axes", "message"),
+    [
+        (
+            {"model.attention": ["cbam"], "model.attention_kwargs": [{"bogus": 1}]},
+            "axis 'model.attention_kwargs': cbam takes no argument 'bogus'; it takes: reduction, spatial_kernel_size",
+        ),
+        (
+            {"model.attention": ["bam"], "model.attention_kwargs": [{"reduction": 0}]},
+            "axis 'model.attention_kwargs': reduction=0: Input should be greater than or equal to 1",
+        ),
+        (
+            {"model.attention": ["san-c"], "model.attention_kwargs": [{"use_abs": "maybe"}]},
+            "axis 'model.attention_kwargs': use_abs=\"maybe\": Input should be a valid boolean",
+        ),
+        (
+            {"model.attention": ["san-c", "cbam"], "model.attention_kwargs.nope": [1, 2]},
+            "axis 'model.attention_kwargs.nope': san-c, cbam take no argument 'nope'",
+        ),
+        ({"model.attention_kwargs.reduction": [4, -1]}, "axis 'model.attention_kwargs.reduction': reduction=-1"),
+    ],
+)
 def test_attention_kwarg_axes_are_checked_against_the_modules_signatures_before_any_cell(axes, message):
     with pytest.raises(ValidationError, match=re.escape(message)):
         study(axes=axes)
@@ -115,8 +126,14 @@ def test_the_schema_bounds_the_grid_so_its_size_is_known_before_anything_is_buil
         study(axes={f"model.attention_kwargs.k{i}": [1, 2] for i in range(30)})
     with pytest.raises(ValidationError, match="has 65 values; at most 64"):
         study(axes={"training.batch_size": list(range(1, 66))})
-    wide = study(axes={"training.batch_size": list(range(1, 65)), "training.epochs": list(range(1, 65)),
-                       "lr.lr": [0.1 * k for k in range(1, 65)]}, seeds=[0, 1, 2])  # fmt: skip
+    wide = study(
+        axes={
+            "training.batch_size": list(range(1, 65)),
+            "training.epochs": list(range(1, 65)),
+            "lr.lr": [0.1 * k for k in range(1, 65)],
+        },
+        seeds=[0, 1, 2],
+    )
     assert (wide.cell_count, wide.size) == (64**3, 3 * 64**3)
     with pytest.raises(StudyError, match=r"262144 cells \(64 × 64 × 64\) is more than this service's limit of 200"):
         expand(wide, max_cells=200)  # at once: nothing built, nothing listed

@@ -218,8 +218,11 @@ def check_attention_kwargs(axes: dict[str, list[Any]], base: JobSpec) -> None:
     """Attention-kwarg axes (``model.attention_kwargs.<name>``, or whole ``model.attention_kwargs`` dicts) checked
     against the constructors of the study's attention modules — the names each takes and their types — before any
     cell is built: ValueError naming the axis."""
-    attentions = [name for name in axes.get(ATTENTION, [base.model.attention])
-                  if isinstance(name, str) and name in ATTENTION_KWARGS]  # fmt: skip
+    attentions = [
+        name
+        for name in axes.get(ATTENTION, [base.model.attention])
+        if isinstance(name, str) and name in ATTENTION_KWARGS
+    ]
     modules = [name for name in attentions if name != "none"] or ["none"]  # "none" alone: any module's argument
     takes = {key for name in modules for key in ATTENTION_KWARGS[name].model_fields}
     for path, values in axes.items():
@@ -232,13 +235,14 @@ def check_attention_kwargs(axes: dict[str, list[Any]], base: JobSpec) -> None:
         for key, value in named:
             if key not in takes:
                 verbs = ("takes", "it takes") if len(modules) == 1 else ("take", "they take")
-                raise ValueError(f"axis {path!r}: {', '.join(modules)} {verbs[0]} no argument {key!r}; {verbs[1]}: "
-                                 f"{', '.join(sorted(takes)) or 'nothing'}")  # fmt: skip
+                raise ValueError(
+                    f"axis {path!r}: {', '.join(modules)} {verbs[0]} no argument {key!r}; {verbs[1]}: "
+                    f"{', '.join(sorted(takes)) or 'nothing'}"
+                )
             try:  # the argument's type and bounds, as the module that declares it takes it
                 ATTENTION_KWARGS["none"].model_validate({key: value})
             except ValidationError as error:
-                raise ValueError(f"axis {path!r}: {key}={json.dumps(value)[:60]}: "
-                                 f"{error.errors()[0]['msg']}") from None  # fmt: skip
+                raise ValueError(f"axis {path!r}: {key}={json.dumps(value)[:60]}: {error.errors()[0]['msg']}") from None
 
 
 @dataclass
@@ -346,8 +350,9 @@ def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_ru
     paths = list(study.axes)
     if study.cell_count > max_cells:  # from the axes' sizes: nothing is built for a study too large to run
         sizes = " × ".join(str(len(v)) for v in study.axes.values())
-        raise StudyError(("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of "
-                         f"{max_cells}")  # fmt: skip
+        raise StudyError(
+            ("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of {max_cells}"
+        )
     grid = itertools.product(*study.axes.values())  # lazily: one cell at a time
     base = study.base.model_dump(mode="json")
     cells: list[Cell] = []

@@ -166,7 +166,8 @@ async def submit_job(
         try:
             key = spec.model_key()  # counted in the admission worker, once per model; a thread hop only then
             params = state.model_sizes.known(key) or await asyncio.get_running_loop().run_in_executor(
-                state.admission_threads, state.model_sizes.params, key)  # fmt: skip
+                state.admission_threads, state.model_sizes.params, key
+            )
         except ModelRefused as error:  # located as the spec's own validation locates it
             detail = [{"loc": ["body"], "msg": f"Value error, {error}", "type": "value_error"}]
             raise HTTPException(422, detail=detail) from None

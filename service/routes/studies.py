@@ -69,12 +69,24 @@ def views(request: Request, studies: list[Study]) -> list[StudyView]:
     for study in studies:
         mine = children[study.id]
         found = progress(study.summary or {}, [(cell, status) for cell, _, status in mine])  # none yet: see summarise
-        out.append(StudyView(id=study.id, name=study.spec["name"], status=study.status, spec=study.spec,
-                             created_at=study.created_at, updated_at=study.updated_at,
-                             cancel_requested=study.cancel_requested, error=study.error,
-                             mlflow_run_id=study.mlflow_run_id, cells=CellProgress(**found.cells), jobs=found.jobs,
-                             job_ids=[job_id for _, job_id, _ in mine], refused_cells=found.refused,
-                             merged_cells=found.merged))  # fmt: skip
+        out.append(
+            StudyView(
+                id=study.id,
+                name=study.spec["name"],
+                status=study.status,
+                spec=study.spec,
+                created_at=study.created_at,
+                updated_at=study.updated_at,
+                cancel_requested=study.cancel_requested,
+                error=study.error,
+                mlflow_run_id=study.mlflow_run_id,
+                cells=CellProgress(**found.cells),
+                jobs=found.jobs,
+                job_ids=[job_id for _, job_id, _ in mine],
+                refused_cells=found.refused,
+                merged_cells=found.merged,
+            )
+        )
     return out
 
 
@@ -96,8 +108,14 @@ def owned(request: Request, study_id: str, principal: str) -> Study:
     return study
 
 
-def _admit_and_store(request: Request, response: Response, principal: str, study: StudySpec, spec: dict[str, Any],
-                     idempotency_key: str | None) -> Study | StudyView:  # fmt: skip
+def _admit_and_store(
+    request: Request,
+    response: Response,
+    principal: str,
+    study: StudySpec,
+    spec: dict[str, Any],
+    idempotency_key: str | None,
+) -> Study | StudyView:
     """Every cell checked in the admission worker, the parent run created, the study and its children stored."""
     state = request.app.state
     try:
@@ -118,8 +136,7 @@ def _admit_and_store(request: Request, response: Response, principal: str, study
                  child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
                 for child in expansion.children]  # fmt: skip
     try:
-        return state.studies.create(principal, study_id, spec, idempotency_key, parent, children,
-                                    summary_of(expansion))  # fmt: skip
+        return state.studies.create(principal, study_id, spec, idempotency_key, parent, children, summary_of(expansion))
     except Exception as error:
         with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
             MlflowClient(uri).set_terminated(parent, "FAILED")
