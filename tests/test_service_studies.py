@@ -22,8 +22,14 @@ STUDY = {"name": "small", "base": BASE, "seeds": [0, 1],
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
-    service = Service(root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", max_epochs=100,
-                      max_study_cells=12).start()  # fmt: skip
+    service = Service(
+        root,
+        max_submitted=0,
+        ray_address=f"http://127.0.0.1:{free_port()}",
+        max_epochs=100,
+        max_study_cells=12,
+        max_studies_per_principal=1000,
+    ).start()
     yield service
     service.stop()
 
@@ -173,13 +179,13 @@ def test_any_study_spec_gets_a_json_answer_never_a_5xx_within_a_second_and_the_a
         response = bob.post("/v1/studies", json=body)
         took = time.monotonic() - started
         event(f"HTTP {response.status_code}")
-        assert response.status_code in (201, 422, 429), response.text
+        assert response.status_code in (201, 422), response.text  # a study share past the fuzz's, so no 429
         assert took < 1.0, f"{response.status_code} after {took:.2f} s"
         detail = response.json()
         if response.status_code == 201:
             assert len(detail["job_ids"]) <= 12 * len(body["seeds"])
             assert bob.post(f"/v1/studies/{detail['id']}/cancel").status_code == 200
         else:
-            assert detail["detail"][0]["msg"] if response.status_code == 422 else detail["detail"]
+            assert detail["detail"][0]["msg"]
     RSS_MIB.append(rss_mib(service.process.pid))
     assert RSS_MIB[-1] - RSS_MIB[0] < 100, f"the API grew from {RSS_MIB[0]:.0f} to {RSS_MIB[-1]:.0f} MiB"
