@@ -14,7 +14,7 @@ from service.admission import ModelChecks
 from service.settings import ServiceSettings
 from service.store import TERMINAL, Study, StudyChild, StudyStore
 from service.validation import Rejected, admit, reject_reserved_tags
-from training.study import STORED, Expansion, StudyError, StudySpec, axis_of, expand
+from training.study import STORED, Expansion, StudyError, StudySpec, axis_of, check_cells, expand
 from training.study_results import table, write_results
 from training.tracking import finish_study_run
 
@@ -28,12 +28,7 @@ def check_study_size(study: StudySpec, settings: ServiceSettings) -> None:
         reject_reserved_tags(study.base.tracking.tags)
     except Rejected as error:
         raise StudyError(("base", *error.loc), error.message) from None
-    if study.cell_count > settings.max_study_cells:
-        sizes = " × ".join(str(len(values)) for values in study.axes.values())
-        raise StudyError(
-            ("axes",),
-            f"{study.cell_count} cells ({sizes}) is more than this service's limit of {settings.max_study_cells}",
-        )
+    check_cells(study, settings.max_study_cells)
     if study.size > settings.max_study_jobs:
         raise StudyError(
             ("seeds",),
@@ -175,6 +170,7 @@ class StudyFinisher:
     def __init__(self, studies: StudyStore, settings: ServiceSettings, expansions: Expansions) -> None:
         self.studies, self.settings, self.expansions = studies, settings, expansions
         self.attempts: dict[str, int] = {}
+        self.summarised = False  # no study without a summary is left
 
     def tick(self) -> None:
         self.summarise()
@@ -189,8 +185,13 @@ class StudyFinisher:
 
     def summarise(self, at_most: int = 10) -> None:
         """Studies stored before summaries were (a database an earlier version made): theirs, made in the admission
-        worker a few at a time, so their reads never expand them."""
-        for study in self.studies.unsummarised(at_most):
+        worker a few at a time, so their reads never expand them. Every study stored since has one, so once none is
+        left the passes stop asking."""
+        if self.summarised:
+            return
+        missing = self.studies.unsummarised(at_most)
+        self.summarised = not missing
+        for study in missing:
             try:
                 self.studies.set_summary(study.id, summary_of(self.expansions.of(study)))
             except Exception as error:  # the next pass tries again; reads show no refused or merged cells meanwhile

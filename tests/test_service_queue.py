@@ -165,9 +165,12 @@ def test_a_database_made_before_summaries_gets_the_column_and_its_studies_summar
         studies.create("alice", "study-old", spec, None, "run-old", [("c000", 0, SPEC)])  # no summary, as then
         assert studies.get("study-old").summary is None
         expansions = SimpleNamespace(of=lambda study: expand_stored(json.dumps(study.spec), study.id, None))
-        StudyFinisher(studies, ServiceSettings(), expansions).summarise()  # type: ignore[arg-type]
+        finisher = StudyFinisher(studies, ServiceSettings(), expansions)  # type: ignore[arg-type]
+        finisher.summarise()
         # none runs once for both placements, and LeNet-5's two san-c placements are one network
         assert studies.get("study-old").summary == {"cells": 4, "refused": 0, "merged": 2}
-        assert studies.unsummarised(10) == []
+        assert studies.unsummarised(10) == [] and not finisher.summarised
+        finisher.summarise()
+        assert finisher.summarised  # none left: the later passes ask no more
     finally:
         store.close()

@@ -345,14 +345,20 @@ def _dataset_shape(data: dict[str, Any]) -> tuple[int, int]:
     return (info.channels, info.num_classes) if info else (3, 10)
 
 
-def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_run_id: str | None = None) -> Expansion:
-    """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`."""
-    paths = list(study.axes)
-    if study.cell_count > max_cells:  # from the axes' sizes: nothing is built for a study too large to run
+def check_cells(study: StudySpec, max_cells: int) -> None:
+    """`StudyError` for more grid cells than ``max_cells``, told from the axes' sizes: nothing is built for a study
+    too large to run."""
+    if study.cell_count > max_cells:
         sizes = " × ".join(str(len(v)) for v in study.axes.values())
         raise StudyError(
             ("axes",), f"{study.cell_count} cells ({sizes}) is more than this service's limit of {max_cells}"
         )
+
+
+def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_run_id: str | None = None) -> Expansion:
+    """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`."""
+    paths = list(study.axes)
+    check_cells(study, max_cells)
     grid = itertools.product(*study.axes.values())  # lazily: one cell at a time
     base = study.base.model_dump(mode="json")
     cells: list[Cell] = []
