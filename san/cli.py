@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from san import __version__
-from san.attention import IncompatibleConfiguration
-from san.profile import model_stats
 from san.registry import list_attention, list_models, list_placements, model_inputs
 
 
@@ -40,6 +38,9 @@ def human(count: float) -> str:
 
 def models_table(models: Sequence[str], attentions: Sequence[str], placements: Sequence[str], args) -> str:
     """A markdown table of each model × attention × placement: params, attention params and modules, GFLOPs."""
+    from san.attention import IncompatibleConfiguration  # torch: only for the table, never for `san serve`
+    from san.profile import model_stats
+
     rows = ["| model | attention | placement | params | attention params | modules | FLOPs |", "|---" * 7 + "|"]
     for model in models:
         for attention in attentions:

@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from san.attention import ATTENTION_NAMES, AttentionModule, check_inputs, create_attention
-
-PLACEMENTS = ("bottleneck", "full", "reference")
+from san.catalog import PLACEMENTS
 
 # Site tags: a site lists the tags under which it receives a module.
 BOTTLENECK = "bottleneck"

@@ -1,32 +1,45 @@
 """The model registry: model names → factories, and the names of attention modules and placements.
 
-Model files register their factories with ``@register_model``; this module is the one source of truth for
-which models, attention modules and placements exist.
+Which models, attention modules and placements exist is declared in `san.catalog` (no torch: the service lists
+and validates names from it); model files register their factories with ``@register_model``, which refuses a
+model the catalog does not declare. Only building a model imports the models, and torch.
 """
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from san.catalog import ATTENTION_NAMES, INPUT_KINDS, MODELS, PLACEMENTS
 
-from san.attention import ATTENTION_NAMES
-from san.placement import PLACEMENTS
+if TYPE_CHECKING:
+    from torch import nn
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_INPUTS: dict[str, str] = {}  # model name → what it takes: "images" (N×C×H×W) or "sequences" (N×T×F)
-INPUT_KINDS = ("images", "sequences")
+_MODELS: dict[str, Callable[..., "nn.Module"]] = {}
+
+__all__ = [
+    "INPUT_KINDS",
+    "build_model",
+    "list_attention",
+    "list_models",
+    "list_placements",
+    "model_inputs",
+    "register_model",
+]
 
 
-def register_model(factory: Callable[..., nn.Module] | None = None, *, inputs: str = "images"):
-    """Register ``factory`` under its function name; ``@register_model(inputs="sequences")`` for a model of
-    N×T×F sequences."""
-    if inputs not in INPUT_KINDS:
+def register_model(factory: Callable[..., "nn.Module"] | None = None, *, inputs: str | None = None):
+    """Register ``factory`` under its function name, which `san.catalog.MODELS` declares with what it takes;
+    ``inputs`` ("images" or "sequences"), when given, must say the same."""
+    if inputs is not None and inputs not in INPUT_KINDS:
         raise ValueError(f"inputs={inputs!r}: one of {', '.join(INPUT_KINDS)}")
 
-    def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _MODELS[factory.__name__] = factory
-        _INPUTS[factory.__name__] = inputs
+    def register(factory: Callable[..., "nn.Module"]) -> Callable[..., "nn.Module"]:
+        name = factory.__name__
+        if name not in MODELS:
+            raise ValueError(f"model {name!r} is not declared in san.catalog.MODELS: declare it there")
+        if inputs is not None and inputs != MODELS[name]:
+            raise ValueError(f"model {name!r} registered as taking {inputs}; san.catalog.MODELS says {MODELS[name]}")
+        _MODELS[name] = factory
         return factory
 
     return register if factory is None else register(factory)
@@ -34,10 +47,9 @@ def register_model(factory: Callable[..., nn.Module] | None = None, *, inputs: s
 
 def model_inputs(name: str) -> str:
     """``images`` or ``sequences``: what model ``name`` takes."""
-    _load_models()
-    if name not in _INPUTS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
-    return _INPUTS[name]
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def _load_models() -> None:
@@ -45,9 +57,8 @@ def _load_models() -> None:
 
 
 def list_models() -> list[str]:
-    """Registered model names, in registration order."""
-    _load_models()
-    return list(_MODELS)
+    """Model names, in registration order."""
+    return list(MODELS)
 
 
 def list_attention() -> list[str]:
@@ -62,7 +73,7 @@ def list_placements() -> list[str]:
 
 def build_model(
     name: str, num_classes: int, attention: str = "none", placement: str = "bottleneck", **kwargs: Any
-) -> nn.Module:
+) -> "nn.Module":
     """Build model ``name`` with ``attention`` at ``placement``.
 
     Keyword arguments go to the model factory: ``in_chans``, ``stem`` (``imagenet`` or ``small``) and
@@ -70,5 +81,5 @@ def build_model(
     """
     _load_models()
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return _MODELS[name](num_classes=num_classes, attention=attention, placement=placement, **kwargs)

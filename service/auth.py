@@ -36,7 +36,7 @@ async def principal(
     threadpool on every request for a dictionary lookup."""
     if credentials is None:
         raise unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    found = request.app.state.principals.get(hash_token(credentials.credentials))
+    found = request.app.state.parts.principals.get(hash_token(credentials.credentials))
     if found is None:
         raise unauthorized("unknown bearer token")
     return found
@@ -51,4 +51,4 @@ def known_principal(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return None
-    return request.app.state.principals.get(hash_token(token.strip()))
+    return request.app.state.parts.principals.get(hash_token(token.strip()))

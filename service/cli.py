@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from training.states import JobStatus, StudyStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -138,10 +140,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _follow(args: argparse.Namespace, job: dict) -> int:
     """Print a line whenever the job's state or epoch changes, until it ends: exit 0 if it succeeded."""
-    from service.store import TERMINAL
-
     last = (job["status"], None)
-    while job["status"] not in TERMINAL:
+    while not JobStatus(job["status"]).is_terminal():
         time.sleep(args.poll_s)
         response = _call(args, "GET", f"/v1/jobs/{job['id']}")
         if response.status_code != 200:
@@ -151,7 +151,7 @@ def _follow(args: argparse.Namespace, job: dict) -> int:
         if now != last:
             print(_show(job), flush=True)
             last = now
-    return 0 if job["status"] == "succeeded" else 1
+    return 0 if job["status"] == JobStatus.SUCCEEDED else 1
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -215,7 +215,7 @@ def _study_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     last = None
-    while found["status"] == "running":
+    while found["status"] == StudyStatus.RUNNING:
         time.sleep(args.poll_s)
         response = _call(args, "GET", f"/v1/studies/{found['id']}", params={"table": "false"})
         if response.status_code != 200:
@@ -227,12 +227,12 @@ def _study_submit(args: argparse.Namespace) -> int:
             last = line
     table = _call(args, "GET", f"/v1/studies/{found['id']}/table", params={"format": "md"})
     print(table.text if table.status_code == 200 else "", flush=True)
-    return 0 if found["status"] == "succeeded" else 1
+    return 0 if found["status"] == StudyStatus.SUCCEEDED else 1
 
 
 def _running_children(args: argparse.Namespace, study: dict) -> str:
     """``\n  running: <run name> epoch k/N`` for each of the study's children on the cluster now."""
-    running = _call(args, "GET", "/v1/jobs", params={"status": "running", "limit": 500})
+    running = _call(args, "GET", "/v1/jobs", params={"status": JobStatus.RUNNING.value, "limit": 500})
     if running.status_code != 200:
         return ""
     lines = ""
@@ -313,8 +313,6 @@ def _stack(args: argparse.Namespace) -> int:
 
 def register(commands) -> None:
     """Add ``san serve`` and ``san jobs`` to the ``san`` command line (entry point ``san.cli``)."""
-    from service.store import STATES
-
     serve = commands.add_parser("serve", help="run the job service (FastAPI on uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -336,7 +334,7 @@ def register(commands) -> None:
     submit.add_argument("--poll-s", type=float, default=2.0, help="seconds between polls with --wait")
     submit.set_defaults(handler=_submit)
     listing = actions.add_parser("list", help="your jobs, newest first")
-    listing.add_argument("--status", choices=STATES)
+    listing.add_argument("--status", choices=[status.value for status in JobStatus])
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(handler=_list)
     for name, method, suffix, text in (("show", "GET", "", "one job"), ("cancel", "POST", "/cancel", "cancel a job")):

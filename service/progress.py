@@ -1,10 +1,7 @@
-"""What a job's MLflow run says about it: the run (found by the ``san.job_id`` tag the driver sets), epochs
-done, the latest metrics and the per-epoch history."""
+"""What a job's MLflow run says about it (the run its driver reported, `training.driver_report`): epochs done, the
+latest metrics and the per-epoch history. Read only."""
 
 import logging
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,11 +9,9 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from training.tracking import METRIC_KEYS, metric_history
+from training.mlflow_runs import METRIC_KEYS, metric_history
 
 log = logging.getLogger("san.service")
-MISSES_KEPT = 10_000  # jobs remembered to have no run (bounded: oldest forgotten first)
-RECHECK_MISS_S = 15.0  # a running job's run may appear any moment: asked again after this long
 
 
 @dataclass(frozen=True)
@@ -34,8 +29,6 @@ class RunReader:
     def __init__(self, allowed: Collection[str]) -> None:
         self.allowed = frozenset(allowed)
         self._clients: dict[str, MlflowClient] = {}
-        self._misses: OrderedDict[str, float | None] = OrderedDict()  # job id → when to ask again (None: never)
-        self._lock = threading.Lock()
 
     def client(self, uri: str) -> MlflowClient:
         if uri not in self.allowed:
@@ -43,30 +36,6 @@ class RunReader:
         if uri not in self._clients:
             self._clients[uri] = MlflowClient(uri)
         return self._clients[uri]
-
-    def find_run(self, uri: str, job_id: str, experiment: str, ended: bool) -> str | None:
-        """The run tagged with ``job_id`` in the job's own experiment (one search, never across experiments), or
-        None — remembered: for good once the job ``ended``, else for `RECHECK_MISS_S`."""
-        with self._lock:
-            if job_id in self._misses and ((until := self._misses[job_id]) is None or time.monotonic() < until):
-                return None
-        client = self.client(uri)
-        found = client.get_experiment_by_name(experiment)
-        runs = (
-            []
-            if found is None
-            else client.search_runs(
-                [found.experiment_id], filter_string=f"tags.`san.job_id` = '{job_id}'", max_results=1
-            )
-        )
-        if runs:
-            return runs[0].info.run_id
-        with self._lock:
-            self._misses[job_id] = None if ended else time.monotonic() + RECHECK_MISS_S
-            self._misses.move_to_end(job_id)
-            while len(self._misses) > MISSES_KEPT:
-                self._misses.popitem(last=False)
-        return None
 
     def latest(self, uri: str, run_id: str, since: datetime | None = None) -> Latest:
         client = self.client(uri)

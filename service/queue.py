@@ -13,9 +13,11 @@ import threading
 import time
 from pathlib import Path
 
-from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable, failure_path
-from service.store import ACTIVE, WAITING, Job, JobStore
+from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable
+from service.store import Job, JobStore
 from training.data.manifest import write_atomically
+from training.driver_report import read_report, report_path, write_report
+from training.states import ACTIVE, WAITING, JobStatus
 
 log = logging.getLogger("san.service")
 KICK_GAP_S = 0.05
@@ -34,13 +36,18 @@ class Dispatcher:
     def spec_path(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "spec.json"
 
-    def failure(self, job_id: str, info: RayJobInfo) -> str | None:
-        """Why a job Ray reports failed: its entrypoint's own words when it wrote them, else Ray's message."""
-        if info.state != "failed":
-            return None
-        with contextlib.suppress(OSError):
-            return failure_path(self.spec_path(job_id)).read_text() or info.message
-        return info.message
+    def reported(self, job: Job, info: RayJobInfo | None) -> dict[str, str]:
+        """What the job's driver reported (`training.driver_report`) that the record lacks: its MLflow run id, and —
+        for a job Ray reports failed — why, in the driver's own words, else Ray's message."""
+        report = read_report(report_path(self.spec_path(job.id)))
+        found: dict[str, str] = {}
+        if report and report.mlflow_run_id and report.mlflow_run_id != job.mlflow_run_id:
+            found["mlflow_run_id"] = report.mlflow_run_id
+        if info is not None and info.state == JobStatus.FAILED:
+            error = (report.error if report else None) or info.message
+            if error:
+                found["error"] = error
+        return found
 
     def tick(self) -> None:
         with self._lock:
@@ -53,51 +60,39 @@ class Dispatcher:
                 log.warning("queue: %s; retrying in the next tick", error)
 
     def reconcile(self, job: Job) -> None:
-        """Bring one active job's state in line with Ray's (the caller holds the lock)."""
+        """Bring one active job's record in line with Ray's state and its driver's report (the caller holds the
+        lock). The only place a job's state follows Ray: reads return the record as stored."""
         info = self.ray.info(job.id)
         if info is None:
-            ran = (running := job.at("running")) is not None and running > job.at("submitted")
-            if job.status == "submitted" and not ran and job.cancel_requested:  # its owner cancelled it meanwhile
-                self.store.transition(job.id, "cancelled", only_from=("submitted",))
-            elif job.status == "submitted" and not ran:
+            ran = (running := job.at(JobStatus.RUNNING)) is not None and running > job.at(JobStatus.SUBMITTED)
+            if job.status == JobStatus.SUBMITTED and not ran and job.cancel_requested:  # cancelled meanwhile
+                self.store.transition(job.id, JobStatus.CANCELLED, only_from=(JobStatus.SUBMITTED,))
+            elif job.status == JobStatus.SUBMITTED and not ran:
                 # claimed, then the process stopped before Ray got it (or Ray lost it before it ran): submit again
                 self.submit(job)
             else:  # Ray answered without it: the cluster that ran it is gone (a head restarted empty)
                 self.interrupt(job)
-        elif info.state != job.status:
-            self.store.transition(job.id, info.state, only_from=(job.status,), error=self.failure(job.id, info))
-
-    def reconcile_now(self, job: Job) -> Job:
-        """The read path's reconcile: only when no tick is at work (a tick between its claim and Ray's answer
-        must not see its job reconciled, and submitted, twice), and never a submit — that is the tick's."""
-        if not self._lock.acquire(blocking=False):
-            return job
-        try:
-            current = self.store.get(job.id)
-            if current is None or current.status not in ACTIVE:
-                return current or job
-            info = self.ray.info(current.id)
-            if info is not None and info.state != current.status:
-                self.store.transition(current.id, info.state, only_from=(current.status,),
-                                      error=self.failure(current.id, info))  # fmt: skip
-            return self.store.get(job.id) or current
-        finally:
-            self._lock.release()
+            return
+        reported = self.reported(job, info)
+        if info.state != job.status:
+            self.store.transition(job.id, info.state, only_from=(job.status,), **reported)
+        elif "mlflow_run_id" in reported:
+            self.store.update(job.id, mlflow_run_id=reported["mlflow_run_id"])
 
     def interrupt(self, job: Job) -> None:
         """A job its cluster lost goes back to Ray ahead of the queue — up to ``max_interruptions`` times, then
         it fails saying so; each time the training resumes from its last checkpoint into the same MLflow run."""
-        times = sum(1 for state, _ in job.transitions if state == "interrupted")
+        times = sum(1 for state, _ in job.transitions if state == JobStatus.INTERRUPTED)
         if times >= self.max_interruptions:
-            self.store.transition(job.id, "failed", only_from=(job.status,), error=f"the Ray cluster lost this job "
-                                  f"{times + 1} times (SAN_MAX_INTERRUPTIONS={self.max_interruptions})")  # fmt: skip
+            error = f"the Ray cluster lost this job {times + 1} times (SAN_MAX_INTERRUPTIONS={self.max_interruptions})"
+            self.store.transition(job.id, JobStatus.FAILED, only_from=(job.status,), error=error)
         else:
-            self.store.transition(job.id, "interrupted", only_from=(job.status,),
-                                  error="the Ray cluster lost it; it resumes from its last checkpoint")  # fmt: skip
+            error = "the Ray cluster lost it; it resumes from its last checkpoint"
+            self.store.transition(job.id, JobStatus.INTERRUPTED, only_from=(job.status,), error=error)
 
     def end_cancelled(self) -> None:
         for job_id in self.store.cancel_requested_waiting():
-            self.store.transition(job_id, "cancelled", only_from=WAITING)
+            self.store.transition(job_id, JobStatus.CANCELLED, only_from=WAITING)
 
     def fill(self) -> None:
         room = self.max_submitted - self.store.count(ACTIVE)
@@ -108,8 +103,11 @@ class Dispatcher:
                 return
             tried.add(job.id)
             # Claimed (compare-and-set: no other dispatcher, and no cancel since it was read), then submitted.
-            if self.store.transition(job.id, "submitted", only_from=(job.status,), unless_cancel_requested=True):
-                if job.status == "queued":
+            claimed = self.store.transition(
+                job.id, JobStatus.SUBMITTED, only_from=(job.status,), unless_cancel_requested=True
+            )
+            if claimed:
+                if job.status == JobStatus.QUEUED:
                     self.served[job.principal] = time.monotonic()
                 self.submit(job)
                 room -= 1
@@ -117,7 +115,7 @@ class Dispatcher:
     def next_job(self) -> Job | None:
         """The interrupted job that waited longest; else the head of line of the principal with the fewest jobs on
         Ray, served longest ago (never served first), oldest first among equals."""
-        resumed = [job for job in self.store.in_states(("interrupted",), limit=1) if not job.cancel_requested]
+        resumed = [job for job in self.store.in_states((JobStatus.INTERRUPTED,), limit=1) if not job.cancel_requested]
         if resumed:
             return resumed[0]
         heads = self.store.queue_heads()
@@ -129,31 +127,38 @@ class Dispatcher:
     def submit(self, job: Job) -> None:
         path = self.spec_path(job.id)
         write_atomically(path, lambda temp: temp.write_text(json.dumps(job.spec, indent=2)))
-        failure_path(path).unlink(missing_ok=True)  # an earlier attempt's reason is not this one's
+        report = read_report(report_path(path))
+        if report and report.error:  # an earlier attempt's reason is not this one's; its MLflow run id still is
+            write_report(report_path(path), error=None)
         try:
-            self.ray.submit(job.id, path)
+            self.ray.submit(job.id, path, report_path(path))
         except RayUnavailable:
             # back in line (and to the state it was claimed from); the next tick tries again
-            self.store.transition(job.id, "interrupted" if job.status == "interrupted" else "queued",
-                                  only_from=("submitted",))  # fmt: skip
+            back = JobStatus.INTERRUPTED if job.status == JobStatus.INTERRUPTED else JobStatus.QUEUED
+            self.store.transition(job.id, back, only_from=(JobStatus.SUBMITTED,))
             raise
         except RayRefused as error:  # Ray refused the job itself: it will never run
-            self.store.transition(job.id, "failed", only_from=("submitted",), error=f"Ray refused it: {error}")
+            error = f"Ray refused it: {error}"
+            self.store.transition(job.id, JobStatus.FAILED, only_from=(JobStatus.SUBMITTED,), error=error)
 
-    def cancel(self, job: Job) -> None:
-        """A waiting job is cancelled here and never reaches Ray; an active one is stopped on Ray and marked
-        cancelled (reconciliation agrees once Ray reports it stopped)."""
+    def cancel(self, job: Job) -> bool:
+        """A waiting job is cancelled here and never reaches Ray; an active one is reconciled (it may have ended
+        meanwhile), then stopped on Ray and marked cancelled. True when this call ended the job."""
         self.store.update(job.id, cancel_requested=True)
         # Only from waiting states: a job read as queued may have been submitted since, and must then be stopped.
-        if self.store.transition(job.id, "cancelled", only_from=WAITING):
-            return
+        if self.store.transition(job.id, JobStatus.CANCELLED, only_from=WAITING):
+            return True
         with self._lock:  # not while a tick is submitting it
             current = self.store.get(job.id)
-            if current is not None and current.status in WAITING:  # a failed submit put it back in line meanwhile
-                self.store.transition(job.id, "cancelled", only_from=WAITING)
-            elif current is not None and current.status in ACTIVE:
-                self.ray.stop(job.id)
-                self.store.transition(job.id, "cancelled")
+            if current is not None and current.status in ACTIVE:
+                self.reconcile(current)
+                current = self.store.get(job.id)
+            if current is None or current.status.is_terminal():
+                return current is not None and current.status == JobStatus.CANCELLED
+            if current.status in WAITING:  # a failed submit (or an interruption) put it back in line meanwhile
+                return self.store.transition(job.id, JobStatus.CANCELLED, only_from=WAITING)
+            self.ray.stop(job.id)
+            return self.store.transition(job.id, JobStatus.CANCELLED)
 
     def kick(self) -> None:
         """Tick now rather than at the next interval (callable from any thread)."""

@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from service.auth import hash_token
-from service.ray_jobs import LocalRayHead, free_ports
+from service.local_ray import LocalRayHead, free_ports
 from training.data.manifest import write_atomically
 
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -37,20 +37,7 @@ from sqlalchemy.engine import Connection, Row, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-State = Literal["queued", "submitted", "running", "interrupted", "succeeded", "failed", "cancelled"]
-STATES: tuple[str, ...] = get_args(State)
-ACTIVE = ("submitted", "running")
-TERMINAL = ("succeeded", "failed", "cancelled")
-# interrupted: it was on a Ray cluster that lost it (a head restarted empty); it goes back to Ray ahead of the
-# queue and resumes from its last checkpoint in the storage root, into the same MLflow run.
-WAITING = ("interrupted", "queued")  # the dispatcher's order
-OPEN = (*WAITING, *ACTIVE)  # not yet ended: what a principal's share counts
-TRANSITIONS = {
-    "queued": {"submitted", "cancelled"},
-    "submitted": {"queued", "running", "interrupted", "succeeded", "failed", "cancelled"},  # → queued: Ray unreachable
-    "running": {"interrupted", "succeeded", "failed", "cancelled"},
-    "interrupted": {"submitted", "failed", "cancelled"},
-}
+from training.states import ACTIVE, WAITING, JobStatus, StudyStatus
 
 
 def now() -> datetime:
@@ -88,10 +75,6 @@ class JobEvent(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-StudyState = Literal["running", "succeeded", "failed", "cancelled"]
-STUDY_STATES: tuple[str, ...] = get_args(StudyState)
 
 
 class StudyRow(Base):
@@ -132,7 +115,7 @@ class StudyJobRow(Base):
 class Study:
     id: str
     principal: str
-    status: str
+    status: StudyStatus
     spec: dict[str, Any]
     idempotency_key: str | None
     mlflow_run_id: str | None
@@ -156,7 +139,7 @@ class Job:
 
     id: str
     principal: str
-    status: str
+    status: JobStatus
     spec: dict[str, Any]
     idempotency_key: str | None
     cancel_requested: bool
@@ -164,14 +147,14 @@ class Job:
     error: str | None
     created_at: datetime
     updated_at: datetime
-    transitions: list[tuple[str, datetime]] = field(default_factory=list)
+    transitions: list[tuple[JobStatus, datetime]] = field(default_factory=list)
 
     @property
     def reached_ray(self) -> bool:
         """Whether the job was ever submitted (its id is then Ray's submission id)."""
-        return any(state == "submitted" for state, _ in self.transitions)
+        return any(state == JobStatus.SUBMITTED for state, _ in self.transitions)
 
-    def at(self, status: str) -> datetime | None:
+    def at(self, status: JobStatus) -> datetime | None:
         return next((at for state, at in reversed(self.transitions) if state == status), None)
 
 
@@ -183,7 +166,7 @@ def _study(row: StudyRow) -> Study:
     return Study(
         row.id,
         row.principal,
-        row.status,
+        StudyStatus(row.status),
         row.spec,
         row.idempotency_key,
         row.mlflow_run_id,
@@ -196,9 +179,9 @@ def _study(row: StudyRow) -> Study:
 
 
 def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
-    return Job(row.id, row.principal, row.status, row.spec, row.idempotency_key, row.cancel_requested,
+    return Job(row.id, row.principal, JobStatus(row.status), row.spec, row.idempotency_key, row.cancel_requested,
                row.mlflow_run_id, row.error, aware(row.created_at), aware(row.updated_at),
-               [(e.status, aware(e.at)) for e in events])  # fmt: skip
+               [(JobStatus(e.status), aware(e.at)) for e in events])  # fmt: skip
 
 
 # The hot paths' statements, built once with the values as parameters: building and cache-keying a statement per
@@ -213,8 +196,8 @@ EVENTS_OF_JOB = select(JobEvent.__table__).where(JobEvent.job_id == bindparam("j
 def new_job(principal: str, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
     """A queued job as it will be stored (see `JobStore.add`)."""
     moment = now()
-    return Job(f"job-{uuid.uuid4().hex[:16]}", principal, "queued", spec, idempotency_key, False, None, None, moment,
-               moment, [("queued", moment)])  # fmt: skip
+    return Job(f"job-{uuid.uuid4().hex[:16]}", principal, JobStatus.QUEUED, spec, idempotency_key, False, None, None,
+               moment, moment, [(JobStatus.QUEUED, moment)])  # fmt: skip
 
 
 class IdempotencyConflict(ValueError):
@@ -300,11 +283,13 @@ class JobStore:
         built once)."""
         if not jobs:  # an empty parameter list would insert one row of defaults
             return
-        rows = [{"id": job.id, "principal": job.principal, "status": "queued", "spec": job.spec,
+        rows = [{"id": job.id, "principal": job.principal, "status": JobStatus.QUEUED, "spec": job.spec,
                  "idempotency_key": job.idempotency_key, "cancel_requested": False, "created_at": job.created_at,
                  "updated_at": job.created_at} for job in jobs]  # fmt: skip
         connection.execute(INSERT_JOB, rows)
-        connection.execute(INSERT_EVENT, [{"job_id": job.id, "status": "queued", "at": job.created_at} for job in jobs])
+        connection.execute(
+            INSERT_EVENT, [{"job_id": job.id, "status": JobStatus.QUEUED, "at": job.created_at} for job in jobs]
+        )
 
     @staticmethod
     def _same_spec(job: Job, spec: dict[str, Any]) -> Job:
@@ -337,7 +322,7 @@ class JobStore:
             row = connection.execute(query, params).first()
             return _job(row, connection.execute(EVENTS_OF_JOB, {"job_id": job_id}).all()) if row else None
 
-    def page(self, principal: str | None = None, status: str | None = None, limit: int = 50,
+    def page(self, principal: str | None = None, status: JobStatus | None = None, limit: int = 50,
              offset: int = 0) -> tuple[list[Job], int]:  # fmt: skip
         """Newest first, with the total count of matching jobs."""
         with self.session() as session:
@@ -350,14 +335,14 @@ class JobStore:
             rows = session.scalars(query.order_by(JobRow.seq.desc()).limit(limit).offset(offset)).all()
             return self._read_all(session, rows), total
 
-    def in_states(self, states: tuple[str, ...], limit: int | None = None) -> list[Job]:
+    def in_states(self, states: tuple[JobStatus, ...], limit: int | None = None) -> list[Job]:
         """By the order of ``states``, then oldest first: the queue's order."""
         order = case({state: rank for rank, state in enumerate(states)}, value=JobRow.status)
         with self.session() as session:
             query = select(JobRow).where(JobRow.status.in_(states)).order_by(order, JobRow.seq).limit(limit)
             return self._read_all(session, session.scalars(query).all())
 
-    def count(self, states: tuple[str, ...], principal: str | None = None) -> int:
+    def count(self, states: tuple[JobStatus, ...], principal: str | None = None) -> int:
         query = select(func.count()).where(JobRow.status.in_(states))
         if principal is not None:
             query = query.where(JobRow.principal == principal)
@@ -375,7 +360,7 @@ class JobStore:
         """Each principal's oldest queued job that no cancel was asked for: one row per principal."""
         first = (
             select(func.min(JobRow.seq))
-            .where(JobRow.status == "queued", JobRow.cancel_requested.is_(False))
+            .where(JobRow.status == JobStatus.QUEUED, JobRow.cancel_requested.is_(False))
             .group_by(JobRow.principal)
         )
         with self.session() as session:
@@ -390,15 +375,16 @@ class JobStore:
     def transition(
         self,
         job_id: str,
-        to: str,
-        only_from: tuple[str, ...] | None = None,
+        to: JobStatus,
+        only_from: tuple[JobStatus, ...] | None = None,
         unless_cancel_requested: bool = False,
         **fields: Any,
     ) -> bool:
         """Move the job to ``to`` if its current state allows it (and is one of ``only_from``, when given, and no
         cancel was asked for, with ``unless_cancel_requested``): compare-and-set; False if another writer moved it
         first or the move is not allowed. ``fields``: error, mlflow_run_id."""
-        allowed = [state for state, targets in TRANSITIONS.items() if to in targets and state in (only_from or STATES)]
+        to = JobStatus(to)
+        allowed = [state for state in map(JobStatus, only_from or JobStatus) if state.can_move_to(to)]
         moment = now()
         where = [JobRow.id == job_id, JobRow.status.in_(allowed)]
         if unless_cancel_requested:
@@ -440,7 +426,7 @@ class StudyStore:
         study = Study(
             study_id,
             principal,
-            "running",
+            StudyStatus.RUNNING,
             spec,
             idempotency_key or None,
             mlflow_run_id,
@@ -491,7 +477,7 @@ class StudyStore:
             session.execute(update(StudyRow).where(StudyRow.id == study_id).values(summary=summary))
 
     def count_running(self, principal: str) -> int:
-        query = select(func.count()).where(StudyRow.principal == principal, StudyRow.status == "running")
+        query = select(func.count()).where(StudyRow.principal == principal, StudyRow.status == StudyStatus.RUNNING)
         with self.jobs.session() as session:
             return session.scalar(query) or 0
 
@@ -511,7 +497,7 @@ class StudyStore:
                 found[study_id].append((cell, job_id, status))
         return found
 
-    def in_state(self, status: str) -> list[Study]:
+    def in_state(self, status: StudyStatus) -> list[Study]:
         with self.jobs.session() as session:
             rows = session.scalars(select(StudyRow).where(StudyRow.status == status).order_by(StudyRow.seq)).all()
             return [_study(row) for row in rows]
@@ -525,11 +511,11 @@ class StudyStore:
             jobs = JobStore._read_all(session, [job for _, job in pairs])
             return [StudyChild(link.cell, link.seed, job) for (link, _), job in zip(pairs, jobs, strict=True)]
 
-    def finish(self, study_id: str, status: str, error: str | None = None) -> bool:
+    def finish(self, study_id: str, status: StudyStatus, error: str | None = None) -> bool:
         """``running`` → ``status`` (compare-and-set: one finisher wins)."""
         with self.jobs._writing(), self.jobs.session.begin() as session:
             return bool(session.execute(
-                update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == "running")
+                update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == StudyStatus.RUNNING)
                 .values(status=status, error=error, updated_at=now())
             ).rowcount)  # fmt: skip
 

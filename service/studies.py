@@ -8,15 +8,17 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from service.admission import ModelChecks
 from service.settings import ServiceSettings
-from service.store import TERMINAL, Study, StudyChild, StudyStore
+from service.store import Study, StudyChild, StudyStore
 from service.validation import Rejected, admit, reject_reserved_tags
+from training.mlflow_runs import finish_study_run
+from training.states import ACTIVE, WAITING, JobStatus, StudyStatus
 from training.study import STORED, Expansion, StudyError, StudySpec, axis_of, check_cells, expand
 from training.study_results import table, write_results
-from training.tracking import finish_study_run
 
 log = logging.getLogger("san.service")
 
@@ -104,12 +106,14 @@ class Expansions:
         return found
 
 
-JOB_TO_OBSERVED = {"queued": "queued", "submitted": "queued", "running": "running", "interrupted": "queued",
-                   "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}  # fmt: skip
+def observed(status: JobStatus) -> str:
+    """A child's state as a study's table shows it: waiting (in the queue or back in it) is queued."""
+    waiting = status in WAITING or status == JobStatus.SUBMITTED
+    return JobStatus.QUEUED if waiting else status
 
 
 def child_states(children: list[StudyChild]) -> dict[tuple[str, int], str]:
-    return {(child.cell, child.seed): JOB_TO_OBSERVED[child.job.status] for child in children}
+    return {(child.cell, child.seed): observed(child.job.status) for child in children}
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,13 @@ def progress(summary: dict[str, int], children: list[tuple[str, str]]) -> Progre
         by_cell.setdefault(cell, []).append(status)
     cells = {"done": 0, "running": 0, "queued": 0, "failed": 0, "cancelled": 0}
     for states in by_cell.values():
-        if all(state == "succeeded" for state in states):
+        if all(state == JobStatus.SUCCEEDED for state in states):
             cells["done"] += 1
-        elif "failed" in states:
+        elif JobStatus.FAILED in states:
             cells["failed"] += 1
-        elif "cancelled" in states:
+        elif JobStatus.CANCELLED in states:
             cells["cancelled"] += 1
-        elif any(state in ("submitted", "running") for state in states):
+        elif any(state in ACTIVE for state in states):
             cells["running"] += 1
         else:
             cells["queued"] += 1
@@ -145,19 +149,24 @@ def progress(summary: dict[str, int], children: list[tuple[str, str]]) -> Progre
     return Progress(cells, jobs, summary.get("refused", 0), summary.get("merged", 0))
 
 
-def outcome(children: list[StudyChild]) -> str | None:
+def outcome(children: list[StudyChild]) -> StudyStatus | None:
     """The study's final state once every child has ended, else None."""
     states = [child.job.status for child in children]
-    if any(state not in TERMINAL for state in states):
+    if not all(state.is_terminal() for state in states):
         return None
-    if "failed" in states:
-        return "failed"
-    if "cancelled" in states:
-        return "cancelled"
-    return "succeeded"
+    if JobStatus.FAILED in states:
+        return StudyStatus.FAILED
+    if JobStatus.CANCELLED in states:
+        return StudyStatus.CANCELLED
+    return StudyStatus.SUCCEEDED
 
 
-MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
+def write_and_log_results(expansion: Expansion, uri: str, run_id: str, results: Path,
+                          states: dict[tuple[str, int], str], status: str) -> None:  # fmt: skip
+    """The study's table and figures written under ``results`` and logged on its parent run, which ends with
+    ``status``: drawn in the admission worker (`ModelChecks.run`), never in the API process."""
+    write_results(expansion, uri, run_id, results, states)
+    finish_study_run(uri, run_id, results, status)
 
 
 class StudyFinisher:
@@ -174,14 +183,15 @@ class StudyFinisher:
 
     def tick(self) -> None:
         self.summarise()
-        for study in self.studies.in_state("running"):
+        for study in self.studies.in_state(StudyStatus.RUNNING):
             try:
                 self.finish(study)
             except Exception as error:  # the next pass tries again, a few times
                 self.attempts[study.id] = attempts = self.attempts.get(study.id, 0) + 1
                 log.warning("study %s: could not finish (attempt %d): %s", study.id, attempts, error)
                 if attempts >= self.MAX_ATTEMPTS:
-                    self.studies.finish(study.id, "failed", error=f"writing the results failed: {error}")
+                    error = f"writing the results failed: {error}"
+                    self.studies.finish(study.id, StudyStatus.FAILED, error=error)
 
     def summarise(self, at_most: int = 10) -> None:
         """Studies stored before summaries were (a database an earlier version made): theirs, made in the admission
@@ -204,8 +214,8 @@ class StudyFinisher:
             return False
         uri = self.settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])  # never another
         results = self.settings.studies_dir() / study.id
-        write_results(self.expansions.of(study), uri, study.mlflow_run_id, results, child_states(children))
-        finish_study_run(uri, study.mlflow_run_id, results, MLFLOW_STATUS[final])
+        self.expansions.checks.run(write_and_log_results, self.expansions.of(study), uri, study.mlflow_run_id,
+                                   results, child_states(children), final.mlflow_status())  # fmt: skip
         self.attempts.pop(study.id, None)
         return self.studies.finish(study.id, final)
 
@@ -219,7 +229,7 @@ def table_of(study: Study, studies: StudyStore, settings: ServiceSettings, expan
     """The table so far, read from MLflow (only ever a URI this service configured); once the study has ended, the
     table its finisher wrote."""
     written = settings.studies_dir() / study.id / "table.json"
-    if study.status != "running" and written.is_file():
+    if study.status.is_terminal() and written.is_file():
         return json.loads(written.read_text())
     children = studies.children(study.id)
     uri = settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])

@@ -7,13 +7,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from fastapi import HTTPException
-
+from service.errors import TooMany
 from service.ray_jobs import RayJobs, RayUnavailable
 from service.settings import ServiceSettings
-from service.store import OPEN, JobStore, StudyStore
+from service.store import JobStore, StudyStore
 from training.config import JobSpec
 from training.data.resolve import resolve_data
+from training.states import OPEN
 
 # Tag prefixes the service writes itself (a study's parent run and cell, the job's id): a spec that set them could
 # file its runs into another principal's study.
@@ -111,9 +111,9 @@ def admit(
     return spec.model_copy(update={"tracking": spec.tracking.model_copy(update={"mlflow_uri": uri})})
 
 
-def too_many(message: str, settings: ServiceSettings) -> HTTPException:
+def too_many(message: str, settings: ServiceSettings) -> TooMany:
     """429 for a principal over its share, saying which and when to try again."""
-    return HTTPException(429, detail=message, headers={"Retry-After": str(settings.retry_after_s)})
+    return TooMany(message, headers={"Retry-After": str(settings.retry_after_s)})
 
 
 class JobShares:

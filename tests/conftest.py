@@ -1,9 +1,18 @@
-"""Fixtures shared by the test modules: the job store on SQLite and on one real PostgreSQL server per session."""
+"""Fixtures shared by the test modules: the job store on SQLite and on one real PostgreSQL server per session, and
+the API in process (`InProcessService`): the real app and store over an ASGI transport, no uvicorn — the HTTP
+layer is the subject; uvicorn itself is `tests.services.Service`, for the end-to-end tier."""
 
+from pathlib import Path
+
+import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.auth import hash_token
+from service.settings import ServiceSettings
 from service.store import JobStore
-from tests.services import Postgres
+from tests.services import TOKENS, Postgres
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +32,70 @@ def store(request, tmp_path):
         with store.engine.begin() as connection:
             connection.exec_driver_sql("TRUNCATE study_jobs, studies, job_events, jobs")
     store.close()
+
+
+class SharedTransport(httpx.BaseTransport):
+    """The started app's one transport, for many clients (one per principal): closing a client leaves it open."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessService:
+    """`create_app` with ``settings`` (as ``SAN_*`` would set them), its lifespan run once by `start`: the same
+    interface as `tests.services.Service` (``client(who)``, ``stop``), without a server process."""
+
+    def __init__(self, root: Path, **settings) -> None:
+        self.root = root
+        tokens = {who: hash_token(token) for who, token in TOKENS.items()}
+        defaults = {"storage_root": root / "runs", "data_root": root / "data", "poll_interval_s": 0.5}
+        self.settings = ServiceSettings(tokens=tokens, **{**defaults, **settings})
+        self.app = create_app(self.settings)
+        self.test_client: TestClient | None = None
+
+    def start(self) -> "InProcessService":
+        # raise_server_exceptions=False: an unhandled error is the 500 a user would see, which tests assert against
+        self.test_client = TestClient(self.app, raise_server_exceptions=False)
+        self.test_client.__enter__()
+        return self
+
+    def stop(self) -> None:
+        if self.test_client is not None:
+            self.test_client.__exit__(None, None, None)
+            self.test_client = None
+
+    def restart(self) -> None:
+        """A new app (a new process would be the same) over the same settings and database."""
+        self.stop()
+        self.app = create_app(self.settings)
+        self.start()
+
+    @property
+    def parts(self):
+        return self.app.state.parts
+
+    def client(self, who: str | None = "alice") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+        transport = SharedTransport(self.test_client._transport)
+        return httpx.Client(transport=transport, base_url="http://testserver", headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """A factory of started in-process services for one module, all stopped at its end."""
+    started: list[InProcessService] = []
+
+    def start(**settings) -> InProcessService:
+        service = InProcessService(tmp_path_factory.mktemp("api"), **settings).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

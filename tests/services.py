@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from service.auth import hash_token
-from service.ray_jobs import free_ports
+from service.local_ray import free_ports
 from service.stack import PostgresCluster
 
 BIN = Path(sys.executable).parent

@@ -15,6 +15,7 @@ import pytest
 import san
 from service.auth import hash_token
 from tests.slices import SLICE_PATHS, build_fmnist_slices
+from training.driver_report import read_report
 
 SAN = str(Path(sys.executable).with_name("san"))
 
@@ -84,21 +85,24 @@ def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and text in result.stderr, result.stderr
 
 
-def test_the_job_entrypoint_writes_why_it_failed_where_the_service_reads_it(tmp_path):
-    """Ray Jobs' message is the tail of the driver's log; the service reads the entrypoint's own reason instead."""
+def test_the_job_entrypoint_reports_why_it_failed_where_the_service_reads_it(tmp_path):
+    """Ray Jobs' message is the tail of the driver's log; the service reads the driver's report instead: here both
+    jobs fail before their MLflow run exists, so the report holds the reason and no run id."""
     spec = {"model": {"name": "lenet5"}, "data": {"train_path": "nowhere/train.beton", "val_path": "nowhere/val.beton"}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "bad.json").write_text(json.dumps({"model": {"name": "lenet9"}}))
     env = {**os.environ, "SAN_DATA_ROOT": str(tmp_path / "data"), "SAN_STORAGE_ROOT": str(tmp_path / "runs")}
     cases = [("spec.json", 1, "ValueError: data.train_path: "), ("bad.json", 2, "unknown model 'lenet9'")]
     for name, code, reason in cases:
-        failure = tmp_path / f"{name}.failure.txt"
-        command = [sys.executable, "-m", "training.run", str(tmp_path / name), "--failure-file", str(failure)]
+        report_file = tmp_path / f"{name}.report.json"
+        command = [sys.executable, "-m", "training.run", str(tmp_path / name), "--report-file", str(report_file)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
         assert result.returncode == code, result.stderr
-        assert reason in failure.read_text(), failure.read_text()
-    assert "does not exist" in (tmp_path / "spec.json.failure.txt").read_text()
+        report = read_report(report_file)
+        assert report is not None and reason in report.error and report.mlflow_run_id is None, report
+    assert "does not exist" in read_report(tmp_path / "spec.json.report.json").error
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # written by rename, no temp left
+    assert not (tmp_path / "runs" / "ray").exists()  # nothing written for workers that never started
 
 
 @pytest.mark.slow
@@ -123,6 +127,9 @@ def test_train_runs_a_job_on_a_local_ray_with_one_progress_line_per_epoch(tmp_pa
     # the local Ray has its dashboard, so Ray Train's placement-group cleaner can see the controller
     assert "Failed to query Ray Train Controller" not in output
     assert re.search(r": 2 epochs, val/top1 0\.\d+", result.stdout), result.stdout
+    # the workers read the spec from one file the driver wrote in the run's directory: the override applied
+    [written] = (tmp_path / "runs" / "ray").glob("*/spec.json")
+    assert json.loads(written.read_text())["scaling"]["num_workers"] == 2
 
 
 def test_hash_token_reads_the_token_from_stdin_and_prints_what_the_service_compares():

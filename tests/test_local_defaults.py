@@ -12,7 +12,7 @@ import httpx
 import psycopg
 import pytest
 
-from service.ray_jobs import LocalRayHead, free_ports
+from service.local_ray import LocalRayHead, free_ports
 from service.stack import PostgresCluster
 from tests.services import Service, wait_until
 

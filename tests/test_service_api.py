@@ -1,5 +1,5 @@
-"""The REST API over real HTTP against uvicorn (``san serve``), with no job leaving the queue (limit 0) and no
-Ray reachable: auth, ownership, validation, body limits, idempotency, 100 concurrent POSTs, the CLI client."""
+"""The REST API in process (the real app and store), with no job leaving the queue (limit 0) and no Ray reachable:
+auth, ownership, validation, body limits, idempotency, 100 concurrent POSTs; and the CLI client against uvicorn."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from service.store import JobStore
-from tests.services import BIN, TOKENS, Service, free_port
+from tests.services import BIN, TOKENS, Service
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -17,11 +17,18 @@ SPEC = {"model": {"name": "lenet5", "attention": "san-c"}, "training": {"epochs"
         "lr": {"peak_epoch": 1}}  # fmt: skip
 
 
+SETTINGS = {"max_submitted": 0, "ray_address": "http://127.0.0.1:9", "max_epochs": 100, "max_body_bytes": 8192}
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    service = Service(root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", max_epochs=100,
-                      max_body_bytes=8192).start()  # fmt: skip
+def service(in_process):
+    return in_process(**SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """uvicorn itself (``san serve``), for the one test whose client is another process: the CLI."""
+    service = Service(tmp_path_factory.mktemp("served"), **SETTINGS).start()
     yield service
     service.stop()
 
@@ -130,10 +137,10 @@ def test_catalog_lists_what_a_spec_may_name(service):
         assert "JobSpec" in schema["components"]["schemas"]
 
 
-def test_the_cli_client_submits_lists_shows_and_fails_in_one_line(service, tmp_path):
+def test_the_cli_client_submits_lists_shows_and_fails_in_one_line(served, tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(SPEC))
-    env = {"SAN_API_URL": service.url, "SAN_API_TOKEN": TOKENS["alice"], "PATH": str(BIN)}
+    env = {"SAN_API_URL": served.url, "SAN_API_TOKEN": TOKENS["alice"], "PATH": str(BIN)}
 
     def san(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "san"), "jobs", *args], capture_output=True, text=True, env=env, timeout=60)

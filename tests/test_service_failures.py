@@ -11,7 +11,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.ray_jobs import LocalRayHead
+from service.local_ray import LocalRayHead
 from tests.services import TOKENS, Service, free_port, mlflow_server, stop_group, wait_for_job
 from tests.slices import build_fmnist_slices, slice_job
 

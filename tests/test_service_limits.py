@@ -1,16 +1,16 @@
-"""Issue 24 over real HTTP against uvicorn (``san serve``, no job leaving the queue, no Ray): a request's cost is
+"""Issue 24 against the API in process (no job leaving the queue, no Ray): a request's cost is
 bounded before anything is built — a 30-axis study is a 422 at once while ``/healthz`` answers and the API does not
 grow —, each principal's share is a 429 with ``Retry-After`` that leaves other principals alone, and the tags the
 service writes are the service's alone."""
 
+import os
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.services import Service, free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -19,20 +19,15 @@ STUDY = {"name": "small", "base": SPEC, "seeds": [0, 1], "axes": {"model.attenti
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("limits")
-    service = Service(
-        root,
+def service(in_process):
+    return in_process(
         max_submitted=0,
         ray_address=f"http://127.0.0.1:{free_port()}",
         max_jobs_per_principal=6,
         max_studies_per_principal=1,
         max_study_jobs=8,
         retry_after_s=7,
-    ).start()
-    yield service
-    service.stop()
-    assert "Traceback" not in Path(service.log).read_text()
+    )
 
 
 def rss_mib(pid: int) -> float:
@@ -78,14 +73,14 @@ def test_a_30_axis_study_is_a_422_at_once_while_healthz_answers_and_the_api_does
     stop = threading.Event()
 
     def probe() -> None:
-        with httpx.Client(base_url=service.url, timeout=5) as client:
+        with service.client(None) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 assert client.get("/healthz").status_code == 200
                 health.append(time.monotonic() - started)
                 time.sleep(0.02)
 
-    pid = service.process.pid
+    pid = os.getpid()  # the API runs in this process
     with service.client("alice") as alice:
         alice.get("/v1/studies")  # warm
         before = rss_mib(pid)

@@ -15,6 +15,8 @@ from service.ray_jobs import RayJobInfo, RayUnavailable
 from service.settings import ServiceSettings
 from service.store import JobStore, StudyStore, new_job
 from service.studies import StudyFinisher, expand_stored
+from training.driver_report import write_report
+from training.states import JobStatus
 
 SPEC = {"training": {"epochs": 1}}
 
@@ -24,23 +26,25 @@ class RecordingRay:
 
     def __init__(self) -> None:
         self.submitted: list[str] = []
-        self.states: dict[str, str] = {}
+        self.reports: dict[str, Path] = {}  # where each job's driver would report
+        self.states: dict[str, JobStatus] = {}
         self.on_submit = None  # called with the job id before the submit answers
 
-    def submit(self, job_id: str, spec_path: Path) -> None:
+    def submit(self, job_id: str, spec_path: Path, report: Path) -> None:
         if self.on_submit is not None:
             self.on_submit(job_id)
         self.submitted.append(job_id)
-        self.states[job_id] = "running"
+        self.reports[job_id] = report
+        self.states[job_id] = JobStatus.RUNNING
 
     def info(self, job_id: str) -> RayJobInfo | None:
-        return RayJobInfo(self.states[job_id], None) if job_id in self.states else None
+        return RayJobInfo(self.states[job_id], "Ray's message") if job_id in self.states else None
 
     def stop(self, job_id: str) -> None:
-        self.states[job_id] = "cancelled"
+        self.states[job_id] = JobStatus.CANCELLED
 
-    def finish(self, job_id: str) -> None:
-        self.states[job_id] = "succeeded"
+    def finish(self, job_id: str, status: JobStatus = JobStatus.SUCCEEDED) -> None:
+        self.states[job_id] = status
 
 
 def dispatcher(store: JobStore, tmp_path: Path, ray: RecordingRay, max_submitted: int = 1) -> Dispatcher:
@@ -174,3 +178,24 @@ def test_a_database_made_before_summaries_gets_the_column_and_its_studies_summar
         assert finisher.summarised  # none left: the later passes ask no more
     finally:
         store.close()
+
+
+def test_the_drivers_report_is_what_the_record_learns_its_run_and_its_failure_from(store, tmp_path):
+    """Issue 25: one channel from the driver — its MLflow run id as soon as it has one, why it failed at the end —
+    read by the dispatcher's tick alone; Ray's own message only when the driver said nothing."""
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray, max_submitted=2)
+    reported, silent = add(store, "alice", 2)
+    queue.tick()
+    assert ray.submitted == [reported, silent] and ray.reports[reported].name == "report.json"
+    write_report(ray.reports[reported], mlflow_run_id="a" * 32)
+    queue.tick()
+    assert store.get(reported).mlflow_run_id == "a" * 32 and store.get(silent).mlflow_run_id is None
+    write_report(ray.reports[reported], error="ValueError: the driver's own words")
+    ray.finish(reported, JobStatus.FAILED)
+    ray.finish(silent, JobStatus.FAILED)
+    queue.tick()
+    failed = store.get(reported)
+    assert (failed.status, failed.error, failed.mlflow_run_id) == ("failed", "ValueError: the driver's own words",
+                                                                   "a" * 32)  # fmt: skip
+    assert store.get(silent).error == "Ray's message"

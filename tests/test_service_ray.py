@@ -12,9 +12,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from san.masks import capture_masks
-from service.queue import Dispatcher
-from service.ray_jobs import LocalRayHead, RayJobs, RayRefused, RayUnavailable, auth_token
-from service.store import JobStore
+from service.local_ray import LocalRayHead
+from service.ray_jobs import RayJobs, RayRefused, RayUnavailable, auth_token
 from tests.services import Service, free_port, mlflow_server, stop_group, wait_for_job
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
@@ -144,27 +143,9 @@ def test_ray_jobs_answers_are_told_apart_by_status_code(stack, tmp_path):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(JobSpec.model_validate(spec(1)).model_dump_json())
     ray = RayJobs(head.address, auth_token(None), "/bin/true", {})  # an entrypoint that ends at once
-    ray.submit("job-twice", spec_file)
-    ray.submit("job-twice", spec_file)  # Ray's error for an id it holds: counted as submitted
+    ray.submit("job-twice", spec_file, tmp_path / "report.json")
+    ray.submit("job-twice", spec_file, tmp_path / "report.json")  # Ray's error for an id it holds: submitted
     assert ray.info("job-twice").state in ("submitted", "running", "succeeded")
-
-
-def test_a_read_while_the_queue_claims_a_job_neither_waits_nor_submits_it(stack, tmp_path):
-    _, head, _ = stack
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    dispatcher = Dispatcher(store, RayJobs(head.address, auth_token(None), "/bin/true", {}), tmp_path, 1)
-    job, _ = store.create("alice", JobSpec.model_validate(spec(1)).model_dump(mode="json"))
-    with dispatcher._lock:  # a tick between its claim and Ray's answer
-        assert store.transition(job.id, "submitted", only_from=("queued",))
-        started = time.monotonic()
-        seen = dispatcher.reconcile_now(store.get(job.id))
-        assert time.monotonic() - started < 0.5 and seen.status == "submitted"
-    seen = dispatcher.reconcile_now(store.get(job.id))  # no tick at work, and Ray has no such job: still no submit
-    assert seen.status == "submitted" and dispatcher.ray.info(job.id) is None
-    dispatcher.tick()  # the tick does submit it (once)
-    assert dispatcher.ray.info(job.id) is not None
-    assert [state for state, _ in store.get(job.id).transitions][:2] == ["queued", "submitted"]
-    store.close()
 
 
 def test_local_mode_starts_a_head_with_dashboard_and_stops_exactly_it(tmp_path):

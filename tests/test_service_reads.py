@@ -1,17 +1,20 @@
-"""Issue 24: what a job's read asks of MLflow is bounded — nothing for a job that never reached Ray, one search in
-the job's own experiment, a miss remembered — and the ETA after a resume counts only the pace since the restart.
-Over a real MLflow tracking store (SQLite)."""
+"""A read never writes (issue 25): every GET route answers from the stored record and what the job's reported MLflow
+run says, read only; and the ETA after a resume counts only the pace since the restart (issue 24). Over the app in
+process, a real store and a real MLflow tracking store (SQLite)."""
 
+import time
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from sqlalchemy import event
 
+from service.job_service import progress_of
 from service.progress import RunReader
-from service.routes.jobs import progress_of, run_id
 from service.store import new_job
+from training.config import default_experiment
+from training.states import JobStatus
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -66,28 +69,64 @@ def test_the_eta_after_a_resume_counts_only_the_epochs_since_the_restart(mlflow_
     assert progress_of(job_through(job.transitions[:-1]), latest, resumed).eta_s is None  # not running: no ETA
 
 
-class CountingRuns:
-    def __init__(self, reader: RunReader) -> None:
-        self.reader, self.searches = reader, 0
+def writes_to(store) -> list[str]:
+    """Every INSERT, UPDATE or DELETE the store's engine sends from now on."""
+    seen: list[str] = []
 
-    def find_run(self, *args):
-        self.searches += 1
-        return self.reader.find_run(*args)
+    def count(connection, cursor, statement, *args) -> None:
+        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    return seen
 
 
-def test_mlflow_is_never_asked_about_a_job_that_never_reached_ray_and_a_miss_is_remembered(mlflow_uri):
-    reader = RunReader([mlflow_uri])
-    runs = CountingRuns(reader)
-    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(runs=runs, store=None)))
-    moment = datetime.now(UTC)
-    never = job_through([("queued", moment), ("cancelled", moment)], uri=mlflow_uri)
-    assert run_id(request, never) is None and runs.searches == 0  # b867172 searched every experiment for it
-
-    ended = job_through([("queued", moment), ("submitted", moment), ("failed", moment)], uri=mlflow_uri)
-    calls = []
-    client = reader.client(mlflow_uri)
-    client.search_experiments = lambda *a, **k: calls.append("search_experiments")  # never: one experiment only
-    original = client.get_experiment_by_name
-    client.get_experiment_by_name = lambda name: calls.append(name) or original(name)
-    assert run_id(request, ended) is None and run_id(request, ended) is None
-    assert calls == ["san/fashion-mnist"]  # asked once, in the job's own experiment; the miss remembered
+def test_no_get_of_any_route_writes_the_store_or_asks_mlflow_to_find_a_run(in_process, mlflow_uri):
+    """Every GET route of the app, over a job on Ray with its run reported and a study: the store sees no write
+    (b867172: a job's GET reconciled it with Ray and stored the MLflow run id it searched for)."""
+    service = in_process(max_submitted=0, ray_address="http://127.0.0.1:9", mlflow_uri=mlflow_uri)
+    parts = service.parts
+    client = MlflowClient(mlflow_uri)
+    run = client.create_run(client.create_experiment("reads")).info.run_id
+    client.log_batch(run, metrics=[Metric("val/loss", 0.5, 0, 0), Metric("val/top1", 0.8, 0, 0)])
+    with service.client() as alice:
+        job = alice.post("/v1/jobs", json={"training": {"epochs": 2}}).json()
+        study = alice.post(
+            "/v1/studies",
+            json={"name": "reads", "base": {"training": {"epochs": 2}}, "axes": {"model.attention": ["none", "cbam"]}},
+        )
+        assert study.status_code == 201, study.text
+        study = study.json()
+        unreported = alice.post("/v1/jobs", json={"training": {"epochs": 2}}).json()
+    store = parts.store
+    store.transition(job["id"], JobStatus.SUBMITTED)
+    store.transition(job["id"], JobStatus.RUNNING, mlflow_run_id=run)  # as the dispatcher records a report
+    # A running job whose driver has not reported yet, though a run tagged with its id exists: b867172's GET found
+    # that run by a tag search and stored its id.
+    store.transition(unreported["id"], JobStatus.SUBMITTED)
+    store.transition(unreported["id"], JobStatus.RUNNING)
+    experiment = client.get_experiment_by_name(default_experiment("fashion-mnist"))
+    tagged = client.create_run(
+        experiment.experiment_id if experiment else client.create_experiment(default_experiment("fashion-mnist")),
+        tags={"san.job_id": unreported["id"]},
+    )
+    ids = {"job_id": job["id"], "study_id": study["id"]}
+    documented = service.app.openapi()["paths"]
+    gets = [path for path, methods in documented.items() if "get" in methods]
+    assert {"/v1/jobs/{job_id}", "/v1/studies/{study_id}/table", "/readyz"} <= set(gets)
+    paths = [path.format(**ids) for path in gets] + ["/openapi.json", "/docs"]
+    paths += [path.format(**{**ids, "job_id": unreported["id"]}) for path in gets if "{job_id}" in path]
+    written = writes_to(store)
+    with service.client() as alice, parts.jobs.dispatcher._lock:  # a tick at work (say, waiting on Ray) meanwhile
+        for path in paths:
+            started = time.monotonic()
+            response = alice.get(path)
+            assert response.status_code in (200, 503), (path, response.text)  # 503: Ray is unreachable
+            assert time.monotonic() - started < 5, path  # no read waits for the tick
+        shown = alice.get(f"/v1/jobs/{job['id']}").json()
+        for query in ({"format": "md"}, {"format": "csv"}, {"table": "false"}):
+            alice.get(f"/v1/studies/{study['id']}/table", params=query)
+    assert written == []
+    assert shown["mlflow_run_id"] == run and shown["metrics"]["val/top1"] == 0.8 and shown["progress"]["epoch"] == 1
+    assert store.get(job["id"]).status == JobStatus.RUNNING  # Ray is unreachable: the record stands as stored
+    assert tagged.info.run_id and store.get(unreported["id"]).mlflow_run_id is None

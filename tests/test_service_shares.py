@@ -6,8 +6,8 @@ import asyncio
 import time
 
 import pytest
-from fastapi import HTTPException
 
+from service.errors import TooMany
 from service.settings import ServiceSettings
 from service.store import StudyStore, new_job
 from service.validation import JobShares
@@ -32,7 +32,7 @@ def test_one_count_at_a_time_and_the_requests_meanwhile_decide_on_the_last_one(s
 
     async def burst() -> list[int | None]:
         answers = await asyncio.gather(*(one() for _ in range(20)), return_exceptions=True)
-        return [error.status_code if isinstance(error, HTTPException) else None for error in answers]
+        return [error.status if isinstance(error, TooMany) else None for error in answers]
 
     answers = asyncio.run(burst())
     # one count (on the loop for SQLite, in a thread for PostgreSQL, the other requests waiting for it), then each
@@ -48,15 +48,15 @@ def test_one_count_at_a_time_and_the_requests_meanwhile_decide_on_the_last_one(s
 def test_a_principals_refusal_says_which_setting_and_when_to_retry_and_requests_in_flight_count(store):
     shares = JobShares(store, ServiceSettings(max_jobs_per_principal=3, retry_after_s=9))
     with shares.reserve("bob", 2):  # in flight: not stored yet, and the count is fresh
-        with pytest.raises(HTTPException) as refused, shares.reserve("bob", 2):
+        with pytest.raises(TooMany) as refused, shares.reserve("bob", 2):
             pass
-        assert refused.value.status_code == 429 and refused.value.headers == {"Retry-After": "9"}
+        assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "9"}
         assert "2 jobs not yet ended" in refused.value.detail and "SAN_MAX_JOBS_PER_PRINCIPAL" in refused.value.detail
     with pytest.raises(RuntimeError), shares.reserve("bob", 1):  # a request that fails frees what it held
         raise RuntimeError("refused later")
     with shares.reserve("bob", 1):  # stored: 2 + 1 = 3, the share
         pass
-    with pytest.raises(HTTPException), shares.reserve("bob", 1):
+    with pytest.raises(TooMany), shares.reserve("bob", 1):
         pass
     with shares.reserve("carol", 3):  # another principal's share is its own
         pass
@@ -66,9 +66,9 @@ def test_one_study_admission_at_a_time_per_principal(store):
     shares = JobShares(store, ServiceSettings(max_studies_per_principal=5))
     studies = StudyStore(store)
     with shares.admitting_study("alice", studies):
-        with pytest.raises(HTTPException) as busy, shares.admitting_study("alice", studies):
+        with pytest.raises(TooMany) as busy, shares.admitting_study("alice", studies):
             pass
-        assert busy.value.status_code == 429 and "one at a time" in busy.value.detail
+        assert busy.value.status == 429 and "one at a time" in busy.value.detail
         with shares.admitting_study("bob", studies):
             pass
     with shares.admitting_study("alice", studies):  # the first one ended

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event
 
-from service.store import TRANSITIONS, WAITING, GroupCommit, IdempotencyConflict, JobStore, StudyStore
+from service.store import GroupCommit, IdempotencyConflict, JobStore, StudyStore
+from training.states import TRANSITIONS, WAITING, JobStatus
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -38,6 +39,8 @@ def test_transitions_are_compare_and_set_and_timestamped(store):
     times = [at for _, at in stored.transitions]
     assert times == sorted(times) and stored.at("running") == times[2]
     assert set(TRANSITIONS) == {"queued", "submitted", "running", "interrupted"}  # the terminal states lead nowhere
+    assert [status.is_terminal() for status in JobStatus] == [False] * 4 + [True] * 3
+    assert stored.status is JobStatus.SUCCEEDED and all(isinstance(s, JobStatus) for s, _ in stored.transitions)
 
 
 def test_an_interrupted_job_waits_ahead_of_the_queue_and_is_claimed_once(store):

@@ -1,7 +1,8 @@
-"""/v1/studies over real HTTP against uvicorn (``san serve``) with no job leaving the queue (limit 0) and no Ray:
+"""/v1/studies against the API in process with no job leaving the queue (limit 0) and no Ray:
 admission (422 naming the axis, nothing queued), ownership, idempotency, the table so far, cancel → the study
 ends cancelled and its MLflow parent run KILLED; and property-based study specs that never get a 5xx."""
 
+import os
 import time
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from tests.services import Service, free_port
+from tests.services import free_port
 from tests.test_service_limits import rss_mib
 
 pytestmark = pytest.mark.timeout(300, method="thread")
@@ -20,18 +21,14 @@ STUDY = {"name": "small", "base": BASE, "seeds": [0, 1],
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    root = tmp_path_factory.mktemp("studies")
-    service = Service(
-        root,
+def service(in_process):
+    return in_process(
         max_submitted=0,
         ray_address=f"http://127.0.0.1:{free_port()}",
         max_epochs=100,
         max_study_cells=12,
         max_studies_per_principal=1000,
-    ).start()
-    yield service
-    service.stop()
+    )
 
 
 def total_jobs(client) -> int:
@@ -76,7 +73,7 @@ def test_a_study_queues_one_job_per_network_and_seed_under_an_mlflow_parent_run(
 def test_after_a_restart_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
     with service.client("alice") as alice:
         study = alice.post("/v1/studies", json={**STUDY, "name": "to-cancel"}).json()
-    service.restart()  # the study and its children are in the store: a new process finds and ends them
+    service.restart()  # the study and its children are in the store: a new app finds and ends them
     with service.client("alice") as alice:
         assert alice.get(f"/v1/studies/{study['id']}").json()["jobs"] == {"queued": 4}
         cancelled = alice.post(f"/v1/studies/{study['id']}/cancel")
@@ -187,5 +184,5 @@ def test_any_study_spec_gets_a_json_answer_never_a_5xx_within_a_second_and_the_a
             assert bob.post(f"/v1/studies/{detail['id']}/cancel").status_code == 200
         else:
             assert detail["detail"][0]["msg"]
-    RSS_MIB.append(rss_mib(service.process.pid))
+    RSS_MIB.append(rss_mib(os.getpid()))  # the API runs in this process
     assert RSS_MIB[-1] - RSS_MIB[0] < 100, f"the API grew from {RSS_MIB[0]:.0f} to {RSS_MIB[-1]:.0f} MiB"

@@ -9,11 +9,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from service.ray_jobs import LocalRayHead, RayJobs, auth_token, free_ports
+from service.local_ray import LocalRayHead, free_ports
+from service.ray_jobs import RayJobs
 from tests.faults import checkpoints
 from tests.services import wait_until
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
+from training.driver_report import DriverReport, read_report, report_path
 from training.loop import CHECKPOINT_FILE
 from training.paths import default_tracking_uri
 from training.stop import stop_file
@@ -42,9 +44,9 @@ def test_stop_job_checkpoints_at_a_step_boundary_and_ends_the_mlflow_run_killed(
     head.start()
     env = {"SAN_STORAGE_ROOT": str(runs), "SAN_DATA_ROOT": str(tmp_path / "data"),
            "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}  # fmt: skip
-    jobs = RayJobs(head.address, auth_token(None), sys.executable, env)
+    jobs = RayJobs(head.address, head.token, sys.executable, env)
     try:
-        jobs.submit(job_id, spec_path)
+        jobs.submit(job_id, spec_path, report_path(spec_path))
         run_dir = runs / "ray" / job_id
         wait_until(lambda: run_dir.is_dir() and checkpoints(run_dir), 240, "epoch 0's checkpoint")
         time.sleep(0.5)  # into epoch 1
@@ -62,6 +64,7 @@ def test_stop_job_checkpoints_at_a_step_boundary_and_ends_the_mlflow_run_killed(
     [run] = client.search_runs([client.get_experiment_by_name(JobSpec.model_validate(spec).experiment).experiment_id],
                                f"tags.`san.job_id` = '{job_id}'")  # fmt: skip
     assert run.info.status == "KILLED"
+    assert read_report(report_path(spec_path)) == DriverReport(mlflow_run_id=run.info.run_id)  # a cancel is no error
     logged = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1"))
     assert logged == list(range(len(logged))) and 1 <= len(logged) < 4  # each finished epoch once, not all 4
     states = [torch.load(path / CHECKPOINT_FILE, weights_only=False) for path in checkpoints(run_dir)]

@@ -18,6 +18,7 @@ from training.data.build import build_dataset
 from training.data.loaders import make_loader
 from training.data.manifest import load_manifest
 from training.data.writer import WriterOptions
+from training.driver_report import DriverReport, read_report
 from training.launch import connect_ray, launch
 from training.loop import CHECKPOINT_FILE, evaluate
 from training.stop import CHECK_INTERVAL_S, MAX_CHECK_EVERY
@@ -70,8 +71,12 @@ def checkpoint_state(result) -> dict:
 
 def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
     resizing = {"min_res": 24, "max_res": 32, "start_ramp": 0, "end_ramp": 1, "step": 8, "val_res": 28}
-    result = run(roots, job(roots, resolution=resizing), "two-workers")
+    spec = job(roots, resolution=resizing)
+    result = run(roots, spec, "two-workers")
     state = checkpoint_state(result)
+    # the workers read the spec the driver wrote once into the run's directory, and trained exactly it
+    assert JobSpec.model_validate_json((roots / "runs" / "ray" / "two-workers" / "spec.json").read_text()) == spec
+    assert state["spec"] == spec.model_dump(mode="json")
     assert [m["epoch"] for m in state["history"]] == [0, 1]
     assert [m["resolution"] for m in state["history"]] == [24, 32]  # progressive resizing, as delivered
     for key in ("train/loss", "val/top1", "val/top5", "val/loss", "throughput/img_s"):
@@ -94,10 +99,11 @@ def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
 
 
 def test_a_worker_failure_resumes_from_the_last_checkpoint_without_gaps_or_repeats(roots, tmp_path):
-    marker = tmp_path / "failed-once"
+    marker, report = tmp_path / "failed-once", tmp_path / "report.json"
     spec = job(roots, training={"epochs": 3}, checkpoint={"max_failures": 1})
-    result = run(roots, spec, "fails-once", worker=FailOnce(2, marker))
+    result = run(roots, spec, "fails-once", worker=FailOnce(2, marker), report=report)
     assert marker.exists()  # the failure did happen
+    assert read_report(report) == DriverReport(mlflow_run_id=result.mlflow_run_id)  # said once the run existed
     assert [step for step, _ in history(result, "val/top1")] == [0, 1, 2]
     assert [m["epoch"] for m in checkpoint_state(result)["history"]] == [0, 1, 2]
     assert MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id).info.status == "FINISHED"

@@ -12,9 +12,8 @@ import re
 import unicodedata
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-import torch
 import yaml
 from pydantic import (
     AfterValidator,
@@ -31,12 +30,12 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from san.attention import attention_class, use_fused_paths
-from san.attention.bam import COMBINES
-from san.attention.san import _ACTIVATIONS as SMOOTHING_ACTIVATIONS
-from san.models.blurpool import add_blurpool
-from san.registry import build_model, list_attention, list_models, list_placements, model_inputs
+from san.catalog import ATTENTION_PARAMETERS, BOOL, COMBINES, SMOOTHING_ACTIVATIONS
+from san.registry import list_attention, list_models, list_placements, model_inputs
 from training.data.catalog import CATALOG
+
+if TYPE_CHECKING:  # torch and the models are imported where models are built, never by validation alone
+    import torch
 
 # MLflow 3's limits (mlflow/utils/validation.py, and the SQL store's columns in mlflow/store/tracking/dbmodels/
 # models.py): a spec that passes here never meets them in the middle of a job. tests/test_training_config.py checks
@@ -95,9 +94,10 @@ class Section(BaseModel):
         return cls.model_validate(data or {})
 
 
-# The attention modules' keyword arguments: which names each module takes is its constructor's signature
-# (`attention_kwargs_schema`); the type and bounds of each name are here. A bool parameter without an entry must be
-# a JSON bool; a new parameter of another type gets an entry (tests/test_training_config.py checks).
+# The attention modules' keyword arguments: which names each module takes, and whether each is a switch (a JSON
+# bool), is declared in `san.catalog.ATTENTION_PARAMETERS` (checked against the constructors' signatures by
+# tests/test_torch_free.py); the type and bounds of every other kind are here (tests/test_training_config.py checks
+# that each has an entry).
 MAX_KERNEL_SIZE, MAX_DILATION, MAX_REDUCTION, MAX_GROUPS, MAX_DILATED_CONVS = 15, 16, 1024, 4096, 8
 
 
@@ -114,35 +114,39 @@ ATTENTION_KWARG_TYPES: dict[str, Any] = {
     "reduction": Annotated[StrictInt, Field(ge=1, le=MAX_REDUCTION)],
     "num_dilated": Annotated[StrictInt, Field(ge=0, le=MAX_DILATED_CONVS)],
     "smoothing_groups": Annotated[StrictInt, Field(ge=1, le=MAX_GROUPS)] | Literal["depthwise"],
-    "smoothing_activation": Literal[tuple(SMOOTHING_ACTIVATIONS)],
+    "smoothing_activation": Literal[SMOOTHING_ACTIVATIONS],
     "combine": Literal[COMBINES],
 }
 POSITIONAL = ("self", "channels", "prev_channels", "dims")  # set by the backbone at each position, never by users
 
 
 def attention_parameters(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword parameters of attention ``name``'s constructor that a spec may set."""
+    """The keyword parameters of attention ``name``'s constructor that a spec may set, read from its signature
+    (imports torch): what `san.catalog.ATTENTION_PARAMETERS` must declare."""
+    from san.attention import attention_class
+
     signature = inspect.signature(attention_class(name).__init__, eval_str=True)
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {n: p for n, p in signature.parameters.items() if n not in POSITIONAL and p.kind in keyword}
 
 
-def attention_kwargs_schema(name: str, parameters: dict[str, inspect.Parameter]) -> type[BaseModel]:
+def attention_kwargs_schema(name: str, parameters: dict[str, str]) -> type[BaseModel]:
+    """The schema of ``parameters`` (name → `san.catalog.BOOL` or its entry of `ATTENTION_KWARG_TYPES`)."""
     fields: dict[str, Any] = {}
-    for parameter, declared in parameters.items():
-        kind = ATTENTION_KWARG_TYPES.get(parameter, StrictBool if declared.annotation is bool else declared.annotation)
-        fields[parameter] = (kind, None)  # unset stays unset (the module's default): dumped with exclude_unset
+    for parameter, kind in parameters.items():
+        # unset stays unset (the module's default): dumped with exclude_unset
+        fields[parameter] = (StrictBool if kind == BOOL else ATTENTION_KWARG_TYPES[kind], None)
     config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     return create_model(f"AttentionKwargs[{name}]", __config__=config, **fields)
 
 
 ATTENTION_KWARGS: dict[str, type[BaseModel]] = {
-    name: attention_kwargs_schema(name, attention_parameters(name)) for name in list_attention() if name != "none"
+    name: attention_kwargs_schema(name, parameters) for name, parameters in ATTENTION_PARAMETERS.items()
 }
 # "none" builds no module, so its kwargs mean nothing; but a study crosses attention with kwargs (Table IX's base
 # cell carries the SAN switches): any argument some module takes, valid as that module takes it.
 ATTENTION_KWARGS["none"] = attention_kwargs_schema(
-    "none", {k: p for name in reversed(ATTENTION_KWARGS) for k, p in attention_parameters(name).items()}
+    "none", {k: kind for name in reversed(ATTENTION_PARAMETERS) for k, kind in ATTENTION_PARAMETERS[name].items()}
 )
 
 
@@ -181,7 +185,12 @@ class ModelSection(Section):
     # faster for SAN and BAM on small CPU maps (README, "Measured: what attention costs")
     attention_path: Literal["fused", "stepwise"] = "fused"
 
-    def build(self, num_classes: int, in_chans: int) -> torch.nn.Module:
+    def build(self, num_classes: int, in_chans: int) -> "torch.nn.Module":
+        """The model (imports torch and the models: never in the service's API process)."""
+        from san.attention import use_fused_paths
+        from san.models.blurpool import add_blurpool
+        from san.registry import build_model
+
         kwargs: dict[str, Any] = {"in_chans": in_chans, "attention_kwargs": self.attention_kwargs}
         if self.stem is not None:
             kwargs["stem"] = self.stem
@@ -377,7 +386,9 @@ MODELS_BUILT_ELSEWHERE: ContextVar[bool] = ContextVar("models_built_elsewhere", 
 def count_model_params(model_section: str, num_classes: int, in_chans: int) -> int:
     """The model's parameter count, built on the meta device (shapes only: no memory, no arithmetic). Cached by
     the model section and the data's shape: a ResNet-50 takes ~25 ms to build even there, and the service
-    validates every submitted spec."""
+    validates every submitted spec. Imports torch: the service calls it in its admission worker."""
+    import torch
+
     with torch.device("meta"):
         model = ModelSection.model_validate_json(model_section).build(num_classes=num_classes, in_chans=in_chans)
     return sum(parameter.numel() for parameter in model.parameters())
@@ -450,7 +461,7 @@ class JobSpec(Section):
         """What the model's size depends on: the model section (JSON) and the data's classes and channels."""
         return self.model.model_dump_json(), *self.data.shape()
 
-    def build_model(self, num_classes: int, in_chans: int) -> torch.nn.Module:
+    def build_model(self, num_classes: int, in_chans: int) -> "torch.nn.Module":
         return self.model.build(num_classes, in_chans)
 
     @property

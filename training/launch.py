@@ -11,20 +11,47 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from training.config import JobSpec
+from training.data.manifest import write_atomically
 from training.data.resolve import ResolvedData, resolve_data
+from training.driver_report import write_report
 from training.loop import train_worker
 from training.paths import storage_root
 from training.stop import Cancelled, StopOnSignal, stop_file
 from training.tracking import create_run, end_run
 
+SPEC_FILE = "spec.json"
 
-def build_trainer(spec: JobSpec, data: ResolvedData, job_id: str, root: Path, mlflow_uri: str, run_id: str,
-                  worker=train_worker):  # fmt: skip
-    """``worker``: the function each Ray Train worker runs (`train_worker`; the tests' fault harness wraps it)."""
+
+def spec_file(spec: JobSpec, root: Path, job_id: str, given: Path | None = None) -> Path:
+    """The file each worker reads ``spec`` from (`training.loop.trusted_spec`: parsed, not checked again).
+    ``given``, a JSON file holding exactly ``spec`` (the service's ``jobs/<id>/spec.json``), when it lies on the
+    storage root every node shares; else the spec written once, atomically, into the run's own directory there,
+    beside Ray's checkpoints (``<root>/ray/<job id>/spec.json``): every worker can read it, it lives and goes with
+    the run, and a user's folder (a YAML beside the configs, perhaps on this machine only) gets no stray file."""
+    root = Path(root).resolve()
+    if given is not None and Path(given).resolve().is_relative_to(root):
+        return Path(given).resolve()
+    path = root / "ray" / job_id / SPEC_FILE
+    write_atomically(path, lambda temp: temp.write_text(spec.model_dump_json()))
+    return path
+
+
+def build_trainer(
+    spec: JobSpec,
+    data: ResolvedData,
+    job_id: str,
+    root: Path,
+    mlflow_uri: str,
+    run_id: str,
+    spec_path: Path,
+    worker=train_worker,
+):
+    """``spec_path``: `spec_file`'s; ``worker``: the function each Ray Train worker runs (`train_worker`; the
+    tests' fault harness wraps it)."""
     return TorchTrainer(
         worker,
         train_loop_config={
-            "spec": spec.model_dump(mode="json"),
+            "spec_path": str(spec_path),
             "train_path": str(data.train),
             "val_path": str(data.val),
             "mlflow_uri": mlflow_uri,
@@ -73,21 +100,32 @@ def connect_ray(cpus_needed: int) -> None:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpus_needed), include_dashboard=True)
 
 
-def launch(spec: JobSpec, job_id: str | None = None, root: Path | None = None, data: Path | None = None,
-           worker=train_worker) -> JobResult:  # fmt: skip
+def launch(
+    spec: JobSpec,
+    job_id: str | None = None,
+    root: Path | None = None,
+    data: Path | None = None,
+    worker=train_worker,
+    spec_path: Path | None = None,
+    report: Path | None = None,
+) -> JobResult:
     """Validate, record and run ``spec`` on the Ray cluster this process is attached to (or a local one). SIGTERM
     meanwhile (Ray Jobs' ``stop_job``) cancels: the workers checkpoint at the step boundary where they next agree
     (`training.stop`) and stop, the run ends KILLED, and `training.stop.Cancelled` (a BaseException) carries the
-    result."""
+    result. ``spec_path``: the JSON file ``spec`` was read from, if nothing changed it (see `spec_file`);
+    ``report``: the driver's report (`training.driver_report`), given the MLflow run id as soon as it exists."""
     job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
     root = root or storage_root()
     resolved = resolve_data(spec, data)
+    spec_path = spec_file(spec, root, job_id, spec_path)
     mlflow_uri, run_id = create_run(spec, root, job_id, ray_run_name=job_id)
+    if report:
+        write_report(report, mlflow_run_id=run_id)
     if not ray.is_initialized():
         connect_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
     # Installed after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver.
     with StopOnSignal(stop_file(root, job_id), on_stop=lambda: end_run(mlflow_uri, run_id, "KILLED")) as stop:
-        result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, worker).fit()
+        result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, spec_path, worker).fit()
     outcome = JobResult(job_id, mlflow_uri, run_id, dict(result.metrics or {}),
                         result.checkpoint.path if result.checkpoint else None)  # fmt: skip
     if stop.requested:

@@ -6,6 +6,7 @@ import math
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import JobSpec
+from training.config import MODELS_BUILT_ELSEWHERE, JobSpec
 from training.data.loaders import make_loader
-from training.data.manifest import load_manifest
+from training.data.manifest import Manifest, load_manifest
 from training.data.series_loader import make_series_loader
 from training.schedule import learning_rate, resolution_at
 from training.stop import Preempted, Stop, StopWatch
@@ -174,87 +175,239 @@ def make_loaders(spec: JobSpec, config: dict, train_manifest, device, rank: int,
             make_loader(config["val_path"], **val, resolution=spec.resolution.val_res, **common))  # fmt: skip
 
 
-def train_worker(config: dict) -> None:
-    """Run by every Ray Train worker. ``config``: the spec (JSON), the resolved .beton paths, the MLflow URI and
-    run id, and the cancel marker (``stop_file``, `training.stop`). Resumes from ``ray.train.get_checkpoint()`` when
-    Ray restarts the workers after a failure or a preemption: at the next epoch, or at the step a stop saved."""
-    spec = JobSpec.model_validate(config["spec"])
+def trusted_spec(path: str | Path) -> JobSpec:
+    """The spec the driver validated, read back from the file it names (`training.launch.spec_file`) and trusted:
+    its fields parsed into the same sections, nothing re-derived — the model build on the meta device, the check
+    that costs, is skipped; this worker builds the model anyway."""
+    token = MODELS_BUILT_ELSEWHERE.set(True)
+    try:
+        return JobSpec.load(path)
+    finally:
+        MODELS_BUILT_ELSEWHERE.reset(token)
+
+
+@dataclass
+class Worker:
+    """What `set_up` gives the rest of the loop: this worker's place, its data, what it trains and how it reports."""
+
+    spec: JobSpec
+    rank: int
+    world_size: int
+    device: torch.device
+    manifest: Manifest  # the training set's
+    task: Task
+    train_loader: Any
+    val_loader: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    watch: StopWatch
+    logger: RunLogger | None  # rank 0's only
+
+
+@dataclass
+class Progress:
+    """Where the model's lineage stands: what `resume` restores from a checkpoint and every epoch adds to."""
+
+    start_epoch: int = 0  # the first epoch this attempt trains
+    history: list[dict] = field(default_factory=list)  # each finished epoch's metrics
+    best_score: float = -math.inf  # the task's score of the best epoch so far (`training.tasks`: top-1, or -MAE)
+    steps: int = 0  # optimizer steps in this model's lineage
+    stops: list[dict] = field(default_factory=list)  # the preemptions and cancels it went through
+    partial: dict | None = None  # the steps of `start_epoch` a stop's checkpoint holds (`train_one_epoch`'s resume)
+
+
+def set_up(config: dict) -> Worker:
+    """This worker's spec, device, loaders, model, optimizer, scaler, stop watch and (rank 0) run logger."""
+    spec = trusted_spec(config["spec_path"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.training.seed)
     flush_denormals_on_cpu(device)
-    train_manifest = load_manifest(Path(config["train_path"]))
-    in_chans = train_manifest.channels
-    task = task_of(train_manifest, spec.optimizer.label_smoothing)
-    train_loader, val_loader = make_loaders(spec, config, train_manifest, device, rank, world_size)
+    manifest = load_manifest(Path(config["train_path"]))
+    task = task_of(manifest, spec.optimizer.label_smoothing)
+    loaders = make_loaders(spec, config, manifest, device, rank, world_size)  # train, validation
     torch.set_num_threads(max(1, int(config.get("torch_threads", 1))))  # ffcv resets it while building loaders
-    model = spec.build_model(train_manifest.num_classes, in_chans)
-    if spec.training.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepared_model(spec, manifest)
     optimizer = make_optimizer(model, spec)
     scaler = torch.amp.GradScaler(device.type, enabled=spec.training.amp == "fp16")
-    # steps: optimizer steps in this model's lineage; stops: the preemptions and cancels it went through
-    # best_score: the task's score of the best epoch so far (`training.tasks`: top-1, or minus the MAE)
-    start_epoch, history, best_score, steps, stops, partial = 0, [], -math.inf, 0, [], None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        history, partial = state["history"], state.get("partial")
-        best_score = state.get("best_score", state.get("best_top1", -math.inf))  # best_top1: before time series
-        steps, stops = state.get("steps", 0), state.get("stops", [])
-        start_epoch = state["epoch"] + (0 if partial else 1)  # a stop's checkpoint holds part of its epoch
-        if partial and rank == 0:
-            log.info("resuming epoch %d at step %d of %d", start_epoch + 1, partial["step"], len(train_loader))
     watch = StopWatch(config.get("stop_file"), rank, world_size)
     logger = None
     if rank == 0:
         logger = RunLogger(config["mlflow_uri"], config["mlflow_run_id"], spec.tracking.system_metrics_interval_s)
-    if logger:
         logger.log_model_size(unwrap(model))
-        logger.log_epochs(history)  # epochs a previous attempt checkpointed but did not get to log
+    return Worker(spec, rank, world_size, device, manifest, task, *loaders, model, optimizer, scaler, watch, logger)
 
-    def state_at(epoch: int, partial: dict | None = None) -> dict:
-        """What a checkpoint holds: after ``epoch``, or, with ``partial``, ``partial["step"]`` steps into it."""
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "partial": partial, "history": history, "best_score": best_score, "steps": steps,
-                "stops": stops, "spec": spec.model_dump(mode="json")}  # fmt: skip
 
-    sample = None
-    for epoch in range(start_epoch, spec.training.epochs):
-        if train_manifest.kind != "series":  # progressive resizing: images only
-            train_loader.set_resolution(resolution_at(spec, epoch, max(train_manifest.resolution)))
-        epoch_order(train_loader, epoch)
-        trained = train_one_epoch(model, train_loader, optimizer, scaler, spec, epoch, device, world_size,
-                                  resume=partial if epoch == start_epoch else None, watch=watch, task=task)  # fmt: skip
-        steps += trained["steps"]
+def prepared_model(spec: JobSpec, manifest: Manifest) -> nn.Module:
+    """The spec's model for this data, in the spec's memory format, prepared by Ray Train (DDP, device)."""
+    model = spec.build_model(manifest.num_classes, manifest.channels)
+    if spec.training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return ray.train.torch.prepare_model(model)
+
+
+def resume(worker: Worker) -> Progress:
+    """From ``ray.train.get_checkpoint()``, when Ray restarted the workers after a failure or a preemption: the
+    weights, optimizer and scaler loaded, and the progress to go on from — the next epoch, or the step a stop
+    saved. Epochs the checkpoint holds but the run does not (a previous attempt's last) are logged now."""
+    progress, checkpoint = Progress(), ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=worker.device, weights_only=True)
+        unwrap(worker.model).load_state_dict(state["model"])
+        worker.optimizer.load_state_dict(state["optimizer"])
+        worker.scaler.load_state_dict(state["scaler"])
+        partial = state.get("partial")
+        progress = Progress(
+            start_epoch=state["epoch"] + (0 if partial else 1),  # a stop's checkpoint holds part of its epoch
+            history=state["history"],
+            best_score=state.get("best_score", state.get("best_top1", -math.inf)),  # best_top1: before time series
+            steps=state.get("steps", 0),
+            stops=state.get("stops", []),
+            partial=partial,
+        )
+        if partial and worker.rank == 0:
+            steps = len(worker.train_loader)
+            log.info("resuming epoch %d at step %d of %d", progress.start_epoch + 1, partial["step"], steps)
+    if worker.logger:
+        worker.logger.log_epochs(progress.history)
+    return progress
+
+
+def state_at(worker: Worker, progress: Progress, epoch: int, partial: dict | None = None) -> dict:
+    """What a checkpoint holds: after ``epoch``, or, with ``partial``, ``partial["step"]`` steps into it."""
+    return {
+        "model": unwrap(worker.model).state_dict(),
+        "optimizer": worker.optimizer.state_dict(),
+        "scaler": worker.scaler.state_dict(),
+        "epoch": epoch,
+        "partial": partial,
+        "history": progress.history,
+        "best_score": progress.best_score,
+        "steps": progress.steps,
+        "stops": progress.stops,
+        "spec": worker.spec.model_dump(mode="json"),
+    }
+
+
+def train_epoch(worker: Worker, progress: Progress, epoch: int) -> dict:
+    """`train_one_epoch` at the epoch's resolution and batch order (from the saved step in a restart's first
+    epoch); its steps, and the stop it ended at if any, added to ``progress``."""
+    spec, loader = worker.spec, worker.train_loader
+    if worker.manifest.kind != "series":  # progressive resizing: images only
+        loader.set_resolution(resolution_at(spec, epoch, max(worker.manifest.resolution)))
+    epoch_order(loader, epoch)
+    trained = train_one_epoch(
+        worker.model,
+        loader,
+        worker.optimizer,
+        worker.scaler,
+        spec,
+        epoch,
+        worker.device,
+        worker.world_size,
+        resume=progress.partial if epoch == progress.start_epoch else None,
+        watch=worker.watch,
+        task=worker.task,
+    )
+    progress.steps += trained["steps"]
+    if trained["stop"]:
+        note_stop(worker, progress, epoch, trained["stop"])
+    return trained
+
+
+def note_stop(worker: Worker, progress: Progress, epoch: int, stop: Stop) -> None:
+    """A stop the ranks agreed on in ``epoch``, into ``progress.stops`` (and rank 0's log)."""
+    progress.stops.append(
+        {
+            "reason": stop.reason,
+            "epoch": epoch,
+            "step": stop.at_step - epoch * len(worker.train_loader),
+            "at_step": stop.at_step,
+            "requested_at_step": stop.requested_at_step,
+            "check_every": stop.check_every,
+        }
+    )
+    if worker.rank == 0:
+        step, asked = progress.stops[-1]["step"], stop.requested_at_step
+        log.warning(
+            "%s: stopping at epoch %d step %d (global step %d, asked at %d)",
+            stop.reason,
+            epoch + 1,
+            step,
+            stop.at_step,
+            asked,
+        )
+
+
+def checkpoint_partial(worker: Worker, progress: Progress, epoch: int, trained: dict) -> None:
+    """Stopped mid-epoch: rank 0 checkpoints the steps done, which a restart finishes the epoch from; every worker
+    reports it (Ray's barrier)."""
+    with tempfile.TemporaryDirectory() as directory:
+        saved = None
+        if worker.rank == 0:
+            torch.save(state_at(worker, progress, epoch, trained["partial"]), Path(directory) / CHECKPOINT_FILE)
+            saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(
+            {"epoch": epoch, "step": trained["partial"]["step"], "stop": trained["stop"].reason}, checkpoint=saved
+        )
+        if worker.logger:
+            worker.logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
+
+
+def end_epoch(worker: Worker, progress: Progress, metrics: dict, stop: Stop | None) -> None:
+    """A validated epoch's ``metrics`` into the history, checkpointed when scheduled (Ray keeps the last
+    `checkpoint.keep` of these: restart points, and MLflow the latest as checkpoints/last) or when the epoch
+    improved (MLflow's checkpoints/best), reported by every worker and logged by rank 0."""
+    spec, task, epoch = worker.spec, worker.task, metrics["epoch"]
+    progress.history.append(metrics)
+    improved = task.score(metrics) > progress.best_score
+    progress.best_score = max(progress.best_score, task.score(metrics))
+    scheduled = (epoch + 1) % spec.checkpoint.every_epochs == 0 or epoch == spec.training.epochs - 1 or stop is not None
+    with tempfile.TemporaryDirectory() as directory:
+        path, saved = Path(directory) / CHECKPOINT_FILE, None
+        if worker.rank == 0 and (scheduled or improved):
+            torch.save(state_at(worker, progress, epoch), path)
+            if scheduled:
+                saved = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
+        if worker.rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
+            log.info(progress_line(metrics, spec.training.epochs, task, worker.manifest.kind == "series"))
+        if worker.logger:
+            worker.logger.log_epochs(progress.history)
+            if scheduled:
+                worker.logger.log_checkpoint(path, "last")
+            if improved:
+                worker.logger.log_checkpoint(path, "best")
+
+
+def finish(worker: Worker, sample: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """After the last epoch, rank 0 logs the attention maps of a few validation images and the final model, and
+    ends the run FINISHED."""
+    if worker.logger:
+        if sample is not None:
+            worker.logger.log_attention_maps(unwrap(worker.model), *sample)
+        worker.logger.finish(unwrap(worker.model))
+
+
+def train_worker(config: dict) -> None:
+    """Run by every Ray Train worker. ``config``: the spec's file (`trusted_spec`), the resolved .beton paths, the
+    MLflow URI and run id, and the cancel marker (``stop_file``, `training.stop`). Resumes from Ray's checkpoint
+    when Ray restarts the workers after a failure or a preemption (`resume`)."""
+    worker = set_up(config)
+    progress = resume(worker)
+    spec, sample = worker.spec, None
+    for epoch in range(progress.start_epoch, spec.training.epochs):
+        trained = train_epoch(worker, progress, epoch)
         stop = trained["stop"]
-        if stop:
-            stops.append({"reason": stop.reason, "epoch": epoch, "step": stop.at_step - epoch * len(train_loader),
-                          "at_step": stop.at_step, "requested_at_step": stop.requested_at_step,
-                          "check_every": stop.check_every})  # fmt: skip
-            if rank == 0:
-                log.warning("%s: stopping at epoch %d step %d (global step %d, asked at %d)", stop.reason, epoch + 1,
-                            stops[-1]["step"], stop.at_step, stop.requested_at_step)  # fmt: skip
         if trained["partial"]:  # stopped mid-epoch: checkpoint the steps done, finish the epoch after a restart
-            with tempfile.TemporaryDirectory() as directory:
-                saved = None
-                if rank == 0:
-                    torch.save(state_at(epoch, trained["partial"]), Path(directory) / CHECKPOINT_FILE)
-                    saved = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report({"epoch": epoch, "step": trained["partial"]["step"], "stop": stop.reason},
-                                 checkpoint=saved)  # fmt: skip
-                if logger:
-                    logger.log_checkpoint(Path(directory) / CHECKPOINT_FILE, "last")
-            return stopped(stop, logger)
+            checkpoint_partial(worker, progress, epoch, trained)
+            return stopped(stop, worker.logger)
         last = epoch == spec.training.epochs - 1
-        validated = evaluate(model, val_loader, spec, device, keep=ATTENTION_IMAGES if last and logger else 0,
-                             task=task)  # fmt: skip
+        keep = ATTENTION_IMAGES if last and worker.logger else 0  # rank 0 draws the last epoch's attention maps
+        validated = evaluate(worker.model, worker.val_loader, spec, worker.device, keep=keep, task=worker.task)
         sample = validated.pop("sample")
         metrics = {
             "epoch": epoch,
@@ -266,33 +419,10 @@ def train_worker(config: dict) -> None:
             "resolution": trained["resolution"],  # as delivered, not as planned
             "timestamp_ms": time.time() * 1000,
         }
-        history.append(metrics)
-        improved = task.score(metrics) > best_score
-        best_score = max(best_score, task.score(metrics))
-        # Ray keeps the last `checkpoint.keep` of these (restart points); MLflow holds the latest as
-        # checkpoints/last and the best epoch's as checkpoints/best, written whenever an epoch improves.
-        scheduled = (epoch + 1) % spec.checkpoint.every_epochs == 0 or last or stop is not None
-        with tempfile.TemporaryDirectory() as directory:
-            path, saved = Path(directory) / CHECKPOINT_FILE, None
-            if rank == 0 and (scheduled or improved):
-                torch.save(state_at(epoch), path)
-                if scheduled:
-                    saved = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=saved)  # a barrier: every worker calls it once per epoch
-            if rank == 0:  # logged, not printed: Ray Train's print patch echoes a print twice on the driver
-                log.info(progress_line(metrics, spec.training.epochs, task, train_loader.manifest.kind == "series"))
-            if logger:
-                logger.log_epochs(history)
-                if scheduled:
-                    logger.log_checkpoint(path, "last")
-                if improved:
-                    logger.log_checkpoint(path, "best")
+        end_epoch(worker, progress, metrics, stop)
         if stop and not last:
-            return stopped(stop, logger)
-    if logger:
-        if sample is not None:
-            logger.log_attention_maps(unwrap(model), *sample)
-        logger.finish(unwrap(model))
+            return stopped(stop, worker.logger)
+    finish(worker, sample)
 
 
 def stopped(stop: Stop, logger: RunLogger | None) -> None:

@@ -16,8 +16,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from training.metrics import METRICS
 from training.study import PLACEMENT, Expansion, Observation
-from training.tasks import METRICS
 
 NOT_RUN, REFUSED = "…", "-"
 

@@ -1,4 +1,5 @@
-"""The entry point Ray Jobs executes: ``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N]``."""
+"""The entry point Ray Jobs executes:
+``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N] [--epochs N] [--report-file PATH]``."""
 
 import argparse
 import signal
@@ -8,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from training.config import JobSpec
-from training.data.manifest import write_atomically
+from training.driver_report import write_report
 from training.launch import launch
 from training.stop import Cancelled
 
@@ -19,10 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", help="names the Ray run and tags the MLflow run (default: generated)")
     parser.add_argument("--workers", type=int, help="override scaling.num_workers")
     parser.add_argument("--epochs", type=int, help="override training.epochs")
-    parser.add_argument("--failure-file", type=Path,
-                        help="if the job fails, write why here (the service's job record reads it)")  # fmt: skip
+    parser.add_argument(
+        "--report-file",
+        type=Path,
+        help="where the driver tells the service its MLflow run id and, if the job fails, why (training.driver_report)",
+    )
     args = parser.parse_args(argv)
-    return run(args.spec, args.job_id, args.workers, args.epochs, args.failure_file)
+    return run(args.spec, args.job_id, args.workers, args.epochs, args.report_file)
 
 
 class SpecError(ValueError):
@@ -46,29 +50,30 @@ def load_spec(path: str, workers: int | None = None, epochs: int | None = None) 
         raise SpecError(str(error)) from None
 
 
-FAILURE_CHARS = 4000
-
-
-def write_failure(path: Path, reason: str) -> None:
-    """The reason a job failed, whole, where its submitter reads it: Ray Jobs' own message is the tail of the
-    driver's log, which raylet lines printed after the traceback can push the reason out of."""
-    write_atomically(path, lambda temp: temp.write_text(reason[:FAILURE_CHARS]))
-
-
-def run(path: str, job_id: str | None, workers: int | None = None, epochs: int | None = None,
-        failure_file: Path | None = None) -> int:  # fmt: skip
+def run(
+    path: str,
+    job_id: str | None,
+    workers: int | None = None,
+    epochs: int | None = None,
+    report_file: Path | None = None,
+) -> int:
+    """Load, launch and say how it ended: on stdout/stderr, and — with ``report_file`` — in the driver's report
+    (`training.driver_report`), which the service reads: the run id once it exists, why the job failed if it
+    does (Ray Jobs' own message is the tail of the driver's log, which raylet lines can push the reason out of)."""
     try:
         spec = load_spec(path, workers, epochs)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
-        if failure_file:
-            write_failure(failure_file, str(error))
+        if report_file:
+            write_report(report_file, error=str(error))
         return 2
+    # The workers read the file given when it holds exactly this spec: JSON, nothing overridden.
+    given = Path(path) if Path(path).suffix == ".json" and workers is None and epochs is None else None
     try:
-        result = launch(spec, job_id)
+        result = launch(spec, job_id, spec_path=given, report=report_file)
     except Exception as error:
-        if failure_file:
-            write_failure(failure_file, f"{type(error).__name__}: {error}")
+        if report_file:
+            write_report(report_file, error=f"{type(error).__name__}: {error}")
         raise
     except Cancelled as cancel:  # SIGTERM (Ray Jobs' stop_job): a checkpoint at a step boundary, the run KILLED
         result = cancel.result

@@ -20,13 +20,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from san.attention import IncompatibleConfiguration, attention_modules
 from training.config import ATTENTION_KWARGS, FiniteJson, JobSpec, ModelSection, Section, Seed
 from training.data.catalog import CATALOG
-from training.tasks import LOGGED, METRICS, table_metrics
+from training.metrics import LOGGED, METRICS, table_metrics
 
 # Set by the study for every child, so never an axis: seeds come from ``seeds``, tracking from the study.
 RESERVED_PATHS = ("training.seed", "tracking")
@@ -83,7 +81,7 @@ class StudySpec(Section):
     # The cell the others are compared with, by the axis values it has; None: no attention, when that is an axis.
     baseline: dict[str, FiniteJson] | None = None
     paper: PaperFigures | None = None
-    # The table's metrics (`training.tasks.METRICS`); None: the paper's for the base dataset's kind and task.
+    # The table's metrics (`training.metrics.METRICS`); None: the paper's for the base dataset's kind and task.
     metrics: list[Literal[tuple(METRICS)]] | None = Field(default=None, min_length=1, max_length=len(METRICS))
 
     @field_validator("axes")
@@ -333,7 +331,12 @@ def _culprit(study: StudySpec, cell: dict[str, Any]) -> str | None:
 
 def network_identity(model: ModelSection, in_chans: int, num_classes: int) -> str:
     """What makes two cells the same network: the architecture built on the meta device, and the attention
-    kwargs when it has attention modules at all. Raises `IncompatibleConfiguration` for Table IX's "-"."""
+    kwargs when it has attention modules at all. Raises `IncompatibleConfiguration` for Table IX's "-". Imports
+    torch: the service expands studies in its admission worker."""
+    import torch
+
+    from san.attention import attention_modules
+
     with torch.device("meta"):
         built = model.build(num_classes, in_chans)
     kwargs = json.dumps(model.attention_kwargs, sort_keys=True) if attention_modules(built) else ""
@@ -356,7 +359,10 @@ def check_cells(study: StudySpec, max_cells: int) -> None:
 
 
 def expand(study: StudySpec, max_cells: int = 200, study_id: str = "", parent_run_id: str | None = None) -> Expansion:
-    """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`."""
+    """The study's cells and child jobs (children in grid order, seeds innermost), or `StudyError`. Builds every
+    cell's model on the meta device: imports torch."""
+    from san.attention import IncompatibleConfiguration
+
     paths = list(study.axes)
     check_cells(study, max_cells)
     grid = itertools.product(*study.axes.values())  # lazily: one cell at a time

@@ -9,17 +9,16 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from training import figures
-from training.report import build_table, epoch_seconds, markdown, to_csv
-from training.study import ATTENTION, PLACEMENT, Expansion, Observation
-from training.tasks import METRICS
-from training.tracking import (
+from training.metrics import METRICS
+from training.mlflow_runs import (
     RUN_STATES,
     download_attention_maps,
     end_unfinished_runs,
     metric_history,
     study_child_runs,
 )
+from training.report import build_table, epoch_seconds, markdown, to_csv
+from training.study import ATTENTION, PLACEMENT, Expansion, Observation
 
 FIG8_MODULES = ("cbam", "bam", "ran", "san-c", "san-d")
 TABLE_KEYS = (*(metric.key for metric in METRICS.values()), "time/epoch_s")  # what the table and figures read
@@ -85,6 +84,8 @@ def write_results(expansion: Expansion, uri: str, parent_run_id: str, directory:
 def draw_figures(expansion: Expansion, uri: str, found: list[Observation], directory: Path) -> list[Path]:
     """Accuracy per epoch per cell, seconds per epoch per cell (Fig. 9/10), SAN's stages (Fig. 4) and the
     modules' masks side by side (Fig. 8) — each drawn when the runs it needs have finished."""
+    from training import figures  # matplotlib: only where figures are drawn (never in the service's API process)
+
     directory.mkdir(parents=True, exist_ok=True)
     running = [cell for cell in expansion.cells if cell.runs]
     by_cell: dict[str, list[Observation]] = {}

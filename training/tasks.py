@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TASKS = ("classification", "forecast")
+# What a study's table shows of each task, declared without torch (the service reads it): re-exported here.
+from training.metrics import LOGGED, METRICS, TASKS, Metric, table_metrics
+
+__all__ = ["LOGGED", "METRICS", "TASKS", "Classification", "Forecast", "Metric", "Task", "table_metrics",
+           "task_of", "validation_metrics"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,32 +99,3 @@ def task_of(manifest: Any, label_smoothing: float = 0.0) -> Task:
 def validation_metrics(task: Task, sums: Tensor, count: int) -> dict[str, float]:
     """``val/<name>``: each summed metric divided by the number of validation samples."""
     return {f"val/{name}": value / count for name, value in zip(task.sums, sums.tolist(), strict=True)}
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A validation metric as a study table shows it."""
-
-    key: str  # the MLflow metric
-    title: str
-    percent: bool  # a fraction shown ×100
-    higher_is_better: bool
-
-
-METRICS = {
-    "top1": Metric("val/top1", "Top-1", True, True),
-    "top5": Metric("val/top5", "Top-5", True, True),
-    "mae": Metric("val/mae", "MAE", False, False),
-    "cosine": Metric("val/cosine", "cos. sim.", False, True),
-}
-
-
-LOGGED = {"classification": ("top1", "top5", "mae"), "forecast": ("cosine", "mae")}  # what each task logs
-
-
-def table_metrics(kind: str, task: str) -> tuple[str, ...]:
-    """The paper's columns for a kind of data: Tables I–V top-1/top-5; Table VI accuracy and MAE loss; Table VII
-    cosine similarity and MAE."""
-    if task == "forecast":
-        return ("cosine", "mae")
-    return ("top1", "mae") if kind == "series" else ("top1", "top5")

@@ -16,6 +16,7 @@ from san.attention.base import (
 from san.attention.cbam import CBAM
 from san.attention.ran import RAN
 from san.attention.san import SAN
+from san.catalog import ATTENTION_NAMES
 
 # Adding a module is one entry here. SAN-d's dilation 2 is our default; the paper does not state its value.
 _ATTENTION: dict[str, type[AttentionModule] | partial] = {
@@ -25,7 +26,9 @@ _ATTENTION: dict[str, type[AttentionModule] | partial] = {
     "bam": BAM,
     "ran": RAN,
 }
-ATTENTION_NAMES = ("none", *_ATTENTION)
+# The names are declared in san.catalog (read without torch by the service): this table must build exactly those.
+if ("none", *_ATTENTION) != ATTENTION_NAMES:
+    raise RuntimeError("san.catalog.ATTENTION_PARAMETERS and this module's _ATTENTION name different modules")
 # What a backbone's attention sites carry: 2-D feature maps (CNNs) or sequences (recurrent models).
 INPUTS = {2: "2-D feature maps (N×C×H×W)", 1: "sequences (N×C×T)"}
 _KIND = {2: "this CNN", 1: "this recurrent model"}  # for a model that does not give its name

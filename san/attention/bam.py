@@ -5,8 +5,7 @@ from torch import Tensor, nn
 
 from san.attention.base import AttentionModule, Tap
 from san.attention.fused import bam
-
-COMBINES = ("sum", "product")
+from san.catalog import COMBINES
 
 
 class ChannelBranch(nn.Module):

@@ -3,10 +3,11 @@ catalog (names only: the service never builds a model)."""
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from san.registry import list_attention, list_models, list_placements
 from service.auth import principal
+from service.deps import Settings
 from training.data.catalog import CATALOG, EMBEDDED
 
 router = APIRouter(prefix="/v1", tags=["catalog"], dependencies=[Depends(principal)])
@@ -23,10 +24,10 @@ def attention() -> dict[str, list[str]]:
 
 
 @router.get("/datasets")
-def datasets(request: Request) -> dict[str, list[dict]]:
+def datasets(settings: Settings) -> dict[str, list[dict]]:
     """Each catalog dataset, whether it is embedded (built on first use) and whether it is built under the data
     root now."""
-    root = request.app.state.settings.data_root
+    root = settings.data_root
     rows = []
     for name, info in CATALOG.items():
         row = {key: value for key, value in asdict(info).items() if key != "embedded_source"}

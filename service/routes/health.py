@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.auth import known_principal
+from service.deps import Service
 
 router = APIRouter(tags=["health"])
 
@@ -20,8 +21,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
+async def readyz(request: Request, parts: Service) -> JSONResponse:
 
     def check(probe) -> dict[str, str]:
         try:
@@ -31,14 +31,14 @@ async def readyz(request: Request) -> JSONResponse:
             return {"status": "error", "detail": str(error).splitlines()[0] if str(error) else type(error).__name__}
 
     def mlflow() -> str:
-        state.runs.client(state.settings.default_mlflow_uri).search_experiments(max_results=1)
-        return state.settings.default_mlflow_uri
+        parts.runs.client(parts.settings.default_mlflow_uri).search_experiments(max_results=1)
+        return parts.settings.default_mlflow_uri
 
     results = await asyncio.gather(
-        asyncio.to_thread(check, state.store.ping),
-        asyncio.to_thread(check, state.ray.ping),
+        asyncio.to_thread(check, parts.store.ping),
+        asyncio.to_thread(check, parts.ray.ping),
         asyncio.to_thread(check, mlflow),
-        asyncio.to_thread(check, state.checks.ping),
+        asyncio.to_thread(check, parts.checks.ping),
     )
     checks = dict(zip(("database", "ray", "mlflow", "admission"), results, strict=True))
     if known_principal(request) is None:

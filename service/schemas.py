@@ -1,0 +1,82 @@
+"""What the API answers with: the views of jobs and studies (requests are `training.config.JobSpec` and
+`training.study.StudySpec` themselves)."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from training.states import JobStatus, StudyStatus
+
+
+class Transition(BaseModel):
+    status: JobStatus
+    at: datetime
+
+
+class Progress(BaseModel):
+    epoch: int  # epochs finished
+    epochs: int
+    eta_s: float | None
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    transitions: list[Transition]
+    ray_submission_id: str | None  # the job id, once the job reached Ray
+    cancel_requested: bool
+    error: str | None
+    mlflow_run_id: str | None = None
+    mlflow_url: str | None = None
+    progress: Progress | None = None
+    metrics: dict[str, float] = {}
+
+
+class JobList(BaseModel):
+    items: list[JobView]
+    total: int
+    limit: int
+    offset: int
+
+
+class EpochMetrics(BaseModel):
+    job_id: str
+    mlflow_run_id: str | None
+    epochs: list[dict[str, Any]]
+
+
+class CellProgress(BaseModel):
+    done: int
+    running: int
+    queued: int
+    failed: int
+    cancelled: int
+
+
+class StudyView(BaseModel):
+    id: str
+    name: str
+    status: StudyStatus
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    cancel_requested: bool
+    error: str | None
+    mlflow_run_id: str | None
+    cells: CellProgress  # the cells that run (merged and refused cells are counted apart)
+    jobs: dict[str, int]  # children by state
+    job_ids: list[str]
+    refused_cells: int
+    merged_cells: int
+    table: dict[str, Any] | None = None
+
+
+class StudyList(BaseModel):
+    items: list[StudyView]
+    total: int
+    limit: int
+    offset: int

@@ -1,0 +1,176 @@
+"""What the service does with studies — admit every cell, record the parent MLflow run, store the study and its
+children in one transaction (rolling the run back when that fails), list, show with the table so far, cancel — for
+the routes, which only translate HTTP."""
+
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import IntegrityError
+
+from service.admission import AdmissionUnavailable, ModelChecks
+from service.errors import Conflict, Invalid, NotFound, Unavailable
+from service.job_service import ADMISSION_RETRY_AFTER
+from service.queue import Dispatcher
+from service.ray_jobs import RayUnavailable
+from service.schemas import CellProgress, StudyView
+from service.settings import ServiceSettings
+from service.store import IdempotencyConflict, Study, StudyStore, same_spec
+from service.studies import Expansions, admit_study, check_study_size, progress, summary_of, table_of, with_tracking_uri
+from service.validation import ClusterSize, JobShares
+from training.mlflow_runs import create_study_run
+from training.states import JobStatus, StudyStatus
+from training.study import StudyError, StudySpec, child_spec
+
+log = logging.getLogger("san.service")
+
+
+class StudyService:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        studies: StudyStore,
+        dispatcher: Dispatcher,
+        shares: JobShares,
+        cluster: ClusterSize,
+        checks: ModelChecks,
+        expansions: Expansions,
+    ) -> None:
+        self.settings, self.studies, self.dispatcher, self.shares = settings, studies, dispatcher, shares
+        self.cluster, self.checks, self.expansions = cluster, checks, expansions
+
+    def views(self, studies: list[Study]) -> list[StudyView]:
+        """The studies' progress from their stored summaries and their children's states, read in one query for
+        them all: a page of studies costs two queries, whatever they hold."""
+        children = self.studies.child_states([study.id for study in studies])
+        out = []
+        for study in studies:
+            mine = children[study.id]
+            found = progress(study.summary or {}, [(cell, status) for cell, _, status in mine])
+            out.append(
+                StudyView(
+                    id=study.id,
+                    name=study.spec["name"],
+                    status=study.status,
+                    spec=study.spec,
+                    created_at=study.created_at,
+                    updated_at=study.updated_at,
+                    cancel_requested=study.cancel_requested,
+                    error=study.error,
+                    mlflow_run_id=study.mlflow_run_id,
+                    cells=CellProgress(**found.cells),
+                    jobs=found.jobs,
+                    job_ids=[job_id for _, job_id, _ in mine],
+                    refused_cells=found.refused,
+                    merged_cells=found.merged,
+                )
+            )
+        return out
+
+    def owned(self, study_id: str, principal: str) -> Study:
+        study = self.studies.get(study_id, principal)
+        if study is None:
+            raise NotFound(f"no study {study_id!r}")
+        return study
+
+    def view(self, study_id: str, principal: str, with_table: bool = False) -> StudyView:
+        study = self.owned(study_id, principal)
+        out = self.views([study])[0]
+        if with_table:
+            try:
+                out.table = table_of(study, self.studies, self.settings, self.expansions)
+            except Exception as error:  # MLflow down: the view goes without its table
+                log.warning("table of %s: %s", study.id, error)
+        return out
+
+    def page(self, principal: str, limit: int, offset: int) -> tuple[list[StudyView], int]:
+        studies, total = self.studies.page(principal, limit, offset)
+        return self.views(studies), total
+
+    def table(self, study_id: str, principal: str) -> dict[str, Any]:
+        study = self.owned(study_id, principal)
+        try:
+            return table_of(study, self.studies, self.settings, self.expansions)
+        except Exception as error:
+            raise Unavailable(f"cannot read the study's runs from MLflow: {error}") from None
+
+    def submit(self, principal: str, study: StudySpec, idempotency_key: str | None) -> tuple[StudyView, bool]:
+        """The study stored (created: True), or the one an Idempotency-Key made before with this spec."""
+        try:
+            check_study_size(study, self.settings)  # from the spec alone, before the worker builds any model
+            spec = with_tracking_uri(study, self.settings).model_dump(mode="json")  # as it will be stored
+        except StudyError as error:
+            raise Invalid(error.detail()) from None
+        if idempotency_key:
+            existing = self.studies.by_key(principal, idempotency_key)
+            if existing is not None:
+                return self.same(existing, spec), False
+        # One admission at a time per principal, its jobs (at most cells × seeds: merging makes fewer) held against
+        # its share until they are stored: a principal past either gets a 429 before the worker builds anything.
+        with self.shares.admitting_study(principal, self.studies), self.shares.reserve(principal, study.size):
+            stored = self.admit_and_store(principal, study, spec, idempotency_key)
+        if isinstance(stored, StudyView):
+            return stored, False  # a concurrent request with the same Idempotency-Key made it
+        self.dispatcher.kick()
+        return self.views([stored])[0], True
+
+    def admit_and_store(
+        self, principal: str, study: StudySpec, spec: dict[str, Any], idempotency_key: str | None
+    ) -> Study | StudyView:
+        """Every cell checked in the admission worker, the parent run created, the study and its children stored."""
+        try:
+            expansion = self.checks.run(admit_study, study, self.settings, self.cluster.value)
+        except StudyError as error:
+            raise Invalid(error.detail()) from None
+        except AdmissionUnavailable as error:
+            raise Unavailable(f"checking the study: {error}", ADMISSION_RETRY_AFTER) from None
+        admitted = expansion.study
+        study_id = f"study-{uuid.uuid4().hex[:16]}"
+        uri = admitted.base.tracking.mlflow_uri
+        try:
+            parent = create_study_run(
+                uri, admitted.experiment, self.settings.storage_root, study_id, admitted.name,
+                admitted.model_dump_json(indent=2),
+            )  # fmt: skip
+        except Exception as error:
+            raise Unavailable(f"cannot reach MLflow to record the study: {error}") from None
+        children = [
+            (child.cell, child.seed,
+             child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
+            for child in expansion.children
+        ]  # fmt: skip
+        try:
+            return self.studies.create(
+                principal, study_id, spec, idempotency_key, parent, children, summary_of(expansion)
+            )
+        except Exception as error:
+            with contextlib.suppress(Exception):  # no study holds it: don't leave it RUNNING (best effort)
+                MlflowClient(uri).set_terminated(parent, JobStatus.FAILED.mlflow_status())
+            existing = self.studies.by_key(principal, idempotency_key) if idempotency_key else None
+            if not isinstance(error, IntegrityError) or existing is None:
+                raise
+            return self.same(existing, spec)
+
+    def same(self, existing: Study, spec: dict[str, Any]) -> StudyView:
+        try:
+            same_spec("study", existing, spec)
+        except IdempotencyConflict as error:
+            raise Conflict(str(error)) from None
+        return self.views([existing])[0]
+
+    def cancel(self, study_id: str, principal: str) -> StudyView:
+        """Cancel every child that has not ended (waiting ones never reach Ray); the study ends ``cancelled`` once
+        they all have."""
+        study = self.owned(study_id, principal)
+        if study.status != StudyStatus.RUNNING:
+            raise Conflict(f"study {study_id} already ended: {study.status}")
+        self.studies.request_cancel(study.id)
+        try:
+            for child in self.studies.children(study.id):
+                if not child.job.status.is_terminal() and self.dispatcher.cancel(child.job):
+                    self.shares.release(principal, 1)
+        except RayUnavailable as error:
+            raise Unavailable(f"cannot reach Ray to stop the children: {error}") from None
+        return self.views([self.studies.get(study.id) or study])[0]
