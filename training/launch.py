@@ -16,10 +16,14 @@ from training.data.resolve import ResolvedData, resolve_data
 from training.driver_report import write_report
 from training.loop import train_worker
 from training.paths import storage_root
+from training.states import JobStatus
 from training.stop import Cancelled, StopOnSignal, stop_file
 from training.tracking import create_run, end_run
 
 SPEC_FILE = "spec.json"
+
+
+KILLED = JobStatus.CANCELLED.mlflow_status()  # how a cancelled job's run ends
 
 
 def spec_file(spec: JobSpec, root: Path, job_id: str, given: Path | None = None) -> Path:
@@ -124,14 +128,14 @@ def launch(
     if not ray.is_initialized():
         connect_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
     # Installed after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver.
-    with StopOnSignal(stop_file(root, job_id), on_stop=lambda: end_run(mlflow_uri, run_id, "KILLED")) as stop:
+    with StopOnSignal(stop_file(root, job_id), on_stop=lambda: end_run(mlflow_uri, run_id, KILLED)) as stop:
         result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, spec_path, worker).fit()
     outcome = JobResult(job_id, mlflow_uri, run_id, dict(result.metrics or {}),
                         result.checkpoint.path if result.checkpoint else None)  # fmt: skip
     if stop.requested:
-        end_run(mlflow_uri, run_id, "KILLED")  # again: rank 0 may have finished the run meanwhile
+        end_run(mlflow_uri, run_id, KILLED)  # again: rank 0 may have finished the run meanwhile
         raise Cancelled(outcome)
     if result.error:
-        end_run(mlflow_uri, run_id, "FAILED")
+        end_run(mlflow_uri, run_id, JobStatus.FAILED.mlflow_status())
         raise result.error
     return outcome

@@ -21,6 +21,7 @@ from training.data.loaders import make_loader
 from training.data.manifest import Manifest, load_manifest
 from training.data.series_loader import make_series_loader
 from training.schedule import learning_rate, resolution_at
+from training.states import JobStatus
 from training.stop import Preempted, Stop, StopWatch
 from training.tasks import Task, task_of, validation_metrics
 from training.tracking import RunLogger
@@ -430,7 +431,7 @@ def stopped(stop: Stop, logger: RunLogger | None) -> None:
     on purpose, so Ray Train restarts the workers from that checkpoint."""
     if stop.reason == "cancelled":
         if logger:
-            logger.end("KILLED")
+            logger.end(JobStatus.CANCELLED.mlflow_status())
         return
     raise Preempted(f"SIGTERM: checkpoint at global step {stop.at_step}, resuming from it")
 

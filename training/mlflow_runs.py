@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from training.config import JobSpec
 from training.paths import default_tracking_uri
+from training.states import JobStatus
 
 METRIC_KEYS = (
     "train/loss", "val/loss", "val/top1", "val/top5", "val/mae", "val/cosine", "time/epoch_s", "throughput/img_s",
@@ -79,10 +80,6 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     MlflowClient(uri).set_terminated(run_id, status)
 
 
-RUN_STATES = {"FINISHED": "succeeded", "RUNNING": "running", "SCHEDULED": "queued", "FAILED": "failed",
-              "KILLED": "cancelled"}  # fmt: skip
-
-
 def create_study_run(uri: str, experiment: str, storage_root: Path, study_id: str, name: str, spec_json: str) -> str:
     """The study's parent run (its children nest under it by their ``mlflow.parentRunId`` tag), holding the study
     spec; returns its id."""
@@ -123,8 +120,9 @@ def end_unfinished_runs(uri: str, runs: dict[str, str]) -> None:
     driver stopped on Ray cannot end its own run)."""
     client = MlflowClient(uri)
     for run_id, state in runs.items():
-        if state in ("failed", "cancelled") and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FAILED" if state == "failed" else "KILLED")
+        ended = JobStatus(state)
+        if ended in (JobStatus.FAILED, JobStatus.CANCELLED) and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, ended.mlflow_status())
 
 
 def download_attention_maps(uri: str, run_id: str, directory: Path) -> dict[str, np.ndarray] | None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from training.metrics import METRICS
+from training.states import JobStatus
 from training.study import PLACEMENT, Expansion, Observation
 
 NOT_RUN, REFUSED = "…", "-"
@@ -47,7 +48,7 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
     by_cell: dict[str, list[Observation]] = {}
     for observation in observations:
         by_cell.setdefault(observation.cell, []).append(observation)
-    done = {key: {o.seed: o for o in found if o.state == "succeeded"} for key, found in by_cell.items()}
+    done = {key: {o.seed: o for o in found if o.state == JobStatus.SUCCEEDED} for key, found in by_cell.items()}
     cells = []
     for cell in expansion.cells:
         entry: dict[str, Any] = {"key": cell.key, "values": cell.values, "labels": cell.labels, "runs_as": cell.runs_as,

@@ -11,13 +11,13 @@ from mlflow.tracking import MlflowClient
 
 from training.metrics import METRICS
 from training.mlflow_runs import (
-    RUN_STATES,
     download_attention_maps,
     end_unfinished_runs,
     metric_history,
     study_child_runs,
 )
 from training.report import build_table, epoch_seconds, markdown, to_csv
+from training.states import JobStatus
 from training.study import ATTENTION, PLACEMENT, Expansion, Observation
 
 FIG8_MODULES = ("cbam", "bam", "ran", "san-c", "san-d")
@@ -35,7 +35,7 @@ def observations(uri: str, parent_run_id: str, states: dict[tuple[str, int], str
     found = []
     client = MlflowClient(uri)
     for (cell, seed), run in latest.items():
-        state = (states or {}).get((cell, seed)) or RUN_STATES.get(run.info.status, "running")
+        state = (states or {}).get((cell, seed)) or JobStatus.from_mlflow(run.info.status)
         params = run.data.params.get("model.num_params")
         found.append(Observation(cell, seed, state, metric_history(client, run.info.run_id, TABLE_KEYS),
                                  int(params) if params else None, run.info.run_id))  # fmt: skip
@@ -92,8 +92,11 @@ def draw_figures(expansion: Expansion, uri: str, found: list[Observation], direc
     for observation in sorted(found, key=lambda o: o.seed):
         by_cell.setdefault(observation.cell, []).append(observation)
     first = METRICS[expansion.study.table_metrics[0]]  # the curves show the table's first metric per epoch
+    succeeded = {
+        key: [o for o in found if o.history and o.state == JobStatus.SUCCEEDED] for key, found in by_cell.items()
+    }
     curves = {cell_label(expansion, c.key): [[row[first.key] for row in o.history if first.key in row]
-                                             for o in by_cell.get(c.key, []) if o.history and o.state == "succeeded"]
+                                             for o in succeeded.get(c.key, [])]
               for c in running}  # fmt: skip
     curves = {label: series for label, series in curves.items() if series}
     drawn = []
@@ -101,7 +104,7 @@ def draw_figures(expansion: Expansion, uri: str, found: list[Observation], direc
         curve_path = directory / f"{first.key.replace('/', '_')}.png"
         figures.plot_accuracy_curves(curves, curve_path, ylabel=f"val {first.title}", percent=first.percent)
         drawn.append(curve_path)
-    seconds = {cell_label(expansion, c.key): [s for o in by_cell.get(c.key, []) if o.state == "succeeded"
+    seconds = {cell_label(expansion, c.key): [s for o in by_cell.get(c.key, []) if o.state == JobStatus.SUCCEEDED
                                               and (s := epoch_seconds(o)) is not None]
                for c in running}  # fmt: skip
     seconds = {label: values for label, values in seconds.items() if values}
@@ -136,7 +139,7 @@ def _first_maps(expansion: Expansion, uri: str, by_cell: dict[str, list[Observat
             name = cell.values.get(ATTENTION, cell.spec.model.attention)
             if name in chosen or name == "none":
                 continue
-            run = next((o for o in by_cell.get(cell.key, []) if o.state == "succeeded" and o.run_id), None)
+            run = next((o for o in by_cell.get(cell.key, []) if o.state == JobStatus.SUCCEEDED and o.run_id), None)
             if run is None:
                 continue
             maps = download_attention_maps(uri, run.run_id, Path(scratch) / cell.key)

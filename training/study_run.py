@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from training.launch import connect_ray, launch, resolve_data
 from training.paths import storage_root
 from training.report import markdown
+from training.states import JobStatus, StudyStatus
 from training.study import StudySpec, expand, load_study
 from training.study_results import write_results
 from training.tasks import METRICS
@@ -34,7 +35,7 @@ def run_study(path: str, seeds: int | None = None, epochs: int | None = None, ou
     try:
         return _run_children(study, study_id, parent, uri, root, out)
     except BaseException:  # an error or Ctrl-C: the parent run must not stay RUNNING
-        MlflowClient(uri).set_terminated(parent, "KILLED")
+        MlflowClient(uri).set_terminated(parent, JobStatus.CANCELLED.mlflow_status())
         raise
 
 
@@ -45,14 +46,14 @@ def _run_children(study: StudySpec, study_id: str, parent: str, uri: str, root: 
           f"seeds); MLflow parent run {parent} at {uri}", flush=True)  # fmt: skip
     if children and not ray.is_initialized():
         connect_ray(max(c.spec.scaling.num_workers * c.spec.scaling.cpus_per_worker for c in children))
-    states = {(child.cell, child.seed): "queued" for child in children}
+    states = {(child.cell, child.seed): JobStatus.QUEUED for child in children}
     for index, child in enumerate(children, 1):
         print(f"[{index}/{len(children)}] {child.spec.run_name} …", flush=True)
         try:
             result = launch(child.spec, f"{study_id}-{index:03d}")
-            states[(child.cell, child.seed)] = "succeeded"
+            states[(child.cell, child.seed)] = JobStatus.SUCCEEDED
         except Exception as error:  # one child's failure is a row of the table, not the end of the study
-            states[(child.cell, child.seed)] = "failed"
+            states[(child.cell, child.seed)] = JobStatus.FAILED
             print(f"[{index}/{len(children)}] {child.spec.run_name} failed: {error}", flush=True)
             continue
         shown = "  ".join(f"{METRICS[name].key} {result.metrics[METRICS[name].key]:.4f}"
@@ -60,8 +61,8 @@ def _run_children(study: StudySpec, study_id: str, parent: str, uri: str, root: 
         print(f"[{index}/{len(children)}] {child.spec.run_name} {shown}", flush=True)
     results = out or root / "studies" / study_id
     table = write_results(expansion, uri, parent, results, states)
-    failed = sum(state == "failed" for state in states.values())
-    finish_study_run(uri, parent, results, "FAILED" if failed else "FINISHED")
+    failed = any(state == JobStatus.FAILED for state in states.values())
+    finish_study_run(uri, parent, results, (StudyStatus.FAILED if failed else StudyStatus.SUCCEEDED).mlflow_status())
     print(markdown(table))
     print(f"tables and figures: {results}  (MLflow parent run {parent})")
     return 1 if failed else 0

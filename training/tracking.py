@@ -19,7 +19,6 @@ from training.mlflow_runs import (
     ATTENTION_MAPS,
     EXPERIMENT_KIND,
     METRIC_KEYS,
-    RUN_STATES,
     create_run,
     create_study_run,
     download_attention_maps,
@@ -32,13 +31,13 @@ from training.mlflow_runs import (
     study_child_runs,
     tracking_uri,
 )
+from training.states import JobStatus
 
 __all__ = [
     "ATTENTION_MAPS",
     "EXPERIMENT_KIND",
     "MAP_CHANNELS",
     "METRIC_KEYS",
-    "RUN_STATES",
     "RunLogger",
     "attention_maps",
     "create_run",
@@ -115,7 +114,7 @@ class RunLogger:
         # MLflow 3's default torch.export format: loading needs the `san` package, but no example input.
         torch_pin = f"torch=={torch.__version__.split('+')[0]}"
         mlflow.pytorch.log_model(model, name="model", pip_requirements=[torch_pin], serialization_format="pickle")
-        mlflow.end_run("FINISHED")
+        mlflow.end_run(JobStatus.SUCCEEDED.mlflow_status())
 
     def end(self, status: str) -> None:
         """End the run with ``status`` without a final model (a cancel: ``KILLED``); system metrics stop too."""
