@@ -122,7 +122,7 @@ def _show(job: dict) -> str:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from training.run import SpecError, load_spec
+    from training.config import SpecError, load_spec
 
     try:
         spec = load_spec(args.spec, args.workers, args.epochs)

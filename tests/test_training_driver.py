@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 import training.config
 from tests.faults import checkpoints
 from tests.slices import build_fmnist_slices, slice_job
-from training.config import JobSpec
+from training.config import JobSpec, trusted_spec
 from training.driver_report import read_report, report_path
 from training.launch import SPEC_FILE, spec_file
-from training.loop import CHECKPOINT_FILE, trusted_spec
+from training.loop import CHECKPOINT_FILE
 from training.paths import default_tracking_uri
 
 

@@ -487,3 +487,38 @@ class JobSpec(Section):
 
         walk("", self.model_dump(mode="json", exclude=set(UNRECORDED_SECTIONS)))
         return flat
+
+
+def trusted_spec(path: str | Path) -> JobSpec:
+    """A spec validated once already (by the service's admission, or by the driver that wrote it for its workers:
+    `training.launch.spec_file`), read back and trusted: its fields parsed into the same sections, nothing
+    re-derived — the model build on the meta device, the check that costs, is skipped."""
+    token = MODELS_BUILT_ELSEWHERE.set(True)
+    try:
+        return JobSpec.load(path)
+    finally:
+        MODELS_BUILT_ELSEWHERE.reset(token)
+
+
+class SpecError(ValueError):
+    """A spec file that cannot run, said in one line that names the field."""
+
+
+def load_spec(path: str, workers: int | None = None, epochs: int | None = None, admitted: bool = False) -> JobSpec:
+    """The spec file, with ``--workers``/``--epochs`` applied through validation (so their checks hold too);
+    `SpecError` when it is missing or invalid. ``admitted`` (and nothing overridden): validated by the service's
+    admission already, read back as it is (`training.loop.trusted_spec`)."""
+    try:
+        if admitted and workers is None and epochs is None:
+            return trusted_spec(path)
+        data = JobSpec.load(path).model_dump()
+        if workers is not None:
+            data["scaling"]["num_workers"] = workers
+        if epochs is not None:
+            data["training"]["epochs"] = epochs
+        return JobSpec.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise SpecError(f"{'.'.join(str(part) for part in first['loc']) or 'spec'}: {first['msg']}") from None
+    except (ValueError, FileNotFoundError) as error:
+        raise SpecError(str(error)) from None

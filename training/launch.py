@@ -27,7 +27,7 @@ KILLED = JobStatus.CANCELLED.mlflow_status()  # how a cancelled job's run ends
 
 
 def spec_file(spec: JobSpec, root: Path, job_id: str, given: Path | None = None) -> Path:
-    """The file each worker reads ``spec`` from (`training.loop.trusted_spec`: parsed, not checked again).
+    """The file each worker reads ``spec`` from (`training.config.trusted_spec`: parsed, not checked again).
     ``given``, a JSON file holding exactly ``spec`` (the service's ``jobs/<id>/spec.json``), when it lies on the
     storage root every node shares; else the spec written once, atomically, into the run's own directory there,
     beside Ray's checkpoints (``<root>/ray/<job id>/spec.json``): every worker can read it, it lives and goes with

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import MODELS_BUILT_ELSEWHERE, JobSpec
+from training.config import JobSpec, trusted_spec
 from training.data.loaders import make_loader
 from training.data.manifest import Manifest, load_manifest
 from training.data.series_loader import make_series_loader
@@ -174,17 +174,6 @@ def make_loaders(spec: JobSpec, config: dict, train_manifest, device, rank: int,
     common.update(in_chans=train_manifest.channels, mean=train_manifest.mean, std=train_manifest.std)
     return (make_loader(config["train_path"], **train, **common),
             make_loader(config["val_path"], **val, resolution=spec.resolution.val_res, **common))  # fmt: skip
-
-
-def trusted_spec(path: str | Path) -> JobSpec:
-    """The spec the driver validated, read back from the file it names (`training.launch.spec_file`) and trusted:
-    its fields parsed into the same sections, nothing re-derived — the model build on the meta device, the check
-    that costs, is skipped; this worker builds the model anyway."""
-    token = MODELS_BUILT_ELSEWHERE.set(True)
-    try:
-        return JobSpec.load(path)
-    finally:
-        MODELS_BUILT_ELSEWHERE.reset(token)
 
 
 @dataclass

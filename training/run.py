@@ -1,14 +1,13 @@
 """The entry point Ray Jobs executes:
-``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N] [--epochs N] [--report-file PATH]``."""
+``python -m training.run SPEC.{yaml,json} [--job-id ID] [--workers N] [--epochs N] [--report-file PATH]
+[--admitted]``."""
 
 import argparse
 import signal
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from training.config import JobSpec
+from training.config import SpecError, load_spec
 from training.driver_report import write_report
 from training.launch import launch
 from training.stop import Cancelled
@@ -25,29 +24,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="where the driver tells the service its MLflow run id and, if the job fails, why (training.driver_report)",
     )
+    parser.add_argument(
+        "--admitted",
+        action="store_true",
+        help="the spec is one the service's admission validated: read it back as it is, not checked again",
+    )
     args = parser.parse_args(argv)
-    return run(args.spec, args.job_id, args.workers, args.epochs, args.report_file)
-
-
-class SpecError(ValueError):
-    """A spec file that cannot run, said in one line that names the field."""
-
-
-def load_spec(path: str, workers: int | None = None, epochs: int | None = None) -> JobSpec:
-    """The spec file, with ``--workers``/``--epochs`` applied through validation (so their checks hold too);
-    `SpecError` when it is missing or invalid."""
-    try:
-        data = JobSpec.load(path).model_dump()
-        if workers is not None:
-            data["scaling"]["num_workers"] = workers
-        if epochs is not None:
-            data["training"]["epochs"] = epochs
-        return JobSpec.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise SpecError(f"{'.'.join(str(part) for part in first['loc']) or 'spec'}: {first['msg']}") from None
-    except (ValueError, FileNotFoundError) as error:
-        raise SpecError(str(error)) from None
+    return run(args.spec, args.job_id, args.workers, args.epochs, args.report_file, args.admitted)
 
 
 def run(
@@ -56,12 +39,13 @@ def run(
     workers: int | None = None,
     epochs: int | None = None,
     report_file: Path | None = None,
+    admitted: bool = False,
 ) -> int:
     """Load, launch and say how it ended: on stdout/stderr, and — with ``report_file`` — in the driver's report
     (`training.driver_report`), which the service reads: the run id once it exists, why the job failed if it
     does (Ray Jobs' own message is the tail of the driver's log, which raylet lines can push the reason out of)."""
     try:
-        spec = load_spec(path, workers, epochs)
+        spec = load_spec(path, workers, epochs, admitted)
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         if report_file:
