@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from service.admission import ModelChecks
+from service.schemas import CellProgress
 from service.settings import ServiceSettings
 from service.store import Study, StudyChild, StudyStore
 from service.validation import Rejected, admit, reject_reserved_tags
@@ -131,18 +132,18 @@ def progress(summary: dict[str, int], children: list[tuple[str, str]]) -> Progre
     by_cell: dict[str, list[str]] = {}
     for cell, status in children:
         by_cell.setdefault(cell, []).append(status)
-    cells = {"done": 0, "running": 0, "queued": 0, "failed": 0, "cancelled": 0}
+    cells = dict.fromkeys(CellProgress.model_fields, 0)  # done, and the states a cell shares with its jobs
     for states in by_cell.values():
         if all(state == JobStatus.SUCCEEDED for state in states):
             cells["done"] += 1
         elif JobStatus.FAILED in states:
-            cells["failed"] += 1
+            cells[JobStatus.FAILED] += 1
         elif JobStatus.CANCELLED in states:
-            cells["cancelled"] += 1
+            cells[JobStatus.CANCELLED] += 1
         elif any(state in ACTIVE for state in states):
-            cells["running"] += 1
+            cells[JobStatus.RUNNING] += 1
         else:
-            cells["queued"] += 1
+            cells[JobStatus.QUEUED] += 1
     jobs: dict[str, int] = {}
     for _, status in children:
         jobs[status] = jobs.get(status, 0) + 1

@@ -439,7 +439,7 @@ class Observation:
 
     cell: str
     seed: int
-    state: str  # "succeeded", "running", "queued", "failed", "cancelled"
+    state: str  # a `training.states.JobStatus`: succeeded, running, queued, failed or cancelled
     history: list[dict[str, float]]
     params: int | None = None
     run_id: str | None = None
