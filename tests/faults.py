@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 from ray.util.state import list_actors
 
@@ -42,8 +43,12 @@ class FailOnce:
 
 def train_worker_pids() -> list[int]:
     """The PIDs of the live Ray Train worker processes (the `RayTrainWorker` actors) of the attached cluster."""
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
-                         raise_on_missing_output=False)  # fmt: skip
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # this cluster's: another test's may run beside it
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
     return sorted(actor.pid for actor in actors if actor.pid)
 
 

@@ -94,7 +94,11 @@ def test_two_worker_job_logs_every_epoch_to_mlflow_as_ray_reported(roots):
     assert {"spec.json", "checkpoints"} <= artifacts
     # The State API answers on the cluster `san train` starts: Ray Train's placement-group cleaner asks it every
     # second whether the controller lives (without it, a warning every second).
-    controllers = list_actors(filters=[("class_name", "=", "TrainController")], raise_on_missing_output=False)
+    controllers = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # this cluster's: another test's may run beside it
+        filters=[("class_name", "=", "TrainController")],
+        raise_on_missing_output=False,
+    )
     assert [actor.class_name for actor in controllers] == ["TrainController"]
 
 
@@ -153,7 +157,8 @@ def kept_states(roots: Path, name: str) -> list[dict]:
 
 def train_worker_count() -> int:
     """Every RayTrainWorker the cluster has seen, dead or alive."""
-    return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+    address = ray.get_runtime_context().gcs_address  # this cluster's: another test's may run beside it
+    return len(list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
 
 
 def test_sigkill_to_a_worker_mid_epoch_restarts_the_group_and_logs_each_epoch_once(roots, uninterrupted):
