@@ -2,6 +2,7 @@
 the API in process (`InProcessService`): the real app and store over an ASGI transport, no uvicorn — the HTTP
 layer is the subject; uvicorn itself is `tests.services.Service`, for the end-to-end tier."""
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -17,8 +18,15 @@ from tests.services import TOKENS, Postgres
 # The end-to-end files, slowest first (seconds each, one at a time, on this 2-core machine: 350, 320, 210, 150, 120,
 # 75, 50). xdist hands out whole files in collection order: started first, they run beside each other and the small
 # files fill the gaps, instead of the two slowest landing last, on one worker.
-SLOWEST_FIRST = ("test_service_ray", "test_training_ray", "test_demo", "test_local_stack", "test_service_failures",
-                 "test_training_cancel", "test_cli")  # fmt: skip
+SLOWEST_FIRST = (
+    "test_service_ray",
+    "test_training_ray",
+    "test_demo",
+    "test_local_stack",
+    "test_service_failures",
+    "test_training_cancel",
+    "test_cli",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,10 +108,25 @@ class InProcessService:
         return httpx.Client(transport=transport, base_url="http://testserver", headers=headers, timeout=60)
 
 
+class TracebackRecords(logging.Handler):
+    """Every log record that carries an exception's traceback, from any logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
 @pytest.fixture(scope="module")
 def in_process(tmp_path_factory):
-    """A factory of started in-process services for one module, all stopped at its end."""
+    """A factory of started in-process services for one module, all stopped at its end — and none may have logged a
+    traceback meanwhile (what `tests.services.Service`'s callers check in its log)."""
     started: list[InProcessService] = []
+    tracebacks = TracebackRecords()
+    logging.getLogger().addHandler(tracebacks)
 
     def start(**settings) -> InProcessService:
         service = InProcessService(tmp_path_factory.mktemp("api"), **settings).start()
@@ -113,3 +136,5 @@ def in_process(tmp_path_factory):
     yield start
     for service in started:
         service.stop()
+    logging.getLogger().removeHandler(tracebacks)
+    assert not tracebacks.records, [tracebacks.format(record) for record in tracebacks.records]
