@@ -148,9 +148,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         # executor's, which the queue's ticks, the finisher and every store call on PostgreSQL use
         admission_threads = ThreadPoolExecutor(4, thread_name_prefix="san-admission")
         jobs = JobService(
-            settings, store, GroupCommit(store), dispatcher, ray, runs, shares, cluster, ModelSizes(checks),
+            settings,
+            store,
+            GroupCommit(store),
+            dispatcher,
+            ray,
+            runs,
+            shares,
+            cluster,
+            ModelSizes(checks),
             admission_threads,
-        )  # fmt: skip
+        )
         study_service = StudyService(settings, studies, dispatcher, shares, cluster, checks, expansions)
         app.state.parts = Parts(settings, principals, store, ray, runs, checks, jobs, study_service)
         finisher = StudyFinisher(studies, settings, expansions)

@@ -78,9 +78,18 @@ class LocalRayHead:
 
     def start(self, timeout_s: float = 90) -> None:
         ray = Path(sys.executable).parent / "ray"  # the venv's, beside the interpreter
-        command = [str(ray) if ray.exists() else "ray", "start", "--head", "--block", "--disable-usage-stats",
-                   f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                   f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}"]  # fmt: skip
+        command = [
+            str(ray) if ray.exists() else "ray",
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--port={self.port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}",
+        ]
         # The dashboard agent's HTTP port is fixed by default (52365): a second cluster on this machine (a `san train`
         # run's, a test's) finds it taken and its job submissions hang. A free port, asked of the OS, instead. Only
         # that one: Ray picks the other agents' ports itself, and each port picked here can be taken before Ray binds
@@ -89,8 +98,9 @@ class LocalRayHead:
         if self.num_cpus:
             command.append(f"--num-cpus={self.num_cpus}")
         log = open(Path(self.temp_dir) / "head.log", "wb")  # noqa: SIM115 - the head outlives this call
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        start_new_session=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout_s
         headers = {"Authorization": f"Bearer {self.token}"}
         while time.monotonic() < deadline:

@@ -70,8 +70,17 @@ class RayJobs:
 
     def entrypoint(self, spec_path: Path, job_id: str, report: Path) -> str:
         # --admitted: the spec was validated at admission, once; the driver and its workers read it back as it is
-        command = [self.python, "-m", "training.run", str(spec_path), "--job-id", job_id, "--report-file", str(report),
-                   "--admitted"]  # fmt: skip
+        command = [
+            self.python,
+            "-m",
+            "training.run",
+            str(spec_path),
+            "--job-id",
+            job_id,
+            "--report-file",
+            str(report),
+            "--admitted",
+        ]
         return shlex.join(command)
 
     def submit(self, job_id: str, spec_path: Path, report: Path) -> None:

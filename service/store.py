@@ -179,9 +179,19 @@ def _study(row: StudyRow) -> Study:
 
 
 def _job(row: JobRow | Row, events: Sequence[JobEvent | Row]) -> Job:
-    return Job(row.id, row.principal, JobStatus(row.status), row.spec, row.idempotency_key, row.cancel_requested,
-               row.mlflow_run_id, row.error, aware(row.created_at), aware(row.updated_at),
-               [(JobStatus(e.status), aware(e.at)) for e in events])  # fmt: skip
+    return Job(
+        row.id,
+        row.principal,
+        JobStatus(row.status),
+        row.spec,
+        row.idempotency_key,
+        row.cancel_requested,
+        row.mlflow_run_id,
+        row.error,
+        aware(row.created_at),
+        aware(row.updated_at),
+        [(JobStatus(e.status), aware(e.at)) for e in events],
+    )
 
 
 # The hot paths' statements, built once with the values as parameters: building and cache-keying a statement per
@@ -196,8 +206,19 @@ EVENTS_OF_JOB = select(JobEvent.__table__).where(JobEvent.job_id == bindparam("j
 def new_job(principal: str, spec: dict[str, Any], idempotency_key: str | None = None) -> Job:
     """A queued job as it will be stored (see `JobStore.add`)."""
     moment = now()
-    return Job(f"job-{uuid.uuid4().hex[:16]}", principal, JobStatus.QUEUED, spec, idempotency_key, False, None, None,
-               moment, moment, [(JobStatus.QUEUED, moment)])  # fmt: skip
+    return Job(
+        f"job-{uuid.uuid4().hex[:16]}",
+        principal,
+        JobStatus.QUEUED,
+        spec,
+        idempotency_key,
+        False,
+        None,
+        None,
+        moment,
+        moment,
+        [(JobStatus.QUEUED, moment)],
+    )
 
 
 class IdempotencyConflict(ValueError):

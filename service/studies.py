@@ -162,8 +162,9 @@ def outcome(children: list[StudyChild]) -> StudyStatus | None:
     return StudyStatus.SUCCEEDED
 
 
-def write_and_log_results(expansion: Expansion, uri: str, run_id: str, results: Path,
-                          states: dict[tuple[str, int], str], status: str) -> None:  # fmt: skip
+def write_and_log_results(
+    expansion: Expansion, uri: str, run_id: str, results: Path, states: dict[tuple[str, int], str], status: str
+) -> None:
     """The study's table and figures written under ``results`` and logged on its parent run, which ends with
     ``status``: drawn in the admission worker (`ModelChecks.run`), never in the API process."""
     write_results(expansion, uri, run_id, results, states)
@@ -215,8 +216,15 @@ class StudyFinisher:
             return False
         uri = self.settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])  # never another
         results = self.settings.studies_dir() / study.id
-        self.expansions.checks.run(write_and_log_results, self.expansions.of(study), uri, study.mlflow_run_id,
-                                   results, child_states(children), final.mlflow_status())  # fmt: skip
+        self.expansions.checks.run(
+            write_and_log_results,
+            self.expansions.of(study),
+            uri,
+            study.mlflow_run_id,
+            results,
+            child_states(children),
+            final.mlflow_status(),
+        )
         self.attempts.pop(study.id, None)
         return self.studies.finish(study.id, final)
 

@@ -131,16 +131,23 @@ class StudyService:
         uri = admitted.base.tracking.mlflow_uri
         try:
             parent = create_study_run(
-                uri, admitted.experiment, self.settings.storage_root, study_id, admitted.name,
+                uri,
+                admitted.experiment,
+                self.settings.storage_root,
+                study_id,
+                admitted.name,
                 admitted.model_dump_json(indent=2),
-            )  # fmt: skip
+            )
         except Exception as error:
             raise Unavailable(f"cannot reach MLflow to record the study: {error}") from None
         children = [
-            (child.cell, child.seed,
-             child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"))
+            (
+                child.cell,
+                child.seed,
+                child_spec(admitted, expansion.cell(child.cell), child.seed, study_id, parent).model_dump(mode="json"),
+            )
             for child in expansion.children
-        ]  # fmt: skip
+        ]
         try:
             return self.studies.create(
                 principal, study_id, spec, idempotency_key, parent, children, summary_of(expansion)

@@ -42,8 +42,13 @@ def service(in_process):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-        service = in_process(max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", mlflow_uri=default,
-                             mlflow_allowed_uris=[ALLOWED], max_model_params=MAX_PARAMS)  # fmt: skip
+        service = in_process(
+            max_submitted=0,
+            ray_address=f"http://127.0.0.1:{free_port()}",
+            mlflow_uri=default,
+            mlflow_allowed_uris=[ALLOWED],
+            max_model_params=MAX_PARAMS,
+        )
         service.default_uri = default
         yield service
 

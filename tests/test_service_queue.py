@@ -196,6 +196,9 @@ def test_the_drivers_report_is_what_the_record_learns_its_run_and_its_failure_fr
     ray.finish(silent, JobStatus.FAILED)
     queue.tick()
     failed = store.get(reported)
-    assert (failed.status, failed.error, failed.mlflow_run_id) == ("failed", "ValueError: the driver's own words",
-                                                                   "a" * 32)  # fmt: skip
+    assert (failed.status, failed.error, failed.mlflow_run_id) == (
+        "failed",
+        "ValueError: the driver's own words",
+        "a" * 32,
+    )
     assert store.get(silent).error == "Ray's message"

@@ -60,8 +60,11 @@ def test_the_api_process_imports_no_torch():
     assert len(result["errors"]) == 2  # lstm4 on images, and BAM's unknown combine: refused without torch
     assert "takes sequences" in result["errors"][0] and "combine" in result["errors"][1]
     models, attention, placements, inputs = result["listed"]
-    assert (models, attention, placements) == (list(catalog.MODELS), list(catalog.ATTENTION_NAMES),
-                                               list(catalog.PLACEMENTS))  # fmt: skip
+    assert (models, attention, placements) == (
+        list(catalog.MODELS),
+        list(catalog.ATTENTION_NAMES),
+        list(catalog.PLACEMENTS),
+    )
     assert inputs == list(catalog.MODELS.values())
 
 

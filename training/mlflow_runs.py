@@ -14,9 +14,17 @@ from training.paths import default_tracking_uri
 from training.states import JobStatus
 
 METRIC_KEYS = (
-    "train/loss", "val/loss", "val/top1", "val/top5", "val/mae", "val/cosine", "time/epoch_s", "throughput/img_s",
-    "lr", "resolution",
-)  # fmt: skip
+    "train/loss",
+    "val/loss",
+    "val/top1",
+    "val/top5",
+    "val/mae",
+    "val/cosine",
+    "time/epoch_s",
+    "throughput/img_s",
+    "lr",
+    "resolution",
+)
 
 
 def tracking_uri(spec: JobSpec, storage_root: Path) -> str:
@@ -25,8 +33,9 @@ def tracking_uri(spec: JobSpec, storage_root: Path) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -97,9 +106,13 @@ def study_child_runs(uri: str, parent_run_id: str) -> list:
     parent = client.get_run(parent_run_id)
     runs, token = [], None
     while True:
-        page = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                  max_results=1000, order_by=["attributes.start_time ASC"],
-                                  page_token=token)  # fmt: skip
+        page = client.search_runs(
+            [parent.info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
         runs += page
         token = page.token
         if not token:

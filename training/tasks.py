@@ -24,8 +24,18 @@ from torch import Tensor, nn
 # What a study's table shows of each task, declared without torch (the service reads it): re-exported here.
 from training.metrics import LOGGED, METRICS, TASKS, Metric, table_metrics
 
-__all__ = ["LOGGED", "METRICS", "TASKS", "Classification", "Forecast", "Metric", "Task", "table_metrics",
-           "task_of", "validation_metrics"]  # fmt: skip
+__all__ = [
+    "LOGGED",
+    "METRICS",
+    "TASKS",
+    "Classification",
+    "Forecast",
+    "Metric",
+    "Task",
+    "table_metrics",
+    "task_of",
+    "validation_metrics",
+]
 
 
 @dataclass(frozen=True)
