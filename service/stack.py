@@ -28,7 +28,7 @@ import httpx
 import psutil
 
 from service.auth import hash_token
-from service.local_ray import LocalRayHead, free_ports
+from service.local_ray import LocalRayHead, free_ports, node_env
 from training.data.manifest import write_atomically
 
 BIN = Path(sys.executable).parent
@@ -217,6 +217,11 @@ def alive(pid: int) -> bool:
     return True
 
 
+# MLflow 3's server starts a GenAI job runner beside itself — 8 more Python processes, each importing mlflow — that
+# this project never uses: off, the server starts in about a third of the time and holds 8 fewer processes.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def stop_group(pid: int, timeout_s: float = 30) -> None:
     """SIGTERM to the group's leader alone (``ray start --block`` then ends its own processes in order), then
     SIGKILL to whatever of its group is left."""
@@ -297,7 +302,7 @@ class LocalStack:
         return state
 
     def ray_env(self, state: StackState) -> dict[str, str]:
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": state.ray_token}
+        return node_env(dict(os.environ), state.ray_token)
 
     def _spawn(self, state: StackState, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         with open(self.log(name), "ab") as log:
@@ -332,7 +337,7 @@ class LocalStack:
                 "--workers",
                 "1",
             ],
-            {**os.environ, "MLFLOW_BACKEND_STORE_URI": mlflow_db},
+            {**os.environ, **MLFLOW_SERVER_ENV, "MLFLOW_BACKEND_STORE_URI": mlflow_db},
         )
 
         head = LocalRayHead(state.ports["ray"], state.ports["dashboard"], num_cpus=1, token=state.ray_token)

@@ -14,7 +14,7 @@ import httpx
 
 from service.auth import hash_token
 from service.local_ray import free_ports
-from service.stack import PostgresCluster
+from service.stack import MLFLOW_SERVER_ENV, PostgresCluster
 
 BIN = Path(sys.executable).parent
 TOKENS = {"alice": "alice-token", "bob": "bob-token"}
@@ -99,7 +99,14 @@ def mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
     with open(root / "mlflow.log", "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=root,
+            env={**os.environ, **MLFLOW_SERVER_ENV},
+        )
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: httpx.get(f"{url}/health").status_code == 200, 90, "mlflow server")
     return process, url

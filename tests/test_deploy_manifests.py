@@ -863,6 +863,10 @@ def test_mlflow_with_the_stacks_auth_config_on_their_postgres_roles(postgres_rol
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test",
+        # as compose runs it (the GenAI job runner off)
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": load_yaml(COMPOSE)["services"]["mlflow"]["environment"][
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+        ],
     }
     port, backend = free_port(), f"postgresql+psycopg://mlflow:{ROLE_PASSWORDS['mlflow']}@{address}/mlflow"
     role_args = load_yaml(COMPOSE)["services"]["mlflow"]["command"][1:]  # after the role: --app-name basic-auth

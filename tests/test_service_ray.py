@@ -55,14 +55,18 @@ def ray_jobs(head: LocalRayHead) -> RayJobs:
     return RayJobs(head.address, auth_token(None), "python", {})
 
 
-def test_a_job_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
+def test_a_job_survives_a_restart_of_the_api_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
     service, head, mlflow_url = stack
     with service.client() as alice:
-        job_id = alice.post("/v1/jobs", json=spec(2)).json()["id"]
+        job_id = alice.post("/v1/jobs", json=spec(3)).json()["id"]
+        wait_for_job(alice, job_id, {"running"})
+    service.restart()  # while the job runs: the new API process finds it in the store and follows it to its end
+    with service.client() as alice:
+        assert job_id in {job["id"] for job in alice.get("/v1/jobs").json()["items"]}
         job = wait_for_job(alice, job_id, {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", job["error"]
         assert [t["status"] for t in job["transitions"]] == ["queued", "submitted", "running", "succeeded"]
-        assert job["ray_submission_id"] == job_id and job["progress"]["epoch"] == job["progress"]["epochs"] == 2
+        assert job["ray_submission_id"] == job_id and job["progress"]["epoch"] == job["progress"]["epochs"] == 3
         assert job["mlflow_url"].startswith(mlflow_url) and job["mlflow_url"].endswith(job["mlflow_run_id"])
         served = alice.get(f"/v1/jobs/{job_id}/metrics").json()
         logs = alice.get(f"/v1/jobs/{job_id}/logs", params={"tail": 50}).text
@@ -76,8 +80,9 @@ def test_a_job_runs_to_succeeded_and_its_metrics_are_the_mlflow_runs(stack):
     # …and both are what the training loop itself checkpointed.
     checkpoints = sorted((service.root / "runs" / "ray" / job_id).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
     history = torch.load(checkpoints[-1], weights_only=False)["history"]
+    assert [row["epoch"] for row in served["epochs"]] == [0, 1, 2]
     assert [round(row["val/top1"], 6) for row in served["epochs"]] == [round(m["val/top1"], 6) for m in history]
-    assert f"{job_id}: 2 epochs" in logs
+    assert f"{job_id}: 3 epochs" in logs
     # the tail Ray reads from the file's end: the whole log's last lines, no more
     whole = ray_jobs(head).http.get(f"/api/jobs/{job_id}/logs").json()["logs"].splitlines()
     assert len(whole) > 20 and logs.splitlines() == whole[-50:]
@@ -116,19 +121,6 @@ def test_cancelling_a_queued_job_never_reaches_ray_and_a_running_one_is_stopped(
         time.sleep(2)  # a few queue ticks: the cancelled queued job must still not be submitted
         assert ray.info(queued_id) is None
         assert alice.get(f"/v1/jobs/{queued_id}").json()["status"] == "cancelled"
-
-
-def test_a_job_survives_a_restart_of_the_api_and_ends_succeeded(stack):
-    service, _, _ = stack
-    with service.client() as alice:
-        job_id = alice.post("/v1/jobs", json=spec(4)).json()["id"]
-        wait_for_job(alice, job_id, {"running"})
-    service.restart()
-    with service.client() as alice:
-        assert job_id in {job["id"] for job in alice.get("/v1/jobs").json()["items"]}
-        job = wait_for_job(alice, job_id, {"succeeded", "failed", "cancelled"})
-        assert job["status"] == "succeeded", job["error"]
-        assert [row["epoch"] for row in alice.get(f"/v1/jobs/{job_id}/metrics").json()["epochs"]] == [0, 1, 2, 3]
 
 
 def test_ray_jobs_answers_are_told_apart_by_status_code(stack, tmp_path):

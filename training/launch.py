@@ -14,7 +14,6 @@ from training.config import JobSpec
 from training.data.manifest import write_atomically
 from training.data.resolve import ResolvedData, resolve_data
 from training.driver_report import write_report
-from training.loop import train_worker
 from training.paths import storage_root
 from training.states import JobStatus
 from training.stop import Cancelled, StopOnSignal, stop_file
@@ -40,6 +39,14 @@ def spec_file(spec: JobSpec, root: Path, job_id: str, given: Path | None = None)
     return path
 
 
+def run_worker(config: dict) -> None:
+    """What each Ray Train worker runs: `training.loop.train_worker`, imported there — the driver needs neither
+    FFCV nor the loop, and importing them cost each job's driver seconds before it reached Ray."""
+    from training.loop import train_worker
+
+    train_worker(config)
+
+
 def build_trainer(
     spec: JobSpec,
     data: ResolvedData,
@@ -48,9 +55,9 @@ def build_trainer(
     mlflow_uri: str,
     run_id: str,
     spec_path: Path,
-    worker=train_worker,
+    worker=run_worker,
 ):
-    """``spec_path``: `spec_file`'s; ``worker``: the function each Ray Train worker runs (`train_worker`; the
+    """``spec_path``: `spec_file`'s; ``worker``: the function each Ray Train worker runs (`run_worker`; the
     tests' fault harness wraps it)."""
     return TorchTrainer(
         worker,
@@ -109,7 +116,7 @@ def launch(
     job_id: str | None = None,
     root: Path | None = None,
     data: Path | None = None,
-    worker=train_worker,
+    worker=run_worker,
     spec_path: Path | None = None,
     report: Path | None = None,
 ) -> JobResult:
