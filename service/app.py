@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from san import __version__
 from service.admission import ModelChecks, ModelSizes
 from service.auth import principals_by_hash
+from service.comparison import CompareService
 from service.deps import Parts
 from service.errors import ServiceError, answer
 from service.job_service import JobService
@@ -24,7 +25,7 @@ from service.local_ray import LocalRayHead
 from service.progress import RunReader
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobs, auth_token
-from service.routes import catalog, health, jobs, studies
+from service.routes import catalog, compare, health, jobs, studies
 from service.settings import ServiceSettings
 from service.store import GroupCommit, JobStore, StudyStore
 from service.studies import Expansions, StudyFinisher
@@ -160,7 +161,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             admission_threads,
         )
         study_service = StudyService(settings, studies, dispatcher, shares, cluster, checks, expansions)
-        app.state.parts = Parts(settings, principals, store, ray, runs, checks, jobs, study_service)
+        comparisons = CompareService(store, studies, expansions, runs)
+        app.state.parts = Parts(settings, principals, store, ray, runs, checks, jobs, study_service, comparisons)
         finisher = StudyFinisher(studies, settings, expansions)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(cluster.run(CLUSTER_REFRESH_S)),
@@ -188,6 +190,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(ModelsBuiltElsewhere)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(ServiceError, answer)
-    for router in (jobs.router, studies.router, catalog.router, health.router):
+    for router in (jobs.router, studies.router, compare.router, catalog.router, health.router):
         app.include_router(router)
     return app

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.admission import ModelChecks
+from service.comparison import CompareService
 from service.job_service import JobService
 from service.progress import RunReader
 from service.ray_jobs import RayJobs
@@ -26,6 +27,7 @@ class Parts:
     checks: ModelChecks
     jobs: JobService
     studies: StudyService
+    comparisons: CompareService
 
 
 async def parts(request: Request) -> Parts:
@@ -40,6 +42,10 @@ async def study_service(request: Request) -> StudyService:
     return request.app.state.parts.studies
 
 
+async def compare_service(request: Request) -> CompareService:
+    return request.app.state.parts.comparisons
+
+
 async def settings(request: Request) -> ServiceSettings:
     return request.app.state.parts.settings
 
@@ -47,4 +53,5 @@ async def settings(request: Request) -> ServiceSettings:
 Service = Annotated[Parts, Depends(parts)]
 Jobs = Annotated[JobService, Depends(job_service)]
 Studies = Annotated[StudyService, Depends(study_service)]
+Compare = Annotated[CompareService, Depends(compare_service)]
 Settings = Annotated[ServiceSettings, Depends(settings)]

@@ -2,6 +2,7 @@
 latest metrics and the per-epoch history. Read only."""
 
 import logging
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,6 +45,11 @@ class RunReader:
         since_ms = since.timestamp() * 1000 if since else 0
         metrics = {key: value for key, value in run.data.metrics.items() if key in METRIC_KEYS}
         return Latest(metrics, len(history), sum(1 for m in history if m.timestamp >= since_ms), run.info.experiment_id)
+
+    def final(self, uri: str, run_id: str, key: str) -> float | None:
+        """``key`` at the last epoch that logged a finite value (a study table's rule: never the best epoch)."""
+        rows = metric_history(self.client(uri), run_id, (key,))
+        return next((row[key] for row in reversed(rows) if math.isfinite(row[key])), None)
 
     def history(self, uri: str, run_id: str) -> list[dict[str, Any]]:
         """One row per epoch: ``{"epoch": k, "train/loss": …, "val/top1": …, …}``, in epoch order."""

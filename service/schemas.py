@@ -80,3 +80,19 @@ class StudyList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class Side(BaseModel):
+    ref: str  # as asked: job ids, or STUDY_ID/CELL
+    jobs: dict[int, str]  # seed → the job whose run counts (succeeded, with a run)
+    values: dict[int, float]  # seed → the metric at the run's last epoch
+    skipped: dict[str, str] = {}  # job id → why it does not count (not succeeded, no run, no value)
+
+
+class Comparison(BaseModel):
+    metric: str
+    a: Side
+    b: Side
+    # a − b on the seeds both have (`training.paired.paired_difference`): mean, std, n, values, seeds, positive,
+    # better, ci95, resolved, seeds_to_resolve; None when they share no seed
+    difference: dict[str, Any] | None

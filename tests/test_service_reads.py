@@ -114,7 +114,8 @@ def test_no_get_of_any_route_writes_the_store_or_asks_mlflow_to_find_a_run(in_pr
     documented = service.app.openapi()["paths"]
     gets = [path for path, methods in documented.items() if "get" in methods]
     assert {"/v1/jobs/{job_id}", "/v1/studies/{study_id}/table", "/readyz"} <= set(gets)
-    paths = [path.format(**ids) for path in gets] + ["/openapi.json", "/docs"]
+    compare = f"/v1/compare?a={job['id']},{unreported['id']}&b={study['id']}/c001"  # its query is required
+    paths = [compare if path == "/v1/compare" else path.format(**ids) for path in gets] + ["/openapi.json", "/docs"]
     paths += [path.format(**{**ids, "job_id": unreported["id"]}) for path in gets if "{job_id}" in path]
     written = writes_to(store)
     with service.client() as alice, parts.jobs.dispatcher._lock:  # a tick at work (say, waiting on Ray) meanwhile

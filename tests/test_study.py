@@ -8,6 +8,7 @@ import re
 import statistics
 
 import pytest
+import scipy.stats
 from pydantic import ValidationError
 
 from training.config import JobSpec
@@ -183,6 +184,18 @@ def test_table_statistics_equal_numbers_computed_independently():
     assert cbam["diff_top1"]["mean"] == pytest.approx(statistics.fmean(diffs))
     assert cbam["diff_top1"]["std"] == pytest.approx(statistics.stdev(diffs)) and cbam["diff_top1"]["positive"] == 1
     assert san["top1"]["n"] == 2 and san["diff_top1"]["n"] == 2 and san["diff_top1"]["positive"] == 2
+    # the 95 % interval is SciPy's paired t-test's, computed here from the seeds' values directly
+    expected = scipy.stats.ttest_rel(top1["c002"], top1["c000"]).confidence_interval(0.95)
+    assert cbam["diff_top1"]["ci95"] == pytest.approx([expected.low, expected.high])
+    assert cbam["diff_top1"]["resolved"] is False and cbam["diff_top1"]["seeds"] == [0, 1, 2]
+    spread, size = statistics.stdev(diffs), abs(statistics.fmean(diffs))
+    needed = next(n for n in range(2, 10_000) if scipy.stats.t.ppf(0.975, n - 1) * spread / n**0.5 < size)
+    assert cbam["diff_top1"]["seeds_to_resolve"] == needed
+    row = next(row for row in csv.DictReader(io.StringIO(to_csv(table))) if row["cell"] == "c002")
+    assert float(row["diff_top1_ci_low"]) == pytest.approx(expected.low)
+    assert int(row["diff_top1_seeds_to_resolve"]) == needed
+    line = next(line for line in markdown(table).splitlines() if "(c002)" in line)
+    assert f"| [{100 * expected.low:+.2f}, {100 * expected.high:+.2f}] | 1/3 | {needed} |" in line
     assert san["states"] == {"running": 1, "succeeded": 2}
     base_seconds = statistics.fmean([5, 6, 5])  # the median epoch of each run, then the mean over seeds
     cbam_seconds = statistics.fmean([7, 8, 7])

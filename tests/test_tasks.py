@@ -76,7 +76,7 @@ def test_a_forecast_studys_table_shows_cosine_and_mae_beside_the_papers():
                         "| full paper MAE |")  # fmt: skip
     assert lines[3].startswith(f"| Base Model | {values['c000'][0]:.4f} ± 0.0000 | {values['c000'][1]:.4f} ± 0.0000 "
                                "| 0.9672 | 40.88 |")  # fmt: skip
-    assert "| Δ cos. sim. vs baseline (paired) | Δ > 0 |" in text
+    assert "| Δ cos. sim. vs baseline (paired) | 95 % CI | Δ > 0 | seeds to resolve |" in text
     parsed = list(csv.DictReader(io.StringIO(to_csv(table))))
     assert float(parsed[0]["mae_mean"]) == pytest.approx(values["c000"][1]) and parsed[0]["paper_mae"] == "40.88"
     assert "top1_mean" not in parsed[0]

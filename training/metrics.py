@@ -2,6 +2,7 @@
 process reads them; the losses and the metrics' arithmetic are `training.tasks`'."""
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 TASKS = ("classification", "forecast")
 
@@ -23,6 +24,7 @@ METRICS = {
     "cosine": Metric("val/cosine", "cos. sim.", False, True),
 }
 
+MetricName = StrEnum("MetricName", {name: name for name in METRICS})  # the names, for a query parameter's choices
 
 LOGGED = {"classification": ("top1", "top5", "mae"), "forecast": ("cosine", "mae")}  # what each task logs
 

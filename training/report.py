@@ -3,8 +3,9 @@ source of the others), Markdown in the paper's layout (rows = modules, columns =
 top-1/top-5 for images, accuracy/MAE for series classification, cosine similarity/MAE for forecasts) and CSV.
 
 Per cell and metric: the value of each seed's **last** epoch (no choosing the best epoch on the validation set) as
-mean ± sample standard deviation with n; the paired difference to the baseline cell on the same seed (mean ± std,
-on how many seeds it was positive, and on how many it was better: lower, for an error); seconds per epoch (the
+mean ± sample standard deviation with n; the paired difference to the baseline cell on the same seed
+(`training.paired`: mean ± std, its 95 % confidence interval, on how many seeds it was positive and on how many
+better — lower, for an error — and how many seeds its spread would need to resolve it); seconds per epoch (the
 median epoch of each run, mean over seeds) and its ratio to the baseline's; parameters; and the paper's figure
 where the study knows it.
 """
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from training.metrics import METRICS
+from training.paired import paired_difference
 from training.states import JobStatus
 from training.study import PLACEMENT, Expansion, Observation
 
@@ -74,14 +76,10 @@ def build_table(expansion: Expansion, observations: Iterable[Observation]) -> di
         base = done.get(baseline.runs_as or "", {})
         paired = [s for s in seeds if s in base]
         for metric in expansion.study.table_metrics:
-            key, higher = METRICS[metric].key, METRICS[metric].higher_is_better
-            diffs = [final(finished[s], key) - final(base[s], key) for s in paired
-                     if final(finished[s], key) is not None and final(base[s], key) is not None]  # fmt: skip
-            stats = mean_std(diffs)
-            if stats:
-                stats["positive"] = sum(d > 0 for d in diffs)
-                stats["better"] = sum(d > 0 if higher else d < 0 for d in diffs)
-            entry[f"diff_{metric}"] = stats
+            key = METRICS[metric].key
+            ours = {s: v for s in paired if (v := final(finished[s], key)) is not None}
+            theirs = {s: v for s in paired if (v := final(base[s], key)) is not None}
+            entry[f"diff_{metric}"] = paired_difference(ours, theirs, METRICS[metric].higher_is_better)
         # On the seeds both have, as the accuracy differences.
         cell_seconds = mean_std([v for s in paired if (v := epoch_seconds(finished[s])) is not None])
         base_seconds = mean_std([v for s in paired if (v := epoch_seconds(base[s])) is not None])
@@ -130,6 +128,25 @@ def shown(stats: dict[str, Any] | None, seeds: int, metric: str, signed: bool = 
     return text
 
 
+def interval(diff: dict[str, Any] | None, metric: str) -> str:
+    """The paired difference's 95 % confidence interval, in the metric's units; a star where it excludes zero."""
+    if not diff or not diff.get("ci95"):
+        return ""
+    scale, digits = (100, 2) if METRICS[metric].percent else (1, 4)
+    low, high = (scale * bound for bound in diff["ci95"])
+    return f"[{low:+.{digits}f}, {high:+.{digits}f}]" + (" *" if diff["resolved"] else "")
+
+
+def resolving(diff: dict[str, Any] | None) -> str:
+    """How many seeds the observed spread needs before the interval excludes zero ("already" when it does)."""
+    if not diff or diff.get("std") is None:
+        return ""
+    if diff["resolved"]:
+        return "resolved"
+    needed = diff.get("seeds_to_resolve")
+    return str(needed) if needed is not None else "never"
+
+
 def paper_value(cell: dict[str, Any], metric: str) -> str:
     """As the paper prints it: percent for accuracies, the value itself otherwise."""
     value = (cell.get("paper") or {}).get(metric)
@@ -173,11 +190,12 @@ def markdown(table: dict[str, Any]) -> str:
     units = [METRICS[m].title.lower() + (" %" if METRICS[m].percent else "") for m in metrics]
     better = "Δ > 0" if METRICS[first].higher_is_better else "Δ < 0"
     lines += ["", f"| cell | runs | {' | '.join(units)} | Δ {METRICS[first].title.lower()} vs baseline (paired) "
-              f"| {better} | s/epoch | × baseline | params |", "|---" * (len(metrics) + 7) + "|"]  # fmt: skip
+              f"| 95 % CI | {better} | seeds to resolve | s/epoch | × baseline | params |",
+              "|---" * (len(metrics) + 9) + "|"]  # fmt: skip
     for cell in table["cells"]:
         name = " · ".join(cell["labels"].values()) or cell["key"]
         if cell["refused"]:
-            lines.append(f"| {name} | {REFUSED} |" + " |" * (len(metrics) + 5))
+            lines.append(f"| {name} | {REFUSED} |" + " |" * (len(metrics) + 7))
             continue
         if cell["runs_as"] != cell["key"]:  # the same network as a cell above: its line says it all
             continue
@@ -187,7 +205,9 @@ def markdown(table: dict[str, Any]) -> str:
         lines.append(" | ".join([
             f"| {name} ({cell['key']})", runs, *(shown(cell.get(m), seeds, m) for m in metrics),
             shown(diff, seeds, first, signed=True) if diff else "",
+            interval(diff, first),
             f"{diff.get('better', diff['positive'])}/{diff['n']}" if diff else "",
+            resolving(diff),
             f"{seconds['mean']:.1f}" if seconds else NOT_RUN,
             f"{cell['epoch_s_ratio']:.2f}" if cell.get("epoch_s_ratio") else "",
             f"{cell['params']:,}" if cell.get("params") else "",
@@ -199,9 +219,12 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DIFF_PARTS = ("mean", "std", "positive", "better", "ci_low", "ci_high", "seeds_to_resolve")
+
+
 def csv_columns(metrics: list[str]) -> list[str]:
     per_metric = [f"{m}_{part}" for m in metrics for part in ("mean", "std")]
-    diffs = [f"diff_{m}_{part}" for m in metrics for part in ("mean", "std", "positive", "better")]
+    diffs = [f"diff_{m}_{part}" for m in metrics for part in DIFF_PARTS]
     return ["cell", "labels", "runs_as", "refused", "n", *per_metric, *diffs, "epoch_s_mean", "epoch_s_std",
             "epoch_s_ratio", "params", *(f"paper_{m}" for m in metrics)]  # fmt: skip
 
@@ -218,8 +241,9 @@ def to_csv(table: dict[str, Any]) -> str:
                                "runs_as": cell["runs_as"] or "", "refused": cell["refused"] or "",
                                "n": (cell.get(metrics[0]) or {}).get("n")}  # fmt: skip
         for name in [*metrics, *(f"diff_{m}" for m in metrics), "epoch_s"]:
-            stats = cell.get(name) or {}
-            for part in ("mean", "std", "positive", "better"):
+            stats = dict(cell.get(name) or {})
+            stats["ci_low"], stats["ci_high"] = stats.get("ci95") or (None, None)
+            for part in DIFF_PARTS:
                 row[f"{name}_{part}"] = stats.get(part)
         row["epoch_s_ratio"], row["params"] = cell.get("epoch_s_ratio"), cell.get("params")
         paper = cell.get("paper") or {}
