@@ -116,6 +116,9 @@ def _show(job: dict) -> str:
             line += f"  {key} {job['metrics'][key]:.4f}"
     if job.get("mlflow_url"):
         line += f"  {job['mlflow_url']}"
+    if queue := job.get("queue"):
+        place = f"position {queue['position']}: " if queue.get("position") else ""
+        line += f"\n  waiting: {place}{queue['reason']}"
     if job.get("error"):
         line += f"\n  error: {job['error']}"
     return line

@@ -16,6 +16,7 @@ from service.queue import Dispatcher
 from service.ray_jobs import RayJobs, RayUnavailable
 from service.schemas import EpochMetrics, JobView, Progress, Transition
 from service.settings import ServiceSettings
+from service.standing import standing
 from service.store import GroupCommit, IdempotencyConflict, Job, JobStore
 from service.validation import ClusterSize, JobShares, Rejected, admit
 from training.config import JobSpec
@@ -105,6 +106,13 @@ class JobService:
             self.dispatcher.kick()
         return job, created
 
+    def summary(self, job: Job) -> JobView:
+        """The stored record, and for a job not running yet its place in the queue and why it waits."""
+        view = summary(job)
+        view.queue = standing(job.id, job.principal, job.status, job.spec, self.dispatcher.ranking,
+                              self.cluster.value, self.cluster.free)  # fmt: skip
+        return view
+
     async def page(self, principal: str, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:
         return await self.stored(self.store.page, principal, status, limit, offset)
 
@@ -117,7 +125,7 @@ class JobService:
     async def view(self, job_id: str, principal: str) -> JobView:
         """The stored record, with its progress and latest metrics from its MLflow run once it has one."""
         job = await self.stored(self.owned, job_id, principal)
-        view = summary(job)
+        view = self.summary(job)
         if job.mlflow_run_id is None:
             return view
         uri = job.spec["tracking"]["mlflow_uri"]

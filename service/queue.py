@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable
+from service.standing import MAX_RANKED, Ranking, Waiting, rank
 from service.store import Job, JobStore
 from training.data.manifest import write_atomically
 from training.driver_report import read_report, report_path, write_report
@@ -32,6 +33,7 @@ class Dispatcher:
         self._kick = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.served: dict[str, float] = {}  # principal → when a queued job of theirs was last submitted
+        self.ranking = Ranking(max_submitted=max_submitted)  # the waiting jobs' order as of the last tick
 
     def spec_path(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "spec.json"
@@ -58,6 +60,16 @@ class Dispatcher:
                 self.fill()
             except RayUnavailable as error:
                 log.warning("queue: %s; retrying in the next tick", error)
+            self.ranking = self.rank_waiting()
+
+    def rank_waiting(self) -> Ranking:
+        """The waiting jobs in the order `fill` would submit them (reads take each job's place from here)."""
+        rows = self.store.waiting(MAX_RANKED + 1)
+        running = self.store.active_principals()
+        waiting = [Waiting(*row) for row in rows[:MAX_RANKED]]
+        order = rank(waiting, running, self.served, self.max_submitted)
+        held = {principal: running.count(principal) for principal in set(running)}
+        return Ranking(order, held, self.max_submitted, complete=len(rows) <= MAX_RANKED)
 
     def reconcile(self, job: Job) -> None:
         """Bring one active job's record in line with Ray's state and its driver's report (the caller holds the

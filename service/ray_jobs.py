@@ -147,6 +147,17 @@ class RayJobs:
                     totals[key] += node["resources_total"].get(key, 0.0)
         return totals
 
+    def free(self) -> dict[str, float] | None:
+        """CPUs and GPUs free on the cluster now (the autoscaler's load report), None where Ray does not say."""
+        response = self.request("GET", "/api/cluster_status", params={"format": 0})
+        if response is None:
+            return None
+        try:
+            usage = response.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        return {key: max(0.0, total - used) for key in ("CPU", "GPU") for used, total in [usage.get(key, (0.0, 0.0))]}
+
     def ping(self) -> str:
         """The cluster's Ray version; raises RayUnavailable."""
         response = self.request("GET", "/api/version")

@@ -20,6 +20,15 @@ class Progress(BaseModel):
     eta_s: float | None
 
 
+class QueueStanding(BaseModel):
+    """Why a job that is not running yet waits (`service.standing`)."""
+
+    position: int | None  # 1: the next job the service submits; None once on Ray (or not ranked yet)
+    ahead: int | None  # jobs the service submits before it
+    reason: str
+    fits: bool  # whether the cluster as it is could ever run it
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -34,6 +43,7 @@ class JobView(BaseModel):
     mlflow_url: str | None = None
     progress: Progress | None = None
     metrics: dict[str, float] = {}
+    queue: QueueStanding | None = None  # while it waits: its place and why
 
 
 class JobList(BaseModel):

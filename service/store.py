@@ -388,6 +388,20 @@ class JobStore:
             rows = session.scalars(select(JobRow).where(JobRow.seq.in_(first)).order_by(JobRow.seq)).all()
             return self._read_all(session, rows)
 
+    def waiting(self, limit: int) -> list[tuple[str, str, JobStatus, int]]:
+        """(id, principal, status, seq) of the oldest ``limit`` waiting jobs no cancel was asked for."""
+        query = (select(JobRow.id, JobRow.principal, JobRow.status, JobRow.seq)
+                 .where(JobRow.status.in_(WAITING), JobRow.cancel_requested.is_(False))
+                 .order_by(JobRow.seq).limit(limit))  # fmt: skip
+        with self.session() as session:
+            return [(id_, principal, JobStatus(status), seq) for id_, principal, status, seq in session.execute(query)]
+
+    def active_principals(self) -> list[str]:
+        """The principal of each job on Ray, oldest job first (at most ``max_submitted`` rows, by the queue)."""
+        query = select(JobRow.principal).where(JobRow.status.in_(ACTIVE)).order_by(JobRow.seq)
+        with self.session() as session:
+            return list(session.scalars(query))
+
     def active_by_principal(self) -> dict[str, int]:
         query = select(JobRow.principal, func.count()).where(JobRow.status.in_(ACTIVE)).group_by(JobRow.principal)
         with self.session() as session:

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from service.errors import TooMany
-from service.ray_jobs import RayJobs, RayUnavailable
+from service.ray_jobs import RayJobs, RayRefused, RayUnavailable
 from service.settings import ServiceSettings
 from service.store import JobStore, StudyStore
 from training.config import JobSpec
@@ -33,18 +33,23 @@ class Rejected(ValueError):
 
 
 class ClusterSize:
-    """The cluster's CPUs and GPUs as last asked of Ray (None while unknown or Ray is down). `refresh` runs in
-    the background (`run`), so admitting a job never waits on Ray."""
+    """The cluster's CPUs and GPUs, in all and free, as last asked of Ray (None while unknown or Ray is down).
+    `refresh` runs in the background (`run`), so admitting a job never waits on Ray."""
 
     def __init__(self, ray: RayJobs) -> None:
         self.ray = ray
         self.value: dict[str, float] | None = None
+        self.free: dict[str, float] | None = None  # free now, for a waiting job's reason
 
     def refresh(self) -> None:
         try:
             size = self.ray.resources()
         except RayUnavailable:
             size = None
+        try:
+            self.free = self.ray.free() if size else None
+        except (RayUnavailable, RayRefused):
+            self.free = None
         # A head that has just started lists no live node's CPUs yet: that is "unknown", not "no room".
         self.value = size if size and size["CPU"] > 0 else None
 

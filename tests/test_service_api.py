@@ -2,7 +2,9 @@
 auth, ownership, validation, body limits, idempotency, 100 concurrent POSTs; and the CLI client against uvicorn."""
 
 import json
+import re
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -137,6 +139,23 @@ def test_catalog_lists_what_a_spec_may_name(service):
         assert "JobSpec" in schema["components"]["schemas"]
 
 
+def test_a_waiting_jobs_view_gives_its_place_in_the_dispatchers_order_and_why_it_waits(service):
+    with service.client() as alice:
+        ids = [alice.post("/v1/jobs", json=SPEC).json()["id"] for _ in range(2)]
+        ranking = service.parts.jobs.dispatcher
+        deadline = time.monotonic() + 30
+        while not all(job_id in ranking.ranking.place for job_id in ids) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the next tick ranks them
+        views = [alice.get(f"/v1/jobs/{job_id}").json()["queue"] for job_id in ids]
+        listed = {job["id"]: job["queue"] for job in alice.get("/v1/jobs", params={"status": "queued"}).json()["items"]}
+    places = [ranking.ranking.place[job_id] + 1 for job_id in ids]
+    assert [view["position"] for view in views] == places and places[0] < places[1]
+    assert [listed[job_id] for job_id in ids] == views
+    for view in views:
+        assert view["reason"].startswith("the service submits no jobs now (SAN_MAX_SUBMITTED=0)")
+        assert view["fits"] is True and view["ahead"] == view["position"] - 1
+
+
 def test_the_cli_client_submits_lists_shows_and_fails_in_one_line(served, tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(SPEC))
@@ -150,6 +169,8 @@ def test_the_cli_client_submits_lists_shows_and_fails_in_one_line(served, tmp_pa
     job_id = submitted.stdout.split()[0]
     assert job_id in san("list", "--status", "queued").stdout
     assert json.loads(san("show", job_id, "--json").stdout)["id"] == job_id
+    waiting = next(san("show", job_id).stdout for _ in range(50) if "position" in san("show", job_id).stdout)
+    assert re.search(r"\n  waiting: position \d+: the service submits no jobs now \(SAN_MAX_SUBMITTED=0\)", waiting)
     assert "cancelled" in san("cancel", job_id).stdout
     spec.write_text(json.dumps({**SPEC, "model": {"name": "lenet9"}}))
     bad = san("submit", str(spec))

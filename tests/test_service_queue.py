@@ -13,6 +13,7 @@ from sqlalchemy import inspect
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobInfo, RayUnavailable
 from service.settings import ServiceSettings
+from service.standing import Ranking, standing
 from service.store import JobStore, StudyStore, new_job
 from service.studies import StudyFinisher, expand_stored
 from training.driver_report import write_report
@@ -202,3 +203,50 @@ def test_the_drivers_report_is_what_the_record_learns_its_run_and_its_failure_fr
         "a" * 32,
     )
     assert store.get(silent).error == "Ray's message"
+
+
+def test_each_waiting_jobs_place_and_reason_hold_at_every_step_until_it_is_submitted(store, tmp_path):
+    """Issue 28: the order the views give is the order the dispatcher submits in — interrupted first, then
+    round-robin — and each waiting job's reason counts the slots and the jobs ahead, checked after every tick."""
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray)
+    alices, bobs, carols = add(store, "alice", 3), add(store, "bob", 2), add(store, "carol", 1)
+    (lost,) = add(store, "bob")
+    assert store.transition(lost, "submitted") and store.transition(lost, "interrupted")
+    queue.tick()
+    predicted = [lost, *[job.id for job in queue.ranking.order]]  # the lost job was submitted by that tick
+    assert ray.submitted == [lost]
+    assert sorted(predicted) == sorted([*alices, *bobs, *carols, lost])
+    owner = {job_id: "alice" for job_id in alices} | {job_id: "bob" for job_id in [*bobs, lost]} | {carols[0]: "carol"}
+    for step in range(1, len(predicted)):
+        waiting = predicted[step:]
+        for place, job_id in enumerate(waiting):
+            job = store.get(job_id)
+            shown = standing(job.id, job.principal, job.status, job.spec, queue.ranking, None, None)
+            ahead = waiting[:place]
+            mine = sum(owner[other] == owner[job_id] for other in ahead)
+            assert (shown.position, shown.ahead, shown.fits) == (place + 1, place, True)
+            held_by_them = int(owner[ray.submitted[-1]] == owner[job_id])
+            assert shown.reason.startswith(f"1 of 1 slots held ({held_by_them} by your jobs)"), shown.reason
+            if ahead:
+                assert f"; {place} job{'s' * (place != 1)} go" in shown.reason
+                assert f"({mine} yours, {place - mine} of other principals, in turn)" in shown.reason
+        ray.finish(ray.submitted[-1])
+        queue.tick()
+        assert ray.submitted[-1] == predicted[step]  # the next submitted is the one placed first
+    assert ray.submitted == predicted and queue.ranking.order == []
+
+
+def test_a_job_the_cluster_cannot_hold_says_so_and_one_on_ray_says_what_it_waits_for():
+    spec = {"scaling": {"num_workers": 3, "cpus_per_worker": 1, "use_gpu": False}}
+    queued = standing("job-a", "alice", JobStatus.QUEUED, spec, Ranking(), {"CPU": 2.0, "GPU": 0.0}, None)
+    assert queued.fits is False and queued.position is None
+    assert queued.reason == ("it can never start on the cluster as it is: needs 3 workers × 1 CPU = 3 CPUs, the "
+                             "cluster has 2 CPUs")  # fmt: skip
+    spec["scaling"]["num_workers"] = 2
+    on_ray = standing("job-a", "alice", JobStatus.SUBMITTED, spec, Ranking(), {"CPU": 2.0}, {"CPU": 1.0, "GPU": 0.0})
+    assert on_ray.fits and on_ray.reason == "on Ray, waiting for its resources: needs 2 workers × 1 CPU = 2 CPUs; " \
+        "Ray has 1 CPU free"  # fmt: skip
+    assert standing("job-a", "alice", JobStatus.RUNNING, spec, Ranking(), None, None) is None
+    idle = standing("job-a", "alice", JobStatus.QUEUED, spec, Ranking(max_submitted=0), None, None)
+    assert idle.reason == "not ranked yet"  # queued after the last tick

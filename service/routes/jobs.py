@@ -9,7 +9,6 @@ from fastapi.responses import PlainTextResponse
 
 from service.auth import Principal
 from service.deps import Jobs
-from service.job_service import summary
 from service.schemas import EpochMetrics, JobList, JobView
 from training.config import JobSpec
 from training.states import JobStatus
@@ -32,7 +31,7 @@ async def submit_job(
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return summary(job)
+    return jobs.summary(job)
 
 
 @router.get("", response_model=JobList)
@@ -45,7 +44,7 @@ async def list_jobs(
 ) -> JobList:
     """This principal's jobs, newest first."""
     found, total = await jobs.page(principal, status, limit, offset)
-    return JobList(items=[summary(job) for job in found], total=total, limit=limit, offset=offset)
+    return JobList(items=[jobs.summary(job) for job in found], total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobView)
@@ -57,7 +56,7 @@ async def show_job(job_id: str, principal: Principal, jobs: Jobs) -> JobView:
 @router.post("/{job_id}/cancel", response_model=JobView)
 async def cancel_job(job_id: str, principal: Principal, jobs: Jobs) -> JobView:
     """A queued job is cancelled without reaching Ray; a submitted or running one is stopped on Ray."""
-    return summary(await run_in_threadpool(jobs.cancel, job_id, principal))
+    return jobs.summary(await run_in_threadpool(jobs.cancel, job_id, principal))
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse)
