@@ -119,6 +119,9 @@ def _show(job: dict) -> str:
     if queue := job.get("queue"):
         place = f"position {queue['position']}: " if queue.get("position") else ""
         line += f"\n  waiting: {place}{queue['reason']}"
+        times = [f"{what} ≈ {queue[f'{what}_at'][:19]}" for what in ("starts", "ends") if queue.get(f"{what}_at")]
+        if queue.get("estimate"):
+            line += f"\n  {', '.join([*times, queue['estimate']])}"
     if job.get("error"):
         line += f"\n  error: {job['error']}"
     return line

@@ -11,8 +11,10 @@ import json
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from service.estimates import HISTORY, History, schedule
 from service.ray_jobs import RayJobInfo, RayJobs, RayRefused, RayUnavailable
 from service.standing import MAX_RANKED, Ranking, Waiting, rank
 from service.store import Job, JobStore
@@ -22,6 +24,7 @@ from training.states import ACTIVE, WAITING, JobStatus
 
 log = logging.getLogger("san.service")
 KICK_GAP_S = 0.05
+HISTORY_REFRESH_S = 30.0  # how often the estimates re-read the finished jobs
 
 
 class Dispatcher:
@@ -34,6 +37,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.served: dict[str, float] = {}  # principal → when a queued job of theirs was last submitted
         self.ranking = Ranking(max_submitted=max_submitted)  # the waiting jobs' order as of the last tick
+        self.history, self.history_read = History(), -HISTORY_REFRESH_S  # seconds per epoch, from finished jobs
+        self.specs: dict[str, dict] = {}  # waiting jobs' specs as the estimates need them (a spec never changes)
 
     def spec_path(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / "spec.json"
@@ -65,11 +70,21 @@ class Dispatcher:
     def rank_waiting(self) -> Ranking:
         """The waiting jobs in the order `fill` would submit them (reads take each job's place from here)."""
         rows = self.store.waiting(MAX_RANKED + 1)
-        running = self.store.active_principals()
+        active = self.store.in_states(ACTIVE)
+        running = [job.principal for job in active]
         waiting = [Waiting(*row) for row in rows[:MAX_RANKED]]
         order = rank(waiting, running, self.served, self.max_submitted)
         held = {principal: running.count(principal) for principal in set(running)}
-        return Ranking(order, held, self.max_submitted, complete=len(rows) <= MAX_RANKED)
+        if time.monotonic() - self.history_read >= HISTORY_REFRESH_S:
+            self.history, self.history_read = History(self.store.recent(JobStatus.SUCCEEDED, HISTORY)), time.monotonic()
+        missing = [job.id for job in order if job.id not in self.specs]
+        self.specs = {job.id: self.specs[job.id] for job in order if job.id in self.specs}  # ended ones dropped
+        self.specs.update(self.store.specs_of(missing) if missing else {})
+        now = datetime.now(UTC)
+        durations = [(job.id, self.history.duration(self.specs[job.id])) for job in order]
+        busy = [self.history.remaining(job, now) for job in active]
+        estimates = schedule(durations, busy, self.max_submitted)
+        return Ranking(order, held, self.max_submitted, len(rows) <= MAX_RANKED, estimates, self.history, now)
 
     def reconcile(self, job: Job) -> None:
         """Bring one active job's record in line with Ray's state and its driver's report (the caller holds the

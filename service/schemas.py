@@ -27,6 +27,9 @@ class QueueStanding(BaseModel):
     ahead: int | None  # jobs the service submits before it
     reason: str
     fits: bool  # whether the cluster as it is could ever run it
+    starts_at: datetime | None = None  # estimated from earlier runs (`service.estimates`), None without one
+    ends_at: datetime | None = None
+    estimate: str | None = None  # what the estimate rests on, or why there is none
 
 
 class JobView(BaseModel):

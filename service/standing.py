@@ -6,8 +6,10 @@ cluster as it is could ever run it."""
 
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
+from service.estimates import History
 from service.schemas import QueueStanding
 from training.states import JobStatus
 
@@ -32,6 +34,9 @@ class Ranking:
     held: dict[str, int] = field(default_factory=dict)  # principal → jobs on Ray (submitted or running)
     max_submitted: int = 0
     complete: bool = True  # every waiting job was ranked (else only the `MAX_RANKED` oldest)
+    estimates: dict[str, tuple] = field(default_factory=dict)  # job id → seconds until it starts, until it ends
+    history: History = field(default_factory=History)
+    made_at: datetime | None = None
     place: dict[str, int] = field(init=False)  # job id → its index in `order`
 
     def __post_init__(self) -> None:
@@ -119,4 +124,17 @@ def standing(
             parts.insert(0, f"{resuming} resuming after an interruption")
         jobs = "1 job goes" if len(ahead) == 1 else f"{len(ahead)} jobs go"
         reasons.append(f"{jobs} first ({', '.join(parts)})")
-    return QueueStanding(position=place + 1, ahead=len(ahead), reason="; ".join(reasons), fits=True)
+    start, end = ranking.estimates.get(job_id, (None, None))
+    estimate = ranking.history.basis(spec)
+    if start is None and end is None and ranking.history.duration(spec) is not None:
+        estimate = "no estimate: a job before it has none (" + estimate + ")"
+    made = ranking.made_at
+    return QueueStanding(
+        position=place + 1,
+        ahead=len(ahead),
+        reason="; ".join(reasons),
+        fits=True,
+        starts_at=made + timedelta(seconds=start) if made and start is not None else None,
+        ends_at=made + timedelta(seconds=end) if made and end is not None else None,
+        estimate=estimate,
+    )

@@ -396,6 +396,16 @@ class JobStore:
         with self.session() as session:
             return [(id_, principal, JobStatus(status), seq) for id_, principal, status, seq in session.execute(query)]
 
+    def specs_of(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self.session() as session:
+            return dict(session.execute(select(JobRow.id, JobRow.spec).where(JobRow.id.in_(job_ids))).all())
+
+    def recent(self, status: JobStatus, limit: int) -> list[Job]:
+        """The newest ``limit`` jobs in ``status``."""
+        with self.session() as session:
+            query = select(JobRow).where(JobRow.status == status).order_by(JobRow.seq.desc()).limit(limit)
+            return self._read_all(session, session.scalars(query).all())
+
     def active_principals(self) -> list[str]:
         """The principal of each job on Ray, oldest job first (at most ``max_submitted`` rows, by the queue)."""
         query = select(JobRow.principal).where(JobRow.status.in_(ACTIVE)).order_by(JobRow.seq)

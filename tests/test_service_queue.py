@@ -3,18 +3,22 @@ are the subject here; the real Ray path is tests/test_service_ray.py. Issue 24: 
 and principals are served round-robin, so one principal's study cannot hold everyone's queue."""
 
 import json
+import math
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from sqlalchemy import inspect
 
+from service.estimates import History, schedule
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobInfo, RayUnavailable
 from service.settings import ServiceSettings
 from service.standing import Ranking, standing
-from service.store import JobStore, StudyStore, new_job
+from service.store import Job, JobStore, StudyStore, new_job
 from service.studies import StudyFinisher, expand_stored
 from training.driver_report import write_report
 from training.states import JobStatus
@@ -53,7 +57,11 @@ def dispatcher(store: JobStore, tmp_path: Path, ray: RecordingRay, max_submitted
 
 
 def add(store: JobStore, principal: str, count: int = 1) -> list[str]:
-    jobs = [new_job(principal, SPEC) for _ in range(count)]
+    return add_spec(store, principal, SPEC, count)
+
+
+def add_spec(store: JobStore, principal: str, spec: dict, count: int = 1) -> list[str]:
+    jobs = [new_job(principal, spec) for _ in range(count)]
     store.add(jobs)
     return [job.id for job in jobs]
 
@@ -250,3 +258,67 @@ def test_a_job_the_cluster_cannot_hold_says_so_and_one_on_ray_says_what_it_waits
     assert standing("job-a", "alice", JobStatus.RUNNING, spec, Ranking(), None, None) is None
     idle = standing("job-a", "alice", JobStatus.QUEUED, spec, Ranking(max_submitted=0), None, None)
     assert idle.reason == "not ranked yet"  # queued after the last tick
+
+
+def test_the_schedule_plays_the_order_forward_on_the_slots_and_an_unknown_blocks_what_waits_behind_it():
+    order = [("a", 10.0), ("b", None), ("c", 5.0)]
+    assert schedule(order, [3.0, None], slots=2) == {"a": (3.0, 13.0), "b": (13.0, None), "c": (None, None)}
+    assert schedule(order, [3.0, None], slots=3) == {"a": (0.0, 10.0), "b": (3.0, None), "c": (10.0, 15.0)}
+    assert schedule(order, [], slots=0) == {"a": (None, None), "b": (None, None), "c": (None, None)}
+
+
+def finished_job(spec: dict, seconds: float) -> Job:
+    job = new_job("alice", spec)
+    start = datetime(2026, 12, 7, tzinfo=UTC)
+    job.transitions = [(JobStatus.RUNNING, start), (JobStatus.SUCCEEDED, start + timedelta(seconds=seconds))]
+    job.status = JobStatus.SUCCEEDED
+    return job
+
+
+def test_history_is_the_median_seconds_per_epoch_of_the_same_network_dataset_and_workers():
+    lenet = {
+        "model": {"name": "lenet5", "attention": "san-c", "placement": "bottleneck"},
+        "data": {"dataset": "fashion-mnist"},
+        "scaling": {"num_workers": 2},
+        "training": {"epochs": 4},
+    }
+    wider = {**lenet, "scaling": {"num_workers": 1}}
+    history = History([finished_job(lenet, seconds) for seconds in (40, 80, 400)] + [finished_job(wider, 8)])
+    assert history.duration({**lenet, "training": {"epochs": 10}}) == pytest.approx(200.0)  # median 20 s × 10
+    assert history.duration(wider) == pytest.approx(8.0)
+    assert history.basis(lenet) == "from 3 earlier runs of lenet5 san-c bottleneck on fashion-mnist × 2 workers: " \
+        "20.0 s per epoch"  # fmt: skip
+    other = {**lenet, "model": {**lenet["model"], "attention": "cbam"}}
+    assert history.duration(other) is None
+    assert history.basis(other) == "no estimate: no earlier run of lenet5 cbam bottleneck on fashion-mnist × " \
+        "2 workers succeeded"  # fmt: skip
+
+
+def test_waiting_jobs_get_start_and_end_estimates_from_the_jobs_that_ran_before(store, tmp_path):
+    ray = RecordingRay()
+    queue = dispatcher(store, tmp_path, ray)
+    known = {**SPEC, "model": {"name": "lenet5"}}
+    (first,) = add_spec(store, "alice", known)
+    queue.tick()
+    queue.tick()  # it runs
+    time.sleep(0.2)
+    ray.finish(first)
+    queue.tick()  # it ends: the history has its pace
+    pace = History([store.get(first)]).duration(known)
+    assert pace is not None and pace > 0
+    queue.history_read = -math.inf  # read the history again now, not in 30 s
+    running, second = add_spec(store, "alice", known, 2)
+    (unknown,) = add_spec(store, "alice", {**SPEC, "model": {"name": "vgg16"}})
+    (third,) = add_spec(store, "alice", known)
+    queue.tick()
+    assert ray.submitted[-1] == running and [job.id for job in queue.ranking.order] == [second, unknown, third]
+    views = {job_id: standing(job_id, "alice", JobStatus.QUEUED, store.get(job_id).spec, queue.ranking, None, None)
+             for job_id in (second, unknown, third)}  # fmt: skip
+    assert views[second].estimate.startswith("from 1 earlier run of lenet5")
+    assert views[unknown].starts_at == views[second].ends_at and views[unknown].ends_at is None
+    assert views[unknown].estimate.startswith("no estimate: no earlier run of vgg16")
+    assert views[third].starts_at is None and views[third].estimate.startswith("no estimate: a job before it")
+    made = queue.ranking.made_at
+    left = queue.ranking.estimates[second][0]  # what is left of the running job: it has not run yet, all of it
+    assert left == pytest.approx(pace) and views[second].starts_at == made + timedelta(seconds=left)
+    assert views[second].ends_at == made + timedelta(seconds=2 * left)
