@@ -109,3 +109,24 @@ class Comparison(BaseModel):
     # a − b on the seeds both have (`training.paired.paired_difference`): mean, std, n, values, seeds, positive,
     # better, ci95, resolved, seeds_to_resolve; None when they share no seed
     difference: dict[str, Any] | None
+
+
+class PlannedCell(BaseModel):
+    key: str
+    labels: dict[str, str]
+    runs_as: str | None  # the cell whose runs serve this one (itself when it runs)
+    refused: str | None  # why the library cannot build it
+
+
+class StudyPlan(BaseModel):
+    """What a study would queue, checked as a submission is, with nothing queued (``POST /v1/studies/plan``)."""
+
+    cells: list[PlannedCell]
+    refused: int
+    merged: int  # cells whose runs another cell's serve (equal networks run once)
+    jobs: int
+    estimated_jobs: int  # of them, the ones earlier runs of the same network, dataset and workers estimate
+    cpu_hours: float | None  # the estimated jobs' seconds × CPUs (None when none is estimated)
+    gpu_hours: float | None
+    wall_s: float | None  # the estimated jobs alone on the service's slots, one after another in turn
+    estimate: str  # what the figures rest on

@@ -12,11 +12,13 @@ from sqlalchemy.exc import IntegrityError
 
 from service.admission import AdmissionUnavailable, ModelChecks
 from service.errors import Conflict, Invalid, NotFound, Unavailable
+from service.estimates import schedule
 from service.job_service import ADMISSION_RETRY_AFTER
 from service.queue import Dispatcher
 from service.ray_jobs import RayUnavailable
-from service.schemas import CellProgress, StudyView
+from service.schemas import CellProgress, PlannedCell, StudyPlan, StudyView
 from service.settings import ServiceSettings
+from service.standing import cpus_needed
 from service.store import IdempotencyConflict, Study, StudyStore, same_spec
 from service.studies import Expansions, admit_study, check_study_size, progress, summary_of, table_of, with_tracking_uri
 from service.validation import ClusterSize, JobShares
@@ -159,6 +161,41 @@ class StudyService:
             if not isinstance(error, IntegrityError) or existing is None:
                 raise
             return self.same(existing, spec)
+
+    def plan(self, study: StudySpec) -> StudyPlan:
+        """The study checked as `submit` checks it — 422 naming the axis, 503 while the admission worker is away —
+        and its cost from the history of earlier runs; nothing is stored, nothing reaches MLflow or Ray."""
+        try:
+            check_study_size(study, self.settings)
+        except StudyError as error:
+            raise Invalid(error.detail()) from None
+        try:
+            expansion = self.checks.run(admit_study, study, self.settings, self.cluster.value)
+        except StudyError as error:
+            raise Invalid(error.detail()) from None
+        except AdmissionUnavailable as error:
+            raise Unavailable(f"checking the study: {error}", ADMISSION_RETRY_AFTER) from None
+        history = self.dispatcher.history
+        specs = [child.spec.model_dump(mode="json") for child in expansion.children]
+        durations = [history.duration(spec) for spec in specs]
+        known = [(spec, seconds) for spec, seconds in zip(specs, durations, strict=True) if seconds is not None]
+        cpu = sum(seconds * cpus_needed(spec["scaling"])[1] for spec, seconds in known) / 3600
+        gpu = sum(seconds * cpus_needed(spec["scaling"])[2] for spec, seconds in known) / 3600
+        ends = schedule([(str(i), s) for i, (_, s) in enumerate(known)], [], max(1, self.settings.max_submitted))
+        bases, counts = sorted({history.basis(spec) for spec in specs}), summary_of(expansion)
+        return StudyPlan(
+            cells=[
+                PlannedCell(key=c.key, labels=c.labels, runs_as=c.runs_as, refused=c.refused) for c in expansion.cells
+            ],
+            refused=counts["refused"],
+            merged=counts["merged"],
+            jobs=len(specs),
+            estimated_jobs=len(known),
+            cpu_hours=cpu if known else None,
+            gpu_hours=gpu if known and any(cpus_needed(spec["scaling"])[2] for spec, _ in known) else None,
+            wall_s=max(end for _, end in ends.values()) if known else None,
+            estimate="; ".join(bases),
+        )
 
     def same(self, existing: Study, spec: dict[str, Any]) -> StudyView:
         try:

@@ -2,16 +2,22 @@
 admission (422 naming the axis, nothing queued), ownership, idempotency, the table so far, cancel → the study
 ends cancelled and its MLflow parent run KILLED; and property-based study specs that never get a 5xx."""
 
+import math
 import os
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
+from service.estimates import History
+from service.store import Job, new_job
 from tests.services import free_port
 from tests.test_service_limits import rss_mib
+from training.config import JobSpec
+from training.states import JobStatus
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -70,6 +76,41 @@ def test_a_study_queues_one_job_per_network_and_seed_under_an_mlflow_parent_run(
         assert alice.get(f"/v1/studies/{study['id']}/table", params={"format": "xml"}).status_code == 422
 
 
+def test_a_plan_counts_cells_and_jobs_and_costs_them_from_earlier_runs_with_nothing_queued(service):
+    dispatcher = service.parts.jobs.dispatcher
+    with service.client("alice") as alice:
+        before, studies = total_jobs(alice), alice.get("/v1/studies").json()["total"]
+        plan = alice.post("/v1/studies/plan", json=STUDY)
+        assert plan.status_code == 200, plan.text
+        plan = plan.json()
+        assert (plan["jobs"], plan["merged"], plan["refused"], len(plan["cells"])) == (4, 2, 0, 4)
+        assert [cell["runs_as"] for cell in plan["cells"]] == ["c000", "c000", "c002", "c002"]
+        assert plan["estimated_jobs"] == 0 and plan["cpu_hours"] is None and plan["wall_s"] is None
+        assert "no estimate: no earlier run of lenet5 none bottleneck on fashion-mnist × 1 worker" in plan["estimate"]
+        # earlier runs of the base network: 30 s and 50 s for 2 epochs → 20 s per epoch (the median)
+        base = JobSpec.model_validate({**BASE, "model": {"name": "lenet5", "attention": "none"}}).model_dump()
+        assert (base["scaling"]["num_workers"], base["scaling"]["cpus_per_worker"]) == (1, 1)
+        saved = dispatcher.history, dispatcher.history_read
+        dispatcher.history, dispatcher.history_read = History([finished(base, 30), finished(base, 50)]), math.inf
+        try:
+            costed = alice.post("/v1/studies/plan", json=STUDY).json()
+        finally:
+            dispatcher.history, dispatcher.history_read = saved
+        after, studies_after = total_jobs(alice), alice.get("/v1/studies").json()["total"]
+    assert costed["estimated_jobs"] == 2  # the base network's two seeds; SAN-c has no history
+    assert costed["cpu_hours"] == pytest.approx(2 * 40 / 3600) and costed["wall_s"] == pytest.approx(80)
+    assert "from 2 earlier runs of lenet5 none bottleneck on fashion-mnist × 1 worker: 20.0 s per epoch" in \
+        costed["estimate"]  # fmt: skip
+    assert (after, studies_after) == (before, studies)  # nothing queued, nothing stored
+
+
+def finished(spec: dict, seconds: float) -> Job:
+    job = new_job("alice", spec)
+    start = datetime(2026, 12, 7, tzinfo=UTC)
+    job.transitions = [(JobStatus.RUNNING, start), (JobStatus.SUCCEEDED, start + timedelta(seconds=seconds))]
+    return job
+
+
 def test_after_a_restart_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
     with service.client("alice") as alice:
         study = alice.post("/v1/studies", json={**STUDY, "name": "to-cancel"}).json()
@@ -116,10 +157,11 @@ def test_an_idempotency_key_returns_the_same_study_and_refuses_another_spec(serv
 def test_bad_studies_get_422_naming_the_axis_and_queue_nothing(service, change, loc, text):
     with service.client("alice") as alice:
         before, studies = total_jobs(alice), alice.get("/v1/studies").json()["total"]
-        response = alice.post("/v1/studies", json={**STUDY, **change})
-        assert response.status_code == 422, response.text
-        error = response.json()["detail"][0]
-        assert error["loc"][: len(loc)] == loc and text in error["msg"], error
+        for path in ("/v1/studies", "/v1/studies/plan"):  # a plan is checked as a submission is
+            response = alice.post(path, json={**STUDY, **change})
+            assert response.status_code == 422, response.text
+            error = response.json()["detail"][0]
+            assert error["loc"][: len(loc)] == loc and text in error["msg"], error
         assert total_jobs(alice) == before and alice.get("/v1/studies").json()["total"] == studies
 
 

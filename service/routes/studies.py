@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from service.auth import Principal
 from service.deps import Studies
-from service.schemas import StudyList, StudyView
+from service.schemas import StudyList, StudyPlan, StudyView
 from training.report import FORMATS
 from training.study import StudySpec
 
@@ -35,6 +35,14 @@ async def submit_study(
         response.status_code = 200
     response.headers["Location"] = f"/v1/studies/{view.id}"
     return view
+
+
+@router.post("/plan", response_model=StudyPlan)
+async def plan_study(study: StudySpec, principal: Principal, studies: Studies) -> StudyPlan:
+    """A dry run: the cells (merged and refused ones with their reasons), the jobs, and what they would cost — CPU-
+    or GPU-hours and the time on the service's slots, from earlier runs of the same network, dataset and worker
+    count — checked as a submission is (422 naming the axis), with nothing queued or recorded."""
+    return await run_in_threadpool(studies.plan, study)
 
 
 @router.get("", response_model=StudyList)
