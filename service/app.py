@@ -20,6 +20,7 @@ from service.auth import principals_by_hash
 from service.comparison import CompareService
 from service.deps import Parts
 from service.errors import ServiceError, answer
+from service.events import EventStreams
 from service.job_service import JobService
 from service.local_ray import LocalRayHead
 from service.progress import RunReader
@@ -162,7 +163,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )
         study_service = StudyService(settings, studies, dispatcher, shares, cluster, checks, expansions)
         comparisons = CompareService(store, studies, expansions, runs)
-        app.state.parts = Parts(settings, principals, store, ray, runs, checks, jobs, study_service, comparisons)
+        events = EventStreams(store, studies, runs, max(settings.poll_interval_s, 0.5))
+        app.state.parts = Parts(
+            settings, principals, store, ray, runs, checks, jobs, study_service, comparisons, events
+        )
         finisher = StudyFinisher(studies, settings, expansions)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(cluster.run(CLUSTER_REFRESH_S)),

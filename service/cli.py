@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from training.states import JobStatus, StudyStatus
@@ -179,6 +180,73 @@ def _one(method: str, suffix: str = "", resource: str = "jobs", show=None):
             return _fail(response)
         print(json.dumps(response.json(), indent=2) if args.json else (show or _show)(response.json()))
         return 0
+
+    return handler
+
+
+def sse_events(lines) -> Iterator[tuple[str, str | None, dict]]:
+    """(event, id, data) of each server-sent event in ``lines`` (comments, such as the pings, skipped)."""
+    kind, event_id, data = "message", None, []
+    for line in lines:
+        if not line:
+            if data:
+                yield kind, event_id, json.loads("\n".join(data))
+            kind, event_id, data = "message", None, []
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "event":
+            kind = value
+        elif field == "id":
+            event_id = value
+        elif field == "data":
+            data.append(value)
+
+
+def _event_line(kind: str, data: dict) -> str:
+    who = data.get("job_id", "")
+    if "cell" in data:
+        who += f" ({data['cell']}, seed {data['seed']})"
+    if kind == "epoch":
+        metrics = "  ".join(f"{key} {value:.4f}" for key, value in data.items() if "/" in key and key != "time/epoch_s")
+        return f"[cyan]{who}  epoch {data['epoch'] + 1}[/]  {metrics}"
+    if kind == "end":
+        colour = "green" if data["status"] == JobStatus.SUCCEEDED else "red"
+        return f"[{colour}]{data.get('study_id') or who}  ended {data['status']}[/]" + (
+            f": {data['error']}" if data.get("error") else ""
+        )
+    return f"{who}  {data['status']}  {str(data.get('at', ''))[:19]}"
+
+
+def _watch(resource: str):
+    """A handler that follows ``/v1/<resource>/<id>/events`` to its end, reconnecting (with ``Last-Event-ID``, so
+    nothing is missed or shown twice) when the connection drops; exit 0 if it succeeded."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import httpx
+        from rich.console import Console
+
+        console, last, tries = Console(highlight=False, soft_wrap=True), None, 0
+        while True:
+            headers = {"Last-Event-ID": last} if last else {}
+            try:
+                with _client(args) as client, client.stream("GET", f"/v1/{resource}/{args.id}/events",
+                                                            headers=headers) as response:  # fmt: skip
+                    if response.status_code != 200:
+                        response.read()
+                        return _fail(response)
+                    tries = 0
+                    for kind, event_id, data in sse_events(response.iter_lines()):
+                        last = event_id or last
+                        console.print(_event_line(kind, data))
+                        if kind == "end":
+                            return 0 if data["status"] == JobStatus.SUCCEEDED else 1
+            except httpx.TransportError as error:
+                tries += 1
+                if tries > 30:
+                    print(f"san {resource}: error: cannot reach {args.url}: {error}", file=sys.stderr)
+                    return 2
+                time.sleep(min(tries, 5))
 
     return handler
 
@@ -348,6 +416,9 @@ def register(commands) -> None:
         action.add_argument("id")
         action.add_argument("--json", action="store_true", help="the whole job as JSON")
         action.set_defaults(handler=_one(method, suffix))
+    watch = actions.add_parser("watch", help="follow a job's state changes and epochs live, to its end")
+    watch.add_argument("id")
+    watch.set_defaults(handler=_watch("jobs"))
     logs = actions.add_parser("logs", help="the Ray job's driver log")
     logs.add_argument("id")
     logs.add_argument("--tail", type=int, default=200)
@@ -388,6 +459,9 @@ def register(commands) -> None:
         action.add_argument("id")
         action.add_argument("--json", action="store_true", help="the whole study (with its table) as JSON")
         action.set_defaults(handler=_one(method, suffix, "studies", _study_line))
+    watch = verbs.add_parser("watch", help="follow a study's children's state changes live, to its end")
+    watch.add_argument("id")
+    watch.set_defaults(handler=_watch("studies"))
     table = verbs.add_parser("table", help="the table so far")
     table.add_argument("id")
     table.add_argument("--format", choices=["md", "csv", "json"], default="md")

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from service.admission import ModelChecks
 from service.comparison import CompareService
+from service.events import EventStreams
 from service.job_service import JobService
 from service.progress import RunReader
 from service.ray_jobs import RayJobs
@@ -28,6 +29,7 @@ class Parts:
     jobs: JobService
     studies: StudyService
     comparisons: CompareService
+    events: EventStreams
 
 
 async def parts(request: Request) -> Parts:
@@ -46,6 +48,10 @@ async def compare_service(request: Request) -> CompareService:
     return request.app.state.parts.comparisons
 
 
+async def event_streams(request: Request) -> EventStreams:
+    return request.app.state.parts.events
+
+
 async def settings(request: Request) -> ServiceSettings:
     return request.app.state.parts.settings
 
@@ -54,4 +60,5 @@ Service = Annotated[Parts, Depends(parts)]
 Jobs = Annotated[JobService, Depends(job_service)]
 Studies = Annotated[StudyService, Depends(study_service)]
 Compare = Annotated[CompareService, Depends(compare_service)]
+Events = Annotated[EventStreams, Depends(event_streams)]
 Settings = Annotated[ServiceSettings, Depends(settings)]

@@ -406,6 +406,17 @@ class JobStore:
             query = select(JobRow).where(JobRow.status == status).order_by(JobRow.seq.desc()).limit(limit)
             return self._read_all(session, session.scalars(query).all())
 
+    def events_after(self, job_id: str, after: int, limit: int = 500) -> list[tuple[int, JobStatus, datetime]]:
+        """The job's state changes stored after event ``after`` (its seq), oldest first."""
+        query = (
+            select(JobEvent.seq, JobEvent.status, JobEvent.at)
+            .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+            .order_by(JobEvent.seq)
+            .limit(limit)
+        )
+        with self.session() as session:
+            return [(seq, JobStatus(status), aware(at)) for seq, status, at in session.execute(query)]
+
     def active_principals(self) -> list[str]:
         """The principal of each job on Ray, oldest job first (at most ``max_submitted`` rows, by the queue)."""
         query = select(JobRow.principal).where(JobRow.status.in_(ACTIVE)).order_by(JobRow.seq)
@@ -541,6 +552,22 @@ class StudyStore:
             for study_id, cell, job_id, status in session.execute(query):
                 found[study_id].append((cell, job_id, status))
         return found
+
+    def events_after(
+        self, study_id: str, after: int, limit: int = 500
+    ) -> list[tuple[int, str, str, int, JobStatus, datetime]]:
+        """Its children's state changes stored after event ``after``, oldest first: (seq, job id, cell, seed,
+        state, at)."""
+        query = (
+            select(JobEvent.seq, JobEvent.job_id, StudyJobRow.cell, StudyJobRow.seed, JobEvent.status, JobEvent.at)
+            .join(StudyJobRow, StudyJobRow.job_id == JobEvent.job_id)
+            .where(StudyJobRow.study_id == study_id, JobEvent.seq > after)
+            .order_by(JobEvent.seq)
+            .limit(limit)
+        )
+        with self.jobs.session() as session:
+            rows = session.execute(query)
+            return [(seq, job, cell, seed, JobStatus(status), aware(at)) for seq, job, cell, seed, status, at in rows]
 
     def in_state(self, status: StudyStatus) -> list[Study]:
         with self.jobs.session() as session:

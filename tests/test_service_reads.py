@@ -98,6 +98,16 @@ def test_no_get_of_any_route_writes_the_store_or_asks_mlflow_to_find_a_run(in_pr
         assert study.status_code == 201, study.text
         study = study.json()
         unreported = alice.post("/v1/jobs", json={"training": {"epochs": 2}}).json()
+        # an ended job and an ended study: their event streams end (a running one's stream goes on; it is read
+        # over uvicorn in tests/test_service_events.py)
+        ended = alice.post("/v1/jobs", json={"training": {"epochs": 2}}).json()
+        assert alice.post(f"/v1/jobs/{ended['id']}/cancel").status_code == 200
+        over = alice.post("/v1/studies", json={"name": "over", "base": {"training": {"epochs": 2}},
+                                               "axes": {"model.attention": ["none"]}}).json()  # fmt: skip
+        assert alice.post(f"/v1/studies/{over['id']}/cancel").status_code == 200
+        deadline = time.monotonic() + 30
+        while alice.get(f"/v1/studies/{over['id']}").json()["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)  # the finisher ends it
     store = parts.store
     store.transition(job["id"], JobStatus.SUBMITTED)
     store.transition(job["id"], JobStatus.RUNNING, mlflow_run_id=run)  # as the dispatcher records a report
@@ -113,10 +123,18 @@ def test_no_get_of_any_route_writes_the_store_or_asks_mlflow_to_find_a_run(in_pr
     ids = {"job_id": job["id"], "study_id": study["id"]}
     documented = service.app.openapi()["paths"]
     gets = [path for path, methods in documented.items() if "get" in methods]
-    assert {"/v1/jobs/{job_id}", "/v1/studies/{study_id}/table", "/readyz"} <= set(gets)
+    assert {"/v1/jobs/{job_id}", "/v1/studies/{study_id}/table", "/v1/jobs/{job_id}/events", "/readyz"} <= set(gets)
     compare = f"/v1/compare?a={job['id']},{unreported['id']}&b={study['id']}/c001"  # its query is required
-    paths = [compare if path == "/v1/compare" else path.format(**ids) for path in gets] + ["/openapi.json", "/docs"]
-    paths += [path.format(**{**ids, "job_id": unreported["id"]}) for path in gets if "{job_id}" in path]
+    ended_ids = {"job_id": ended["id"], "study_id": over["id"]}
+    paths = [
+        compare if path == "/v1/compare" else path.format(**(ended_ids if path.endswith("/events") else ids))
+        for path in gets
+    ] + ["/openapi.json", "/docs"]
+    paths += [
+        path.format(**{**ids, "job_id": unreported["id"]})
+        for path in gets
+        if "{job_id}" in path and not path.endswith("/events")
+    ]
     written = writes_to(store)
     with service.client() as alice, parts.jobs.dispatcher._lock:  # a tick at work (say, waiting on Ray) meanwhile
         for path in paths:

@@ -6,9 +6,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse
 
 from service.auth import Principal
-from service.deps import Jobs
+from service.deps import Events, Jobs
+from service.events import Cursor
 from service.schemas import EpochMetrics, JobList, JobView
 from training.config import JobSpec
 from training.states import JobStatus
@@ -72,3 +74,20 @@ async def job_logs(
 async def job_metrics(job_id: str, principal: Principal, jobs: Jobs) -> EpochMetrics:
     """Per-epoch history, read from the job's MLflow run."""
     return await run_in_threadpool(jobs.metrics, job_id, principal)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    job_id: str,
+    principal: Principal,
+    jobs: Jobs,
+    streams: Events,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    """Server-sent events: ``state`` (each state change), ``epoch`` (each epoch's metrics), then ``end``. Each id
+    is the stream's cursor: reconnect with ``Last-Event-ID`` to get what was missed, once (from any API process,
+    after a restart too)."""
+    job = await jobs.stored(jobs.owned, job_id, principal)
+    cursor = Cursor.parse(last_event_id)
+    streams.check()
+    return EventSourceResponse(streams.job(job, cursor), ping=15)

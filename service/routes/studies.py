@@ -7,9 +7,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
+from sse_starlette import EventSourceResponse
 
 from service.auth import Principal
-from service.deps import Studies
+from service.deps import Events, Studies
+from service.events import Cursor
 from service.schemas import StudyList, StudyPlan, StudyView
 from training.report import FORMATS
 from training.study import StudySpec
@@ -81,3 +83,19 @@ async def cancel_study(study_id: str, principal: Principal, studies: Studies) ->
     """Cancel every child that has not ended (queued ones never reach Ray); the study ends ``cancelled`` once
     they all have."""
     return await run_in_threadpool(studies.cancel, study_id, principal)
+
+
+@router.get("/{study_id}/events", response_class=EventSourceResponse)
+async def study_events(
+    study_id: str,
+    principal: Principal,
+    studies: Studies,
+    streams: Events,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    """Server-sent events: ``state`` for each change of a child's state (with its cell and seed), then ``end`` when
+    the study ended; resumable with ``Last-Event-ID`` as a job's are."""
+    await run_in_threadpool(studies.owned, study_id, principal)
+    cursor = Cursor.parse(last_event_id)
+    streams.check()
+    return EventSourceResponse(streams.study(study_id, cursor), ping=15)
