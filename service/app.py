@@ -26,12 +26,13 @@ from service.local_ray import LocalRayHead
 from service.progress import RunReader
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobs, auth_token
-from service.routes import catalog, compare, health, jobs, studies
+from service.routes import catalog, compare, health, jobs, studies, webhooks
 from service.settings import ServiceSettings
-from service.store import GroupCommit, JobStore, StudyStore
+from service.store import GroupCommit, JobStore, StudyStore, WebhookStore
 from service.studies import Expansions, StudyFinisher
 from service.study_service import StudyService
 from service.validation import ClusterSize, JobShares
+from service.webhooks import Deliverer
 from training.config import MODELS_BUILT_ELSEWHERE
 from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
 
@@ -164,13 +165,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         study_service = StudyService(settings, studies, dispatcher, shares, cluster, checks, expansions)
         comparisons = CompareService(store, studies, expansions, runs)
         events = EventStreams(store, studies, runs, max(settings.poll_interval_s, 0.5))
+        hooks = WebhookStore(store)
         app.state.parts = Parts(
-            settings, principals, store, ray, runs, checks, jobs, study_service, comparisons, events
+            settings, principals, store, ray, runs, checks, jobs, study_service, comparisons, events, hooks
         )
         finisher = StudyFinisher(studies, settings, expansions)
         tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
                  asyncio.create_task(cluster.run(CLUSTER_REFRESH_S)),
-                 asyncio.create_task(finisher.run(settings.poll_interval_s))]  # fmt: skip
+                 asyncio.create_task(finisher.run(settings.poll_interval_s)),
+                 asyncio.create_task(Deliverer(hooks, settings.webhook_allowed_hosts).run(
+                     min(settings.poll_interval_s, 1.0)))]  # fmt: skip
         # MLflow and SQLAlchemy leave ~200,000 objects behind (with torch, before it left this process: ~380,000); a
         # full collection over them takes ~200 ms, during which every request in flight waits. Frozen, never again.
         gc.freeze()
@@ -194,6 +198,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(ModelsBuiltElsewhere)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(ServiceError, answer)
-    for router in (jobs.router, studies.router, compare.router, catalog.router, health.router):
+    for router in (jobs.router, studies.router, compare.router, webhooks.router, catalog.router, health.router):
         app.include_router(router)
     return app

@@ -14,7 +14,7 @@ from service.job_service import JobService
 from service.progress import RunReader
 from service.ray_jobs import RayJobs
 from service.settings import ServiceSettings
-from service.store import JobStore
+from service.store import JobStore, WebhookStore
 from service.study_service import StudyService
 
 
@@ -30,6 +30,7 @@ class Parts:
     studies: StudyService
     comparisons: CompareService
     events: EventStreams
+    webhooks: WebhookStore
 
 
 async def parts(request: Request) -> Parts:

@@ -4,7 +4,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from training.states import JobStatus, StudyStatus
 
@@ -130,3 +130,17 @@ class StudyPlan(BaseModel):
     gpu_hours: float | None
     wall_s: float | None  # the estimated jobs alone on the service's slots, one after another in turn
     estimate: str  # what the figures rest on
+
+
+class WebhookRequest(BaseModel):
+    url: str = Field(min_length=1, max_length=2048)
+
+
+class WebhookView(BaseModel):
+    id: str
+    url: str
+    created_at: datetime
+
+
+class WebhookCreated(WebhookView):
+    secret: str  # shown once: the key of the HMAC-SHA256 in each delivery's X-San-Signature

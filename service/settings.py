@@ -33,6 +33,8 @@ class ServiceSettings(BaseSettings):
     # Other MLflow tracking URIs a spec may name (JSON list): a job logs to the default or one of these, never to a
     # URI of the user's choosing — the API would open it too, to read the job's metrics.
     mlflow_allowed_uris: list[str] = Field(default_factory=list)
+    # Hosts (``host`` or ``host:port``, JSON list) webhooks may be sent to; empty: no webhooks (service.webhooks).
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
     max_model_params: int = Field(default=200_000_000, ge=1)  # parameters of a job's model (counted on meta)
     data_root: Path = Field(default_factory=data_root)
     storage_root: Path = Field(default_factory=storage_root)

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     bindparam,
     case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -75,6 +77,39 @@ class JobEvent(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookRow(Base):
+    """A principal's webhook: where its jobs' and studies' transitions are POSTed, signed with ``secret``."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(200), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeliveryRow(Base):
+    """The outbox: one transition for one webhook, written in the transaction that made the transition."""
+
+    __tablename__ = "webhook_deliveries"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    error: Mapped[str | None] = mapped_column(String(500), nullable=True)  # the last attempt's
+    abandoned: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+def enqueue(session: Session, principal: str, payload: dict[str, Any], moment: datetime) -> None:
+    """A delivery of ``payload`` to each of ``principal``'s webhooks, in the caller's transaction."""
+    for webhook_id in session.scalars(select(WebhookRow.id).where(WebhookRow.principal == principal)):
+        session.add(DeliveryRow(webhook_id=webhook_id, payload=payload, attempts=0, next_at=moment))
 
 
 class StudyRow(Base):
@@ -447,11 +482,15 @@ class JobStore:
             where.append(JobRow.cancel_requested.is_(False))
         with self._writing(), self.session.begin() as session:
             changed = session.execute(
-                update(JobRow).where(*where).values(status=to, updated_at=moment, **fields)
-            ).rowcount  # fmt: skip
+                update(JobRow).where(*where).values(status=to, updated_at=moment, **fields).returning(JobRow.principal)
+            ).first()
             if changed:
                 session.add(JobEvent(job_id=job_id, status=to, at=moment))
-        return bool(changed)
+                event = {"kind": "job", "job_id": job_id, "status": to.value, "at": moment.isoformat()}
+                if fields.get("error"):
+                    event["error"] = fields["error"]
+                enqueue(session, changed.principal, event, moment)
+        return changed is not None
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Fields that are not a state change: cancel_requested, mlflow_run_id."""
@@ -583,13 +622,23 @@ class StudyStore:
             jobs = JobStore._read_all(session, [job for _, job in pairs])
             return [StudyChild(link.cell, link.seed, job) for (link, _), job in zip(pairs, jobs, strict=True)]
 
-    def finish(self, study_id: str, status: StudyStatus, error: str | None = None) -> bool:
-        """``running`` → ``status`` (compare-and-set: one finisher wins)."""
+    def finish(
+        self, study_id: str, status: StudyStatus, error: str | None = None, table: dict[str, Any] | None = None
+    ) -> bool:
+        """``running`` → ``status`` (compare-and-set: one finisher wins); its webhooks get the ``table``."""
+        moment = now()
         with self.jobs._writing(), self.jobs.session.begin() as session:
-            return bool(session.execute(
-                update(StudyRow).where(StudyRow.id == study_id, StudyRow.status == StudyStatus.RUNNING)
-                .values(status=status, error=error, updated_at=now())
-            ).rowcount)  # fmt: skip
+            changed = session.execute(
+                update(StudyRow)
+                .where(StudyRow.id == study_id, StudyRow.status == StudyStatus.RUNNING)
+                .values(status=status, error=error, updated_at=moment)
+                .returning(StudyRow.principal)
+            ).first()
+            if changed:
+                event = {"kind": "study", "study_id": study_id, "status": StudyStatus(status).value,
+                         "at": moment.isoformat(), "error": error, "table": table}  # fmt: skip
+                enqueue(session, changed.principal, event, moment)
+            return changed is not None
 
     def request_cancel(self, study_id: str) -> None:
         with self.jobs._writing(), self.jobs.session.begin() as session:
@@ -684,3 +733,80 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+@dataclass(frozen=True)
+class Webhook:
+    id: str
+    principal: str
+    url: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    seq: int
+    webhook_id: str
+    url: str
+    secret: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+class WebhookStore:
+    """Webhooks and their outbox, in the jobs' database (the outbox rows are written with the transitions)."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+
+    def create(self, principal: str, url: str, secret: str) -> Webhook:
+        hook = WebhookRow(id=f"hook-{uuid.uuid4().hex[:16]}", principal=principal, url=url, secret=secret,
+                          created_at=now())  # fmt: skip
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            session.add(hook)
+        return Webhook(hook.id, principal, url, aware(hook.created_at))
+
+    def count(self, principal: str) -> int:
+        with self.jobs.session() as session:
+            return session.scalar(select(func.count()).where(WebhookRow.principal == principal)) or 0
+
+    def of(self, principal: str) -> list[Webhook]:
+        query = select(WebhookRow).where(WebhookRow.principal == principal).order_by(WebhookRow.created_at)
+        with self.jobs.session() as session:
+            return [Webhook(r.id, r.principal, r.url, aware(r.created_at)) for r in session.scalars(query)]
+
+    def delete(self, webhook_id: str, principal: str) -> bool:
+        """The webhook and its undelivered events; False when the principal has no such webhook."""
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            owned = select(WebhookRow.id).where(WebhookRow.id == webhook_id, WebhookRow.principal == principal)
+            if session.scalar(owned) is None:
+                return False
+            session.execute(delete(DeliveryRow).where(DeliveryRow.webhook_id == webhook_id))
+            session.execute(delete(WebhookRow).where(WebhookRow.id == webhook_id))
+        return True
+
+    def due(self, moment: datetime, limit: int = 50) -> list[Delivery]:
+        """Each webhook's oldest delivery not yet made (nor abandoned), if its time has come: one at a time per
+        webhook, so each receiver sees its events in order and a failing one holds up only itself."""
+        oldest = (select(func.min(DeliveryRow.seq))
+                  .where(DeliveryRow.delivered_at.is_(None), DeliveryRow.abandoned.is_(False))
+                  .group_by(DeliveryRow.webhook_id))  # fmt: skip
+        query = (select(DeliveryRow, WebhookRow.url, WebhookRow.secret)
+                 .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+                 .where(DeliveryRow.seq.in_(oldest), DeliveryRow.next_at <= moment)
+                 .order_by(DeliveryRow.seq).limit(limit))  # fmt: skip
+        with self.jobs.session() as session:
+            return [Delivery(row.seq, row.webhook_id, url, secret, row.payload, row.attempts)
+                    for row, url, secret in session.execute(query)]  # fmt: skip
+
+    def delivered(self, seq: int) -> None:
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            session.execute(update(DeliveryRow).where(DeliveryRow.seq == seq).values(delivered_at=now(), error=None))
+
+    def failed(self, seq: int, attempts: int, next_at: datetime | None, error: str) -> None:
+        """Another failed attempt: tried again at ``next_at``, or abandoned (None)."""
+        values = {"attempts": attempts, "error": error[:500], "abandoned": next_at is None}
+        if next_at is not None:
+            values["next_at"] = next_at
+        with self.jobs._writing(), self.jobs.session.begin() as session:
+            session.execute(update(DeliveryRow).where(DeliveryRow.seq == seq).values(**values))

@@ -226,7 +226,9 @@ class StudyFinisher:
             final.mlflow_status(),
         )
         self.attempts.pop(study.id, None)
-        return self.studies.finish(study.id, final)
+        written = results / "table.json"
+        table = json.loads(written.read_text()) if written.is_file() else None
+        return self.studies.finish(study.id, final, table=table)
 
     async def run(self, interval_s: float) -> None:
         while True:
