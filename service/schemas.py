@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from training.config import Seed
 from training.states import JobStatus, StudyStatus
 
 
@@ -144,3 +145,7 @@ class WebhookView(BaseModel):
 
 class WebhookCreated(WebhookView):
     secret: str  # shown once: the key of the HMAC-SHA256 in each delivery's X-San-Signature
+
+
+class MoreSeeds(BaseModel):
+    seeds: list[Seed] = Field(min_length=1, max_length=64)

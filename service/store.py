@@ -7,11 +7,11 @@ import functools
 import json
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -498,6 +498,18 @@ class JobStore:
             session.execute(update(JobRow).where(JobRow.id == job_id).values(updated_at=now(), **fields))
 
 
+T = TypeVar("T")
+
+
+def newest(rows: Sequence[T], key: Callable[[T], Any]) -> list[T]:
+    """Of the rows (oldest first) with the same ``key``, the last; in the order of the ones kept."""
+    kept: dict[Any, T] = {}
+    for row in rows:
+        kept.pop(key(row), None)
+        kept[key(row)] = row
+    return list(kept.values())
+
+
 class StudyStore:
     """Studies and their children, in the jobs' database: a study's children are ordinary queued jobs (the same
     durable queue), linked to it with their cell and seed, all written in one transaction with the study."""
@@ -582,14 +594,15 @@ class StudyStore:
         if not study_ids:
             return found
         query = (
-            select(StudyJobRow.study_id, StudyJobRow.cell, JobRow.id, JobRow.status)
+            select(StudyJobRow.study_id, StudyJobRow.cell, StudyJobRow.seed, JobRow.id, JobRow.status)
             .join(JobRow, JobRow.id == StudyJobRow.job_id)
             .where(StudyJobRow.study_id.in_(list(study_ids)))
             .order_by(JobRow.seq)
         )
         with self.jobs.session() as session:
-            for study_id, cell, job_id, status in session.execute(query):
-                found[study_id].append((cell, job_id, status))
+            rows = newest(session.execute(query).all(), lambda row: (row[0], row[1], row[2]))
+        for study_id, cell, _, job_id, status in rows:
+            found[study_id].append((cell, job_id, status))
         return found
 
     def events_after(
@@ -614,13 +627,35 @@ class StudyStore:
             return [_study(row) for row in rows]
 
     def children(self, study_id: str) -> list[StudyChild]:
-        """In queue order, with each job's current state."""
+        """The newest job of each (cell, seed) — a retried cell's earlier job is history — in queue order, with
+        each job's current state."""
         with self.jobs.session() as session:
             query = (select(StudyJobRow, JobRow).join(JobRow, JobRow.id == StudyJobRow.job_id)
                      .where(StudyJobRow.study_id == study_id).order_by(JobRow.seq))  # fmt: skip
-            pairs = session.execute(query).all()
+            pairs = newest(session.execute(query).all(), lambda pair: (pair[0].cell, pair[0].seed))
             jobs = JobStore._read_all(session, [job for _, job in pairs])
             return [StudyChild(link.cell, link.seed, job) for (link, _), job in zip(pairs, jobs, strict=True)]
+
+    def add_children(
+        self,
+        study_id: str,
+        principal: str,
+        children: Sequence[tuple[str, int, dict[str, Any]]],
+        spec: dict[str, Any] | None = None,
+    ) -> None:
+        """More children — a cell run again, more seeds (with the study's ``spec`` that names them) — queued, and
+        the study running again, in one transaction."""
+        jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
+        links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
+                 for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
+        values: dict[str, Any] = {"status": StudyStatus.RUNNING, "cancel_requested": False, "error": None,
+                                  "updated_at": now()}  # fmt: skip
+        if spec is not None:
+            values["spec"] = spec
+        with self.jobs._writing(), self.jobs.engine.begin() as connection:
+            JobStore.insert(connection, jobs)
+            connection.execute(insert(StudyJobRow), links)
+            connection.execute(update(StudyRow).where(StudyRow.id == study_id).values(**values))
 
     def finish(
         self, study_id: str, status: StudyStatus, error: str | None = None, table: dict[str, Any] | None = None

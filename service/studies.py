@@ -87,12 +87,18 @@ def summary_of(expansion: Expansion) -> dict[str, int]:
 
 class Expansions:
     """Stored studies' expansions, made in the admission worker and kept for the most recently used studies (a
-    study's spec never changes): for the tables and figures, which need every cell."""
+    study's spec changes only when seeds are added, which `forget`s it): for the tables and figures, which need
+    every cell."""
 
     def __init__(self, checks: ModelChecks, keep: int = 64) -> None:
         self.checks, self.keep = checks, keep
         self._kept: OrderedDict[str, Expansion] = OrderedDict()
         self._lock = threading.Lock()
+
+    def forget(self, study_id: str) -> None:
+        """A study whose spec grew (more seeds): its expansion is made again on next use."""
+        with self._lock:
+            self._kept.pop(study_id, None)
 
     def of(self, study: Study) -> Expansion:
         with self._lock:

@@ -3,6 +3,7 @@ children in one transaction (rolling the run back when that fails), list, show w
 the routes, which only translate HTTP."""
 
 import contextlib
+import json
 import logging
 import uuid
 from typing import Any
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import IntegrityError
 
 from service.admission import AdmissionUnavailable, ModelChecks
-from service.errors import Conflict, Invalid, NotFound, Unavailable
+from service.errors import Conflict, Invalid, NotFound, Unavailable, value_error
 from service.estimates import schedule
 from service.job_service import ADMISSION_RETRY_AFTER
 from service.queue import Dispatcher
@@ -20,11 +21,20 @@ from service.schemas import CellProgress, PlannedCell, StudyPlan, StudyView
 from service.settings import ServiceSettings
 from service.standing import cpus_needed
 from service.store import IdempotencyConflict, Study, StudyStore, same_spec
-from service.studies import Expansions, admit_study, check_study_size, progress, summary_of, table_of, with_tracking_uri
+from service.studies import (
+    Expansions,
+    admit_study,
+    check_study_size,
+    expand_stored,
+    progress,
+    summary_of,
+    table_of,
+    with_tracking_uri,
+)
 from service.validation import ClusterSize, JobShares
 from training.mlflow_runs import create_study_run
 from training.states import JobStatus, StudyStatus
-from training.study import StudyError, StudySpec, child_spec
+from training.study import STORED, StudyError, StudySpec, child_spec
 
 log = logging.getLogger("san.service")
 
@@ -203,6 +213,60 @@ class StudyService:
         except IdempotencyConflict as error:
             raise Conflict(str(error)) from None
         return self.views([existing])[0]
+
+    def retry(self, study_id: str, principal: str) -> StudyView:
+        """Each cell whose newest job failed or was cancelled runs again (a new job, the same spec) into the same
+        study, which runs again; its table then reads the newest run of each cell and seed."""
+        study = self.owned(study_id, principal)
+        if study.status == StudyStatus.RUNNING and study.cancel_requested:
+            raise Conflict(f"study {study_id} is being cancelled")
+        again = [c for c in self.studies.children(study.id) if c.job.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
+        if not again:
+            raise Conflict(f"study {study_id} has no failed or cancelled cell to run again")
+        with self.shares.reserve(principal, len(again)):
+            self.studies.add_children(study.id, principal, [(c.cell, c.seed, c.job.spec) for c in again])
+        return self.reopened(study)
+
+    def add_seeds(self, study_id: str, principal: str, seeds: list[int]) -> StudyView:
+        """Every cell that runs, on each of ``seeds`` too (seeds the study has already: 422): the study runs again
+        and its table grows by those seeds."""
+        study = self.owned(study_id, principal)
+        if study.status == StudyStatus.RUNNING and study.cancel_requested:
+            raise Conflict(f"study {study_id} is being cancelled")
+        spec = StudySpec.model_validate(study.spec, context={STORED: True})
+        if repeated := sorted(set(seeds) & set(spec.seeds)):
+            raise value_error(f"the study has seeds {repeated} already", ("body", "seeds"))
+        grown = spec.model_copy(update={"seeds": [*spec.seeds, *dict.fromkeys(seeds)]})
+        try:
+            check_study_size(grown, self.settings)
+        except StudyError as error:
+            raise Invalid(error.detail()) from None
+        stored = grown.model_dump(mode="json")
+        try:
+            expansion = self.checks.run(
+                expand_stored, json.dumps(stored, sort_keys=True), study.id, study.mlflow_run_id
+            )
+        except AdmissionUnavailable as error:
+            raise Unavailable(f"expanding the study: {error}", ADMISSION_RETRY_AFTER) from None
+        added = [
+            (child.cell, child.seed, child_spec(expansion.study, expansion.cell(child.cell), child.seed, study.id,
+                                                 study.mlflow_run_id).model_dump(mode="json"))
+            for child in expansion.children if child.seed in seeds
+        ]  # fmt: skip
+        with self.shares.reserve(principal, len(added)):
+            self.studies.add_children(study.id, principal, added, spec=stored)
+        self.expansions.forget(study.id)
+        return self.reopened(study)
+
+    def reopened(self, study: Study) -> StudyView:
+        """The study's parent run running again (its table and figures are made again when it ends)."""
+        uri = self.settings.configured_mlflow_uri(study.spec["base"]["tracking"]["mlflow_uri"])
+        try:
+            MlflowClient(uri).update_run(study.mlflow_run_id, status="RUNNING")
+        except Exception as error:  # the run's state only: the children are queued, the finisher ends it again
+            log.warning("study %s: could not reopen its MLflow run: %s", study.id, error)
+        self.dispatcher.kick()
+        return self.views([self.studies.get(study.id) or study])[0]
 
     def cancel(self, study_id: str, principal: str) -> StudyView:
         """Cancel every child that has not ended (waiting ones never reach Ray); the study ends ``cancelled`` once

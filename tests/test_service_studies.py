@@ -104,6 +104,77 @@ def test_a_plan_counts_cells_and_jobs_and_costs_them_from_earlier_runs_with_noth
     assert (after, studies_after) == (before, studies)  # nothing queued, nothing stored
 
 
+def run_child(service, job_id: str, status: JobStatus) -> None:
+    """The child's job through Ray, as the dispatcher would record it."""
+    store = service.parts.store
+    store.transition(job_id, JobStatus.SUBMITTED)
+    store.transition(job_id, JobStatus.RUNNING)
+    store.transition(job_id, status)
+
+
+def wait_status(client, study_id: str, status: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (study := client.get(f"/v1/studies/{study_id}", params={"table": "false"}).json())["status"] != status:
+        assert time.monotonic() < deadline, study
+        time.sleep(0.1)
+    return study
+
+
+def test_retry_runs_the_failed_cells_again_and_seeds_grow_the_table(service):
+    """Issue 28, point 5: a study with one failed child; ``retry`` runs it again into the same study, which then
+    succeeds; ``seeds`` adds a seed to the finished study, whose table grows to n = 3 in each cell."""
+    with service.client("alice") as alice, service.client("bob") as bob:
+        study = alice.post("/v1/studies", json=STUDY).json()
+        children = service.parts.studies.studies.children(study["id"])
+        for child in children:
+            run_child(service, child.job.id, JobStatus.FAILED if (child.cell, child.seed) == ("c002", 1) else
+                      JobStatus.SUCCEEDED)  # fmt: skip
+        failed = wait_status(alice, study["id"], "failed")
+        assert failed["cells"]["failed"] == 1 and failed["cells"]["done"] == 1
+        for path in ("retry", "seeds"):
+            assert bob.post(f"/v1/studies/{study['id']}/{path}", json={"seeds": [5]}).status_code == 404
+        retried = alice.post(f"/v1/studies/{study['id']}/retry")
+        assert retried.status_code == 200, retried.text
+        retried = retried.json()
+        assert retried["status"] == "running" and retried["jobs"] == {"queued": 1, "succeeded": 3}
+        (again,) = set(retried["job_ids"]) - {child.job.id for child in children}
+        assert alice.post(f"/v1/studies/{study['id']}/retry").status_code == 409  # nothing failed now
+        assert service.parts.store.get(again).spec == next(c.job.spec for c in children if c.seed == 1 and
+                                                            c.cell == "c002")  # fmt: skip
+        # every (cell, seed) has a run under the parent, with its last epoch's top-1 (the retried one: the new run)
+        uri = alice.get(f"/v1/jobs/{again}").json()["spec"]["tracking"]["mlflow_uri"]
+        client = MlflowClient(uri)
+        experiment = client.get_run(study["mlflow_run_id"]).info.experiment_id
+        top1 = {("c000", 0): 0.80, ("c000", 1): 0.82, ("c000", 2): 0.81, ("c002", 0): 0.84, ("c002", 1): 0.85,
+                ("c002", 2): 0.86}  # fmt: skip
+        for (cell, seed), value in top1.items():
+            tags = {"mlflow.parentRunId": study["mlflow_run_id"], "san.cell": cell, "san.seed": str(seed)}
+            run = client.create_run(experiment, tags=tags).info.run_id
+            client.log_metric(run, "val/top1", value, step=0)
+            client.set_terminated(run)
+        run_child(service, again, JobStatus.SUCCEEDED)
+        done = wait_status(alice, study["id"], "succeeded")
+        assert done["cells"]["done"] == 2 and client.get_run(study["mlflow_run_id"]).info.status == "FINISHED"
+        assert alice.post(f"/v1/studies/{study['id']}/seeds", json={"seeds": [1]}).status_code == 422  # has it
+        grown = alice.post(f"/v1/studies/{study['id']}/seeds", json={"seeds": [2]})
+        assert grown.status_code == 200, grown.text
+        grown = grown.json()
+        assert grown["status"] == "running" and grown["spec"]["seeds"] == [0, 1, 2] and len(grown["job_ids"]) == 6
+        assert client.get_run(study["mlflow_run_id"]).info.status == "RUNNING"  # reopened
+        new = [c for c in service.parts.studies.studies.children(study["id"]) if c.seed == 2]
+        assert sorted(c.cell for c in new) == ["c000", "c002"]
+        assert {c.job.spec["training"]["seed"] for c in new} == {2}
+        for child in new:
+            run_child(service, child.job.id, JobStatus.SUCCEEDED)
+        wait_status(alice, study["id"], "succeeded")
+        table = alice.get(f"/v1/studies/{study['id']}/table").json()
+    cells = {cell["key"]: cell for cell in table["cells"]}
+    assert table["seeds"] == [0, 1, 2]
+    for key in ("c000", "c002"):
+        assert cells[key]["top1"]["values"] == [top1[(key, seed)] for seed in range(3)]
+    assert cells["c002"]["diff_top1"]["n"] == 3
+
+
 def finished(spec: dict, seconds: float) -> Job:
     job = new_job("alice", spec)
     start = datetime(2026, 12, 7, tzinfo=UTC)

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from service.auth import Principal
 from service.deps import Events, Studies
 from service.events import Cursor
-from service.schemas import StudyList, StudyPlan, StudyView
+from service.schemas import MoreSeeds, StudyList, StudyPlan, StudyView
 from training.report import FORMATS
 from training.study import StudySpec
 
@@ -83,6 +83,19 @@ async def cancel_study(study_id: str, principal: Principal, studies: Studies) ->
     """Cancel every child that has not ended (queued ones never reach Ray); the study ends ``cancelled`` once
     they all have."""
     return await run_in_threadpool(studies.cancel, study_id, principal)
+
+
+@router.post("/{study_id}/retry", response_model=StudyView)
+async def retry_study(study_id: str, principal: Principal, studies: Studies) -> StudyView:
+    """Run each failed or cancelled cell again (new jobs, the same specs) into the same study, which runs again;
+    its table reads the newest run of each cell and seed. Nothing failed or cancelled: 409."""
+    return await run_in_threadpool(studies.retry, study_id, principal)
+
+
+@router.post("/{study_id}/seeds", response_model=StudyView)
+async def add_seeds(study_id: str, more: MoreSeeds, principal: Principal, studies: Studies) -> StudyView:
+    """Run every cell on more seeds (seeds it has already: 422): the study runs again, and its table grows."""
+    return await run_in_threadpool(studies.add_seeds, study_id, principal, more.seeds)
 
 
 @router.get("/{study_id}/events", response_class=EventSourceResponse)
