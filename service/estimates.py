@@ -1,7 +1,8 @@
-"""When a waiting job starts and ends, from the jobs that ran before it: the seconds per epoch of the same network
-(model, attention, placement), dataset and worker count — each earlier job's time from its last start to its end
-over its epochs, the median of the newest `HISTORY` that succeeded — and the queue's order played forward on the
-service's slots (`schedule`). No earlier run of a shape: "no estimate", said so, never a guess."""
+"""When a waiting job starts and ends, from the jobs that ran before it: the start-up seconds and the seconds per
+epoch of the same network (model, attention, placement), dataset and worker count — each earlier job's time from
+its last submission until it ran, and from then to its end over its epochs, the medians of the newest `HISTORY`
+that succeeded — and the queue's order played forward on the service's slots (`schedule`). No earlier run of a
+shape: "no estimate", said so, never a guess."""
 
 import math
 import statistics
@@ -31,44 +32,50 @@ def epochs_of(spec: dict[str, Any]) -> int:
     return int(spec.get("training", {}).get("epochs", 1))
 
 
-def pace_of(job: Job) -> float | None:
-    """Seconds per epoch of a succeeded job: from its last start (its submission, if it ended before a tick saw it
-    run) to its end, over its epochs."""
-    started, ended = job.at(JobStatus.RUNNING) or job.at(JobStatus.SUBMITTED), job.at(JobStatus.SUCCEEDED)
-    if started is None or ended is None or ended <= started:
+def timing_of(job: Job) -> tuple[float, float] | None:
+    """What a succeeded job took, from its last submission: seconds until it ran (Ray's start-up: the driver, the
+    workers) and seconds per epoch after that (a job that ended before a tick saw it run: all of it epochs)."""
+    submitted, ended = job.at(JobStatus.SUBMITTED), job.at(JobStatus.SUCCEEDED)
+    running = job.at(JobStatus.RUNNING)
+    if submitted is None or ended is None or ended <= submitted:
         return None
-    return (ended - started).total_seconds() / epochs_of(job.spec)
+    if running is None or not submitted <= running <= ended:
+        running = submitted
+    return (running - submitted).total_seconds(), (ended - running).total_seconds() / epochs_of(job.spec)
 
 
 class History:
-    """Seconds per epoch by shape, from finished jobs."""
+    """Start-up seconds and seconds per epoch by shape (the medians), from finished jobs: a job's time on a slot
+    is its start-up plus its epochs at that pace."""
 
     def __init__(self, finished: Iterable[Job] = ()) -> None:
-        paces: dict[Shape, list[float]] = {}
+        found: dict[Shape, list[tuple[float, float]]] = {}
         for job in finished:
-            if (pace := pace_of(job)) is not None:
-                paces.setdefault(shape_of(job.spec), []).append(pace)
-        self.paces = {shape: statistics.median(found) for shape, found in paces.items()}
-        self.runs = {shape: len(found) for shape, found in paces.items()}
+            if (timing := timing_of(job)) is not None:
+                found.setdefault(shape_of(job.spec), []).append(timing)
+        self.startup = {shape: statistics.median(t[0] for t in timings) for shape, timings in found.items()}
+        self.paces = {shape: statistics.median(t[1] for t in timings) for shape, timings in found.items()}
+        self.runs = {shape: len(timings) for shape, timings in found.items()}
 
     def duration(self, spec: dict[str, Any]) -> float | None:
-        pace = self.paces.get(shape_of(spec))
-        return None if pace is None else pace * epochs_of(spec)
+        """Seconds on a slot, from submission to the end."""
+        shape = shape_of(spec)
+        return None if shape not in self.paces else self.startup[shape] + self.paces[shape] * epochs_of(spec)
 
     def basis(self, spec: dict[str, Any]) -> str:
         shape = shape_of(spec)
         if shape not in self.paces:
             return f"no estimate: no earlier run of {describe(shape)} succeeded"
         runs = self.runs[shape]
-        return f"from {runs} earlier run{'s' * (runs != 1)} of {describe(shape)}: {self.paces[shape]:.1f} s per epoch"
+        return (f"from {runs} earlier run{'s' * (runs != 1)} of {describe(shape)}: {self.startup[shape]:.1f} s to "
+                f"start, {self.paces[shape]:.1f} s per epoch")  # fmt: skip
 
     def remaining(self, job: Job, now: datetime) -> float | None:
-        """Seconds until a job on Ray ends: its expected duration less the time since it last started."""
-        duration = self.duration(job.spec)
-        started = job.at(JobStatus.RUNNING) if job.status == JobStatus.RUNNING else None
+        """Seconds until a job on Ray ends: its expected time on the slot less the time since its last submission."""
+        duration, submitted = self.duration(job.spec), job.at(JobStatus.SUBMITTED)
         if duration is None:
             return None
-        return max(0.0, duration - ((now - started).total_seconds() if started else 0.0))
+        return max(0.0, duration - ((now - submitted).total_seconds() if submitted else 0.0))
 
 
 def schedule(order: list[tuple[str, float | None]], busy: list[float | None], slots: int) -> dict[str, tuple]:
