@@ -103,6 +103,8 @@ class Dispatcher:
         reported = self.reported(job, info)
         if info.state != job.status:
             self.store.transition(job.id, info.state, only_from=(job.status,), **reported)
+            if info.state == JobStatus.SUCCEEDED:
+                self.history_read = -HISTORY_REFRESH_S  # the estimates learn from it at once
         elif "mlflow_run_id" in reported:
             self.store.update(job.id, mlflow_run_id=reported["mlflow_run_id"])
 
