@@ -38,9 +38,19 @@ class Ranking:
     history: History = field(default_factory=History)
     made_at: datetime | None = None
     place: dict[str, int] = field(init=False)  # job id → its index in `order`
+    before: dict[str, tuple[int, int]] = field(init=False)  # job id → (its principal's, interrupted) jobs before it
 
     def __post_init__(self) -> None:
-        self.place = {job.id: index for index, job in enumerate(self.order)}
+        self.place, self.before = {}, {}
+        counts: dict[str, int] = {}
+        resuming = 0
+        for index, job in enumerate(self.order):  # once per tick, so that a view's reason costs O(1)
+            self.place[job.id] = index
+            self.before[job.id] = (counts.get(job.principal, 0), resuming)
+            if job.status == JobStatus.INTERRUPTED:
+                resuming += 1
+            else:
+                counts[job.principal] = counts.get(job.principal, 0) + 1
 
 
 def rank(waiting: list[Waiting], running: list[str], served: dict[str, float], slots: int) -> list[Waiting]:
@@ -107,9 +117,8 @@ def standing(
     if place is None:  # queued after the last tick, or past the ranked ones
         beyond = "" if ranking.complete else f"; more than {MAX_RANKED} jobs wait, and it is not among the oldest"
         return QueueStanding(position=None, ahead=None, reason=f"not ranked yet{beyond}", fits=True)
-    ahead = ranking.order[:place]
-    resuming = sum(1 for job in ahead if job.status == JobStatus.INTERRUPTED)
-    mine = sum(1 for job in ahead if job.principal == principal and job.status != JobStatus.INTERRUPTED)
+    ahead = place
+    mine, resuming = ranking.before[job_id]
     reasons = []
     held, slots = sum(ranking.held.values()), ranking.max_submitted
     if slots == 0:
@@ -119,10 +128,10 @@ def standing(
     else:
         reasons.append(f"{held} of {slots} slots held ({ranking.held.get(principal, 0)} by your jobs)")
     if ahead:
-        parts = [f"{mine} yours", f"{len(ahead) - mine - resuming} of other principals, in turn"]
+        parts = [f"{mine} yours", f"{ahead - mine - resuming} of other principals, in turn"]
         if resuming:
             parts.insert(0, f"{resuming} resuming after an interruption")
-        jobs = "1 job goes" if len(ahead) == 1 else f"{len(ahead)} jobs go"
+        jobs = "1 job goes" if ahead == 1 else f"{ahead} jobs go"
         reasons.append(f"{jobs} first ({', '.join(parts)})")
     start, end = ranking.estimates.get(job_id, (None, None))
     estimate = ranking.history.basis(spec)
@@ -131,7 +140,7 @@ def standing(
     made = ranking.made_at
     return QueueStanding(
         position=place + 1,
-        ahead=len(ahead),
+        ahead=ahead,
         reason="; ".join(reasons),
         fits=True,
         starts_at=made + timedelta(seconds=start) if made and start is not None else None,
