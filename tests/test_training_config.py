@@ -193,7 +193,8 @@ def test_the_model_size_is_counted_on_the_meta_device_without_allocating_it():
 def test_the_attention_path_is_set_on_every_module_and_logged(path, fused, backward):
     import torch
 
-    from san.attention import attention_modules, native
+    from san.attention import attention_modules
+    from san.kernels import native
 
     backward = backward.format(native="Native" if native.library() is not None else "")
 

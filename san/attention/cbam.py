@@ -1,26 +1,28 @@
-"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention."""
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention,
+``x · Mc(x)`` then ``· Ms(x · Mc)`` (`san.attention.functional.cbam`)."""
 
 import torch
 from torch import Tensor, nn
 
+from san.attention import functional
 from san.attention.base import AttentionModule, Tap
-from san.attention.fused import cbam
+from san.kernels import cbam
 
 
 class ChannelAttention(nn.Module):
-    """A shared MLP (1x1 convs, reduction ``reduction``) over the average- and max-pooled channel descriptors."""
+    """Mc's shared MLP (1x1 convs, reduction ``reduction``) over the average- and max-pooled channel descriptors."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+    def forward(self, descriptor: Tensor) -> Tensor:
+        return self.mlp(descriptor)
 
 
 class SpatialAttention(nn.Module):
-    """A ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps.
+    """Ms's logits: a ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps.
 
     The BN's running statistics move with momentum 0.01, as in the authors' code (their ``BasicConv``), not
     PyTorch's default 0.1: a 1-channel map's batch statistics are noisy, and the slower average is theirs.
@@ -31,9 +33,8 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
-    def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.bn(self.conv(pooled)))
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.bn(self.conv(pooled))
 
 
 class CBAM(AttentionModule):
@@ -47,8 +48,8 @@ class CBAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fast_path():
+        # The fused path is eager-only: under torch.compile inductor fuses the stepwise formulation itself.
+        if self.fast_path() and not torch.compiler.is_compiling():
             mlp = self.channel.mlp
             return cbam(x, (mlp[0], mlp[2]), self.spatial.conv, self.spatial.bn)
-        x = x * self.channel_mask(self.channel(x))
-        return x * self.mask(self.spatial(x))
+        return functional.cbam(x, self.channel, self.spatial, self.tap)

@@ -15,7 +15,6 @@ backward, where autocast is off.
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -23,36 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from san.attention import native
-
-# The neighbour offsets of the 3-wide window over the last 1 (sequences) or 2 (maps) axes.
-_NEIGHBOUR_OFFSETS = {dims: [o for o in itertools.product((-1, 0, 1), repeat=dims) if any(o)] for dims in (1, 2)}
-
-
-@torch.no_grad()
-def extrema_count(doc: Tensor, dims: int = 2) -> Tensor:
-    """SAN's eq 10 numerator: how many cells of the 3-wide window over the last ``dims`` axes (3x3 on maps, 3 steps
-    on sequences), centre included, are <= the centre, per channel.
-
-    Returns a uint8 tensor shaped like ``doc`` with values in 1..3**dims. Each neighbour comparison is made on the
-    sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is "not
-    smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
-    """
-    sizes = doc.shape[doc.dim() - dims :]
-    count = torch.ones_like(doc, dtype=torch.uint8)
-    for offset in _NEIGHBOUR_OFFSETS[dims]:
-        centre, neighbour = [...], [...]
-        for size, step in zip(sizes, offset, strict=True):
-            start, stop = max(0, -step), size - max(0, step)
-            if start >= stop:  # the map is one cell wide on this axis: no neighbour inside it
-                break
-            centre.append(slice(start, stop))
-            neighbour.append(slice(start + step, stop + step))
-        else:
-            inside, shifted = tuple(centre), tuple(neighbour)
-            count[inside] += doc[inside] >= doc[shifted]
-    return count
-
+from san.kernels import native
 
 # Below this many channels, oneDNN's CPU conv backward runs several times faster channels-last (it pads NCHW
 # channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one: bench/profile_attention.py layouts),
@@ -110,7 +80,7 @@ def _autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else contextlib.nullcontext()
 
 
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+def sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Reduce a broadcast gradient back to ``shape`` (the inverse of broadcasting, as autograd does)."""
     if grad.shape == shape:
         return grad
@@ -119,7 +89,7 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 # σ of SAN's eq 11 and its derivative written with σ's output (identity: no op).
-_ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
+ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
     "relu": torch.relu,
     "tanh": torch.tanh,
@@ -127,7 +97,7 @@ _ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
+def activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
     """The activation's gradient from its output, each one ATen pass (the rules autograd itself uses)."""
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, output, 0)
@@ -136,222 +106,6 @@ def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
     if name == "sigmoid":
         return torch.ops.aten.sigmoid_backward(grad, output)
     return grad
-
-
-class _SANMask(torch.autograd.Function):
-    """``y * sigmoid(σ(smooth(α · |y - reference|)))``, SAN's eqs 8–12 and 4 in one node.
-
-    Keeps ``y`` and ``reference`` (a 1-channel map with CCA) and either the uint8 extrema count
-    (``recompute_smoothing``: backward recomputes the DoC, the weighted map and the smoothing conv's output — one
-    extra conv forward) or the smoothing's output (backward recomputes the DoC, count and weighted map only), then
-    runs the conv's own backward. ``weight is None`` means no smoothing (``use_smoothing=False``). In float32 on CPU
-    `_SANMaskNative` runs instead.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        y: Tensor,
-        reference: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        conv: tuple[int, int, int],  # padding, dilation, groups
-        use_abs: bool,
-        use_extrema: bool,
-        activation: str,
-        recompute_smoothing: bool,
-    ) -> Tensor:
-        conv_dtype = _autocast_dtype(y) if weight is not None else None
-        with _autocast_off(y):
-            weighted, count = _weighted_doc(y, reference, use_abs, use_extrema)
-            logits = _smooth(weighted, weight, bias, conv, conv_dtype)
-            logits = _ACTIVATION_FORWARD[activation](logits)
-            mask = torch.sigmoid(logits)
-            out = mask.mul_(y) if mask.dtype == y.dtype else y * mask  # autocast: y's dtype may be the wider
-            out = _in_layout_of(out, y)  # a channels-last small-map conv must not turn an NCHW model channels-last
-        recompute = recompute_smoothing or weight is None
-        ctx.save_for_backward(y, reference, count if recompute else logits, weight, bias)
-        ctx.settings = (conv, use_abs, use_extrema, activation, conv_dtype, recompute)
-        return out
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
-        y, reference, kept, weight, bias = ctx.saved_tensors
-        conv, use_abs, use_extrema, activation, conv_dtype, recompute = ctx.settings
-        # In-place steps on this function's own temporaries: on ResNet-size maps every fresh tensor costs page
-        # faults as well as a pass over memory.
-        with _autocast_off(y), torch.no_grad():
-            diff = y - reference
-            doc = diff.abs() if use_abs else diff  # diff itself is kept for the sign below
-            count = kept if recompute else None
-            weighted, count = _weight_by_extrema(doc, use_extrema, count)
-            if recompute:
-                logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, conv_dtype))
-            else:
-                logits = kept
-            mask = torch.sigmoid(logits)
-            grad_y = grad_out * mask
-            grad_logits = (grad_out * y).mul_(mask).mul_(mask.neg_().add_(1))  # mul's backward, then sigmoid's
-            grad_logits = _activation_backward(activation, grad_logits, logits)
-            grad_weight = grad_bias = None
-            if weight is None:
-                grad_weighted = grad_logits
-            else:
-                grad_weighted, grad_weight, grad_bias = _smooth_backward(
-                    grad_logits, weighted, weight, bias, conv, conv_dtype
-                )
-            grad_doc = grad_weighted.mul_(1 / 9).mul_(count) if use_extrema else grad_weighted
-            if use_abs:
-                grad_doc.mul_(diff.sgn_())
-            grad_y.add_(grad_doc)
-            grad_reference = _sum_to(grad_doc, reference.shape).neg() if ctx.needs_input_grad[1] else None
-        return grad_y, grad_reference, grad_weight, grad_bias, None, None, None, None, None
-
-
-class _SANMaskNative(torch.autograd.Function):
-    """`_SANMask` in float32 on CPU through C passes (`native.san_weighted`, `san_apply`, `san_logits_grad`,
-    `san_input_grad`), in ``y``'s own layout: the DoC, its extrema count and weighting in one pass, the mask and
-    output in one, and backward in two besides the weighting's: torch's formulation makes ~30 passes over a
-    full-size map each way (the count alone is 8 comparisons). The smoothing conv stays torch's.
-
-    It keeps ``y``, ``reference`` and, unless ``recompute_smoothing``, the smoothing's (activated) output; the
-    extrema count is recomputed in backward with the weighted map the conv's backward needs anyway.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        y: Tensor,
-        reference: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        conv: tuple[int, int, int],  # padding, dilation, groups
-        use_abs: bool,
-        use_extrema: bool,
-        activation: str,
-        recompute_smoothing: bool,
-    ) -> Tensor:
-        flat, layout = native.map_layout(y)
-        weighted, _ = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=False)
-        logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
-        out = _in_layout_of(native.san_apply(flat, logits), y)
-        recompute = recompute_smoothing or weight is None
-        ctx.save_for_backward(y, reference, None if recompute else logits, weight, bias)
-        ctx.settings = (conv, use_abs, use_extrema, activation, recompute)
-        return out
-
-    @staticmethod
-    def logits(
-        weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple, activation: str, layout: int
-    ) -> Tensor:
-        """σ(smooth(weighted)) of eq 11, in the maps' layout."""
-        logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, None))
-        return logits.contiguous(memory_format=native.memory_format(layout))
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
-        y, reference, logits, weight, bias = ctx.saved_tensors
-        conv, use_abs, use_extrema, activation, recompute = ctx.settings
-        with torch.no_grad():
-            flat, layout = native.map_layout(y)
-            grad = grad_out.contiguous(memory_format=native.memory_format(layout))
-            weighted, count = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=True)
-            if recompute:
-                logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
-            grad_logits = _activation_backward(activation, native.san_logits_grad(grad, flat, logits), logits)
-            grad_weight = grad_bias = None
-            if weight is None:
-                grad_weighted = grad_logits
-            else:
-                grad_weighted, grad_weight, grad_bias = _smooth_backward(
-                    grad_logits, weighted, weight, bias, conv, None
-                )
-            grad_weighted = grad_weighted.contiguous(memory_format=native.memory_format(layout))
-            grad_y, grad_reference = native.san_input_grad(
-                grad, flat, reference, logits, grad_weighted, count, layout, use_abs, ctx.needs_input_grad[1]
-            )
-        return _in_layout_of(grad_y, y), grad_reference, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool) -> tuple[Tensor, Tensor | None]:
-    doc = y - reference
-    if use_abs:
-        doc.abs_()
-    return _weight_by_extrema(doc, use_extrema, None)
-
-
-def _weight_by_extrema(doc: Tensor, use_extrema: bool, count: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Eq 10's ``α · dY`` and the uint8 count behind α (computed unless given); overwrites ``doc``."""
-    if not use_extrema:
-        return doc, None
-    if count is None:
-        count = extrema_count(doc)
-    return doc.mul_(count).mul_(1 / 9), count
-
-
-def _smooth(
-    weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple[int, int, int], dtype: torch.dtype | None
-) -> Tensor:
-    if weight is None:
-        return weighted
-    padding, dilation, groups = conv
-    if dtype is not None:
-        weighted, weight = weighted.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return F.conv2d(small_map_layout(weighted), weight, bias, padding=padding, dilation=dilation, groups=groups)
-
-
-def _smooth_backward(
-    grad: Tensor,
-    weighted: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    conv: tuple[int, int, int],
-    dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    padding, dilation, groups = conv
-    conv_weight = weight if dtype is None else weight.to(dtype)
-    conv_input = small_map_layout(weighted if dtype is None else weighted.to(dtype))
-    grad = small_map_layout(grad.to(conv_input.dtype))
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad,
-        conv_input,
-        conv_weight,
-        None if bias is None else [bias.shape[0]],
-        [1, 1],
-        [padding, padding],
-        [dilation, dilation],
-        False,
-        [0, 0],
-        groups,
-        [True, True, bias is not None],
-    )
-    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return grad_input.to(weighted.dtype), grad_weight.to(weight.dtype), grad_bias
-
-
-def san_mask(
-    y: Tensor,
-    reference: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    padding: int,
-    dilation: int,
-    groups: int,
-    use_abs: bool,
-    use_extrema: bool,
-    activation: str,
-    recompute_smoothing: bool,
-) -> Tensor:
-    """SAN's output ``y * M`` through the fused function: `_SANMaskNative` in float32 on CPU with the C kernels built,
-    else `_SANMask`."""
-    conv = (padding, dilation, groups)
-    native_path = _autocast_dtype(y) is None and native.san_applies(y, reference)
-    function = _SANMaskNative if native_path else _SANMask
-    return function.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
 
 
 # --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
@@ -436,12 +190,12 @@ class _Stage:
     def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` from the conv's output: the batch norm, if any, and the activation."""
         if not self.has_bn:
-            return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
+            return ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
         running = self.running if update or not self.use_batch_stats else (None, None)
         normed, mean, invstd = torch.ops.aten.native_batch_norm(
             conv_out, self.bn_weight, self.bn_bias, *running, self.use_batch_stats, self.momentum, self.eps
         )
-        return _ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
+        return ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
 
     def backward(
         self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, dtype: torch.dtype | None
@@ -464,7 +218,7 @@ class _Stage:
         self, grad: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None
     ) -> tuple[Tensor, list[Tensor | None]]:
         """(∂ conv output, the batch norm's parameter gradients) from ∂ activation output: `normalize` backward."""
-        grad = _activation_backward(self.activation, grad, out)
+        grad = activation_backward(self.activation, grad, out)
         if not self.has_bn:
             return grad, [None, None]
         bn_weight, bn_bias = self.bn_weight, self.bn_bias
@@ -607,8 +361,8 @@ class _BAM(torch.autograd.Function):
             mask = torch.sigmoid_(channel * spatial if ctx.product else channel + spatial)
             grad_x = torch.addcmul(grad, grad, mask)
             grad_logits = torch.ops.aten.sigmoid_backward(grad.mul(flat), mask)
-            grad_channel = _sum_to(grad_logits * spatial if ctx.product else grad_logits, channel.shape)
-            grad_spatial = _sum_to(grad_logits * channel if ctx.product else grad_logits, spatial.shape)
+            grad_channel = sum_to(grad_logits * spatial if ctx.product else grad_logits, channel.shape)
+            grad_spatial = sum_to(grad_logits * channel if ctx.product else grad_logits, spatial.shape)
             grad_branch, param_grads = _chain_backward(stages, records, grad_spatial.to(spatial.dtype), dtype)
             grad_x = _in_layout_of(grad_x.add_(grad_branch), x)
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
@@ -721,17 +475,16 @@ def _bam_native_takes(stages: list[_Stage], x: Tensor) -> bool:
     )
 
 
-def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],
-        product: bool) -> Tensor:  # fmt: skip
-    """BAM's output from ``x``, its channel branch (whose ``mlp`` is Flatten, Linear, BatchNorm1d, ReLU, Linear) and
-    its spatial branch's (conv, batch norm, activation) layers, as one autograd node: `_BAMNative` in float32 on CPU
-    (the C kernels built), else the channel branch as it runs and `_BAM`."""
-    stages = [_Stage(*layer) for layer in layers]
+def bam(x: Tensor, mlp: nn.Sequential, body: list[nn.Module], product: bool) -> Tensor:
+    """BAM's output from ``x``, its channel MLP (Flatten, Linear, BatchNorm1d, ReLU, Linear) and its spatial branch's
+    layers (conv, batch norm, ReLU, ..., conv), as one autograd node: `_BAMNative` in float32 on CPU (the C kernels
+    built), else the channel MLP as it runs and `_BAM`."""
+    stages = [_Stage(*body[i : i + 2], "relu") for i in range(0, len(body) - 1, 3)] + [_Stage(body[-1], None, "identity")]
     if _autocast_dtype(x) is None and _bam_native_takes(stages, x):
-        plan = _BAMPlan(x, channel_branch.mlp, stages, product)
+        plan = _BAMPlan(x, mlp, stages, product)
         return _BAMNative.apply(plan, x, *plan.trainable)
     params = [p for stage in stages for p in stage.params()]
-    return _BAM.apply(stages, x, channel_branch(x), product, *params)
+    return _BAM.apply(stages, x, mlp(x.mean((2, 3)))[:, :, None, None], product, *params)
 
 
 def _where_equal(x: Tensor, reference: Tensor) -> Tensor:
@@ -838,7 +591,7 @@ class _CBAM(torch.autograd.Function):
 
 
 class _CBAMNative(torch.autograd.Function):
-    """`_CBAM` in float32 on CPU: its full-size passes and its channel MLP in the C kernels of `san.attention.native`
+    """`_CBAM` in float32 on CPU: its full-size passes and its channel MLP in the C kernels of `san.kernels.native`
     (three passes forward, three backward, in ``x``'s own layout) and its spatial stage (conv → BN → σ) one C call.
     It keeps what `_CBAM` keeps."""
 

@@ -9,7 +9,7 @@ a dozen to thirty times each way (SAN's extrema count alone is eight comparisons
 ``native.c`` is compiled by the machine's C compiler (``$CC``, else ``cc``) for this CPU into a cache keyed by the
 source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else ``~/.cache/san/native``), atomically, so concurrent
 workers share one build; loading it afterwards takes milliseconds. A machine without a compiler (the runtime
-images) loads a build for a portable x86-64 level made beforehand (`san.attention.prebuild`). Without either, or with
+images) loads a build for a portable x86-64 level made beforehand (`san.kernels.prebuild`). Without either, or with
 ``SAN_NATIVE_KERNELS=0``, the fused paths use torch's ops instead (same results to float rounding;
 tests/test_attention_native.py).
 """
@@ -39,7 +39,7 @@ MAX_CHANNELS = 15
 WEIGHT_GRAD_PARTS = 8
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # Portable builds for machines without a compiler (the runtime images build them: ``python -m
-# san.attention.prebuild``), best first, with the CPU flags each x86-64 level needs as /proc/cpuinfo names them
+# san.kernels.prebuild``), best first, with the CPU flags each x86-64 level needs as /proc/cpuinfo names them
 # (SSE3 is "pni", LZCNT "abm").
 _X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
 PORTABLE_TARGETS = {
@@ -266,7 +266,7 @@ def conv2d_weight_grad(
     return out
 
 
-# --- CBAM's and BAM's full-size passes (`san.attention.fused`) -----------------------------------------------------
+# --- CBAM's and BAM's full-size passes (`san.kernels.fused`) -----------------------------------------------------
 
 
 def cbam_applies(x: Tensor, conv_weight: Tensor) -> bool:
@@ -418,7 +418,7 @@ def bam_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(BAM's output in ``x``'s layout, its first 1x1 conv's output (N, K, H, W), the channel means (N, C)) in one
     call, running statistics moved; ``sizes``, ``scalars`` and ``params`` as native.c's san_bam_forward takes them
-    (`san.attention.fused._BAMPlan`)."""
+    (`san.kernels.fused._BAMPlan`)."""
     params = [_contiguous(t) for t in params]  # held until the call returns, as every tensor below
     out = torch.empty_like(x)
     reduced = x.new_empty(x.shape[0], sizes[4], *x.shape[2:])
@@ -456,7 +456,7 @@ def bam_backward(
     return grad_x, grads
 
 
-# --- SAN's full-size passes (`san.attention.fused._SANMaskNative`) ---------------------------------------------------
+# --- SAN's full-size passes (`san.kernels.fused._SANMaskNative`) ---------------------------------------------------
 
 
 def san_applies(y: Tensor, reference: Tensor) -> bool:
@@ -483,7 +483,7 @@ def san_weighted(
     y: Tensor, reference: Tensor, layout: int, use_abs: bool, use_extrema: bool, with_count: bool
 ) -> tuple[Tensor, Tensor | None]:
     """(SAN's α · DoC in ``y``'s layout, the uint8 extrema count behind α if ``with_count``), in one pass: eqs 8–10
-    as `san.attention.fused._weighted_doc` computes them."""
+    as `san.kernels.fused._weighted_doc` computes them."""
     reference, channels = _san_reference(reference, layout)
     weighted = torch.empty_like(y)
     count = torch.empty_like(y, dtype=torch.uint8) if with_count and use_extrema else None
@@ -527,7 +527,7 @@ def san_input_grad(
     return grad_y, grad_reference
 
 
-# --- A few-channel chain's stages (`san.attention.fused._Stage`) ------------------------------------------------------
+# --- A few-channel chain's stages (`san.kernels.fused._Stage`) ------------------------------------------------------
 
 
 def _pointer(tensor: Tensor | None) -> int | None:

@@ -1,4 +1,4 @@
-/* Direct stride-1 convolutions over few-channel maps, for the attention branches on CPU (san/attention/native.py).
+/* Direct stride-1 convolutions over few-channel maps, for the attention branches on CPU (san/kernels/native.py).
 
    oneDNN pads a conv's input and output channels into blocks of 16, so CBAM's 2->1 7x7 conv and BAM's 1->1 dilated
    3x3 convs cost what 16- or 256-times larger convs would. These loops do only the real taps: each block of 8
@@ -268,7 +268,7 @@ static void san_conv2d_weight_grad_padded(const float *g, const float *x, stride
     }
 }
 
-/* ---- CBAM's full-size passes (san/attention/fused.py, _CBAM) ------------------------------------------------------
+/* ---- CBAM's full-size passes (san/kernels/fused.py, _CBAM) ------------------------------------------------------
 
    x, the output and their gradients are (N, C, H, W), NCHW-contiguous (cl = 0) or channels-last (cl = 1); P = H W.
    Each pass walks a sample in tiles of up to TILE positions copied to a (C, TILE) buffer, so every per-position loop
@@ -611,7 +611,7 @@ void san_cbam_backward_input(const float *x, const float *g, long cl, const floa
     }
 }
 
-/* ---- BAM's full-size passes (san/attention/fused.py, _BAM) --------------------------------------------------------
+/* ---- BAM's full-size passes (san/kernels/fused.py, _BAM) --------------------------------------------------------
 
    Layouts and tiles as CBAM's. The mask M = sigmoid(c + s) (sum) or sigmoid(c s) (product) of the channel logits c
    (N, C) and the spatial logits s (N, P) is full-size, so it is never stored: each pass computes it per tile. */
@@ -1103,7 +1103,7 @@ static void san_chain_backward(long S, long N, const long *geometry, float **ten
     }
 }
 
-/* ---- BAM as one call each way (san/attention/fused.py, _BAMNative) -------------------------------------------------
+/* ---- BAM as one call each way (san/kernels/fused.py, _BAMNative) -------------------------------------------------
 
    The first 1x1 conv (C -> K) and the channel means in one pass over x, the channel MLP, the spatial branch's
    stages as a chain from that conv's output (stage 0: its batch norm and activation only), and the mask; backward
@@ -1314,7 +1314,7 @@ void san_bam_backward(const float *x, const float *g, long cl, const long *sizes
     arena_end();
 }
 
-/* ---- SAN's full-size passes (san/attention/fused.py, _SANMaskNative) --------------------------------------------
+/* ---- SAN's full-size passes (san/kernels/fused.py, _SANMaskNative) --------------------------------------------
 
    A map y (N, C, H, W) in NCHW (cl = 0) or channels-last (cl = 1) is walked as planes of H rows: NCHW has N C planes
    whose rows are W long with horizontal neighbours 1 apart; channels-last has N planes whose rows are W C long with
