@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from san.attention import functional
 from san.attention.base import AttentionModule, Tap
 from san.catalog import COMBINES
-from san.kernels import bam
+from san.kernels.fused import bam
 
 
 class ChannelBranch(nn.Module):

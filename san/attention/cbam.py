@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from san.attention import functional
 from san.attention.base import AttentionModule, Tap
-from san.kernels import cbam
+from san.kernels.fused import cbam
 
 
 class ChannelAttention(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from san.attention import functional
 from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap
-from san.kernels import san_mask
+from san.kernels.san_op import san_mask
 
 RECOMPUTE_MACS = 1536  # multiply-adds per output of the smoothing conv, up to which the fast path recomputes it
 _ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from san.attention.functional import extrema_count
 from san.kernels import native
 from san.kernels.fused import ACTIVATION_FORWARD, activation_backward, small_map_layout, sum_to
 
@@ -66,6 +65,8 @@ def _smooth_backward(grad: Tensor, weighted: Tensor, weight: Tensor, bias: Tenso
 def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool,
                   count: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     """(``y - reference``, eq 10's ``α · dY``, the uint8 count behind α — computed unless given)."""
+    from san.attention.functional import extrema_count  # the maths' home imports this module: import it late
+
     diff = y - reference
     doc = diff.abs() if use_abs else diff.clone()
     if not use_extrema:
