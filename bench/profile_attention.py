@@ -23,8 +23,8 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_overhead import median_seconds  # the attention bench's step timer
 from san.attention import create_attention
-from san.kernels import native
 from san.attention.functional import extrema_count
+from san.kernels import native
 from san.kernels.fused import few_channel_conv_backward
 
 

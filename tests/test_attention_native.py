@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from san.attention import reference_formulation
-from san.kernels import native, prebuild
 from san.attention.bam import BAM
 from san.attention.cbam import CBAM
 from san.attention.functional import extrema_count
 from san.attention.san import SAN
+from san.kernels import native, prebuild
 
 
 @pytest.fixture

@@ -47,27 +47,41 @@ class SAN(AttentionModule):
     takes_previous = True
     supported_dims = (1, 2)
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: int = 1, use_abs: bool = True,
-                 use_cca: bool = True, use_extrema: bool = True, use_smoothing: bool = True,
-                 smoothing_activation: str = "identity", smoothing_groups: int | str = 1,
-                 prev_channels: int | None = None, dims: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        use_abs: bool = True,
+        use_cca: bool = True,
+        use_extrema: bool = True,
+        use_smoothing: bool = True,
+        smoothing_activation: str = "identity",
+        smoothing_groups: int | str = 1,
+        prev_channels: int | None = None,
+        dims: int = 2,
+    ) -> None:
         super().__init__()
         if dims not in self.supported_dims:
             raise ValueError(f"dims={dims!r}: SAN works on sequences (1) or feature maps (2)")
         if smoothing_activation not in _ACTIVATIONS:
-            raise ValueError(f"unknown smoothing_activation {smoothing_activation!r}; "
-                             f"choose one of: {', '.join(_ACTIVATIONS)}")  # fmt: skip
+            raise ValueError(
+                f"unknown smoothing_activation {smoothing_activation!r}; choose one of: {', '.join(_ACTIVATIONS)}"
+            )
         groups = channels if smoothing_groups == "depthwise" else smoothing_groups
         if not isinstance(groups, int) or groups < 1 or channels % groups:
-            raise ValueError(f"smoothing_groups={smoothing_groups!r} must be 'depthwise' or a positive divisor of "
-                             f"channels={channels}")  # fmt: skip
+            raise ValueError(
+                f"smoothing_groups={smoothing_groups!r} must be 'depthwise' or a positive divisor of "
+                f"channels={channels}"
+            )
         self.channels, self.dims, self.smoothing_activation = channels, dims, smoothing_activation
         self.use_abs, self.use_cca, self.use_extrema, self.use_smoothing = use_abs, use_cca, use_extrema, use_smoothing
         if prev_channels is not None:
             self._check_alignment(prev_channels)
         if use_smoothing:
-            self.smooth = _CONVS[dims](channels, channels, kernel_size, padding="same", dilation=dilation,
-                                       groups=groups)  # fmt: skip
+            self.smooth = _CONVS[dims](
+                channels, channels, kernel_size, padding="same", dilation=dilation, groups=groups
+            )
             self.smooth_act = _ACTIVATIONS[smoothing_activation]()
         # The fused op pads symmetrically: even kernels ("same" pads them unevenly) and sequences run stepwise.
         self.fusable = dims == 2 and (kernel_size % 2 == 1 or not use_smoothing)
@@ -87,19 +101,37 @@ class SAN(AttentionModule):
     def forward(self, y: Tensor, y_prev: Tensor) -> Tensor:
         if y.dim() != self.dims + 2 or y_prev.dim() != self.dims + 2:
             layout = "N×C×T" if self.dims == 1 else "N×C×H×W"
-            raise ValueError(f"SAN(dims={self.dims}) takes {layout} inputs, got y {tuple(y.shape)} and y_prev "
-                             f"{tuple(y_prev.shape)}")  # fmt: skip
+            raise ValueError(
+                f"SAN(dims={self.dims}) takes {layout} inputs, got y {tuple(y.shape)} and y_prev {tuple(y_prev.shape)}"
+            )
         if not self.use_cca:
             self._check_alignment(y_prev.shape[1])
         if not (self.fusable and self.fast_path()):
             smooth = (lambda x: self.smooth_act(self.smooth(x))) if self.use_smoothing else None
-            return functional.san(y, y_prev, smooth, use_cca=self.use_cca, use_abs=self.use_abs,
-                                  use_extrema=self.use_extrema, dims=self.dims, tap=self.tap)  # fmt: skip
+            return functional.san(
+                y,
+                y_prev,
+                smooth,
+                use_cca=self.use_cca,
+                use_abs=self.use_abs,
+                use_extrema=self.use_extrema,
+                dims=self.dims,
+                tap=self.tap,
+            )
         reference = functional.san_reference(y_prev, tuple(y.shape[2:]), self.use_cca)
         weight, bias = (self.smooth.weight, self.smooth.bias) if self.use_smoothing else (None, None)
         activation = self.smoothing_activation if self.use_smoothing else "identity"
-        return san_mask(y, reference, weight, bias, *self.conv_settings, self.use_abs, self.use_extrema, activation,
-                        not self.recompute_smoothing)[0]  # fmt: skip
+        return san_mask(
+            y,
+            reference,
+            weight,
+            bias,
+            *self.conv_settings,
+            self.use_abs,
+            self.use_extrema,
+            activation,
+            not self.recompute_smoothing,
+        )[0]
 
     def extra_repr(self) -> str:
         switches = {"cca": self.use_cca, "abs": self.use_abs, "extrema": self.use_extrema}

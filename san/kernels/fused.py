@@ -161,8 +161,7 @@ class _Stage:
         else:
             # NCHW on CPU: a few-channel forward conv is faster so (0.13 vs 0.44 ms for BAM's 1→1 dilated 3×3)
             conv_in = x.contiguous() if x.device.type == "cpu" else x
-            conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation,
-                                groups=self.groups)  # fmt: skip
+            conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation, groups=self.groups)
         return self.normalize(conv_out, update)
 
     def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
@@ -223,9 +222,15 @@ class _Stage:
             return grad, [None, None]
         bn_weight, bn_bias = self.bn_weight, self.bn_bias
         grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad.to(conv_out.dtype), conv_out, bn_weight, *self.running, *stats, self.use_batch_stats, self.eps,
+            grad.to(conv_out.dtype),
+            conv_out,
+            bn_weight,
+            *self.running,
+            *stats,
+            self.use_batch_stats,
+            self.eps,
             [True, bn_weight is not None, bn_bias is not None],
-        )  # fmt: skip
+        )
         return grad, [grad_bn_weight, grad_bn_bias]
 
 
@@ -393,8 +398,18 @@ class _BAMPlan:
         if any(stage.has_bn and stage.use_batch_stats for stage in stages):
             _check_batch_statistics(batch * height * width, (batch, reduced, height, width))
         parts = max(1, min(native.WEIGHT_GRAD_PARTS, batch))
-        self.sizes = [batch, channels, height, width, reduced, first.weight.shape[0], int(batch_stats), int(product),
-                      len(stages), parts]  # fmt: skip
+        self.sizes = [
+            batch,
+            channels,
+            height,
+            width,
+            reduced,
+            first.weight.shape[0],
+            int(batch_stats),
+            int(product),
+            len(stages),
+            parts,
+        ]
         self.scalars = [bn.eps, factor]
         in_channels = reduced
         for index, stage in enumerate(stages):
@@ -406,8 +421,10 @@ class _BAMPlan:
             flags = [convolves, int(stage.has_bn), int(stage.use_batch_stats), native.ACTIVATIONS[stage.activation]]
             self.sizes += [in_channels, height, width, out_channels, *kernel, *padding, *dilation, *flags]
             self.scalars += [stage.eps, stage.momentum]
-            height, width = (size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip(
-                (height, width), padding, dilation, kernel, strict=True))  # fmt: skip
+            height, width = (
+                size + 2 * pad - dil * (k - 1)
+                for size, pad, dil, k in zip((height, width), padding, dilation, kernel, strict=True)
+            )
             in_channels = out_channels
 
     def native_params(self, trainable: list[Tensor | None]) -> list[Tensor | None]:
@@ -417,8 +434,17 @@ class _BAMPlan:
         w1, b1, gamma, beta, w2, b2 = trainable[:6]
         stage_params = [trainable[6 + 4 * i : 10 + 4 * i] for i in range(len(self.running) - 1)]
         reduce_weight, reduce_bias = stage_params[0][:2]
-        params = [reduce_weight.reshape(reduce_weight.shape[0], -1), reduce_bias, w1, b1, gamma, beta,
-                  *self.running[0], w2, b2]  # fmt: skip
+        params = [
+            reduce_weight.reshape(reduce_weight.shape[0], -1),
+            reduce_bias,
+            w1,
+            b1,
+            gamma,
+            beta,
+            *self.running[0],
+            w2,
+            b2,
+        ]
         for index, (weight, bias, bn_weight, bn_bias) in enumerate(stage_params):
             conv = (None, None) if index == 0 else (weight, bias)
             params += [*conv, bn_weight, bn_bias, *self.running[index + 1]]
@@ -479,7 +505,9 @@ def bam(x: Tensor, mlp: nn.Sequential, body: list[nn.Module], product: bool) -> 
     """BAM's output from ``x``, its channel MLP (Flatten, Linear, BatchNorm1d, ReLU, Linear) and its spatial branch's
     layers (conv, batch norm, ReLU, ..., conv), as one autograd node: `_BAMNative` in float32 on CPU (the C kernels
     built), else the channel MLP as it runs and `_BAM`."""
-    stages = [_Stage(*body[i : i + 2], "relu") for i in range(0, len(body) - 1, 3)] + [_Stage(body[-1], None, "identity")]
+    stages = [_Stage(*body[i : i + 2], "relu") for i in range(0, len(body) - 1, 3)] + [
+        _Stage(body[-1], None, "identity")
+    ]
     if _autocast_dtype(x) is None and _bam_native_takes(stages, x):
         plan = _BAMPlan(x, mlp, stages, product)
         return _BAMNative.apply(plan, x, *plan.trainable)
@@ -573,8 +601,9 @@ class _CBAM(torch.autograd.Function):
             grad_logit = torch.ops.aten.sigmoid_backward(grad_mask.to(channel_mask.dtype), channel_mask)
             grad_logits = torch.cat([grad_logit, grad_logit])
             grad_second = grad_logits.t() @ hidden
-            grad_hidden = torch.ops.aten.threshold_backward(grad_logits @ second_weight.flatten(1).to(hidden.dtype),
-                                                            hidden, 0)  # fmt: skip
+            grad_hidden = torch.ops.aten.threshold_backward(
+                grad_logits @ second_weight.flatten(1).to(hidden.dtype), hidden, 0
+            )
             grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
             grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
             is_top = _where_equal(flat, top[:, :, None, None])
@@ -600,8 +629,9 @@ class _CBAMNative(torch.autograd.Function):
         flat, layout = native.map_layout(x)
         descriptors, hidden, channel_mask = native.cbam_channel(flat, layout, *params[:4])
         pooled = native.cbam_pool(flat, layout, channel_mask)
-        spatial_mask, conv_out, stats = native.stage_forward(pooled, stage.native_conv(), stage.native_norm(True),
-                                                             "sigmoid")  # fmt: skip
+        spatial_mask, conv_out, stats = native.stage_forward(
+            pooled, stage.native_conv(), stage.native_norm(True), "sigmoid"
+        )
         out = native.cbam_apply(flat, layout, channel_mask, spatial_mask)
         ctx.stage = stage
         ctx.save_for_backward(x, descriptors, hidden, channel_mask, conv_out, spatial_mask, *stats, *params)
@@ -620,14 +650,21 @@ class _CBAMNative(torch.autograd.Function):
             masks = (channel_mask, spatial_mask)
             pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
             grad_pooled, stage_grads = native.stage_backward(
-                grad_spatial, pooled, spatial_mask, conv_out, (mean, invstd), stage.native_conv(),
-                stage.native_norm(False)[:3], "sigmoid",
-            )  # fmt: skip
+                grad_spatial,
+                pooled,
+                spatial_mask,
+                conv_out,
+                (mean, invstd),
+                stage.native_conv(),
+                stage.native_norm(False)[:3],
+                "sigmoid",
+            )
             grad_avg, top_share, mlp_grads = native.cbam_backward_mask(
                 flat, grad, layout, masks, grad_pooled, descriptors, hidden, first_weight, second_weight
             )
-            grad_x = native.cbam_backward_input(flat, grad, layout, masks, grad_pooled, descriptors, grad_avg,
-                                                top_share)  # fmt: skip
+            grad_x = native.cbam_backward_input(
+                flat, grad, layout, masks, grad_pooled, descriptors, grad_avg, top_share
+            )
         mlp_grads = [
             mlp_grads[0].view_as(first_weight),
             None if first_bias is None else mlp_grads[1],

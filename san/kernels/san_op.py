@@ -20,12 +20,14 @@ from san.kernels import native
 from san.kernels.fused import ACTIVATION_FORWARD, activation_backward, small_map_layout, sum_to
 
 _EMPTY = (0,)
-_NO_HIGHER_ORDER = ("the fused attention paths give first-order gradients only; for higher-order gradients "
-                    "(create_graph=True) run the model inside san.attention.reference_formulation()")  # fmt: skip
+_NO_HIGHER_ORDER = (
+    "the fused attention paths give first-order gradients only; for higher-order gradients "
+    "(create_graph=True) run the model inside san.attention.reference_formulation()"
+)
 
 
 def _like(value: Tensor, template: Tensor) -> Tensor:
-    """``value`` with ``template``'s strides (what ``empty_like`` gives the fake kernels), copied only if they differ."""
+    """``value`` with ``template``'s strides (``empty_like``'s, the fake kernels'), copied only if they differ."""
     if value.stride() == template.stride():
         return value
     return torch.empty_like(template, dtype=value.dtype).copy_(value)
@@ -35,8 +37,14 @@ def _native(y: Tensor, reference: Tensor, conv_dtype: torch.dtype | None) -> boo
     return conv_dtype is None and native.san_applies(y, reference)
 
 
-def _smooth(weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple, activation: str,
-            dtype: torch.dtype | None) -> Tensor:  # fmt: skip
+def _smooth(
+    weighted: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    conv: tuple,
+    activation: str,
+    dtype: torch.dtype | None,
+) -> Tensor:
     """σ(smooth(weighted)) of eq 11, the conv in ``dtype`` (autocast's) if given."""
     if weight is None:
         return weighted
@@ -48,22 +56,32 @@ def _smooth(weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: 
     return ACTIVATION_FORWARD[activation](logits)
 
 
-def _smooth_backward(grad: Tensor, weighted: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple,
-                     dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+def _smooth_backward(
+    grad: Tensor, weighted: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     padding, dilation, groups = conv
     conv_weight = weight if dtype is None else weight.to(dtype)
     conv_input = small_map_layout(weighted if dtype is None else weighted.to(dtype))
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        small_map_layout(grad.to(conv_input.dtype)), conv_input, conv_weight,
-        None if bias is None else [bias.shape[0]], [1, 1], [padding] * 2, [dilation] * 2, False, [0, 0], groups,
+        small_map_layout(grad.to(conv_input.dtype)),
+        conv_input,
+        conv_weight,
+        None if bias is None else [bias.shape[0]],
+        [1, 1],
+        [padding] * 2,
+        [dilation] * 2,
+        False,
+        [0, 0],
+        groups,
         [True, True, bias is not None],
-    )  # fmt: skip
+    )
     grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return grad_input.to(weighted.dtype), grad_weight.to(weight.dtype), grad_bias
 
 
-def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool,
-                  count: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+def _weighted_doc(
+    y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool, count: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(``y - reference``, eq 10's ``α · dY``, the uint8 count behind α — computed unless given)."""
     from san.attention.functional import extrema_count  # the maths' home imports this module: import it late
 
@@ -109,8 +127,20 @@ def san_mask(
 
 
 @san_mask.register_fake
-def _(y, reference, weight, bias, padding, dilation, groups, use_abs, use_extrema, activation, keep_smoothed,
-      conv_dtype=None):  # fmt: skip
+def _(
+    y,
+    reference,
+    weight,
+    bias,
+    padding,
+    dilation,
+    groups,
+    use_abs,
+    use_extrema,
+    activation,
+    keep_smoothed,
+    conv_dtype=None,
+):
     keep = keep_smoothed and weight is not None
     if keep:
         dtype = y.dtype if conv_dtype is None or _native(y, reference, conv_dtype) else conv_dtype
@@ -163,8 +193,9 @@ def san_mask_backward(
         grad_logits = activation_backward(activation, grad_logits, logits)
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_logits, grad_weight, grad_bias = _smooth_backward(grad_logits, weighted, weight, bias, conv,
-                                                                   conv_dtype)  # fmt: skip
+            grad_logits, grad_weight, grad_bias = _smooth_backward(
+                grad_logits, weighted, weight, bias, conv, conv_dtype
+            )
         grad_doc = grad_logits.mul_(1 / 9).mul_(count) if use_extrema else grad_logits
         if use_abs:
             grad_doc.mul_(diff.sgn_())
@@ -179,8 +210,23 @@ def san_mask_backward(
 
 
 @san_mask_backward.register_fake
-def _(grad, y, reference, weight, bias, kept, padding, dilation, groups, use_abs, use_extrema, activation,
-      keep_smoothed, conv_dtype, reference_grad):  # fmt: skip
+def _(
+    grad,
+    y,
+    reference,
+    weight,
+    bias,
+    kept,
+    padding,
+    dilation,
+    groups,
+    use_abs,
+    use_extrema,
+    activation,
+    keep_smoothed,
+    conv_dtype,
+    reference_grad,
+):
     return (
         torch.empty_like(y),
         torch.empty_like(reference) if reference_grad else y.new_empty(_EMPTY),
@@ -212,14 +258,38 @@ san_mask.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autocast_kernel(device_type: str):
-    def kernel(y, reference, weight, bias, padding, dilation, groups, use_abs, use_extrema, activation, keep_smoothed,
-               conv_dtype=None):  # fmt: skip
+    def kernel(
+        y,
+        reference,
+        weight,
+        bias,
+        padding,
+        dilation,
+        groups,
+        use_abs,
+        use_extrema,
+        activation,
+        keep_smoothed,
+        conv_dtype=None,
+    ):
         # As stepwise under autocast: the smoothing conv in autocast's dtype, the rest in y's; float64 is left alone.
         if weight is not None and y.dtype != torch.float64:
             conv_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return san_mask(y, reference, weight, bias, padding, dilation, groups, use_abs, use_extrema, activation,
-                            keep_smoothed, conv_dtype)  # fmt: skip
+            return san_mask(
+                y,
+                reference,
+                weight,
+                bias,
+                padding,
+                dilation,
+                groups,
+                use_abs,
+                use_extrema,
+                activation,
+                keep_smoothed,
+                conv_dtype,
+            )
 
     return kernel
 
