@@ -316,7 +316,7 @@ def test_the_package_carries_the_kernel_source(tmp_path: Path) -> None:
                     str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)  # fmt: skip
     (wheel,) = tmp_path.glob("san-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "san/kernels/native.c" in names and "san/attention/prebuild.py" in names
+    assert "san/kernels/native.c" in names and "san/kernels/prebuild.py" in names
 
 
 def test_prebuild_without_a_compiler_is_a_one_line_error(

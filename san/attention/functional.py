@@ -85,8 +85,22 @@ def san(
     dims: int = 2,
     tap: TapFn = untapped,
 ) -> Tensor:
-    """SAN's output ``y * M`` for a unit's output ``y`` and input ``y_prev`` (eqs 4–12); ``smooth`` is eq 11's σ∘conv,
-    ``None`` for ``use_smoothing=False``. ``dims``: 2 for maps (N×C×H×W), 1 for sequences (N×C×T)."""
+    """SAN's output ``y * M`` for a unit's output ``y`` (C channels) and input ``y_prev`` (C'), eqs 4–12:
+
+    1. cross-layer channel alignment (CCA, eqs 6–7): ``ybar = mean_c(y_prev)``, broadcast to C channels, average-pooled
+       to ``y``'s size when a strided layer sits between the two (the paper compares same-size maps only);
+    2. the difference of convolutions (DoC, eq 8): ``dY = |y - ybar|``;
+    3. soft extrema (eqs 9–10): ``alpha = #{3x3 neighbours n : dY >= dY[n]} / 9`` (the centre counts itself,
+       neighbours outside the map count as *not smaller*), ``Ye = alpha * dY``; alpha passes no gradient;
+    4. smoothing (eq 11): ``smooth`` (σ∘conv, C→C, the feature branch's kernel size; dilation 1 for SAN-c, > 1 for
+       SAN-d). Eq 12's discussion has negative conv outputs saturate the sigmoid to 0, so σ is the identity by default;
+    5. the mask ``M = sigmoid(smoothed)`` (eq 12) and the output ``y * M`` (eq 4).
+
+    Table IX's switches each remove one step: ``use_cca=False`` compares with ``y_prev`` itself (C' == C only),
+    ``use_abs=False`` keeps the signed difference, ``use_extrema=False`` uses ``dY`` as ``Ye``, ``smooth=None``
+    (``use_smoothing=False``) applies the sigmoid to ``Ye``. ``dims``: 2 for maps (N×C×H×W), 1 for sequences (N×C×T):
+    the same steps with time as the one axis, a 3-step window (``alpha = count / 3``) and a ``Conv1d``.
+    """
     reference = san_reference(y_prev, tuple(y.shape[2:]), use_cca)  # eqs 6–7
     doc = y - reference  # eq 8: the difference of convolutions ...
     doc = tap("doc", doc.abs() if use_abs else doc)  # ... as an absolute difference

@@ -1,21 +1,6 @@
-"""SAN: scale-space attention (Garg, Candan, Sapino, ICDE 2020, Section III-C, eqs 4–12).
-
-For a unit with input ``y_prev`` (C' channels) and output ``y`` (C channels), `san.attention.functional.san`:
-
-1. cross-layer channel alignment (CCA, eqs 6–7): ``ybar = mean_c(y_prev)``, broadcast to C channels, average-pooled
-   to ``y``'s size when a strided layer sits between the two (the paper compares same-size maps only);
-2. the difference of convolutions (DoC, eq 8): ``dY = |y - ybar|``;
-3. soft extrema (eqs 9–10): ``alpha = #{3x3 neighbours n : dY >= dY[n]} / 9`` (the centre counts itself, neighbours
-   outside the map count as *not smaller*), ``Ye = alpha * dY``; alpha is a step function and passes no gradient;
-4. smoothing (eq 11): a trainable C→C conv with the feature branch's kernel size, dilation 1 for SAN-c and > 1 for
-   SAN-d. Eq 11 wraps it in an activation σ, yet eq 12's discussion has negative conv outputs saturate the sigmoid
-   to 0, so σ is the identity by default (``smoothing_activation``);
-5. the mask ``M = sigmoid(smoothed)`` (eq 12) and the output ``y * M`` (eq 4).
-
-Table IX's ablation switches each remove one step: ``use_cca=False`` compares with ``y_prev`` itself (C' == C only),
-``use_abs=False`` keeps the signed difference, ``use_extrema=False`` uses ``dY`` as ``Ye``, ``use_smoothing=False``
-applies the sigmoid to ``Ye``. Sequences (``dims=1``, LSTM-4 of Section IV-B4): the same steps with time as the one
-axis of an N×C×T map — a 3-step window (``alpha = count / 3``) and a ``Conv1d`` over time; they run stepwise.
+"""SAN: scale-space attention (Garg, Candan, Sapino, ICDE 2020, Section III-C, eqs 4–12): ``y * M`` with M from the
+difference between a unit's output and its channel-aligned input; the steps and Table IX's ablation switches are
+`san.attention.functional.san`'s. Sequences (``dims=1``, LSTM-4 of Section IV-B4) run stepwise.
 """
 
 from torch import Tensor, nn
