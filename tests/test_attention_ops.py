@@ -1,6 +1,7 @@
-"""The registered op ``san::san_mask`` as torch sees it: ``torch.library.opcheck`` (schema, fake kernel, autograd
-registration, AOT dispatch) for every switch, layout and dtype; its values against `san.attention.functional` in
-bf16; models that compile with inductor and match eager; models built and run on the meta device."""
+"""The registered ops (``san::san_mask``, CBAM's, the few-channel conv) as torch sees them:
+``torch.library.opcheck`` (schema, fake kernel, autograd registration, AOT dispatch) for every switch, layout and
+dtype; their values against `san.attention.functional`; models that compile with inductor and match eager; models
+built and run on the meta device."""
 
 import itertools
 import os
@@ -8,7 +9,9 @@ import os
 import pytest
 import torch
 
-from san.attention import SAN, functional, reference_formulation
+from san.attention import CBAM, SAN, functional, reference_formulation
+from san.kernels import cbam_op
+from san.kernels.conv_op import few_channel_conv2d, few_channel_conv2d_backward
 from san.kernels.san_op import san_mask, san_mask_backward
 from san.registry import build_model
 
@@ -134,3 +137,55 @@ def test_a_model_builds_and_runs_forward_and_backward_on_meta(model_name: str, a
                 out.sum().backward()
     assert out.shape == (2, 10) and out.device.type == "meta"
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def cbam_op_cases(layout: str, dtype: str) -> list[tuple]:
+    """(op, args) of every CBAM op and backward op on one setting; a tie in every max."""
+    generator = torch.Generator().manual_seed(1)
+    dt = DTYPES[dtype]
+    x = torch.randint(-3, 4, (3, 5, 6, 7), generator=generator).to(dt).contiguous(memory_format=LAYOUTS[layout]) / 2
+    channel_mask = torch.rand(3, 5, generator=generator).to(dt)
+    spatial_mask = torch.rand(3, 1, 6, 7, generator=generator).to(dt)
+    pooled = torch.randn(3, 2, 6, 7, generator=generator).to(dt)
+    weight, bias = torch.randn(1, 2, 7, 7, generator=generator).to(dt), torch.randn(1, generator=generator).to(dt)
+    top = x.amax((2, 3))
+    grad = torch.randn_like(x)
+    return [
+        (cbam_op.descriptors, (x.requires_grad_(),)),
+        (cbam_op.descriptors_backward, (torch.randn_like(top), torch.randn_like(top), x.detach(), top)),
+        (cbam_op.pool, (x, channel_mask.requires_grad_())),
+        (cbam_op.pool_backward, (torch.randn_like(pooled), x.detach(), channel_mask.detach())),
+        (cbam_op.apply, (x, channel_mask, spatial_mask.requires_grad_())),
+        (cbam_op.apply_backward, (grad, x.detach(), channel_mask.detach(), spatial_mask.detach())),
+        (few_channel_conv2d, (pooled.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), 3, 1)),
+        (few_channel_conv2d, (pooled, weight, None, 4, 2)),
+        (
+            few_channel_conv2d_backward,
+            (torch.randn(3, 1, 6, 7, dtype=dt), pooled.detach(), weight.detach(), True, 3, 1),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_opcheck_passes_for_the_cbam_ops_and_the_few_channel_conv(layout: str, dtype: str) -> None:
+    for op, args in cbam_op_cases(layout, dtype):
+        torch.library.opcheck(op, args, test_utils=ALL_CHECKS)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_cbam_ops_match_the_functional_formulation_in_float32(layout: str) -> None:
+    """The ops (C passes in float32 on CPU) against `functional.cbam` step by step: values and every gradient."""
+    torch.manual_seed(14)
+    module = CBAM(6)
+    x = torch.randint(-3, 4, (4, 6, 9, 8)).float().contiguous(memory_format=LAYOUTS[layout]) / 2
+    results = []
+    for formulation in (torch.enable_grad(), reference_formulation()):
+        module.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        with formulation:
+            out = module(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append([out, inputs.grad, *(p.grad for p in module.parameters())])
+    for fused, stepwise in zip(*results, strict=True):
+        torch.testing.assert_close(fused, stepwise, rtol=1e-4, atol=1e-5)

@@ -2,11 +2,13 @@
 ``x · Mc(x)`` then ``· Ms(x · Mc)`` (`san.attention.functional.cbam`)."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from san.attention import functional
 from san.attention.base import AttentionModule, Tap
-from san.kernels.fused import cbam
+from san.kernels import cbam_op
+from san.kernels.conv_op import few_channel_conv2d
 
 
 class ChannelAttention(nn.Module):
@@ -48,8 +50,16 @@ class CBAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
-        # The fused path is eager-only: under torch.compile inductor fuses the stepwise formulation itself.
-        if self.fast_path() and not torch.compiler.is_compiling():
-            mlp = self.channel.mlp
-            return cbam(x, (mlp[0], mlp[2]), self.spatial.conv, self.spatial.bn)
-        return functional.cbam(x, self.channel, self.spatial, self.tap)
+        if not self.fast_path():
+            return functional.cbam(x, self.channel, self.spatial, self.tap)
+        # The same maths on registered ops (`san.kernels.cbam_op`): one pass over x for each full-size step.
+        first, second = self.channel.mlp[0], self.channel.mlp[2]
+        descriptors = torch.cat(cbam_op.descriptors(x))  # [mean_hw x; max_hw x], 2N×C
+        logits = F.linear(
+            F.relu(F.linear(descriptors, first.weight.flatten(1), first.bias)), second.weight.flatten(1), second.bias
+        )
+        channel_mask = torch.sigmoid(logits[: x.shape[0]] + logits[x.shape[0] :])
+        conv = self.spatial.conv
+        pooled = cbam_op.pool(x, channel_mask)
+        spatial = few_channel_conv2d(pooled, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
+        return cbam_op.apply(x, channel_mask, torch.sigmoid(self.spatial.bn(spatial)))

@@ -26,7 +26,19 @@ _NO_HIGHER_ORDER = (
 )
 
 
-def _like(value: Tensor, template: Tensor) -> Tensor:
+def first_order(backward):
+    """A registered backward that raises under ``create_graph=True`` rather than return gradients that silently
+    lack their second-order terms."""
+
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_NO_HIGHER_ORDER)
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
+def like(value: Tensor, template: Tensor) -> Tensor:
     """``value`` with ``template``'s strides (``empty_like``'s, the fake kernels'), copied only if they differ."""
     if value.stride() == template.stride():
         return value
@@ -117,13 +129,13 @@ def san_mask(
         logits = _smooth(weighted, weight, bias, conv, activation, None)
         logits = logits.contiguous(memory_format=native.memory_format(layout))
         out = native.san_apply(flat, logits)
-        return _like(out, y), _like(logits, y) if keep else y.new_empty(_EMPTY)
+        return like(out, y), like(logits, y) if keep else y.new_empty(_EMPTY)
     _, weighted, count = _weighted_doc(y, reference, use_abs, use_extrema)
     logits = _smooth(weighted, weight, bias, conv, activation, conv_dtype)
     out = y * torch.sigmoid(logits)  # autocast: y's dtype may be the wider
     if keep:
-        return _like(out, y), _like(logits, y)
-    return _like(out, y), y.new_empty(_EMPTY, dtype=torch.uint8) if count is None else _like(count, y)
+        return like(out, y), like(logits, y)
+    return like(out, y), y.new_empty(_EMPTY, dtype=torch.uint8) if count is None else like(count, y)
 
 
 @san_mask.register_fake
@@ -202,9 +214,9 @@ def san_mask_backward(
         grad_y.add_(grad_doc)
         grad_reference = sum_to(grad_doc, reference.shape).neg() if reference_grad else None
     return (
-        _like(grad_y, y),
-        y.new_empty(_EMPTY) if grad_reference is None else _like(grad_reference, reference),
-        y.new_empty(_EMPTY) if grad_weight is None else _like(grad_weight, weight),
+        like(grad_y, y),
+        y.new_empty(_EMPTY) if grad_reference is None else like(grad_reference, reference),
+        y.new_empty(_EMPTY) if grad_weight is None else like(grad_weight, weight),
         y.new_empty(_EMPTY) if grad_bias is None else grad_bias,
     )
 
@@ -241,9 +253,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(y, reference, weight, bias, output[1])
 
 
+@first_order
 def _backward(ctx, grad: Tensor, _grad_kept: Tensor):
-    if torch.is_grad_enabled():
-        raise RuntimeError(_NO_HIGHER_ORDER)
     y, reference, weight, bias, kept = ctx.saved_tensors
     *settings, conv_dtype = ctx.settings
     grad_y, grad_reference, grad_weight, grad_bias = san_mask_backward(
