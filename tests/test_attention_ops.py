@@ -153,8 +153,11 @@ def cbam_op_cases(layout: str, dtype: str) -> list[tuple]:
     return [
         (cbam_op.descriptors, (x.requires_grad_(),)),
         (cbam_op.descriptors_backward, (torch.randn_like(top), torch.randn_like(top), x.detach(), top)),
-        (cbam_op.pool, (x, channel_mask.requires_grad_())),
-        (cbam_op.pool_backward, (torch.randn_like(pooled), x.detach(), channel_mask.detach())),
+        (cbam_op.spatial, (x, channel_mask.requires_grad_(), weight.requires_grad_(), 3)),
+        (
+            cbam_op.spatial_backward,
+            (torch.randn(3, 1, 6, 7, dtype=dt), x.detach(), channel_mask.detach(), weight.detach(), 3),
+        ),
         (cbam_op.apply, (x, channel_mask, spatial_mask.requires_grad_())),
         (cbam_op.apply_backward, (grad, x.detach(), channel_mask.detach(), spatial_mask.detach())),
         (few_channel_conv2d, (pooled.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), 3, 1)),

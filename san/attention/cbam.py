@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from san.attention import functional
 from san.attention.base import AttentionModule, Tap
 from san.kernels import cbam_op
-from san.kernels.conv_op import few_channel_conv2d
 
 
 class ChannelAttention(nn.Module):
@@ -60,6 +59,5 @@ class CBAM(AttentionModule):
         )
         channel_mask = torch.sigmoid(logits[: x.shape[0]] + logits[x.shape[0] :])
         conv = self.spatial.conv
-        pooled = cbam_op.pool(x, channel_mask)
-        spatial = few_channel_conv2d(pooled, conv.weight, conv.bias, conv.padding[0], conv.dilation[0])
+        spatial = cbam_op.spatial(x, channel_mask, conv.weight, conv.padding[0])  # conv([max_c; mean_c] x·Mc)
         return cbam_op.apply(x, channel_mask, torch.sigmoid(self.spatial.bn(spatial)))

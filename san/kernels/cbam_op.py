@@ -1,5 +1,5 @@
-"""CBAM's full-size passes as registered ops; the channel MLP, the spatial conv's batch norm and the sigmoids stay
-torch's, between them (`san.kernels.cbam`).
+"""CBAM's full-size passes as registered ops: the channel descriptors, the spatial branch's pooling and conv, the
+output ``x · Mc · Ms``; the channel MLP, the spatial batch norm and the sigmoids stay torch's, between them.
 
 Why ops: stepwise, ``x · Mc · Ms`` and the pools each keep full-size maps for backward and walk a few-channel map
 once per autograd node, slowly in channels-last (the channel axis innermost and 6 wide). Each op here is one walk
@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from san.kernels import native
+from san.kernels.conv_op import conv2d, conv2d_backward
 from san.kernels.san_op import first_order, like
 
 
@@ -68,11 +69,10 @@ def _descriptors_grad(ctx, grad_avg: Tensor, grad_top: Tensor):
 descriptors.register_autograd(_descriptors_grad, setup_context=_descriptors_context)
 
 
-# --- the spatial branch's input: [max_c s; mean_c s] of s = x · Mc ------------------------------------------------
+# --- the spatial branch's conv over [max_c s; mean_c s] of s = x · Mc ---------------------------------------------
 
 
-@torch.library.custom_op("san::cbam_pool", mutates_args=())
-def pool(x: Tensor, channel_mask: Tensor) -> Tensor:
+def _pool(x: Tensor, channel_mask: Tensor) -> Tensor:
     """``[max_c s; mean_c s]`` (N×2×H×W, NCHW) of ``s = x · Mc``."""
     if _native(x):
         flat, layout = native.map_layout(x)
@@ -81,15 +81,9 @@ def pool(x: Tensor, channel_mask: Tensor) -> Tensor:
     return torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1).contiguous()
 
 
-@pool.register_fake
-def _(x, channel_mask):
-    return x.new_empty(x.shape[0], 2, *x.shape[2:])
-
-
-@torch.library.custom_op("san::cbam_pool_backward", mutates_args=())
-def pool_backward(grad: Tensor, x: Tensor, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(∂x, ∂Mc) of `pool`: with ``u`` the gradient reaching ``s`` (the max's shared among channels reaching it, the
-    mean's spread), ``∂x = u · Mc`` and ``∂Mc = Σ_hw u · x``."""
+def _pool_backward(grad: Tensor, x: Tensor, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂x, ∂Mc) of `_pool`: with ``u`` the gradient reaching ``s`` (the max's shared among the channels reaching
+    it, the mean's spread), ``∂x = u · Mc`` and ``∂Mc = Σ_hw u · x``."""
     if _native(x):
         flat, layout = native.map_layout(x)
         grad_x, grad_mask = native.cbam_pool_backward(flat, layout, channel_mask.to(x.dtype), grad.to(x.dtype))
@@ -103,21 +97,61 @@ def pool_backward(grad: Tensor, x: Tensor, channel_mask: Tensor) -> tuple[Tensor
     return like(grad_x, x), grad_mask.to(channel_mask.dtype)
 
 
-@pool_backward.register_fake
-def _(grad, x, channel_mask):
-    return torch.empty_like(x), torch.empty_like(channel_mask)
+@torch.library.custom_op("san::cbam_spatial", mutates_args=())
+def spatial(x: Tensor, channel_mask: Tensor, weight: Tensor, padding: int) -> Tensor:
+    """Ms's logits before the batch norm: ``conv([max_c s; mean_c s])`` (N×1×H×W) of ``s = x · Mc``. Backward
+    recomputes the pooled maps rather than keep them."""
+    return conv2d(_pool(x, channel_mask).to(weight.dtype), weight, None, padding, 1)
 
 
-def _pool_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+@spatial.register_fake
+def _(x, channel_mask, weight, padding):
+    height, width = (x.shape[2 + i] + 2 * padding - (weight.shape[2 + i] - 1) for i in range(2))
+    return x.new_empty(x.shape[0], weight.shape[0], height, width, dtype=weight.dtype)
+
+
+@torch.library.custom_op("san::cbam_spatial_backward", mutates_args=())
+def spatial_backward(
+    grad: Tensor, x: Tensor, channel_mask: Tensor, weight: Tensor, padding: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂x, ∂Mc, ∂weight) of `spatial`."""
+    pooled = _pool(x, channel_mask).to(weight.dtype)
+    grad_pooled, grad_weight, _ = conv2d_backward(grad.to(weight.dtype), pooled, weight, False, padding, 1)
+    grad_x, grad_mask = _pool_backward(grad_pooled, x, channel_mask)
+    return grad_x, grad_mask, grad_weight
+
+
+@spatial_backward.register_fake
+def _(grad, x, channel_mask, weight, padding):
+    return torch.empty_like(x), torch.empty_like(channel_mask), torch.empty_like(weight)
+
+
+def _spatial_context(ctx, inputs, output) -> None:
+    x, channel_mask, weight, ctx.padding = inputs
+    ctx.save_for_backward(x, channel_mask, weight)
 
 
 @first_order
-def _pool_grad(ctx, grad: Tensor):
-    return pool_backward(grad, *ctx.saved_tensors)
+def _spatial_grad(ctx, grad: Tensor):
+    return *spatial_backward(grad, *ctx.saved_tensors, ctx.padding), None
 
 
-pool.register_autograd(_pool_grad, setup_context=_pool_context)
+spatial.register_autograd(_spatial_grad, setup_context=_spatial_context)
+
+
+def _spatial_autocast(device_type: str):
+    def kernel(x, channel_mask, weight, padding):
+        # As stepwise under autocast: the conv in autocast's dtype (its input cast to it), the pools in x's.
+        dtype = weight.dtype if x.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return spatial(x, channel_mask, weight.to(dtype), padding)
+
+    return kernel
+
+
+_library = torch.library.Library("san", "FRAGMENT")
+for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _library.impl("cbam_spatial", _spatial_autocast(_device), _key)
 
 
 # --- the output: x · Mc · Ms -----------------------------------------------------------------------------------------

@@ -21,12 +21,17 @@ def _native(x: Tensor, weight: Tensor, padding: int, dilation: int) -> bool:
     return transposed >= 0 and native.applies(x, weight, groups=1)
 
 
-@torch.library.custom_op("san::few_channel_conv2d", mutates_args=())
-def few_channel_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, dilation: int) -> Tensor:
-    """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)``, NCHW."""
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, dilation: int) -> Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)``, NCHW: the op's kernel, for other ops too."""
     if _native(x, weight, padding, dilation):
         return native.conv2d(x, weight, bias, (padding, padding), (dilation, dilation))
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation).contiguous()
+
+
+@torch.library.custom_op("san::few_channel_conv2d", mutates_args=())
+def few_channel_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, dilation: int) -> Tensor:
+    """`conv2d` as an op."""
+    return conv2d(x, weight, bias, padding, dilation)
 
 
 @few_channel_conv2d.register_fake
@@ -35,11 +40,10 @@ def _(x, weight, bias, padding, dilation):
     return x.new_empty(x.shape[0], weight.shape[0], height, width)
 
 
-@torch.library.custom_op("san::few_channel_conv2d_backward", mutates_args=())
-def few_channel_conv2d_backward(
+def conv2d_backward(
     grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, padding: int, dilation: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂x, ∂weight, ∂bias — empty without a bias) of `few_channel_conv2d`."""
+    """(∂x, ∂weight, ∂bias — empty without a bias) of `conv2d`."""
     if _native(x, weight, padding, dilation):
         flipped = weight.flip(-1, -2).transpose(0, 1)
         transposed = [dilation * (k - 1) - padding for k in weight.shape[2:]]
@@ -67,6 +71,14 @@ def few_channel_conv2d_backward(
 def _format(x: Tensor) -> torch.memory_format:
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+@torch.library.custom_op("san::few_channel_conv2d_backward", mutates_args=())
+def few_channel_conv2d_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, padding: int, dilation: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`conv2d_backward` as an op."""
+    return conv2d_backward(grad, x, weight, has_bias, padding, dilation)
 
 
 @few_channel_conv2d_backward.register_fake
