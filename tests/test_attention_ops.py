@@ -140,26 +140,25 @@ def test_a_model_builds_and_runs_forward_and_backward_on_meta(model_name: str, a
 
 
 def cbam_op_cases(layout: str, dtype: str) -> list[tuple]:
-    """(op, args) of every CBAM op and backward op on one setting; a tie in every max."""
+    """(op, args) of CBAM's op (training and eval) and its backward op, and of the few-channel conv, on one setting;
+    a tie in every max."""
     generator = torch.Generator().manual_seed(1)
     dt = DTYPES[dtype]
     x = torch.randint(-3, 4, (3, 5, 6, 7), generator=generator).to(dt).contiguous(memory_format=LAYOUTS[layout]) / 2
-    channel_mask = torch.rand(3, 5, generator=generator).to(dt)
-    spatial_mask = torch.rand(3, 1, 6, 7, generator=generator).to(dt)
     pooled = torch.randn(3, 2, 6, 7, generator=generator).to(dt)
     weight, bias = torch.randn(1, 2, 7, 7, generator=generator).to(dt), torch.randn(1, generator=generator).to(dt)
-    top = x.amax((2, 3))
-    grad = torch.randn_like(x)
+    mlp = [torch.randn(*shape, generator=generator).to(dt) for shape in ((2, 5, 1, 1), (2,), (5, 2, 1, 1), (5,))]
+    norm = [torch.rand(1, generator=generator).to(dt) + 0.5 for _ in range(4)]  # weight, bias, running mean, var
+    params = [t.requires_grad_() for t in (*mlp, weight.clone(), *norm[:2])]
+    cases = [
+        (cbam_op.cbam, (x.requires_grad_(), *params, *norm[2:], 3, training, 0.01, 1e-5)) for training in (True, False)
+    ]
+    out = cbam_op.cbam(x.detach(), *(t.detach() for t in params), *norm[2:], 3, True, 0.01, 1e-5)
+    saved = [t.detach() for t in out[3:]]
+    backward = (torch.randn_like(x), x.detach(), *(t.detach() for t in params[:6]), *saved, 3, True)
     return [
-        (cbam_op.descriptors, (x.requires_grad_(),)),
-        (cbam_op.descriptors_backward, (torch.randn_like(top), torch.randn_like(top), x.detach(), top)),
-        (cbam_op.spatial, (x, channel_mask.requires_grad_(), weight.requires_grad_(), 3)),
-        (
-            cbam_op.spatial_backward,
-            (torch.randn(3, 1, 6, 7, dtype=dt), x.detach(), channel_mask.detach(), weight.detach(), 3),
-        ),
-        (cbam_op.apply, (x, channel_mask, spatial_mask.requires_grad_())),
-        (cbam_op.apply_backward, (grad, x.detach(), channel_mask.detach(), spatial_mask.detach())),
+        *cases,
+        (cbam_op.cbam_backward, backward),
         (few_channel_conv2d, (pooled.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), 3, 1)),
         (few_channel_conv2d, (pooled, weight, None, 4, 2)),
         (

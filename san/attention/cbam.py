@@ -2,7 +2,6 @@
 ``x · Mc(x)`` then ``· Ms(x · Mc)`` (`san.attention.functional.cbam`)."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from san.attention import functional
@@ -51,13 +50,31 @@ class CBAM(AttentionModule):
     def forward(self, x: Tensor) -> Tensor:
         if not self.fast_path():
             return functional.cbam(x, self.channel, self.spatial, self.tap)
-        # The same maths on registered ops (`san.kernels.cbam_op`): one pass over x for each full-size step.
-        first, second = self.channel.mlp[0], self.channel.mlp[2]
-        descriptors = torch.cat(cbam_op.descriptors(x))  # [mean_hw x; max_hw x], 2N×C
-        logits = F.linear(
-            F.relu(F.linear(descriptors, first.weight.flatten(1), first.bias)), second.weight.flatten(1), second.bias
-        )
-        channel_mask = torch.sigmoid(logits[: x.shape[0]] + logits[x.shape[0] :])
-        conv = self.spatial.conv
-        spatial = cbam_op.spatial(x, channel_mask, conv.weight, conv.padding[0])  # conv([max_c; mean_c] x·Mc)
-        return cbam_op.apply(x, channel_mask, torch.sigmoid(self.spatial.bn(spatial)))
+        # The same maths as one registered op (`san.kernels.cbam_op`); its batch norm returns the running statistics.
+        first, second, bn = self.channel.mlp[0], self.channel.mlp[2], self.spatial.bn
+        batch_stats, momentum, update = _batch_norm_settings(bn, x)
+        params = (first.weight, first.bias, second.weight, second.bias, self.spatial.conv.weight)
+        # Without affine parameters or running statistics, their neutral values in their place.
+        norm = zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (1.0, 0.0, 0.0, 1.0), strict=True)
+        norm = [x.new_full((bn.num_features,), value) if t is None else t for t, value in norm]
+        settings = (self.spatial.conv.padding[0], batch_stats, momentum, bn.eps)
+        out, running_mean, running_var, *_ = cbam_op.cbam(x, *params, *norm, *settings)
+        if update:
+            with torch.no_grad():
+                bn.running_mean.copy_(running_mean)
+                bn.running_var.copy_(running_var)
+        return out
+
+
+def _batch_norm_settings(bn: nn.BatchNorm2d, x: Tensor) -> tuple[bool, float, bool]:
+    """As ``nn.BatchNorm2d.forward``: (batch statistics?, running-statistics factor, update them?), advancing
+    ``num_batches_tracked``; batch statistics of one value per channel are refused, as torch refuses them."""
+    batch_stats = bn.training or bn.running_mean is None
+    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    momentum = 0.0
+    if update:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return batch_stats, momentum, update

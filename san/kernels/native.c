@@ -458,119 +458,161 @@ static void channel_pool_grad(const float *xt, float *gtile, const float *mc, co
         }
 }
 
-/* ---- CBAM's passes as the kernels of its registered ops (san/kernels/cbam_op.py) ---------------------------------
-   The channel MLP and the spatial branch's batch norm run in torch between them; the spatial conv is
-   san_conv2d_forward. */
+/* ---- CBAM's passes, the kernels of its registered op (san/kernels/cbam_op.py) --------------------------------------
+   Forward: san_cbam_channel (descriptors and MLP), san_cbam_pool, san_stage_forward (conv -> BN -> sigmoid),
+   san_cbam_apply. Backward: san_cbam_backward_spatial, san_stage_backward, san_cbam_backward_mask (with the MLP's
+   backward), san_cbam_backward_input. */
 
-/* avg, top (N, C): the channel descriptors, x's mean and max over positions. */
-void san_cbam_descriptors(const float *x, long cl, long N, long C, long P, float *avg, float *top) {
-    san_channel_descriptors(x, cl, N, C, P, avg, top);
-}
-
-/* The descriptors' backward, in x's layout: grad_x = grad_avg / P + [x = top] grad_top / ties, ties being how many
-   positions reach the max (counted in a first walk over the sample): amax's rule. */
-void san_cbam_descriptors_backward(const float *x, long cl, const float *top, const float *grad_avg,
-                                   const float *grad_top, long N, long C, long P, float *grad_x) {
-#pragma omp parallel
-    {
-        float *tile = new_tile(C), *share = malloc(sizeof(float) * C);
-#pragma omp for schedule(static)
-        for (long n = 0; n < N; n++) {
-            for (long c = 0; c < C; c++) share[c] = 0.0f;
-            for (long p0 = 0; p0 < P; p0 += TILE) {
-                long T = P - p0 < TILE ? P - p0 : TILE;
-                load_tile(x, cl, n, C, P, p0, T, tile);
-                for (long c = 0; c < C; c++) share[c] += row_count(tile + c * TILE, top[n * C + c], T);
-            }
-            for (long c = 0; c < C; c++) share[c] = grad_top[n * C + c] / share[c];
-            for (long p0 = 0; p0 < P; p0 += TILE) {
-                long T = P - p0 < TILE ? P - p0 : TILE;
-                load_tile(x, cl, n, C, P, p0, T, tile);
-                for (long c = 0; c < C; c++) {
-                    float base = grad_avg[n * C + c] / (float)P, high = top[n * C + c];
-                    for (long t = 0; t < T; t += LANES) {
-                        v8 is_top = ones8(load8(tile + c * TILE + t) == high);
-                        store8(tile + c * TILE + t, base + is_top * share[c]);
-                    }
-                }
-                store_tile(grad_x, cl, n, C, P, p0, T, tile);
-            }
-        }
-        free(tile);
-        free(share);
+/* CBAM's channel attention for one sample from its descriptors avg and top (C): hidden (2, K) = relu(w1 d + b1) for
+   d = avg, top; mc (C) = sigmoid(w2 h_avg + b2 + w2 h_top + b2). w1: (K, C), w2: (C, K); biases may be NULL. */
+static void cbam_mlp(const float *avg, const float *top, const float *w1, const float *b1, const float *w2,
+                     const float *b2, long C, long K, float *hidden_avg, float *hidden_top, float *mc) {
+    for (long j = 0; j < K; j++) {
+        float a = b1 ? b1[j] : 0.0f, t = a;
+        for (long c = 0; c < C; c++) a += w1[j * C + c] * avg[c], t += w1[j * C + c] * top[c];
+        hidden_avg[j] = a > 0.0f ? a : 0.0f;
+        hidden_top[j] = t > 0.0f ? t : 0.0f;
+    }
+    for (long c = 0; c < C; c++) {
+        float a = b2 ? b2[c] : 0.0f, t = a;
+        for (long j = 0; j < K; j++) a += w2[c * K + j] * hidden_avg[j], t += w2[c * K + j] * hidden_top[j];
+        mc[c] = 1.0f / (1.0f + expf(-(a + t)));
     }
 }
 
-/* The pool's backward: with u = [s = max_c s] grad_max / ties + grad_mean / C for s = x mc, grad_x = u mc (in x's
-   layout) and grad_mc (N, C) = sum_p u x. */
-void san_cbam_pool_backward(const float *x, long cl, const float *mc, const float *grad_pooled, long N, long C,
-                            long P, float *grad_x, float *grad_mc) {
-#pragma omp parallel
-    {
-        float *tile = new_tile(C), *gtile = new_tile(C), none[TILE] = {0};
-        double *sum = malloc(sizeof(double) * C);
-#pragma omp for schedule(static)
-        for (long n = 0; n < N; n++) {
-            for (long c = 0; c < C; c++) sum[c] = 0.0;
-            for (long p0 = 0; p0 < P; p0 += TILE) {
-                long T = P - p0 < TILE ? P - p0 : TILE;
-                load_tile(x, cl, n, C, P, p0, T, tile);
-                memset(gtile, 0, sizeof(float) * C * TILE); /* no gradient from the output here: u is the pool's */
-                channel_pool_grad(tile, gtile, mc + n * C, none, grad_pooled + 2 * n * P + p0,
-                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
-                for (long c = 0; c < C; c++) {
-                    float m = mc[n * C + c];
-                    sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
-                    for (long t = 0; t < T; t += LANES) store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) * m);
-                }
-                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
-            }
-            for (long c = 0; c < C; c++) grad_mc[n * C + c] = (float)sum[c];
-        }
-        free(tile);
-        free(gtile);
-        free(sum);
-    }
+/* descriptors (2N, C): the mean of x over positions, then its max; hidden (2N, K) and mc (N, C) from the MLP. */
+void san_cbam_channel(const float *x, long cl, const float *w1, const float *b1, const float *w2, const float *b2,
+                      long N, long C, long P, long K, float *descriptors, float *hidden, float *mc) {
+    san_channel_descriptors(x, cl, N, C, P, descriptors, descriptors + N * C);
+    for (long n = 0; n < N; n++)
+        cbam_mlp(descriptors + n * C, descriptors + (N + n) * C, w1, b1, w2, b2, C, K, hidden + n * K,
+                 hidden + (N + n) * K, mc + n * C);
 }
 
-/* The gate's backward, g in x's layout: grad_x = g mc ms (in x's layout), grad_mc (N, C) = sum_p g ms x and
-   grad_ms (N, P) = sum_c g x mc. */
-void san_cbam_apply_backward(const float *x, const float *g, long cl, const float *mc, const float *ms, long N,
-                             long C, long P, float *grad_x, float *grad_mc, float *grad_ms) {
+/* Backward, first pass: pooled (recomputed) and grad_spatial (N, P) = sum_c s g. g in x's layout. */
+void san_cbam_backward_spatial(const float *x, const float *g, long cl, const float *mc, long N, long C, long P,
+                               float *pooled, float *grad_spatial) {
 #pragma omp parallel
     {
-        float *tile = new_tile(C), *gtile = new_tile(C), m[TILE] = {0}, gs[TILE];
-        double *sum = malloc(sizeof(double) * C);
+        float *tile = new_tile(C), *gtile = new_tile(C), top[TILE], ties[TILE], mean[TILE], gs[TILE];
 #pragma omp for schedule(static)
-        for (long n = 0; n < N; n++) {
-            for (long c = 0; c < C; c++) sum[c] = 0.0;
+        for (long n = 0; n < N; n++)
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
                 load_tile(x, cl, n, C, P, p0, T, tile);
                 load_tile(g, cl, n, C, P, p0, T, gtile);
-                memcpy(m, ms + n * P + p0, sizeof(float) * T);
+                channel_pool(tile, mc + n * C, C, T, top, ties, mean);
                 for (long t = 0; t < T; t += LANES) {
-                    v8 acc = {0};
+                    v8 sum = {0};
                     for (long c = 0; c < C; c++)
-                        acc += load8(tile + c * TILE + t) * mc[n * C + c] * load8(gtile + c * TILE + t);
-                    store8(gs + t, acc);
+                        sum += load8(tile + c * TILE + t) * mc[n * C + c] * load8(gtile + c * TILE + t);
+                    store8(gs + t, sum);
                 }
-                for (long c = 0; c < C; c++) {
-                    float channel = mc[n * C + c];
-                    for (long t = 0; t < T; t += LANES)
-                        store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) * load8(m + t));
-                    sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
-                    for (long t = 0; t < T; t += LANES)
-                        store8(gtile + c * TILE + t, load8(gtile + c * TILE + t) * channel);
-                }
-                memcpy(grad_ms + n * P + p0, gs, sizeof(float) * T);
-                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
+                memcpy(pooled + 2 * n * P + p0, top, sizeof(float) * T);
+                memcpy(pooled + (2 * n + 1) * P + p0, mean, sizeof(float) * T);
+                memcpy(grad_spatial + n * P + p0, gs, sizeof(float) * T);
             }
-            for (long c = 0; c < C; c++) grad_mc[n * C + c] = (float)sum[c];
+        free(tile);
+        free(gtile);
+    }
+}
+
+/* The MLP's backward for one sample, from d = dL/dmc (C): adds the parameters' gradients to grads (w1 K*C, b1 K,
+   w2 C*K, b2 C) and gives the descriptors' gradients grad_avg, grad_top (C). */
+static void cbam_mlp_backward(const float *d, const float *mc, const float *avg, const float *top,
+                              const float *hidden_avg, const float *hidden_top, const float *w1, const float *w2,
+                              long C, long K, float *grads, float *grad_avg, float *grad_top) {
+    float *gw1 = grads, *gb1 = grads + K * C, *gw2 = gb1 + K, *gb2 = gw2 + C * K;
+    for (long c = 0; c < C; c++) {
+        float logit = d[c] * (1.0f - mc[c]) * mc[c]; /* both halves of the MLP's output get it */
+        for (long j = 0; j < K; j++) gw2[c * K + j] += logit * hidden_avg[j] + logit * hidden_top[j];
+        gb2[c] += logit + logit;
+        grad_avg[c] = grad_top[c] = 0.0f;
+    }
+    for (long j = 0; j < K; j++) {
+        float a = 0.0f;
+        for (long c = 0; c < C; c++) a += d[c] * (1.0f - mc[c]) * mc[c] * w2[c * K + j];
+        float ga = hidden_avg[j] > 0.0f ? a : 0.0f, gt = hidden_top[j] > 0.0f ? a : 0.0f;
+        for (long c = 0; c < C; c++) {
+            gw1[j * C + c] += ga * avg[c] + gt * top[c];
+            grad_avg[c] += ga * w1[j * C + c];
+            grad_top[c] += gt * w1[j * C + c];
+        }
+        gb1[j] += ga + gt;
+    }
+}
+
+/* Backward, second pass: d = dL/dmc = sum_p u x and, per sample, the channel MLP's backward: grad_avg (N, C), the
+   gradient of the descriptors' max divided among the positions that reach it, top_share (N, C), and the MLP's
+   parameter gradients per sample, partial (N, 2 K C + K + C), summed in order by the caller. */
+void san_cbam_backward_mask(const float *x, const float *g, long cl, const float *mc, const float *ms,
+                            const float *grad_pooled, const float *descriptors, const float *hidden, const float *w1,
+                            const float *w2, long N, long C, long P, long K, float *grad_avg, float *top_share,
+                            float *partial) {
+    const float *avg = descriptors, *top = descriptors + N * C;
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C), *d = malloc(sizeof(float) * C);
+        float *ties = malloc(sizeof(float) * C), *grad_top = malloc(sizeof(float) * C);
+        double *sum = malloc(sizeof(double) * C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++) {
+            for (long c = 0; c < C; c++) sum[c] = 0.0, ties[c] = 0.0f;
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
+                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                for (long c = 0; c < C; c++) {
+                    sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
+                    ties[c] += row_count(tile + c * TILE, top[n * C + c], T);
+                }
+            }
+            for (long c = 0; c < C; c++) d[c] = (float)sum[c];
+            float *grads = partial + n * (2 * K * C + K + C);
+            for (long i = 0; i < 2 * K * C + K + C; i++) grads[i] = 0.0f;
+            cbam_mlp_backward(d, mc + n * C, avg + n * C, top + n * C, hidden + n * K, hidden + (N + n) * K, w1, w2,
+                              C, K, grads, grad_avg + n * C, grad_top);
+            for (long c = 0; c < C; c++) top_share[n * C + c] = grad_top[c] / ties[c];
         }
         free(tile);
         free(gtile);
+        free(d);
+        free(ties);
+        free(grad_top);
         free(sum);
+    }
+}
+
+/* Backward, last pass: grad_x = grad_avg / P + u mc + [x = top] top_share, in x's layout. */
+void san_cbam_backward_input(const float *x, const float *g, long cl, const float *mc, const float *ms,
+                             const float *grad_pooled, const float *top, const float *grad_avg,
+                             const float *top_share, long N, long C, long P, float *grad_x) {
+#pragma omp parallel
+    {
+        float *tile = new_tile(C), *gtile = new_tile(C);
+#pragma omp for schedule(static)
+        for (long n = 0; n < N; n++)
+            for (long p0 = 0; p0 < P; p0 += TILE) {
+                long T = P - p0 < TILE ? P - p0 : TILE;
+                load_tile(x, cl, n, C, P, p0, T, tile);
+                load_tile(g, cl, n, C, P, p0, T, gtile);
+                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
+                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                for (long c = 0; c < C; c++) {
+                    float base = grad_avg[n * C + c] / (float)P, m = mc[n * C + c];
+                    float high = top[n * C + c], share = top_share[n * C + c];
+                    for (long t = 0; t < T; t += LANES) {
+                        v8 is_top = ones8(load8(tile + c * TILE + t) == high);
+                        v8 u = load8(gtile + c * TILE + t);
+                        store8(gtile + c * TILE + t, base + u * m + is_top * share);
+                    }
+                }
+                store_tile(grad_x, cl, n, C, P, p0, T, gtile);
+            }
+        free(tile);
+        free(gtile);
     }
 }
 

@@ -346,64 +346,115 @@ def _contiguous(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.contiguous()
 
 
-def cbam_descriptors(x: Tensor, layout: int) -> tuple[Tensor, Tensor]:
-    """(mean, max) of ``x`` over positions, each (N, C)."""
-    avg, top = x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
-    _call("san_cbam_descriptors", x, layout, *_sizes(x), avg, top)
-    return avg, top
-
-
-def cbam_descriptors_backward(x: Tensor, layout: int, top: Tensor, grad_avg: Tensor, grad_top: Tensor) -> Tensor:
-    """∂x of `cbam_descriptors` in ``x``'s layout."""
-    grad_x = torch.empty_like(x)
+def cbam_channel(
+    x: Tensor,
+    layout: int,
+    first_weight: Tensor,
+    first_bias: Tensor | None,
+    second_weight: Tensor,
+    second_bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(descriptors ``[mean_hw x; max_hw x]`` (2N, C), the shared MLP's hidden layer (2N, K), ``Mc`` (N, C)) from
+    the MLP's two 1x1 convs, (K, C, 1, 1) and (C, K, 1, 1)."""
+    batch, channels, _ = _sizes(x)
+    hidden_size = first_weight.shape[0]
+    descriptors, hidden = x.new_empty(2 * batch, channels), x.new_empty(2 * batch, hidden_size)
+    channel_mask = x.new_empty(batch, channels)
     _call(
-        "san_cbam_descriptors_backward",
+        "san_cbam_channel",
         x,
         layout,
+        first_weight.contiguous(),
+        _contiguous(first_bias),
+        second_weight.contiguous(),
+        _contiguous(second_bias),
+        *_sizes(x),
+        hidden_size,
+        descriptors,
+        hidden,
+        channel_mask,
+    )
+    return descriptors, hidden, channel_mask
+
+
+def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(the pooled maps again, ``Σ_c s · grad`` (N, 1, H, W)); ``grad`` in ``x``'s layout."""
+    pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
+    grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
+    _call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled, grad_spatial)
+    return pooled, grad_spatial
+
+
+def cbam_backward_mask(
+    x: Tensor,
+    grad: Tensor,
+    layout: int,
+    masks: tuple[Tensor, Tensor],
+    grad_pooled: Tensor,
+    descriptors: Tensor,
+    hidden: Tensor,
+    first_weight: Tensor,
+    second_weight: Tensor,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(∂ mean descriptor (N, C), ∂ max descriptor shared among the positions reaching the max (N, C), the MLP's
+    [∂w1, ∂b1, ∂w2, ∂b2]) from ∂ pooled maps: the pass that sums ``u · x`` over positions, then the MLP's backward."""
+    channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
+    batch, channels, _ = _sizes(x)
+    hidden_size = hidden.shape[1]
+    grad_avg, top_share = x.new_empty(batch, channels), x.new_empty(batch, channels)
+    partial = x.new_empty(batch, 2 * hidden_size * channels + hidden_size + channels)
+    _call(
+        "san_cbam_backward_mask",
+        x,
+        grad,
+        layout,
+        channel_mask,
+        spatial_mask,
+        grad_pooled.contiguous(),
+        descriptors.contiguous(),
+        hidden.contiguous(),
+        first_weight.contiguous(),
+        second_weight.contiguous(),
+        *_sizes(x),
+        hidden_size,
+        grad_avg,
+        top_share,
+        partial,
+    )
+    parts = partial.split([hidden_size * channels, hidden_size, hidden_size * channels, channels], dim=1)
+    # Each summed over the batch in order (the same rounding whatever the thread count), each its own tensor.
+    return grad_avg, top_share, [part.sum(0) for part in parts]
+
+
+def cbam_backward_input(
+    x: Tensor,
+    grad: Tensor,
+    layout: int,
+    masks: tuple[Tensor, Tensor],
+    grad_pooled: Tensor,
+    descriptors: Tensor,
+    grad_avg: Tensor,
+    top_share: Tensor,
+) -> Tensor:
+    """∂x in ``x``'s layout, from the gradients reaching the pooled maps and the channel descriptors."""
+    channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
+    top = descriptors[x.shape[0] :]
+    grad_x = torch.empty_like(x)
+    _call(
+        "san_cbam_backward_input",
+        x,
+        grad,
+        layout,
+        channel_mask,
+        spatial_mask,
+        grad_pooled.contiguous(),
         top.contiguous(),
         grad_avg.contiguous(),
-        grad_top.contiguous(),
+        top_share.contiguous(),
         *_sizes(x),
         grad_x,
     )
     return grad_x
-
-
-def cbam_pool_backward(x: Tensor, layout: int, channel_mask: Tensor, grad_pooled: Tensor) -> tuple[Tensor, Tensor]:
-    """(∂x in ``x``'s layout, ∂Mc (N, C)) of `cbam_pool`."""
-    grad_x, grad_mask = torch.empty_like(x), x.new_empty(x.shape[:2])
-    _call(
-        "san_cbam_pool_backward",
-        x,
-        layout,
-        channel_mask.contiguous(),
-        grad_pooled.contiguous(),
-        *_sizes(x),
-        grad_x,
-        grad_mask,
-    )
-    return grad_x, grad_mask
-
-
-def cbam_apply_backward(
-    x: Tensor, grad: Tensor, layout: int, channel_mask: Tensor, spatial_mask: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(∂x in ``x``'s layout, ∂Mc (N, C), ∂Ms (N, 1, H, W)) of `cbam_apply`; ``grad`` in ``x``'s layout."""
-    grad_x, grad_channel = torch.empty_like(x), x.new_empty(x.shape[:2])
-    grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
-    _call(
-        "san_cbam_apply_backward",
-        x,
-        grad,
-        layout,
-        channel_mask.contiguous(),
-        spatial_mask.contiguous(),
-        *_sizes(x),
-        grad_x,
-        grad_channel,
-        grad_spatial,
-    )
-    return grad_x, grad_channel, grad_spatial
 
 
 def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
@@ -566,3 +617,99 @@ def _pointer(tensor: Tensor | None) -> int | None:
 
 # The stages' activations, by their number in native.c.
 ACTIVATIONS = {"identity": 0, "relu": 1, "sigmoid": 2}
+
+
+def cbam_stage_forward(
+    pooled: Tensor,
+    weight: Tensor,
+    padding: int,
+    norm: tuple[Tensor, Tensor, Tensor, Tensor],
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(σ(bn(conv(pooled))), conv output, mean, invstd) of CBAM's spatial stage over the NCHW pooled maps: a
+    bias-free conv, then batch norm (``norm``: weight, bias, running mean, running var), then the sigmoid, in one C
+    call. With ``batch_stats`` the running statistics given move (pass copies); without, they are the ones used."""
+    pooled, weight = pooled.contiguous(), weight.contiguous()
+    gamma, beta, running_mean, running_var = norm
+    pads = (padding, padding)
+    conv_out = pooled.new_empty(pooled.shape[0], weight.shape[0], *_output_size(pooled, weight, pads, (1, 1)))
+    out, scratch = torch.empty_like(conv_out), _scratch(pooled, pads)
+    if batch_stats:
+        mean, invstd = pooled.new_empty(weight.shape[0]), pooled.new_empty(weight.shape[0])
+    else:  # as torch's batch norm without batch statistics: the running ones, left as they are
+        mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
+        running_mean = running_var = None
+    lib = library()
+    assert lib is not None
+    # Every tensor whose address the kernel gets is held by a name until it returns.
+    lib.san_stage_forward(
+        pooled.data_ptr(),
+        *_geometry(pooled, weight, pads, (1, 1)),
+        weight.data_ptr(),
+        None,
+        scratch.data_ptr(),
+        conv_out.data_ptr(),
+        1,
+        gamma.data_ptr(),
+        beta.data_ptr(),
+        int(batch_stats),
+        ctypes.c_float(eps),
+        ctypes.c_float(momentum),
+        _pointer(running_mean),
+        _pointer(running_var),
+        mean.data_ptr(),
+        invstd.data_ptr(),
+        ACTIVATIONS["sigmoid"],
+        out.data_ptr(),
+    )
+    return out, conv_out, mean, invstd
+
+
+def cbam_stage_backward(
+    grad: Tensor,
+    pooled: Tensor,
+    out: Tensor,
+    conv_out: Tensor,
+    stats: tuple[Tensor, Tensor],
+    weight: Tensor,
+    padding: int,
+    gamma: Tensor,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(∂pooled, ∂conv weight, ∂bn weight, ∂bn bias) of `cbam_stage_forward`, given ∂ its output."""
+    grad, pooled, weight = grad.contiguous(), pooled.contiguous(), weight.contiguous()
+    pads = (padding, padding)
+    transposed = [k - 1 - padding for k in weight.shape[2:]]
+    grad_conv, grad_pooled = torch.empty_like(conv_out), torch.empty_like(pooled)
+    grad_weight, grad_gamma, grad_beta = torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(gamma)
+    scratch = pooled.new_empty(max(_scratch_size(pooled, pads), _scratch_size(grad_conv, transposed)))
+    parts = max(1, min(WEIGHT_GRAD_PARTS, pooled.shape[0]))
+    partial = pooled.new_empty(parts * weight.numel())
+    lib = library()
+    assert lib is not None
+    lib.san_stage_backward(
+        grad.data_ptr(),
+        pooled.data_ptr(),
+        *_geometry(pooled, weight, pads, (1, 1)),
+        weight.data_ptr(),
+        conv_out.data_ptr(),
+        out.data_ptr(),
+        1,
+        gamma.data_ptr(),
+        int(batch_stats),
+        stats[0].data_ptr(),
+        stats[1].data_ptr(),
+        ACTIVATIONS["sigmoid"],
+        grad_conv.data_ptr(),
+        grad_pooled.data_ptr(),
+        grad_weight.data_ptr(),
+        None,
+        grad_gamma.data_ptr(),
+        grad_beta.data_ptr(),
+        scratch.data_ptr(),
+        partial.data_ptr(),
+        parts,
+    )
+    return grad_pooled, grad_weight, grad_gamma, grad_beta
