@@ -241,10 +241,14 @@ cbam.register_autograd(_grad, setup_context=_context)
 
 
 def _autocast(device_type: str):
-    def kernel(*args):
-        # The op in x's dtype (float32 under autocast: more precise than autocast's, not less).
+    def kernel(x, *args):
+        # The op in the wider of x's and the parameters' dtypes (float32 under autocast: more precise than
+        # autocast's, not less), its output in x's, as the stepwise formulation's.
+        dtype = torch.promote_types(x.dtype, args[0].dtype)
+        tensors = [t.to(dtype) for t in args[:9]]
         with torch.autocast(device_type, enabled=False):
-            return cbam(*args)
+            out, *rest = cbam(x.to(dtype), *tensors, *args[9:])
+        return out.to(x.dtype), *rest
 
     return kernel
 
