@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.report import Row, measured, parse_args, this_command, write_rows
 from san.attention import reference_formulation
-from san.attention.san import extrema_count
+from san.attention.functional import extrema_count
 from san.placement import PLACEMENTS
 from san.profile import ModelStats, model_stats
 from san.registry import build_model

@@ -7,7 +7,7 @@ python bench/profile_attention.py layouts
 python bench/profile_attention.py compile
     SAN's α·DoC on a ResNet stem map, eager vs torch.compile
 python bench/profile_attention.py direct-convs
-    the attention modules' few-channel convs: oneDNN (channels-last) vs san/attention/native.c's direct kernels
+    the attention modules' few-channel convs: oneDNN (channels-last) vs san/kernels/native.c's direct kernels
 """
 
 import argparse
@@ -22,8 +22,10 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.attention_overhead import median_seconds  # the attention bench's step timer
-from san.attention import create_attention, native
-from san.attention.fused import extrema_count, few_channel_conv_backward
+from san.attention import create_attention
+from san.attention.functional import extrema_count
+from san.kernels import native
+from san.kernels.fused import few_channel_conv_backward
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:

@@ -5,7 +5,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from san.attention import attention_modules
+from san.attention import attention_modules, reference_formulation
 
 
 def _store(maps: dict[str, Tensor], name: str, _module: nn.Module, _inputs: object, output: Tensor) -> None:
@@ -25,7 +25,8 @@ def capture_masks(model: nn.Module, x: Tensor, inputs: bool = False) -> dict[str
     ``channel_mask`` and ``mask``, BAM ``mask``. With ``inputs`` each module's inputs come first: ``current``
     (the unit's output Y_l, which the module refines) and, for SAN, ``previous`` (the unit's input Y_{l-1}) —
     the first two panels of the paper's Fig. 4. The forward runs in eval mode without gradients — so batch
-    norm statistics stay untouched — and the model's own mode is restored; hooks are removed afterwards.
+    norm statistics stay untouched — and the model's own mode is restored; hooks are removed afterwards. It asks for
+    the stepwise formulation (`reference_formulation`): the fused paths materialise none of these maps.
     """
     captured: dict[str, dict[str, Tensor]] = {}
     handles = []
@@ -38,7 +39,7 @@ def capture_masks(model: nn.Module, x: Tensor, inputs: bool = False) -> dict[str
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reference_formulation():
             model(x)
     finally:
         for handle in handles:

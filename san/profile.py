@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from san.attention import attention_modules
+from san.attention import attention_modules, reference_formulation
 from san.registry import build_model
 
 
@@ -23,8 +23,9 @@ def count_params(module: nn.Module) -> int:
 
 
 def forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass on a meta tensor of ``input_shape`` (the model must live on the meta device)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """FLOPs of one forward pass on a meta tensor of ``input_shape`` (the model must live on the meta device), counted
+    on the attention modules' stepwise formulation: the counter sees torch's ops, not inside the registered ops."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), reference_formulation():
         model(torch.empty(input_shape, device="meta"))
     return counter.get_total_flops()
 

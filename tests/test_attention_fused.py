@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from san.attention import BAM, CBAM, SAN, reference_formulation
+from san.attention import BAM, CBAM, SAN, reference_formulation, use_fused_paths
 from san.masks import capture_masks
 from san.registry import build_model
 
@@ -142,22 +142,24 @@ def test_whole_models_train_alike_on_either_path(model_name: str, attention: str
     assert_fast_equals_reference(model, torch.randn(4, channels, size, size, dtype=torch.float64))
 
 
-def test_the_fast_path_is_taken_unless_asked_or_watched() -> None:
+def test_the_path_is_chosen_once_and_a_hook_does_not_change_it() -> None:
     module = SAN(4)
     y, y_prev = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(2, 3, 6, 6)
-    # float32 on CPU: the C passes; float64: the torch formulation of the same node
-    assert type(module(y, y_prev).grad_fn).__name__ == "_SANMaskNativeBackward"
-    assert type(module.double()(y.double(), y_prev.double()).grad_fn).__name__ == "_SANMaskBackward"
+    # the registered op san::san_mask, in float32 (C passes) and float64 (torch's formulation of the same op) alike
+    assert type(module(y, y_prev).grad_fn).__name__ == "GeneratedBackwardFor_san_san_mask_defaultBackward"
+    assert type(module.double()(y.double(), y_prev.double()).grad_fn).__name__.endswith("san_mask_defaultBackward")
     module.float()
     with reference_formulation():
         assert type(module(y, y_prev).grad_fn).__name__ == "MulBackward0"
     handle = module.mask.register_forward_hook(lambda *_: None)
-    assert type(module(y, y_prev).grad_fn).__name__ == "MulBackward0"
+    assert type(module(y, y_prev).grad_fn).__name__ == "GeneratedBackwardFor_san_san_mask_defaultBackward"
     handle.remove()
+    assert type(use_fused_paths(module, False)(y, y_prev).grad_fn).__name__ == "MulBackward0"
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     # float32 on CPU: all of the module in one node with C kernels; float64 (no kernels): the torch formulation
-    assert type(CBAM(8)(x).grad_fn).__name__ == "_CBAMNativeBackward"
-    assert type(CBAM(8).double()(x.double()).grad_fn).__name__ == "_CBAMBackward"
+    # CBAM: its registered ops, C passes in float32 and torch's formulation of the same ops in float64
+    assert type(CBAM(8)(x).grad_fn).__name__ == "GeneratedBackwardFor_san_cbam_defaultBackward"
+    assert type(CBAM(8).double()(x.double()).grad_fn).__name__ == "GeneratedBackwardFor_san_cbam_defaultBackward"
     assert type(BAM(8)(x).grad_fn).__name__ == "_BAMNativeBackward"
     assert type(BAM(8).double()(x.double()).grad_fn).__name__ == "_BAMBackward"
 
@@ -260,31 +262,6 @@ def test_the_output_keeps_the_input_layout(name: str, layout: torch.memory_forma
     assert out.stride() == reference.stride() == x.stride()
 
 
-@pytest.mark.parametrize("name", list(MODULES))
-def test_any_hook_inside_the_module_or_a_layer_subclass_keeps_the_stepwise_path(name: str) -> None:
-    factory, _ = MODULES[name]
-    module = factory(8)
-    assert module.use_fast_path()
-    inner = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
-    calls = []
-    handle = inner.register_forward_hook(lambda *_: calls.append(1))
-    assert not module.use_fast_path()
-    handle.remove()
-    handle = module.register_full_backward_hook(lambda *_: None)
-    assert not module.use_fast_path()
-    handle.remove()
-    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
-    assert not module.use_fast_path()
-    handle.remove()
-    assert module.use_fast_path()
-
-
-def test_a_batch_norm_subclass_keeps_the_stepwise_path() -> None:
-    module = CBAM(8)
-    module.spatial.bn = nn.SyncBatchNorm(1)
-    assert not module.use_fast_path()
-
-
 @pytest.mark.parametrize("name", ["cbam", "bam"])
 def test_a_parameter_changed_in_place_before_backward_is_an_error_as_stepwise(name: str) -> None:
     factory, inputs = MODULES[name]
@@ -332,12 +309,3 @@ def test_float64_under_autocast_runs_in_float64_as_stepwise(name: str) -> None:
             reference = module(*[x] * inputs)
     assert out.dtype == reference.dtype == torch.float64
     torch.testing.assert_close(out, reference)
-
-
-def test_a_san_pickled_before_the_fast_path_existed_still_runs_stepwise() -> None:
-    module = SAN(4)
-    for name in ("_fast_conv", "recompute_smoothing", "smoothing_activation"):
-        delattr(module, name)
-    y = torch.randn(2, 4, 6, 6, requires_grad=True)
-    out = module(y, torch.randn(2, 3, 6, 6))
-    assert type(out.grad_fn).__name__ == "MulBackward0"

@@ -1,4 +1,4 @@
-"""The attention modules' CPU kernels (san/attention/native.c): equal to torch's convs, deterministic, built once
+"""The attention modules' CPU kernels (san/kernels/native.c): equal to torch's convs, deterministic, built once
 per machine into a cache, and optional — without a compiler the modules run on torch's convs alike."""
 
 import contextlib
@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from san.attention import native, prebuild, reference_formulation
+from san.attention import reference_formulation
 from san.attention.bam import BAM
 from san.attention.cbam import CBAM
-from san.attention.fused import extrema_count
+from san.attention.functional import extrema_count
 from san.attention.san import SAN
+from san.kernels import cbam_op, native, prebuild
 
 
 @pytest.fixture
@@ -250,7 +251,7 @@ def test_without_a_compiler_the_modules_run_on_torch_convs(
 def test_without_a_compiler_the_prebuilt_kernels_load(
     fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`python -m san.attention.prebuild DIR` (the images' build stage) builds each portable level; a machine without
+    """`python -m san.kernels.prebuild DIR` (the images' build stage) builds each portable level; a machine without
     a compiler loads the best one its CPU runs, and the modules compute with it as with a build for this CPU."""
     prebuilt = tmp_path / "prebuilt"
     prebuild.main([str(prebuilt)])
@@ -309,13 +310,13 @@ def test_batch_statistics_of_one_value_are_refused_as_torch_refuses_them(module:
 
 def test_the_package_carries_the_kernel_source(tmp_path: Path) -> None:
     """native.c is package data: a wheel (what the images install) has it, or neither the kernels nor
-    `san.attention.prebuild` could be built from an installed package."""
+    `san.kernels.prebuild` could be built from an installed package."""
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)  # fmt: skip
     (wheel,) = tmp_path.glob("san-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "san/attention/native.c" in names and "san/attention/prebuild.py" in names
+    assert "san/kernels/native.c" in names and "san/kernels/prebuild.py" in names
 
 
 def test_prebuild_without_a_compiler_is_a_one_line_error(
@@ -345,7 +346,7 @@ def test_cbam_passes_equal_the_stepwise_module_with_ties(channels: int, layout: 
     x = (torch.randint(-3, 4, (4, channels, 33, 35), generator=generator).float() / 2).contiguous(memory_format=layout)
     torch.manual_seed(channels)
     module = CBAM(channels)
-    assert native.cbam_applies(x, module.spatial.conv.weight)
+    assert cbam_op._native(x)
     weights = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
     (out, grad, params), (ref_out, ref_grad, ref_params) = fast_and_stepwise(module, x, lambda y: (y * weights).sum())
     assert out.is_contiguous(memory_format=layout) and grad.is_contiguous(memory_format=layout)

@@ -26,7 +26,7 @@ def test_bam_combines_branches_as_paper_or_reference_code(combine):
     torch.manual_seed(1)
     module = BAM(64, combine=combine).eval()
     x = torch.randn(2, 64, 9, 9)
-    channel, spatial = module.channel(x), module.spatial(x)
+    channel, spatial = module.channel(x.mean((2, 3)))[:, :, None, None], module.spatial(x)
     assert channel.shape == (2, 64, 1, 1) and spatial.shape == (2, 1, 9, 9)
     logits = channel + spatial if combine == "sum" else channel * spatial
     assert torch.allclose(module(x), x * (1 + torch.sigmoid(logits)), atol=1e-6)

@@ -131,11 +131,11 @@ def test_python_versions_come_from_the_lock(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_the_build_stage_prebuilds_the_attention_kernels(dockerfile):
     """The final stage has no compiler, so the build stage builds the kernels for portable x86-64 levels into the
-    installed package (san.attention.native.PREBUILT_DIR), after installing it; the final stage copies the venv."""
+    installed package (san.kernels.native.PREBUILT_DIR), after installing it; the final stage copies the venv."""
     build, final = stages(dockerfile)[0], stages(dockerfile)[-1]
     runs = [rest for keyword, rest in build if keyword == "RUN"]
     (install,) = [run for run in runs if "requirements.lock /src " in run]  # the project's own install
-    assert install.endswith("&& /opt/venv/bin/python -m san.attention.prebuild")
+    assert install.endswith("&& /opt/venv/bin/python -m san.kernels.prebuild")
     assert ("COPY", "--from=build /opt/venv /opt/venv") in final
 
 
@@ -192,7 +192,7 @@ def dockerignore_excludes(path: str) -> bool:
     [".venv/bin/python", ".git/HEAD", "deploy/.env", "data/fashion-mnist/train.beton", "runs/mlflow.db",
      "mlruns/0/meta.yaml", "build/lib/san/__init__.py", "san.egg-info/PKG-INFO", "san/__pycache__/cli.cpython-311.pyc",
      ".pytest_cache/v/cache", "bench/figures/x.png", "tests/test_cli.py",
-     "san/attention/prebuilt/san_native_0123456789abcdef_x86-64-v3.so"],
+     "san/kernels/prebuilt/san_native_0123456789abcdef_x86-64-v3.so"],
 )  # fmt: skip
 def test_dockerignore_keeps_local_state_out(path):
     assert dockerignore_excludes(path)

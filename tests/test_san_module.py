@@ -4,17 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-from san.attention import SAN
-from san.attention.san import extrema_count
+from san.attention import SAN, reference_formulation
+from san.attention.functional import extrema_count
 
 
 def taps_of(module: SAN, y: torch.Tensor, y_prev: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The output and every tap's map; taps see the stepwise path, which a reader asks for explicitly."""
     maps: dict[str, torch.Tensor] = {}
     handles = [
         tap.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out.detach()))
         for name, tap in module.taps().items()
     ]
-    out = module(y, y_prev)
+    with reference_formulation():
+        out = module(y, y_prev)
     for handle in handles:
         handle.remove()
     return out, maps

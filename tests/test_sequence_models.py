@@ -15,7 +15,7 @@ from san.attention import (
     create_attention,
     reference_formulation,
 )
-from san.attention.fused import extrema_count
+from san.attention.functional import extrema_count
 from san.masks import capture_masks
 from san.registry import build_model, list_models
 

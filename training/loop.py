@@ -249,13 +249,13 @@ def resume(worker: Worker) -> Progress:
         unwrap(worker.model).load_state_dict(state["model"])
         worker.optimizer.load_state_dict(state["optimizer"])
         worker.scaler.load_state_dict(state["scaler"])
-        partial = state.get("partial")
+        partial = state["partial"]
         progress = Progress(
             start_epoch=state["epoch"] + (0 if partial else 1),  # a stop's checkpoint holds part of its epoch
             history=state["history"],
-            best_score=state.get("best_score", state.get("best_top1", -math.inf)),  # best_top1: before time series
-            steps=state.get("steps", 0),
-            stops=state.get("stops", []),
+            best_score=state["best_score"],
+            steps=state["steps"],
+            stops=state["stops"],
             partial=partial,
         )
         if partial and worker.rank == 0:

@@ -1,15 +1,17 @@
-"""BAM: Bottleneck Attention Module (Park et al., BMVC 2018) — parallel channel and dilated spatial branches."""
+"""BAM: Bottleneck Attention Module (Park et al., BMVC 2018) — parallel channel and dilated spatial branches,
+``x · (1 + σ(Mc + Ms))`` (`san.attention.functional.bam`)."""
 
 import torch
 from torch import Tensor, nn
 
+from san.attention import functional
 from san.attention.base import AttentionModule, Tap
-from san.attention.fused import bam
 from san.catalog import COMBINES
+from san.kernels.fused import bam
 
 
 class ChannelBranch(nn.Module):
-    """Global average pool → MLP (C → C/r → C, BN + ReLU in between) → one logit per channel."""
+    """Mc: the average-pooled descriptor (N×C) → MLP (C → C/r → C, BN + ReLU in between) → one logit per channel."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
@@ -22,12 +24,12 @@ class ChannelBranch(nn.Module):
             nn.Linear(hidden, channels),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x.mean((2, 3)))[:, :, None, None]
+    def forward(self, descriptor: Tensor) -> Tensor:
+        return self.mlp(descriptor)
 
 
 class SpatialBranch(nn.Module):
-    """1x1 reduce → ``num_dilated`` 3x3 convs with dilation ``dilation`` → 1x1 to one logit per position."""
+    """Ms: 1x1 reduce → ``num_dilated`` 3x3 convs with dilation ``dilation`` → 1x1 to one logit per position."""
 
     def __init__(self, channels: int, reduction: int = 16, dilation: int = 4, num_dilated: int = 2) -> None:
         super().__init__()
@@ -44,12 +46,6 @@ class SpatialBranch(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
-
-    def stages(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]]:
-        """The body as (conv, batch norm, activation) stages, for `san.attention.fused.bam`."""
-        layers = list(self.body)
-        stages = [(layers[i], layers[i + 1], "relu") for i in range(0, len(layers) - 1, 3)]
-        return [*stages, (layers[-1], None, "identity")]
 
 
 class BAM(AttentionModule):
@@ -70,8 +66,7 @@ class BAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fast_path():
-            return bam(x, self.channel, self.spatial.stages(), self.combine == "product")
-        channel, spatial = self.channel(x), self.spatial(x)
-        logits = channel + spatial if self.combine == "sum" else channel * spatial
-        return x * (1 + self.mask(torch.sigmoid(logits)))
+        # The fused path is eager-only: under torch.compile inductor fuses the stepwise formulation itself.
+        if self.fast_path() and not torch.compiler.is_compiling():
+            return bam(x, self.channel.mlp, list(self.spatial.body), self.combine == "product")
+        return functional.bam(x, self.channel, self.spatial, self.combine, self.tap)

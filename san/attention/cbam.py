@@ -1,26 +1,28 @@
-"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention."""
+"""CBAM: Convolutional Block Attention Module (Woo et al., ECCV 2018) — channel then spatial attention,
+``x · Mc(x)`` then ``· Ms(x · Mc)`` (`san.attention.functional.cbam`)."""
 
 import torch
 from torch import Tensor, nn
 
+from san.attention import functional
 from san.attention.base import AttentionModule, Tap
-from san.attention.fused import cbam
+from san.kernels import cbam_op
 
 
 class ChannelAttention(nn.Module):
-    """A shared MLP (1x1 convs, reduction ``reduction``) over the average- and max-pooled channel descriptors."""
+    """Mc's shared MLP (1x1 convs, reduction ``reduction``) over the average- and max-pooled channel descriptors."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
+    def forward(self, descriptor: Tensor) -> Tensor:
+        return self.mlp(descriptor)
 
 
 class SpatialAttention(nn.Module):
-    """A ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps.
+    """Ms's logits: a ``kernel_size`` conv (+BN, as the reference code) over the channel-wise max and mean maps.
 
     The BN's running statistics move with momentum 0.01, as in the authors' code (their ``BasicConv``), not
     PyTorch's default 0.1: a 1-channel map's batch statistics are noisy, and the slower average is theirs.
@@ -31,9 +33,8 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
-    def forward(self, x: Tensor) -> Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return torch.sigmoid(self.bn(self.conv(pooled)))
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.bn(self.conv(pooled))
 
 
 class CBAM(AttentionModule):
@@ -47,8 +48,33 @@ class CBAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.use_fast_path():
-            mlp = self.channel.mlp
-            return cbam(x, (mlp[0], mlp[2]), self.spatial.conv, self.spatial.bn)
-        x = x * self.channel_mask(self.channel(x))
-        return x * self.mask(self.spatial(x))
+        if not self.fast_path():
+            return functional.cbam(x, self.channel, self.spatial, self.tap)
+        # The same maths as one registered op (`san.kernels.cbam_op`); its batch norm returns the running statistics.
+        first, second, bn = self.channel.mlp[0], self.channel.mlp[2], self.spatial.bn
+        batch_stats, momentum, update = _batch_norm_settings(bn, x)
+        params = (first.weight, first.bias, second.weight, second.bias, self.spatial.conv.weight)
+        # Without affine parameters or running statistics, their neutral values in their place.
+        norm = zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (1.0, 0.0, 0.0, 1.0), strict=True)
+        norm = [x.new_full((bn.num_features,), value) if t is None else t for t, value in norm]
+        settings = (self.spatial.conv.padding[0], batch_stats, momentum, bn.eps)
+        out, running_mean, running_var, *_ = cbam_op.cbam(x, *params, *norm, *settings)
+        if update:
+            with torch.no_grad():
+                bn.running_mean.copy_(running_mean)
+                bn.running_var.copy_(running_var)
+        return out
+
+
+def _batch_norm_settings(bn: nn.BatchNorm2d, x: Tensor) -> tuple[bool, float, bool]:
+    """As ``nn.BatchNorm2d.forward``: (batch statistics?, running-statistics factor, update them?), advancing
+    ``num_batches_tracked``; batch statistics of one value per channel are refused, as torch refuses them."""
+    batch_stats = bn.training or bn.running_mean is None
+    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    momentum = 0.0
+    if update:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return batch_stats, momentum, update

@@ -1,8 +1,8 @@
 """Build the attention kernels (``native.c``) for portable x86-64 levels, for machines without a C compiler: the
 runtime images run this in their build stage, whose compiler the final stage does not have.
 
-    python -m san.attention.prebuild          # into the installed package, where san.attention.native looks
-    python -m san.attention.prebuild DIR      # elsewhere (point $SAN_NATIVE_PREBUILT at it)
+    python -m san.kernels.prebuild          # into the installed package, where san.kernels.native looks
+    python -m san.kernels.prebuild DIR      # elsewhere (point $SAN_NATIVE_PREBUILT at it)
 """
 
 import argparse
@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from san.attention import native
+from san.kernels import native
 
 
 def main(argv: list[str] | None = None) -> None:

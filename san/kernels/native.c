@@ -1,4 +1,4 @@
-/* Direct stride-1 convolutions over few-channel maps, for the attention branches on CPU (san/attention/native.py).
+/* Direct stride-1 convolutions over few-channel maps, for the attention branches on CPU (san/kernels/native.py).
 
    oneDNN pads a conv's input and output channels into blocks of 16, so CBAM's 2->1 7x7 conv and BAM's 1->1 dilated
    3x3 convs cost what 16- or 256-times larger convs would. These loops do only the real taps: each block of 8
@@ -268,7 +268,7 @@ static void san_conv2d_weight_grad_padded(const float *g, const float *x, stride
     }
 }
 
-/* ---- CBAM's full-size passes (san/attention/fused.py, _CBAM) ------------------------------------------------------
+/* ---- CBAM's full-size passes (san/kernels/fused.py, _CBAM) ------------------------------------------------------
 
    x, the output and their gradients are (N, C, H, W), NCHW-contiguous (cl = 0) or channels-last (cl = 1); P = H W.
    Each pass walks a sample in tiles of up to TILE positions copied to a (C, TILE) buffer, so every per-position loop
@@ -403,32 +403,6 @@ static void san_channel_descriptors(const float *x, long cl, long N, long C, lon
     }
 }
 
-/* CBAM's channel attention for one sample from its descriptors avg and top (C): hidden (2, K) = relu(w1 d + b1) for
-   d = avg, top; mc (C) = sigmoid(w2 h_avg + b2 + w2 h_top + b2). w1: (K, C), w2: (C, K); biases may be NULL. */
-static void cbam_mlp(const float *avg, const float *top, const float *w1, const float *b1, const float *w2,
-                     const float *b2, long C, long K, float *hidden_avg, float *hidden_top, float *mc) {
-    for (long j = 0; j < K; j++) {
-        float a = b1 ? b1[j] : 0.0f, t = a;
-        for (long c = 0; c < C; c++) a += w1[j * C + c] * avg[c], t += w1[j * C + c] * top[c];
-        hidden_avg[j] = a > 0.0f ? a : 0.0f;
-        hidden_top[j] = t > 0.0f ? t : 0.0f;
-    }
-    for (long c = 0; c < C; c++) {
-        float a = b2 ? b2[c] : 0.0f, t = a;
-        for (long j = 0; j < K; j++) a += w2[c * K + j] * hidden_avg[j], t += w2[c * K + j] * hidden_top[j];
-        mc[c] = 1.0f / (1.0f + expf(-(a + t)));
-    }
-}
-
-/* descriptors (2N, C): the mean of x over positions, then its max; hidden (2N, K) and mc (N, C) from the MLP. */
-void san_cbam_channel(const float *x, long cl, const float *w1, const float *b1, const float *w2, const float *b2,
-                      long N, long C, long P, long K, float *descriptors, float *hidden, float *mc) {
-    san_channel_descriptors(x, cl, N, C, P, descriptors, descriptors + N * C);
-    for (long n = 0; n < N; n++)
-        cbam_mlp(descriptors + n * C, descriptors + (N + n) * C, w1, b1, w2, b2, C, K, hidden + n * K,
-                 hidden + (N + n) * K, mc + n * C);
-}
-
 /* pooled (N, 2, P) from x and mc. */
 void san_cbam_pool(const float *x, long cl, const float *mc, long N, long C, long P, float *pooled) {
 #pragma omp parallel
@@ -469,6 +443,52 @@ void san_cbam_apply(const float *x, long cl, const float *mc, const float *ms, l
     }
 }
 
+/* u = [s = channel max] grad_max / ties + grad_mean / C + g ms: the gradient reaching s (into gtile). */
+static void channel_pool_grad(const float *xt, float *gtile, const float *mc, const float *ms, const float *gmax,
+                              const float *gmean, long C, long T) {
+    float top[TILE], ties[TILE], mean[TILE], share[TILE], spread[TILE], m[TILE] = {0};
+    channel_pool(xt, mc, C, T, top, ties, mean);
+    for (long t = 0; t < T; t++) share[t] = gmax[t] / ties[t], spread[t] = gmean[t] / (float)C, m[t] = ms[t];
+    for (long t = T; t < TILE; t++) share[t] = spread[t] = 0.0f;
+    for (long c = 0; c < C; c++)
+        for (long t = 0; t < T; t += LANES) {
+            v8 is_max = ones8(load8(xt + c * TILE + t) * mc[c] == load8(top + t));
+            v8 u = is_max * load8(share + t) + load8(spread + t) + load8(gtile + c * TILE + t) * load8(m + t);
+            store8(gtile + c * TILE + t, u);
+        }
+}
+
+/* ---- CBAM's passes, the kernels of its registered op (san/kernels/cbam_op.py) --------------------------------------
+   Forward: san_cbam_channel (descriptors and MLP), san_cbam_pool, san_stage_forward (conv -> BN -> sigmoid),
+   san_cbam_apply. Backward: san_cbam_backward_spatial, san_stage_backward, san_cbam_backward_mask (with the MLP's
+   backward), san_cbam_backward_input. */
+
+/* CBAM's channel attention for one sample from its descriptors avg and top (C): hidden (2, K) = relu(w1 d + b1) for
+   d = avg, top; mc (C) = sigmoid(w2 h_avg + b2 + w2 h_top + b2). w1: (K, C), w2: (C, K); biases may be NULL. */
+static void cbam_mlp(const float *avg, const float *top, const float *w1, const float *b1, const float *w2,
+                     const float *b2, long C, long K, float *hidden_avg, float *hidden_top, float *mc) {
+    for (long j = 0; j < K; j++) {
+        float a = b1 ? b1[j] : 0.0f, t = a;
+        for (long c = 0; c < C; c++) a += w1[j * C + c] * avg[c], t += w1[j * C + c] * top[c];
+        hidden_avg[j] = a > 0.0f ? a : 0.0f;
+        hidden_top[j] = t > 0.0f ? t : 0.0f;
+    }
+    for (long c = 0; c < C; c++) {
+        float a = b2 ? b2[c] : 0.0f, t = a;
+        for (long j = 0; j < K; j++) a += w2[c * K + j] * hidden_avg[j], t += w2[c * K + j] * hidden_top[j];
+        mc[c] = 1.0f / (1.0f + expf(-(a + t)));
+    }
+}
+
+/* descriptors (2N, C): the mean of x over positions, then its max; hidden (2N, K) and mc (N, C) from the MLP. */
+void san_cbam_channel(const float *x, long cl, const float *w1, const float *b1, const float *w2, const float *b2,
+                      long N, long C, long P, long K, float *descriptors, float *hidden, float *mc) {
+    san_channel_descriptors(x, cl, N, C, P, descriptors, descriptors + N * C);
+    for (long n = 0; n < N; n++)
+        cbam_mlp(descriptors + n * C, descriptors + (N + n) * C, w1, b1, w2, b2, C, K, hidden + n * K,
+                 hidden + (N + n) * K, mc + n * C);
+}
+
 /* Backward, first pass: pooled (recomputed) and grad_spatial (N, P) = sum_c s g. g in x's layout. */
 void san_cbam_backward_spatial(const float *x, const float *g, long cl, const float *mc, long N, long C, long P,
                                float *pooled, float *grad_spatial) {
@@ -495,21 +515,6 @@ void san_cbam_backward_spatial(const float *x, const float *g, long cl, const fl
         free(tile);
         free(gtile);
     }
-}
-
-/* u = [s = channel max] grad_max / ties + grad_mean / C + g ms: the gradient reaching s (into gtile). */
-static void channel_pool_grad(const float *xt, float *gtile, const float *mc, const float *ms, const float *gmax,
-                              const float *gmean, long C, long T) {
-    float top[TILE], ties[TILE], mean[TILE], share[TILE], spread[TILE], m[TILE] = {0};
-    channel_pool(xt, mc, C, T, top, ties, mean);
-    for (long t = 0; t < T; t++) share[t] = gmax[t] / ties[t], spread[t] = gmean[t] / (float)C, m[t] = ms[t];
-    for (long t = T; t < TILE; t++) share[t] = spread[t] = 0.0f;
-    for (long c = 0; c < C; c++)
-        for (long t = 0; t < T; t += LANES) {
-            v8 is_max = ones8(load8(xt + c * TILE + t) * mc[c] == load8(top + t));
-            v8 u = is_max * load8(share + t) + load8(spread + t) + load8(gtile + c * TILE + t) * load8(m + t);
-            store8(gtile + c * TILE + t, u);
-        }
 }
 
 /* The MLP's backward for one sample, from d = dL/dmc (C): adds the parameters' gradients to grads (w1 K*C, b1 K,
@@ -611,7 +616,7 @@ void san_cbam_backward_input(const float *x, const float *g, long cl, const floa
     }
 }
 
-/* ---- BAM's full-size passes (san/attention/fused.py, _BAM) --------------------------------------------------------
+/* ---- BAM's full-size passes (san/kernels/fused.py, _BAM) --------------------------------------------------------
 
    Layouts and tiles as CBAM's. The mask M = sigmoid(c + s) (sum) or sigmoid(c s) (product) of the channel logits c
    (N, C) and the spatial logits s (N, P) is full-size, so it is never stored: each pass computes it per tile. */
@@ -1103,7 +1108,7 @@ static void san_chain_backward(long S, long N, const long *geometry, float **ten
     }
 }
 
-/* ---- BAM as one call each way (san/attention/fused.py, _BAMNative) -------------------------------------------------
+/* ---- BAM as one call each way (san/kernels/fused.py, _BAMNative) -------------------------------------------------
 
    The first 1x1 conv (C -> K) and the channel means in one pass over x, the channel MLP, the spatial branch's
    stages as a chain from that conv's output (stage 0: its batch norm and activation only), and the mask; backward
@@ -1314,7 +1319,7 @@ void san_bam_backward(const float *x, const float *g, long cl, const long *sizes
     arena_end();
 }
 
-/* ---- SAN's full-size passes (san/attention/fused.py, _SANMaskNative) --------------------------------------------
+/* ---- SAN's full-size passes (san/kernels/fused.py, _SANMaskNative) --------------------------------------------
 
    A map y (N, C, H, W) in NCHW (cl = 0) or channels-last (cl = 1) is walked as planes of H rows: NCHW has N C planes
    whose rows are W long with horizontal neighbours 1 apart; channels-last has N planes whose rows are W C long with

@@ -15,7 +15,6 @@ backward, where autocast is off.
 
 import contextlib
 import functools
-import itertools
 from collections.abc import Callable
 
 import torch
@@ -23,36 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from san.attention import native
-
-# The neighbour offsets of the 3-wide window over the last 1 (sequences) or 2 (maps) axes.
-_NEIGHBOUR_OFFSETS = {dims: [o for o in itertools.product((-1, 0, 1), repeat=dims) if any(o)] for dims in (1, 2)}
-
-
-@torch.no_grad()
-def extrema_count(doc: Tensor, dims: int = 2) -> Tensor:
-    """SAN's eq 10 numerator: how many cells of the 3-wide window over the last ``dims`` axes (3x3 on maps, 3 steps
-    on sequences), centre included, are <= the centre, per channel.
-
-    Returns a uint8 tensor shaped like ``doc`` with values in 1..3**dims. Each neighbour comparison is made on the
-    sub-region whose neighbour lies inside the map, so a neighbour outside the map never counts — it is "not
-    smaller". Shifted views and a small integer counter keep this ~8x faster than ``F.unfold``.
-    """
-    sizes = doc.shape[doc.dim() - dims :]
-    count = torch.ones_like(doc, dtype=torch.uint8)
-    for offset in _NEIGHBOUR_OFFSETS[dims]:
-        centre, neighbour = [...], [...]
-        for size, step in zip(sizes, offset, strict=True):
-            start, stop = max(0, -step), size - max(0, step)
-            if start >= stop:  # the map is one cell wide on this axis: no neighbour inside it
-                break
-            centre.append(slice(start, stop))
-            neighbour.append(slice(start + step, stop + step))
-        else:
-            inside, shifted = tuple(centre), tuple(neighbour)
-            count[inside] += doc[inside] >= doc[shifted]
-    return count
-
+from san.kernels import native
 
 # Below this many channels, oneDNN's CPU conv backward runs several times faster channels-last (it pads NCHW
 # channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one: bench/profile_attention.py layouts),
@@ -110,7 +80,7 @@ def _autocast_off(tensor: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(device, enabled=False) if device in _AUTOCAST_DEVICES else contextlib.nullcontext()
 
 
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+def sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Reduce a broadcast gradient back to ``shape`` (the inverse of broadcasting, as autograd does)."""
     if grad.shape == shape:
         return grad
@@ -119,7 +89,7 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 
 
 # σ of SAN's eq 11 and its derivative written with σ's output (identity: no op).
-_ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
+ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
     "relu": torch.relu,
     "tanh": torch.tanh,
@@ -127,7 +97,7 @@ _ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
+def activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
     """The activation's gradient from its output, each one ATen pass (the rules autograd itself uses)."""
     if name == "relu":
         return torch.ops.aten.threshold_backward(grad, output, 0)
@@ -136,222 +106,6 @@ def _activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
     if name == "sigmoid":
         return torch.ops.aten.sigmoid_backward(grad, output)
     return grad
-
-
-class _SANMask(torch.autograd.Function):
-    """``y * sigmoid(σ(smooth(α · |y - reference|)))``, SAN's eqs 8–12 and 4 in one node.
-
-    Keeps ``y`` and ``reference`` (a 1-channel map with CCA) and either the uint8 extrema count
-    (``recompute_smoothing``: backward recomputes the DoC, the weighted map and the smoothing conv's output — one
-    extra conv forward) or the smoothing's output (backward recomputes the DoC, count and weighted map only), then
-    runs the conv's own backward. ``weight is None`` means no smoothing (``use_smoothing=False``). In float32 on CPU
-    `_SANMaskNative` runs instead.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        y: Tensor,
-        reference: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        conv: tuple[int, int, int],  # padding, dilation, groups
-        use_abs: bool,
-        use_extrema: bool,
-        activation: str,
-        recompute_smoothing: bool,
-    ) -> Tensor:
-        conv_dtype = _autocast_dtype(y) if weight is not None else None
-        with _autocast_off(y):
-            weighted, count = _weighted_doc(y, reference, use_abs, use_extrema)
-            logits = _smooth(weighted, weight, bias, conv, conv_dtype)
-            logits = _ACTIVATION_FORWARD[activation](logits)
-            mask = torch.sigmoid(logits)
-            out = mask.mul_(y) if mask.dtype == y.dtype else y * mask  # autocast: y's dtype may be the wider
-            out = _in_layout_of(out, y)  # a channels-last small-map conv must not turn an NCHW model channels-last
-        recompute = recompute_smoothing or weight is None
-        ctx.save_for_backward(y, reference, count if recompute else logits, weight, bias)
-        ctx.settings = (conv, use_abs, use_extrema, activation, conv_dtype, recompute)
-        return out
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
-        y, reference, kept, weight, bias = ctx.saved_tensors
-        conv, use_abs, use_extrema, activation, conv_dtype, recompute = ctx.settings
-        # In-place steps on this function's own temporaries: on ResNet-size maps every fresh tensor costs page
-        # faults as well as a pass over memory.
-        with _autocast_off(y), torch.no_grad():
-            diff = y - reference
-            doc = diff.abs() if use_abs else diff  # diff itself is kept for the sign below
-            count = kept if recompute else None
-            weighted, count = _weight_by_extrema(doc, use_extrema, count)
-            if recompute:
-                logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, conv_dtype))
-            else:
-                logits = kept
-            mask = torch.sigmoid(logits)
-            grad_y = grad_out * mask
-            grad_logits = (grad_out * y).mul_(mask).mul_(mask.neg_().add_(1))  # mul's backward, then sigmoid's
-            grad_logits = _activation_backward(activation, grad_logits, logits)
-            grad_weight = grad_bias = None
-            if weight is None:
-                grad_weighted = grad_logits
-            else:
-                grad_weighted, grad_weight, grad_bias = _smooth_backward(
-                    grad_logits, weighted, weight, bias, conv, conv_dtype
-                )
-            grad_doc = grad_weighted.mul_(1 / 9).mul_(count) if use_extrema else grad_weighted
-            if use_abs:
-                grad_doc.mul_(diff.sgn_())
-            grad_y.add_(grad_doc)
-            grad_reference = _sum_to(grad_doc, reference.shape).neg() if ctx.needs_input_grad[1] else None
-        return grad_y, grad_reference, grad_weight, grad_bias, None, None, None, None, None
-
-
-class _SANMaskNative(torch.autograd.Function):
-    """`_SANMask` in float32 on CPU through C passes (`native.san_weighted`, `san_apply`, `san_logits_grad`,
-    `san_input_grad`), in ``y``'s own layout: the DoC, its extrema count and weighting in one pass, the mask and
-    output in one, and backward in two besides the weighting's: torch's formulation makes ~30 passes over a
-    full-size map each way (the count alone is 8 comparisons). The smoothing conv stays torch's.
-
-    It keeps ``y``, ``reference`` and, unless ``recompute_smoothing``, the smoothing's (activated) output; the
-    extrema count is recomputed in backward with the weighted map the conv's backward needs anyway.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        y: Tensor,
-        reference: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        conv: tuple[int, int, int],  # padding, dilation, groups
-        use_abs: bool,
-        use_extrema: bool,
-        activation: str,
-        recompute_smoothing: bool,
-    ) -> Tensor:
-        flat, layout = native.map_layout(y)
-        weighted, _ = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=False)
-        logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
-        out = _in_layout_of(native.san_apply(flat, logits), y)
-        recompute = recompute_smoothing or weight is None
-        ctx.save_for_backward(y, reference, None if recompute else logits, weight, bias)
-        ctx.settings = (conv, use_abs, use_extrema, activation, recompute)
-        return out
-
-    @staticmethod
-    def logits(
-        weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple, activation: str, layout: int
-    ) -> Tensor:
-        """σ(smooth(weighted)) of eq 11, in the maps' layout."""
-        logits = _ACTIVATION_FORWARD[activation](_smooth(weighted, weight, bias, conv, None))
-        return logits.contiguous(memory_format=native.memory_format(layout))
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad_out: Tensor):
-        y, reference, logits, weight, bias = ctx.saved_tensors
-        conv, use_abs, use_extrema, activation, recompute = ctx.settings
-        with torch.no_grad():
-            flat, layout = native.map_layout(y)
-            grad = grad_out.contiguous(memory_format=native.memory_format(layout))
-            weighted, count = native.san_weighted(flat, reference, layout, use_abs, use_extrema, with_count=True)
-            if recompute:
-                logits = _SANMaskNative.logits(weighted, weight, bias, conv, activation, layout)
-            grad_logits = _activation_backward(activation, native.san_logits_grad(grad, flat, logits), logits)
-            grad_weight = grad_bias = None
-            if weight is None:
-                grad_weighted = grad_logits
-            else:
-                grad_weighted, grad_weight, grad_bias = _smooth_backward(
-                    grad_logits, weighted, weight, bias, conv, None
-                )
-            grad_weighted = grad_weighted.contiguous(memory_format=native.memory_format(layout))
-            grad_y, grad_reference = native.san_input_grad(
-                grad, flat, reference, logits, grad_weighted, count, layout, use_abs, ctx.needs_input_grad[1]
-            )
-        return _in_layout_of(grad_y, y), grad_reference, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _weighted_doc(y: Tensor, reference: Tensor, use_abs: bool, use_extrema: bool) -> tuple[Tensor, Tensor | None]:
-    doc = y - reference
-    if use_abs:
-        doc.abs_()
-    return _weight_by_extrema(doc, use_extrema, None)
-
-
-def _weight_by_extrema(doc: Tensor, use_extrema: bool, count: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Eq 10's ``α · dY`` and the uint8 count behind α (computed unless given); overwrites ``doc``."""
-    if not use_extrema:
-        return doc, None
-    if count is None:
-        count = extrema_count(doc)
-    return doc.mul_(count).mul_(1 / 9), count
-
-
-def _smooth(
-    weighted: Tensor, weight: Tensor | None, bias: Tensor | None, conv: tuple[int, int, int], dtype: torch.dtype | None
-) -> Tensor:
-    if weight is None:
-        return weighted
-    padding, dilation, groups = conv
-    if dtype is not None:
-        weighted, weight = weighted.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return F.conv2d(small_map_layout(weighted), weight, bias, padding=padding, dilation=dilation, groups=groups)
-
-
-def _smooth_backward(
-    grad: Tensor,
-    weighted: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    conv: tuple[int, int, int],
-    dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    padding, dilation, groups = conv
-    conv_weight = weight if dtype is None else weight.to(dtype)
-    conv_input = small_map_layout(weighted if dtype is None else weighted.to(dtype))
-    grad = small_map_layout(grad.to(conv_input.dtype))
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad,
-        conv_input,
-        conv_weight,
-        None if bias is None else [bias.shape[0]],
-        [1, 1],
-        [padding, padding],
-        [dilation, dilation],
-        False,
-        [0, 0],
-        groups,
-        [True, True, bias is not None],
-    )
-    grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-    return grad_input.to(weighted.dtype), grad_weight.to(weight.dtype), grad_bias
-
-
-def san_mask(
-    y: Tensor,
-    reference: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    padding: int,
-    dilation: int,
-    groups: int,
-    use_abs: bool,
-    use_extrema: bool,
-    activation: str,
-    recompute_smoothing: bool,
-) -> Tensor:
-    """SAN's output ``y * M`` through the fused function: `_SANMaskNative` in float32 on CPU with the C kernels built,
-    else `_SANMask`."""
-    conv = (padding, dilation, groups)
-    native_path = _autocast_dtype(y) is None and native.san_applies(y, reference)
-    function = _SANMaskNative if native_path else _SANMask
-    return function.apply(y, reference, weight, bias, conv, use_abs, use_extrema, activation, recompute_smoothing)
 
 
 # --- conv → batch norm → activation chains that keep only their input for backward ---------------------------
@@ -407,8 +161,7 @@ class _Stage:
         else:
             # NCHW on CPU: a few-channel forward conv is faster so (0.13 vs 0.44 ms for BAM's 1→1 dilated 3×3)
             conv_in = x.contiguous() if x.device.type == "cpu" else x
-            conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation,
-                                groups=self.groups)  # fmt: skip
+            conv_out = F.conv2d(conv_in, weight, bias, padding=self.padding, dilation=self.dilation, groups=self.groups)
         return self.normalize(conv_out, update)
 
     def native_ok(self, x: Tensor, convolve: bool = True) -> bool:
@@ -423,25 +176,15 @@ class _Stage:
         transposed = [d * (k - 1) - p for p, d, k in zip(self.padding, self.dilation, weight.shape[2:], strict=True)]
         return min(transposed) >= 0 and native.applies(x, weight, self.groups)
 
-    def native_conv(self) -> tuple:
-        """The conv's (weight, bias, padding, dilation), as `native.stage_forward` takes them."""
-        return self.weight, self.bias, self.padding, self.dilation
-
-    def native_norm(self, update: bool) -> tuple | None:
-        if not self.has_bn:
-            return None
-        running = self.running if update or not self.use_batch_stats else (None, None)
-        return (self.bn_weight, self.bn_bias, self.use_batch_stats, self.momentum, self.eps, *running)
-
     def normalize(self, conv_out: Tensor, update: bool) -> tuple[Tensor, Tensor, tuple | None]:
         """`forward` from the conv's output: the batch norm, if any, and the activation."""
         if not self.has_bn:
-            return _ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
+            return ACTIVATION_FORWARD[self.activation](conv_out), conv_out, None
         running = self.running if update or not self.use_batch_stats else (None, None)
         normed, mean, invstd = torch.ops.aten.native_batch_norm(
             conv_out, self.bn_weight, self.bn_bias, *running, self.use_batch_stats, self.momentum, self.eps
         )
-        return _ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
+        return ACTIVATION_FORWARD[self.activation](normed), conv_out, (mean, invstd)
 
     def backward(
         self, grad: Tensor, x: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None, dtype: torch.dtype | None
@@ -464,14 +207,20 @@ class _Stage:
         self, grad: Tensor, out: Tensor, conv_out: Tensor, stats: tuple | None
     ) -> tuple[Tensor, list[Tensor | None]]:
         """(∂ conv output, the batch norm's parameter gradients) from ∂ activation output: `normalize` backward."""
-        grad = _activation_backward(self.activation, grad, out)
+        grad = activation_backward(self.activation, grad, out)
         if not self.has_bn:
             return grad, [None, None]
         bn_weight, bn_bias = self.bn_weight, self.bn_bias
         grad, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad.to(conv_out.dtype), conv_out, bn_weight, *self.running, *stats, self.use_batch_stats, self.eps,
+            grad.to(conv_out.dtype),
+            conv_out,
+            bn_weight,
+            *self.running,
+            *stats,
+            self.use_batch_stats,
+            self.eps,
             [True, bn_weight is not None, bn_bias is not None],
-        )  # fmt: skip
+        )
         return grad, [grad_bn_weight, grad_bn_bias]
 
 
@@ -607,8 +356,8 @@ class _BAM(torch.autograd.Function):
             mask = torch.sigmoid_(channel * spatial if ctx.product else channel + spatial)
             grad_x = torch.addcmul(grad, grad, mask)
             grad_logits = torch.ops.aten.sigmoid_backward(grad.mul(flat), mask)
-            grad_channel = _sum_to(grad_logits * spatial if ctx.product else grad_logits, channel.shape)
-            grad_spatial = _sum_to(grad_logits * channel if ctx.product else grad_logits, spatial.shape)
+            grad_channel = sum_to(grad_logits * spatial if ctx.product else grad_logits, channel.shape)
+            grad_spatial = sum_to(grad_logits * channel if ctx.product else grad_logits, spatial.shape)
             grad_branch, param_grads = _chain_backward(stages, records, grad_spatial.to(spatial.dtype), dtype)
             grad_x = _in_layout_of(grad_x.add_(grad_branch), x)
         return None, grad_x, grad_channel.to(channel.dtype), None, *param_grads
@@ -639,8 +388,18 @@ class _BAMPlan:
         if any(stage.has_bn and stage.use_batch_stats for stage in stages):
             _check_batch_statistics(batch * height * width, (batch, reduced, height, width))
         parts = max(1, min(native.WEIGHT_GRAD_PARTS, batch))
-        self.sizes = [batch, channels, height, width, reduced, first.weight.shape[0], int(batch_stats), int(product),
-                      len(stages), parts]  # fmt: skip
+        self.sizes = [
+            batch,
+            channels,
+            height,
+            width,
+            reduced,
+            first.weight.shape[0],
+            int(batch_stats),
+            int(product),
+            len(stages),
+            parts,
+        ]
         self.scalars = [bn.eps, factor]
         in_channels = reduced
         for index, stage in enumerate(stages):
@@ -652,8 +411,10 @@ class _BAMPlan:
             flags = [convolves, int(stage.has_bn), int(stage.use_batch_stats), native.ACTIVATIONS[stage.activation]]
             self.sizes += [in_channels, height, width, out_channels, *kernel, *padding, *dilation, *flags]
             self.scalars += [stage.eps, stage.momentum]
-            height, width = (size + 2 * pad - dil * (k - 1) for size, pad, dil, k in zip(
-                (height, width), padding, dilation, kernel, strict=True))  # fmt: skip
+            height, width = (
+                size + 2 * pad - dil * (k - 1)
+                for size, pad, dil, k in zip((height, width), padding, dilation, kernel, strict=True)
+            )
             in_channels = out_channels
 
     def native_params(self, trainable: list[Tensor | None]) -> list[Tensor | None]:
@@ -663,8 +424,17 @@ class _BAMPlan:
         w1, b1, gamma, beta, w2, b2 = trainable[:6]
         stage_params = [trainable[6 + 4 * i : 10 + 4 * i] for i in range(len(self.running) - 1)]
         reduce_weight, reduce_bias = stage_params[0][:2]
-        params = [reduce_weight.reshape(reduce_weight.shape[0], -1), reduce_bias, w1, b1, gamma, beta,
-                  *self.running[0], w2, b2]  # fmt: skip
+        params = [
+            reduce_weight.reshape(reduce_weight.shape[0], -1),
+            reduce_bias,
+            w1,
+            b1,
+            gamma,
+            beta,
+            *self.running[0],
+            w2,
+            b2,
+        ]
         for index, (weight, bias, bn_weight, bn_bias) in enumerate(stage_params):
             conv = (None, None) if index == 0 else (weight, bias)
             params += [*conv, bn_weight, bn_bias, *self.running[index + 1]]
@@ -721,23 +491,18 @@ def _bam_native_takes(stages: list[_Stage], x: Tensor) -> bool:
     )
 
 
-def bam(x: Tensor, channel_branch: nn.Module, layers: list[tuple[nn.Conv2d, nn.BatchNorm2d | None, str]],
-        product: bool) -> Tensor:  # fmt: skip
-    """BAM's output from ``x``, its channel branch (whose ``mlp`` is Flatten, Linear, BatchNorm1d, ReLU, Linear) and
-    its spatial branch's (conv, batch norm, activation) layers, as one autograd node: `_BAMNative` in float32 on CPU
-    (the C kernels built), else the channel branch as it runs and `_BAM`."""
-    stages = [_Stage(*layer) for layer in layers]
+def bam(x: Tensor, mlp: nn.Sequential, body: list[nn.Module], product: bool) -> Tensor:
+    """BAM's output from ``x``, its channel MLP (Flatten, Linear, BatchNorm1d, ReLU, Linear) and its spatial branch's
+    layers (conv, batch norm, ReLU, ..., conv), as one autograd node: `_BAMNative` in float32 on CPU (the C kernels
+    built), else the channel MLP as it runs and `_BAM`."""
+    stages = [_Stage(*body[i : i + 2], "relu") for i in range(0, len(body) - 1, 3)] + [
+        _Stage(body[-1], None, "identity")
+    ]
     if _autocast_dtype(x) is None and _bam_native_takes(stages, x):
-        plan = _BAMPlan(x, channel_branch.mlp, stages, product)
+        plan = _BAMPlan(x, mlp, stages, product)
         return _BAMNative.apply(plan, x, *plan.trainable)
     params = [p for stage in stages for p in stage.params()]
-    return _BAM.apply(stages, x, channel_branch(x), product, *params)
-
-
-def _where_equal(x: Tensor, reference: Tensor) -> Tensor:
-    """1 where ``x`` equals ``reference`` (broadcast), else 0, in ``x``'s dtype: a comparison written straight into
-    a float map takes a sixth of the time of one that makes a bool map (0.017 vs 0.10 ms on 64×6×28×28 here)."""
-    return torch.eq(x, reference, out=torch.empty_like(x))
+    return _BAM.apply(stages, x, mlp(x.mean((2, 3)))[:, :, None, None], product, *params)
 
 
 def _nchw_on_cpu(x: Tensor) -> Tensor:
@@ -752,146 +517,3 @@ def _nchw_on_cpu(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and x.dim() == 4 and x.shape[1] < SMALL_CHANNELS:
         return x.contiguous()
     return x
-
-
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None) -> Tensor:
-    """``F.linear`` with the casts autocast would make."""
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return F.linear(x, weight, bias)
-
-
-class _CBAM(torch.autograd.Function):
-    """All of CBAM as one node: the channel descriptors ``[mean_hw x; max_hw x]``, the shared MLP, ``Mc = σ(·+·)``,
-    ``s = x · Mc``, ``Ms = σ(BN(conv([max_c s, mean_c s])))`` and ``s · Ms``.
-
-    It keeps ``x`` (which the layer before keeps anyway), the small MLP tensors and the 1-channel conv output and
-    mask, and recomputes ``s`` and the pooled maps in backward, not the conv. On CPU it works on an NCHW copy of
-    ``x`` (`_nchw_on_cpu`), made again in backward rather than kept, and returns the output and ``∂x`` in the layout
-    ``x`` came in. Backward folds every path into ``x`` into two maps: ``u = g · Ms + ∂pool_c`` gives
-    ``∂x = u · Mc + ∂mean_hw + ∂max_hw`` and ``∂Mc = Σ_hw u · x`` — a few passes over the map instead of one per
-    autograd node, and no bool maps (`_where_equal`). In float32 on CPU `_CBAMNative` runs instead.
-    """
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
-        first_weight, first_bias, second_weight, second_bias = params[:4]
-        dtype = _autocast_dtype(x)
-        with _autocast_off(x):
-            flat = _nchw_on_cpu(x)
-            batch = x.shape[0]
-            top = flat.amax((2, 3))
-            descriptors = torch.cat([flat.mean((2, 3)), top])
-            hidden = F.relu(_linear(descriptors, first_weight.flatten(1), first_bias, dtype))
-            logits = _linear(hidden, second_weight.flatten(1), second_bias, dtype)
-            channel_mask = torch.sigmoid(logits[:batch] + logits[batch:])
-            scaled = flat * channel_mask[:, :, None, None]
-            pooled = torch.cat([scaled.amax(1, keepdim=True), scaled.mean(1, keepdim=True)], dim=1)
-            spatial_mask, conv_out, stats = stage.forward(pooled, dtype, update=True)
-            out = _in_layout_of(scaled.mul_(spatial_mask), x)
-        ctx.stage, ctx.dtype, ctx.stats = stage, dtype, stats
-        ctx.save_for_backward(x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params)
-        return out
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad: Tensor):
-        x, top, descriptors, hidden, channel_mask, conv_out, spatial_mask, *params = ctx.saved_tensors
-        first_weight, first_bias, second_weight, second_bias, *stage_params = params
-        stage, dtype = ctx.stage, ctx.dtype
-        stage.bind(stage_params)
-        with _autocast_off(x), torch.no_grad():
-            flat, grad = _nchw_on_cpu(x), _nchw_on_cpu(grad)
-            batch, positions = x.shape[0], x.shape[2] * x.shape[3]
-            mask = channel_mask[:, :, None, None]
-            scaled = flat * mask
-            top_c = scaled.amax(1, keepdim=True)
-            is_max = _where_equal(scaled, top_c)
-            pooled = torch.cat([top_c, scaled.mean(1, keepdim=True)], dim=1)
-            grad_spatial = scaled.mul_(grad).sum(1, keepdim=True)
-            grad_pooled, stage_grads = stage.backward(grad_spatial, pooled, spatial_mask, conv_out, ctx.stats, dtype)
-            grad_pooled = grad_pooled.to(x.dtype)
-            # amax's own rule, here and below: ties share the gradient equally.
-            share = grad_pooled[:, :1] / is_max.sum(1, keepdim=True, dtype=torch.float32)
-            u = is_max.mul_(share).add_(grad_pooled[:, 1:] / x.shape[1]).addcmul_(grad, spatial_mask)
-            grad_mask = (u * flat).sum((2, 3))
-            # the MLP, by hand: both descriptors went through it, so both halves of its output get ∂Mc's logit
-            grad_logit = torch.ops.aten.sigmoid_backward(grad_mask.to(channel_mask.dtype), channel_mask)
-            grad_logits = torch.cat([grad_logit, grad_logit])
-            grad_second = grad_logits.t() @ hidden
-            grad_hidden = torch.ops.aten.threshold_backward(grad_logits @ second_weight.flatten(1).to(hidden.dtype),
-                                                            hidden, 0)  # fmt: skip
-            grad_first = grad_hidden.t() @ descriptors.to(grad_hidden.dtype)
-            grad_descriptors = (grad_hidden @ first_weight.flatten(1).to(grad_hidden.dtype)).to(x.dtype)
-            is_top = _where_equal(flat, top[:, :, None, None])
-            top_share = grad_descriptors[batch:] / is_top.sum((2, 3), dtype=torch.float32)
-            grad_x = torch.addcmul((grad_descriptors[:batch] / positions)[:, :, None, None], u, mask)
-            grad_x = _in_layout_of(grad_x.addcmul_(is_top, top_share[:, :, None, None]), x)
-        mlp_grads = [
-            grad_first.view_as(first_weight).to(first_weight.dtype),
-            grad_hidden.sum(0).to(first_bias.dtype),
-            grad_second.view_as(second_weight).to(second_weight.dtype),
-            grad_logits.sum(0).to(second_bias.dtype),
-        ]
-        return None, grad_x, *mlp_grads, *stage_grads
-
-
-class _CBAMNative(torch.autograd.Function):
-    """`_CBAM` in float32 on CPU: its full-size passes and its channel MLP in the C kernels of `san.attention.native`
-    (three passes forward, three backward, in ``x``'s own layout) and its spatial stage (conv → BN → σ) one C call.
-    It keeps what `_CBAM` keeps."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, stage: _Stage, x: Tensor, *params: Tensor) -> Tensor:
-        flat, layout = native.map_layout(x)
-        descriptors, hidden, channel_mask = native.cbam_channel(flat, layout, *params[:4])
-        pooled = native.cbam_pool(flat, layout, channel_mask)
-        spatial_mask, conv_out, stats = native.stage_forward(pooled, stage.native_conv(), stage.native_norm(True),
-                                                             "sigmoid")  # fmt: skip
-        out = native.cbam_apply(flat, layout, channel_mask, spatial_mask)
-        ctx.stage = stage
-        ctx.save_for_backward(x, descriptors, hidden, channel_mask, conv_out, spatial_mask, *stats, *params)
-        return out
-
-    @staticmethod
-    @_first_order
-    def backward(ctx: FunctionCtx, grad: Tensor):
-        x, descriptors, hidden, channel_mask, conv_out, spatial_mask, mean, invstd, *params = ctx.saved_tensors
-        first_weight, first_bias, second_weight, second_bias, *stage_params = params
-        stage = ctx.stage
-        stage.bind(stage_params)
-        with torch.no_grad():
-            flat, layout = native.map_layout(x)
-            grad = grad.contiguous(memory_format=native.memory_format(layout))
-            masks = (channel_mask, spatial_mask)
-            pooled, grad_spatial = native.cbam_backward_spatial(flat, grad, layout, channel_mask)
-            grad_pooled, stage_grads = native.stage_backward(
-                grad_spatial, pooled, spatial_mask, conv_out, (mean, invstd), stage.native_conv(),
-                stage.native_norm(False)[:3], "sigmoid",
-            )  # fmt: skip
-            grad_avg, top_share, mlp_grads = native.cbam_backward_mask(
-                flat, grad, layout, masks, grad_pooled, descriptors, hidden, first_weight, second_weight
-            )
-            grad_x = native.cbam_backward_input(flat, grad, layout, masks, grad_pooled, descriptors, grad_avg,
-                                                top_share)  # fmt: skip
-        mlp_grads = [
-            mlp_grads[0].view_as(first_weight),
-            None if first_bias is None else mlp_grads[1],
-            mlp_grads[2].view_as(second_weight),
-            None if second_bias is None else mlp_grads[3],
-        ]
-        return None, grad_x, *mlp_grads, *stage_grads
-
-
-def cbam(x: Tensor, mlp: tuple[nn.Conv2d, nn.Conv2d], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """CBAM's output ``x · Mc · Ms`` as one autograd node (`_CBAMNative` in float32 on CPU with the C kernels built,
-    else `_CBAM`), from its channel MLP's two 1x1 convs and its spatial branch's conv and batch norm."""
-    stage = _Stage(conv, bn, "sigmoid")
-    first, second = mlp
-    params = [first.weight, first.bias, second.weight, second.bias, *stage.params()]
-    if _autocast_dtype(x) is None and native.cbam_applies(x, stage.weight) and stage.native_ok(x):
-        if stage.use_batch_stats:
-            _check_batch_statistics(x.shape[0] * x.shape[2] * x.shape[3], (x.shape[0], 2, *x.shape[2:]))
-        return _CBAMNative.apply(stage, x, *params)
-    return _CBAM.apply(stage, x, *params)

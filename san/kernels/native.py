@@ -9,7 +9,7 @@ a dozen to thirty times each way (SAN's extrema count alone is eight comparisons
 ``native.c`` is compiled by the machine's C compiler (``$CC``, else ``cc``) for this CPU into a cache keyed by the
 source, the compiler and the CPU (``$SAN_NATIVE_CACHE``, else ``~/.cache/san/native``), atomically, so concurrent
 workers share one build; loading it afterwards takes milliseconds. A machine without a compiler (the runtime
-images) loads a build for a portable x86-64 level made beforehand (`san.attention.prebuild`). Without either, or with
+images) loads a build for a portable x86-64 level made beforehand (`san.kernels.prebuild`). Without either, or with
 ``SAN_NATIVE_KERNELS=0``, the fused paths use torch's ops instead (same results to float rounding;
 tests/test_attention_native.py).
 """
@@ -39,7 +39,7 @@ MAX_CHANNELS = 15
 WEIGHT_GRAD_PARTS = 8
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # Portable builds for machines without a compiler (the runtime images build them: ``python -m
-# san.attention.prebuild``), best first, with the CPU flags each x86-64 level needs as /proc/cpuinfo names them
+# san.kernels.prebuild``), best first, with the CPU flags each x86-64 level needs as /proc/cpuinfo names them
 # (SSE3 is "pni", LZCNT "abm").
 _X86_64_V2 = ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3")
 PORTABLE_TARGETS = {
@@ -159,8 +159,12 @@ def _load_prebuilt(reason: str) -> ctypes.CDLL | None:
     try:
         library = _declare(ctypes.CDLL(str(prebuilt)))
     except (OSError, ValueError, AttributeError) as error:
-        log.warning("%s, and the prebuilt kernels %s do not load (%s): the attention modules use torch's ops",
-                    reason, prebuilt.name, error)  # fmt: skip
+        log.warning(
+            "%s, and the prebuilt kernels %s do not load (%s): the attention modules use torch's ops",
+            reason,
+            prebuilt.name,
+            error,
+        )
         return None
     log.info("%s: the attention modules use the prebuilt kernels %s", reason, prebuilt.name)
     return library
@@ -240,9 +244,14 @@ def conv2d(
     out = torch.empty(x.shape[0], weight.shape[0], height, width, dtype=x.dtype)
     scratch = _scratch(x, padding)
     lib.san_conv2d_forward(
-        x.data_ptr(), *x.stride(), weight.data_ptr(), None if bias is None else bias.data_ptr(), scratch.data_ptr(),
-        out.data_ptr(), *_geometry(x, weight, padding, dilation),
-    )  # fmt: skip
+        x.data_ptr(),
+        *x.stride(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        scratch.data_ptr(),
+        out.data_ptr(),
+        *_geometry(x, weight, padding, dilation),
+    )
     return out
 
 
@@ -260,18 +269,19 @@ def conv2d_weight_grad(
     partial = torch.empty(parts * weight.numel(), dtype=x.dtype)
     scratch = _scratch(x, padding)
     lib.san_conv2d_weight_grad(
-        grad.data_ptr(), x.data_ptr(), *x.stride(), scratch.data_ptr(), partial.data_ptr(), out.data_ptr(),
-        *_geometry(x, weight, padding, dilation), parts,
-    )  # fmt: skip
+        grad.data_ptr(),
+        x.data_ptr(),
+        *x.stride(),
+        scratch.data_ptr(),
+        partial.data_ptr(),
+        out.data_ptr(),
+        *_geometry(x, weight, padding, dilation),
+        parts,
+    )
     return out
 
 
-# --- CBAM's and BAM's full-size passes (`san.attention.fused`) -----------------------------------------------------
-
-
-def cbam_applies(x: Tensor, conv_weight: Tensor) -> bool:
-    """Whether CBAM's passes run here: float32 on CPU with the kernels built, and a spatial conv `applies` takes."""
-    return x.dim() == 4 and applies(x, conv_weight, groups=1)
+# --- CBAM's and BAM's full-size passes (`san.kernels.fused`) -----------------------------------------------------
 
 
 def bam_applies(x: Tensor, reduce_weight: Tensor) -> bool:
@@ -332,33 +342,47 @@ def cbam_apply(x: Tensor, layout: int, channel_mask: Tensor, spatial_mask: Tenso
     return out
 
 
-def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(the pooled maps again, ``Σ_c s · grad`` (N, 1, H, W)); ``grad`` in ``x``'s layout."""
-    pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
-    grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
-    _call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled,
-               grad_spatial)  # fmt: skip
-    return pooled, grad_spatial
+def _contiguous(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.contiguous()
 
 
 def cbam_channel(
-    x: Tensor, layout: int, first_weight: Tensor, first_bias: Tensor | None, second_weight: Tensor,
+    x: Tensor,
+    layout: int,
+    first_weight: Tensor,
+    first_bias: Tensor | None,
+    second_weight: Tensor,
     second_bias: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor]:
     """(descriptors ``[mean_hw x; max_hw x]`` (2N, C), the shared MLP's hidden layer (2N, K), ``Mc`` (N, C)) from
     the MLP's two 1x1 convs, (K, C, 1, 1) and (C, K, 1, 1)."""
     batch, channels, _ = _sizes(x)
     hidden_size = first_weight.shape[0]
     descriptors, hidden = x.new_empty(2 * batch, channels), x.new_empty(2 * batch, hidden_size)
     channel_mask = x.new_empty(batch, channels)
-    _call("san_cbam_channel", x, layout, first_weight.contiguous(), _contiguous(first_bias),
-          second_weight.contiguous(), _contiguous(second_bias), *_sizes(x), hidden_size, descriptors, hidden,
-          channel_mask)  # fmt: skip
+    _call(
+        "san_cbam_channel",
+        x,
+        layout,
+        first_weight.contiguous(),
+        _contiguous(first_bias),
+        second_weight.contiguous(),
+        _contiguous(second_bias),
+        *_sizes(x),
+        hidden_size,
+        descriptors,
+        hidden,
+        channel_mask,
+    )
     return descriptors, hidden, channel_mask
 
 
-def _contiguous(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.contiguous()
+def cbam_backward_spatial(x: Tensor, grad: Tensor, layout: int, channel_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(the pooled maps again, ``Σ_c s · grad`` (N, 1, H, W)); ``grad`` in ``x``'s layout."""
+    pooled = x.new_empty(x.shape[0], 2, *x.shape[2:])
+    grad_spatial = x.new_empty(x.shape[0], 1, *x.shape[2:])
+    _call("san_cbam_backward_spatial", x, grad, layout, channel_mask.contiguous(), *_sizes(x), pooled, grad_spatial)
+    return pooled, grad_spatial
 
 
 def cbam_backward_mask(
@@ -379,15 +403,27 @@ def cbam_backward_mask(
     hidden_size = hidden.shape[1]
     grad_avg, top_share = x.new_empty(batch, channels), x.new_empty(batch, channels)
     partial = x.new_empty(batch, 2 * hidden_size * channels + hidden_size + channels)
-    _call("san_cbam_backward_mask", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
-          descriptors.contiguous(), hidden.contiguous(), first_weight.contiguous(), second_weight.contiguous(),
-          *_sizes(x), hidden_size, grad_avg, top_share, partial)  # fmt: skip
-    sums = partial.sum(0)  # over the batch, in order: the same rounding whatever the thread count
-    return (
+    _call(
+        "san_cbam_backward_mask",
+        x,
+        grad,
+        layout,
+        channel_mask,
+        spatial_mask,
+        grad_pooled.contiguous(),
+        descriptors.contiguous(),
+        hidden.contiguous(),
+        first_weight.contiguous(),
+        second_weight.contiguous(),
+        *_sizes(x),
+        hidden_size,
         grad_avg,
         top_share,
-        list(sums.split([hidden_size * channels, hidden_size, hidden_size * channels, channels])),
+        partial,
     )
+    parts = partial.split([hidden_size * channels, hidden_size, hidden_size * channels, channels], dim=1)
+    # Each summed over the batch in order (the same rounding whatever the thread count), each its own tensor.
+    return grad_avg, top_share, [part.sum(0) for part in parts]
 
 
 def cbam_backward_input(
@@ -404,8 +440,20 @@ def cbam_backward_input(
     channel_mask, spatial_mask = (mask.contiguous() for mask in masks)
     top = descriptors[x.shape[0] :]
     grad_x = torch.empty_like(x)
-    _call("san_cbam_backward_input", x, grad, layout, channel_mask, spatial_mask, grad_pooled.contiguous(),
-          top.contiguous(), grad_avg.contiguous(), top_share.contiguous(), *_sizes(x), grad_x)  # fmt: skip
+    _call(
+        "san_cbam_backward_input",
+        x,
+        grad,
+        layout,
+        channel_mask,
+        spatial_mask,
+        grad_pooled.contiguous(),
+        top.contiguous(),
+        grad_avg.contiguous(),
+        top_share.contiguous(),
+        *_sizes(x),
+        grad_x,
+    )
     return grad_x
 
 
@@ -418,13 +466,23 @@ def bam_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(BAM's output in ``x``'s layout, its first 1x1 conv's output (N, K, H, W), the channel means (N, C)) in one
     call, running statistics moved; ``sizes``, ``scalars`` and ``params`` as native.c's san_bam_forward takes them
-    (`san.attention.fused._BAMPlan`)."""
+    (`san.kernels.fused._BAMPlan`)."""
     params = [_contiguous(t) for t in params]  # held until the call returns, as every tensor below
     out = torch.empty_like(x)
     reduced = x.new_empty(x.shape[0], sizes[4], *x.shape[2:])
     mean = x.new_empty(x.shape[:2])
-    _call("san_bam_forward", x, layout, (ctypes.c_long * len(sizes))(*sizes),
-          (ctypes.c_float * len(scalars))(*scalars), _pointers(params), 1, reduced, mean, out)  # fmt: skip
+    _call(
+        "san_bam_forward",
+        x,
+        layout,
+        (ctypes.c_long * len(sizes))(*sizes),
+        (ctypes.c_float * len(scalars))(*scalars),
+        _pointers(params),
+        1,
+        reduced,
+        mean,
+        out,
+    )
     return out, reduced, mean
 
 
@@ -450,13 +508,23 @@ def bam_backward(
     running = _bam_running(len(params))
     grads = [None if t is None or i in running else torch.empty_like(t) for i, t in enumerate(params)]
     grad_x = torch.empty_like(x)
-    _call("san_bam_backward", x, grad, layout, (ctypes.c_long * len(sizes))(*sizes),
-          (ctypes.c_float * len(scalars))(*scalars), _pointers(params), reduced, mean, grad_x,
-          _pointers(grads))  # fmt: skip
+    _call(
+        "san_bam_backward",
+        x,
+        grad,
+        layout,
+        (ctypes.c_long * len(sizes))(*sizes),
+        (ctypes.c_float * len(scalars))(*scalars),
+        _pointers(params),
+        reduced,
+        mean,
+        grad_x,
+        _pointers(grads),
+    )
     return grad_x, grads
 
 
-# --- SAN's full-size passes (`san.attention.fused._SANMaskNative`) ---------------------------------------------------
+# --- SAN's full-size passes (`san.kernels.fused._SANMaskNative`) ---------------------------------------------------
 
 
 def san_applies(y: Tensor, reference: Tensor) -> bool:
@@ -483,12 +551,11 @@ def san_weighted(
     y: Tensor, reference: Tensor, layout: int, use_abs: bool, use_extrema: bool, with_count: bool
 ) -> tuple[Tensor, Tensor | None]:
     """(SAN's α · DoC in ``y``'s layout, the uint8 extrema count behind α if ``with_count``), in one pass: eqs 8–10
-    as `san.attention.fused._weighted_doc` computes them."""
+    as `san.kernels.fused._weighted_doc` computes them."""
     reference, channels = _san_reference(reference, layout)
     weighted = torch.empty_like(y)
     count = torch.empty_like(y, dtype=torch.uint8) if with_count and use_extrema else None
-    _call("san_san_weighted", y, reference, layout, *y.shape, channels, int(use_abs), int(use_extrema), weighted,
-          count)  # fmt: skip
+    _call("san_san_weighted", y, reference, layout, *y.shape, channels, int(use_abs), int(use_extrema), weighted, count)
     return weighted, count
 
 
@@ -522,112 +589,127 @@ def san_input_grad(
     reference, channels = _san_reference(reference, layout)
     grad_y = torch.empty_like(y)
     grad_reference = torch.empty_like(reference) if with_reference else None
-    _call("san_san_input_grad", grad, y, reference, logits, grad_weighted, count, layout, *y.shape, channels,
-          int(use_abs), int(count is not None), grad_y, grad_reference)  # fmt: skip
+    _call(
+        "san_san_input_grad",
+        grad,
+        y,
+        reference,
+        logits,
+        grad_weighted,
+        count,
+        layout,
+        *y.shape,
+        channels,
+        int(use_abs),
+        int(count is not None),
+        grad_y,
+        grad_reference,
+    )
     return grad_y, grad_reference
 
 
-# --- A few-channel chain's stages (`san.attention.fused._Stage`) ------------------------------------------------------
+# --- A few-channel chain's stages (`san.kernels.fused._Stage`) ------------------------------------------------------
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _conv_geometry(x: Tensor, weight: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
-    batch, channels, height, width = x.shape
-    return [batch, channels, height, width, weight.shape[0], *weight.shape[2:], *padding, *dilation]
-
-
 # The stages' activations, by their number in native.c.
 ACTIVATIONS = {"identity": 0, "relu": 1, "sigmoid": 2}
 
 
-def stage_forward(
-    x: Tensor,
-    conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
-    norm: tuple[Tensor | None, Tensor | None, bool, float, float, Tensor | None, Tensor | None] | None,
-    activation: str,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-    """(activation output, conv output, batch-norm (mean, invstd)) of conv → batch norm → `ACTIVATIONS` over an
-    NCHW float32 map. ``conv``: (weight, bias, padding, dilation), or None when ``x`` is the conv output already.
-    ``norm``: (weight, bias, batch statistics?, running-statistics factor, eps, running mean, running var), None
-    without a batch norm; running statistics move when given, and are the statistics used without batch ones."""
-    x = x.contiguous()
-    if conv is None:
-        weight, bias, padding, dilation = None, None, (0, 0), (1, 1)
-        geometry = [x.shape[0], x.shape[1], *x.shape[2:], x.shape[1], 1, 1, 0, 0, 1, 1]
-        conv_out, scratch = x, None
-    else:
-        weight, bias, padding, dilation = conv
-        weight = weight.contiguous()
-        geometry = _conv_geometry(x, weight, padding, dilation)
-        conv_out = x.new_empty(x.shape[0], weight.shape[0], *_output_size(x, weight, padding, dilation))
-        scratch = _scratch(x, padding)
-    channels = conv_out.shape[1]
-    out = torch.empty_like(conv_out)
-    stats = None
-    gamma = beta = running_mean = running_var = None
-    batch_stats, factor, eps = False, 0.0, 0.0
-    if norm is not None:
-        gamma, beta, batch_stats, factor, eps, running_mean, running_var = norm
-        if batch_stats:
-            stats = (x.new_empty(channels), x.new_empty(channels))
-        else:  # as torch's batch norm without batch statistics: the running ones
-            stats = (running_mean.clone(), torch.rsqrt(running_var + eps))
-            running_mean = running_var = None
+def cbam_stage_forward(
+    pooled: Tensor,
+    weight: Tensor,
+    padding: int,
+    norm: tuple[Tensor, Tensor, Tensor, Tensor],
+    batch_stats: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(σ(bn(conv(pooled))), conv output, mean, invstd) of CBAM's spatial stage over the NCHW pooled maps: a
+    bias-free conv, then batch norm (``norm``: weight, bias, running mean, running var), then the sigmoid, in one C
+    call. With ``batch_stats`` the running statistics given move (pass copies); without, they are the ones used."""
+    pooled, weight = pooled.contiguous(), weight.contiguous()
+    gamma, beta, running_mean, running_var = norm
+    pads = (padding, padding)
+    conv_out = pooled.new_empty(pooled.shape[0], weight.shape[0], *_output_size(pooled, weight, pads, (1, 1)))
+    out, scratch = torch.empty_like(conv_out), _scratch(pooled, pads)
+    if batch_stats:
+        mean, invstd = pooled.new_empty(weight.shape[0]), pooled.new_empty(weight.shape[0])
+    else:  # as torch's batch norm without batch statistics: the running ones, left as they are
+        mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
+        running_mean = running_var = None
     lib = library()
     assert lib is not None
     # Every tensor whose address the kernel gets is held by a name until it returns.
     lib.san_stage_forward(
-        x.data_ptr(), *geometry, _pointer(weight), _pointer(bias), _pointer(scratch), _pointer(conv_out),
-        int(norm is not None), _pointer(gamma), _pointer(beta), int(batch_stats), ctypes.c_float(eps),
-        ctypes.c_float(factor), _pointer(running_mean), _pointer(running_var),
-        *(_pointer(t) for t in (stats or (None, None))), ACTIVATIONS[activation], out.data_ptr(),
-    )  # fmt: skip
-    return out, conv_out, stats
+        pooled.data_ptr(),
+        *_geometry(pooled, weight, pads, (1, 1)),
+        weight.data_ptr(),
+        None,
+        scratch.data_ptr(),
+        conv_out.data_ptr(),
+        1,
+        gamma.data_ptr(),
+        beta.data_ptr(),
+        int(batch_stats),
+        ctypes.c_float(eps),
+        ctypes.c_float(momentum),
+        _pointer(running_mean),
+        _pointer(running_var),
+        mean.data_ptr(),
+        invstd.data_ptr(),
+        ACTIVATIONS["sigmoid"],
+        out.data_ptr(),
+    )
+    return out, conv_out, mean, invstd
 
 
-def stage_backward(
+def cbam_stage_backward(
     grad: Tensor,
-    x: Tensor,
+    pooled: Tensor,
     out: Tensor,
     conv_out: Tensor,
-    stats: tuple[Tensor, Tensor] | None,
-    conv: tuple[Tensor, Tensor | None, tuple[int, ...], tuple[int, ...]] | None,
-    norm: tuple[Tensor | None, Tensor | None, bool] | None,
-    activation: str,
-) -> tuple[Tensor, list[Tensor | None]]:
-    """(∂x — ∂conv output when ``conv`` is None —, [∂conv weight, ∂conv bias, ∂bn weight, ∂bn bias]) of
-    `stage_forward`, given ∂ its output; ``norm``: (bn weight, bn bias, batch statistics?)."""
-    grad, x = grad.contiguous(), x.contiguous()
-    grad_conv = torch.empty_like(conv_out)
-    gamma, beta, batch_stats = norm if norm is not None else (None, None, False)
-    grad_gamma = None if gamma is None or norm is None else torch.empty_like(gamma)
-    grad_beta = None if beta is None or norm is None else torch.empty_like(beta)
-    grad_x = grad_weight = grad_bias = scratch = partial = None
-    parts = 1
-    if conv is None:
-        geometry = [x.shape[0], x.shape[1], *x.shape[2:], x.shape[1], 1, 1, 0, 0, 1, 1]
-        weight = None
-    else:
-        weight, bias, padding, dilation = conv
-        weight = weight.contiguous()
-        geometry = _conv_geometry(x, weight, padding, dilation)
-        grad_x, grad_weight = torch.empty_like(x), torch.empty(weight.shape, dtype=x.dtype)
-        grad_bias = None if bias is None else torch.empty_like(bias)
-        transposed = [d * (k - 1) - p for p, d, k in zip(padding, dilation, weight.shape[2:], strict=True)]
-        scratch = x.new_empty(max(_scratch_size(x, padding), _scratch_size(grad_conv, transposed)))
-        parts = max(1, min(WEIGHT_GRAD_PARTS, x.shape[0]))
-        partial = x.new_empty(parts * weight.numel())
+    stats: tuple[Tensor, Tensor],
+    weight: Tensor,
+    padding: int,
+    gamma: Tensor,
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(∂pooled, ∂conv weight, ∂bn weight, ∂bn bias) of `cbam_stage_forward`, given ∂ its output."""
+    grad, pooled, weight = grad.contiguous(), pooled.contiguous(), weight.contiguous()
+    pads = (padding, padding)
+    transposed = [k - 1 - padding for k in weight.shape[2:]]
+    grad_conv, grad_pooled = torch.empty_like(conv_out), torch.empty_like(pooled)
+    grad_weight, grad_gamma, grad_beta = torch.empty_like(weight), torch.empty_like(gamma), torch.empty_like(gamma)
+    scratch = pooled.new_empty(max(_scratch_size(pooled, pads), _scratch_size(grad_conv, transposed)))
+    parts = max(1, min(WEIGHT_GRAD_PARTS, pooled.shape[0]))
+    partial = pooled.new_empty(parts * weight.numel())
     lib = library()
     assert lib is not None
     lib.san_stage_backward(
-        grad.data_ptr(), x.data_ptr(), *geometry, _pointer(weight), conv_out.data_ptr(), out.data_ptr(),
-        int(norm is not None), _pointer(gamma), int(batch_stats), *(_pointer(t) for t in (stats or (None, None))),
-        ACTIVATIONS[activation], grad_conv.data_ptr(), _pointer(grad_x), _pointer(grad_weight), _pointer(grad_bias),
-        _pointer(grad_gamma), _pointer(grad_beta), _pointer(scratch), _pointer(partial), parts,
-    )  # fmt: skip
-    if conv is None:
-        return grad_conv, [None, None, grad_gamma, grad_beta]
-    return grad_x, [grad_weight, grad_bias, grad_gamma, grad_beta]
+        grad.data_ptr(),
+        pooled.data_ptr(),
+        *_geometry(pooled, weight, pads, (1, 1)),
+        weight.data_ptr(),
+        conv_out.data_ptr(),
+        out.data_ptr(),
+        1,
+        gamma.data_ptr(),
+        int(batch_stats),
+        stats[0].data_ptr(),
+        stats[1].data_ptr(),
+        ACTIVATIONS["sigmoid"],
+        grad_conv.data_ptr(),
+        grad_pooled.data_ptr(),
+        grad_weight.data_ptr(),
+        None,
+        grad_gamma.data_ptr(),
+        grad_beta.data_ptr(),
+        scratch.data_ptr(),
+        partial.data_ptr(),
+        parts,
+    )
+    return grad_pooled, grad_weight, grad_gamma, grad_beta
