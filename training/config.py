@@ -182,7 +182,7 @@ class ModelSection(Section):
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
     # fused: each attention module as one autograd node that keeps about half the activations for backward
     # (san.attention.fused); stepwise: one node per operation as the papers write it, same results, more memory,
-    # faster for SAN and BAM on small CPU maps (README, "Measured: what attention costs")
+    # faster for SAN and BAM on small CPU maps (docs/decisions/0001-c-kernels.md)
     attention_path: Literal["fused", "stepwise"] = "fused"
 
     def build(self, num_classes: int, in_chans: int) -> "torch.nn.Module":
