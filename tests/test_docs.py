@@ -72,3 +72,12 @@ def test_the_results_pages_include_the_files_the_commands_wrote(built):
     assert all(cell.strip() in paper for cell in first_row.strip("|").split("|"))
     assert "holds" in paper
     assert (built / "_images").is_dir()
+
+
+def test_the_readmes_headline_table_is_the_file_the_study_wrote():
+    sys.path.insert(0, str(ROOT / "docs"))
+    from readme_table import START, headline, with_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert START in readme and with_table(readme, headline()) == readme
+    assert len(readme.splitlines()) <= 200
