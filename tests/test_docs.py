@@ -81,3 +81,30 @@ def test_the_readmes_headline_table_is_the_file_the_study_wrote():
     readme = (ROOT / "README.md").read_text()
     assert START in readme and with_table(readme, headline()) == readme
     assert len(readme.splitlines()) <= 200
+
+
+def test_the_paper_claims_apply_the_rule_to_the_table_the_study_wrote(tmp_path):
+    sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+    from san_docs import paper_claims
+
+    table = "\n".join(
+        [
+            "### t: top-1 / top-5 (%)",
+            "| Module | a = b Top-1 | a = b paper Top-1 |",
+            "|---|---|---|",
+            "| Base Model | 88.00 ± 0.10 | 89.00 |",
+            "| X | 87.00 ± 0.10 | 88.50 |",
+            "| Y | 88.50 ± 0.10 | 89.50 |",
+            "",
+            "| cell | runs | top-1 % | Δ top-1 vs baseline (paired) | Δ > 0 | s/epoch | × baseline | params |",
+            "|---|---|---|---|---|---|---|---|",
+            "| Base Model · a (c000) | 3 succeeded | 88.00 ± 0.10 |  |  | 1.0 |  | 10 |",
+            "| X · a (c002) | 3 succeeded | 87.00 ± 0.10 | -1.00 ± 0.10 | 0/3 | 1.0 | 1.00 | 10 |",
+            "| Y · a (c004) | 3 succeeded | 88.50 ± 0.10 | +0.50 ± 0.60 | 2/3 | 1.0 | 1.00 | 10 |",
+        ]
+    )
+    path = tmp_path / "table.md"
+    path.write_text(table)
+    x, y = paper_claims(path)
+    assert "**X · a**" in x and "worse" in x and "3/3 seeds: **holds**" in x
+    assert "**Y · a**" in y and "better" in y and "2/3 seeds: **does not hold**" in y
