@@ -423,8 +423,9 @@ def paper_claims_json(table: dict[str, Any]) -> list[str]:
             agree = diff["better"] if paper_better else diff["n"] - diff["better"]
             verdict = "holds" if agree == diff["n"] else "does not hold"
             parts.append(
-                f"{ours}; the paper has it {'better' if paper_better else 'worse'} ({paper_diff:+.4g}), ours "
-                f"on {agree}/{diff['n']} seeds: **{verdict}**" + (f" (n = {diff['n']})" if diff["n"] < 3 else "")
+                f"{ours}; the paper has it {'better' if paper_better else 'worse'} ({paper_diff:+.4g}), ours is "
+                f"{'better' if paper_better else 'worse'} on {agree}/{diff['n']} seeds: **{verdict}**"
+                + (f" (n = {diff['n']})" if diff["n"] < 3 else "")
             )
         bullets.append(f"- **{name}** — " + "; ".join(parts) + ".")
     return bullets
