@@ -9,7 +9,7 @@ APT_PACKAGES := $(shell deploy/packages.sh build data stack)
 LOCK := deploy/requirements.lock
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv test lint pytest demo bench clean lock stack-up stack-down stack-status image
+.PHONY: setup apt venv test lint pytest demo bench docs clean lock stack-up stack-down stack-status image
 
 setup: apt $(VENV)/.installed
 
@@ -35,8 +35,8 @@ lock:
 	  $(PIP) freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 
 lint: setup
-	$(VENV)/bin/ruff check san training service bench tests
-	$(VENV)/bin/ruff format --check san training service bench tests
+	$(VENV)/bin/ruff check san training service bench tests docs
+	$(VENV)/bin/ruff format --check san training service bench tests docs
 
 pytest: setup
 	$(VENV)/bin/pytest -q
@@ -75,11 +75,18 @@ stack-status:
 image:
 	deploy/build-image.sh
 
-# Every benchmark, then BENCHMARKS.md (the machine, each command, each figure against its target); QUICK=1: the
-# small sizes, under 10 minutes on 2 cores. Each benchmark's rows and output are kept in bench/results/.
+# Every benchmark, then results/BENCHMARKS.md (the machine, the commit, each command, each figure against its target);
+# QUICK=1: the small sizes, under 10 minutes on 2 cores. Each benchmark's rows and output are kept in bench/results/.
 QUICK ?=
 bench: setup
 	$(PY) bench/run_all.py $(if $(filter-out 0,$(QUICK)),--quick)
 
+# The documentation (docs/): Sphinx + MyST, references generated from the code at build time (the JobSpec and
+# StudySpec models, the API's OpenAPI document, the CLI's parsers, docstrings), the results pages including the files
+# under results/. Warnings are errors; tests/test_docs.py builds it the same way.
+docs: setup
+	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build

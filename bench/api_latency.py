@@ -1,7 +1,7 @@
 """Latency of the job service's two hot endpoints over real HTTP: ``POST /v1/jobs`` (jobs stay queued: limit 0,
 so this is validation + the durable insert) and ``GET /v1/jobs/{id}``, at 1, 10 and 50 concurrent clients
-against ``san serve`` (uvicorn, one process, SQLite or PostgreSQL). Target: POST p99 < 50 ms at 50 clients (met:
-see README).
+against ``san serve`` (uvicorn, one process, SQLite or PostgreSQL). Target: POST p99 < 50 ms at 50 clients (whether it
+holds: results/BENCHMARKS.md).
 
     python bench/api_latency.py [--requests 400] [--repeats 3] [--database sqlite|postgresql] [--quick] [--json PATH]
 """

@@ -3,10 +3,10 @@
 For each model and input size, every attention × placement (plus SAN with a depthwise smoothing conv, beyond the
 paper) runs forward + backward + SGD step on random data, in rounds that visit every variant in turn (so drift on
 the machine hits all alike); a variant's step time is its median after warm-up, divided by the bare model's. The
-``fused`` rows are the modules as they run (the fused fast paths of `san.attention.fused`), the ``stepwise`` rows
+``fused`` rows are the modules as they run (the registered ops of `san.kernels`), the ``stepwise`` rows
 the step-by-step formulation (`san.attention.reference_formulation`) they are tested equal to. Memory is what
 autograd saves for backward (CPU) or the CUDA peak. Each model runs in the layout its CPU jobs use: lenet5
-channels-last (its preset's), the others NCHW (README: NCHW or channels-last on a CPU).
+channels-last (its preset's), the others NCHW (docs/decisions/0006-tried-and-not-kept-ray-and-layout.md).
 
 Targets (issue 14): on lenet5 @28 b64 every module's time ≤ max(2.0, its FLOP ratio) and its saved memory ≤ 2.0×
 base; on resnet18 @224 bottleneck, SAN's memory ≤ 1.4× base and its time ≤ its FLOP ratio. A second table times

@@ -1,4 +1,4 @@
-"""Where an attention module's time goes on this CPU: the figures behind the README's "what does not hold".
+"""Where an attention module's time goes on this CPU: what docs/decisions/0001-c-kernels.md and 0005 rest on.
 
 python bench/profile_attention.py module --attention cbam [--channels 6 --size 28 --batch 64 --nchw]
     forward + backward of one module alone, the ATen operations that cost most (torch.profiler)

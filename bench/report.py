@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -13,7 +12,6 @@ import tempfile
 from argparse import ArgumentParser, Namespace
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,45 +112,10 @@ def this_command() -> str:
     return shlex.join([".venv/bin/python", str(shown), *kept])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _gpu() -> str:
-    import torch  # here, not at the top: the tests and the report writer need no torch otherwise
-
-    if not torch.cuda.is_available():
-        return "none"
-    names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
-    return ", ".join(names) + f" (CUDA {torch.version.cuda})"
-
-
 def machine_info() -> dict[str, str]:
-    import psutil
+    from training.provenance import machine  # one declaration of what a results file says of its machine
 
-    physical = psutil.cpu_count(logical=False)
-    return {
-        "CPU": _cpu_model(),
-        "cores": f"{os.cpu_count()} logical" + (f", {physical} physical" if physical else ""),
-        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
-        "OS": platform.platform(),
-        "Python": platform.python_version(),
-        **{package: _version(package) for package in ("torch", "ray", "ffcv", "mlflow", "fastapi")},
-        "GPU": _gpu(),
-    }
+    return machine()
 
 
 def number(value: float | None) -> str:
@@ -200,13 +163,16 @@ def _failure(row: Row) -> list[str]:
 
 
 def render_markdown(rows: list[Row], machine: dict[str, str]) -> str:
+    from training.provenance import commit
+
     commands = [row for row in rows if row.section == COMMANDS]
     figures = [row for row in rows if row.section != COMMANDS]
     targeted = [row for row in figures if row.target is not None]
     failing = [row for row in targeted if not holds(row)]
     failed = [row for row in figures if row.unit == FAILED]
     lines = ["# Benchmarks", "",
-             f"Written by `make bench` (bench/run_all.py) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Each figure "
+             f"Written by `make bench` (bench/run_all.py) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit "
+             f"`{commit()}`. Each figure "
              "is the median after warm-up, with the min–max over its repeats; a ratio is the figure over its "
              "baseline's (unless its note says otherwise, e.g. a median of ratios of neighbouring runs); a target "
              "applies to the ratio where there is one, else to the figure.", "",

@@ -1,8 +1,8 @@
 """``make bench``: every benchmark in its own process, each writing its figures as report rows, then
-BENCHMARKS.md at the repository root (the machine, each command, every figure against its baseline and target).
+results/BENCHMARKS.md (the machine, each command, every figure against its baseline and target).
 A benchmark that fails is a failed section with the tail of its output; the others still run.
 
-    python bench/run_all.py [--quick] [--only NAME ...] [--out BENCHMARKS.md]
+    python bench/run_all.py [--quick] [--only NAME ...] [--out results/BENCHMARKS.md]
 """
 
 import argparse
@@ -206,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="every benchmark at its quick size (< 10 minutes)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these benchmarks, by results name or section")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "BENCHMARKS.md")
     args = parser.parse_args()
     scripts = [s for s in SCRIPTS if not args.only or {s.name, s.section} & set(args.only)]
     started = time.monotonic()

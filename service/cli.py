@@ -262,7 +262,7 @@ def _logs(args: argparse.Namespace) -> int:
 def _study_run(args: argparse.Namespace) -> int:
     from training.study_run import run_study  # imports Ray and MLflow: only when training
 
-    return run_study(args.spec, args.seeds, args.epochs)
+    return run_study(args.spec, args.seeds, args.epochs, args.out)
 
 
 def _study_line(study: dict) -> str:
@@ -444,6 +444,11 @@ def register(commands) -> None:
         verb.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the spec's")
         verb.add_argument("--epochs", type=int, help="override base.training.epochs")
         if name == "run":
+            verb.add_argument(
+                "--out",
+                type=Path,
+                help="write the tables, figures and run.md here (default: $SAN_STORAGE_ROOT/studies/<id>)",
+            )
             verb.set_defaults(handler=_study_run)
             continue
         verb.add_argument("--idempotency-key", help="a retry with the same key returns the same study")

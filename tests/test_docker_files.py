@@ -191,7 +191,7 @@ def dockerignore_excludes(path: str) -> bool:
     "path",
     [".venv/bin/python", ".git/HEAD", "deploy/.env", "data/fashion-mnist/train.beton", "runs/mlflow.db",
      "mlruns/0/meta.yaml", "build/lib/san/__init__.py", "san.egg-info/PKG-INFO", "san/__pycache__/cli.cpython-311.pyc",
-     ".pytest_cache/v/cache", "bench/figures/x.png", "tests/test_cli.py",
+     ".pytest_cache/v/cache", "results/x.png", "tests/test_cli.py",
      "san/kernels/prebuilt/san_native_0123456789abcdef_x86-64-v3.so"],
 )  # fmt: skip
 def test_dockerignore_keeps_local_state_out(path):

@@ -174,15 +174,15 @@ def typed_attention_kwargs(attention: str, kwargs: dict[str, Any]) -> dict[str, 
 
 
 class ModelSection(Section):
-    name: str = "lenet5"
-    attention: str = "none"
-    placement: str = "bottleneck"
+    name: str = "lenet5"  # a registered model: `san.registry.list_models()`, `GET /v1/models`
+    attention: str = "none"  # `san.registry.list_attention()`: none, san-c, san-d, cbam, bam, ran
+    placement: str = "bottleneck"  # bottleneck (before each down-sampling), full (after every layer), reference
     attention_kwargs: dict[str, Any] = Field(default_factory=dict)  # typed per attention: ATTENTION_KWARGS
     stem: Literal["imagenet", "small"] | None = None  # None: the model's default
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
     # fused: each attention module as one autograd node that keeps about half the activations for backward
     # (san.kernels.fused); stepwise: one node per operation as the papers write it, same results, more memory,
-    # faster for SAN and BAM on small CPU maps (README, "Measured: what attention costs")
+    # faster for SAN and BAM on small CPU maps (docs/decisions/0001-c-kernels.md)
     attention_path: Literal["fused", "stepwise"] = "fused"
 
     def build(self, num_classes: int, in_chans: int) -> "torch.nn.Module":
@@ -226,8 +226,8 @@ class DataSection(Section):
     dataset: str = Field(default="fashion-mnist", max_length=100)  # a catalog name: <data root>/<dataset>/*.beton
     train_path: Path | None = None  # explicit .beton files override the catalog name
     val_path: Path | None = None
-    loader_workers: int = Field(default=1, ge=1, le=64)
-    in_memory: bool = True
+    loader_workers: int = Field(default=1, ge=1, le=64)  # FFCV's decoding threads per training worker
+    in_memory: bool = True  # FFCV's os_cache: the whole file in memory
 
     @field_validator("dataset")
     @classmethod
@@ -314,15 +314,15 @@ class ValidationSection(Section):
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(default=1, ge=1, le=1024)
-    use_gpu: bool = False
+    num_workers: int = Field(default=1, ge=1, le=1024)  # Ray Train workers (one process each; DDP across them)
+    use_gpu: bool = False  # one GPU per worker, nccl, AMP as `training.amp` says
     cpus_per_worker: int = Field(default=1, ge=1, le=256)
 
 
 class CheckpointSection(Section):
-    every_epochs: int = Field(default=1, ge=1, le=10_000)
-    keep: int = Field(default=2, ge=1, le=1000)
-    max_failures: int = Field(default=1, ge=0, le=100)
+    every_epochs: int = Field(default=1, ge=1, le=10_000)  # a restart point every N epochs (and at the end)
+    keep: int = Field(default=2, ge=1, le=1000)  # the latest K in Ray's storage
+    max_failures: int = Field(default=1, ge=0, le=100)  # restarts after a worker failure or a preemption notice
 
 
 class TrackingSection(Section):

@@ -10,7 +10,7 @@ baseline cell. `expand` turns it into cells and child JobSpecs, by the rules use
 - a cell the library refuses as undefined (`san.attention.IncompatibleConfiguration`, Table IX's "-") is
   reported as "-" with the reason; any other invalid cell is the user's mistake: a `StudyError` naming the axis.
 
-The result table is built by `training.report` from `Observation`s, read from the children's MLflow runs.
+The result table is built by `training.report` from `Observation` records, read from the children's MLflow runs.
 """
 
 import itertools
