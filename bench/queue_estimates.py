@@ -38,17 +38,34 @@ def main() -> int:
     ray_port, dashboard, api_port = free_ports(3)
     head = LocalRayHead(ray_port, dashboard, num_cpus=2)
     head.start()
-    env = {**os.environ, "SAN_RAY_ADDRESS": head.address, "SAN_RAY_AUTH_TOKEN": head.token,
-           "SAN_MAX_SUBMITTED": "1", "SAN_POLL_INTERVAL_S": "0.5", "SAN_STORAGE_ROOT": str(root / "runs"),
-           "SAN_DATA_ROOT": str(root / "data"), "SAN_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "SAN_TOKENS": json.dumps({"bench": hash_token(TOKEN)})}  # fmt: skip
+    env = {
+        **os.environ,
+        "SAN_RAY_ADDRESS": head.address,
+        "SAN_RAY_AUTH_TOKEN": head.token,
+        "SAN_MAX_SUBMITTED": "1",
+        "SAN_POLL_INTERVAL_S": "0.5",
+        "SAN_STORAGE_ROOT": str(root / "runs"),
+        "SAN_DATA_ROOT": str(root / "data"),
+        "SAN_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "SAN_TOKENS": json.dumps({"bench": hash_token(TOKEN)}),
+    }
     with open(root / "serve.log", "wb") as log:
-        server = subprocess.Popen([str(BIN / "san"), "serve", "--port", str(api_port)], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {TOKEN}"},
-                       timeout=60)  # fmt: skip
-    spec = {"model": {"name": "lenet5", "attention": "none"}, "training": {"epochs": args.epochs, "batch_size": 128},
-            "lr": {"lr": 0.1, "schedule": "cosine"}, "scaling": {"num_workers": 1}}  # fmt: skip
+        server = subprocess.Popen(
+            [str(BIN / "san"), "serve", "--port", str(api_port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api = httpx.Client(
+        base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
+    )
+    spec = {
+        "model": {"name": "lenet5", "attention": "none"},
+        "training": {"epochs": args.epochs, "batch_size": 128},
+        "lr": {"lr": 0.1, "schedule": "cosine"},
+        "scaling": {"num_workers": 1},
+    }
     try:
         for _ in range(120):
             try:
@@ -93,8 +110,11 @@ def report(ids: list[str], views: dict[str, list[dict]]) -> None:
     started = sorted(ids, key=lambda job_id: at(final[job_id], "submitted"))
     wrong = 0
     for step in range(max(len(v) for v in views.values())):
-        waiting = [(job_id, views[job_id][step]["queue"]) for job_id in ids if step < len(views[job_id])
-                   and views[job_id][step]["status"] == "queued" and views[job_id][step]["queue"]]  # fmt: skip
+        waiting = [
+            (job_id, views[job_id][step]["queue"])
+            for job_id in ids
+            if step < len(views[job_id]) and views[job_id][step]["status"] == "queued" and views[job_id][step]["queue"]
+        ]
         order = [job_id for job_id in started if job_id in dict(waiting)]
         for job_id, queue in waiting:
             if queue["position"] is not None and queue["position"] != order.index(job_id) + 1:
@@ -115,9 +135,11 @@ def report(ids: list[str], views: dict[str, list[dict]]) -> None:
         horizon = (real_end - made).total_seconds()
         error = (est_end - real_end).total_seconds()
         errors.append(abs(error) / horizon)
-        print(f"| {job_id} | {estimate['queue']['estimate']} | {est_start:%H:%M:%S} | {real_start:%H:%M:%S} | "
-              f"{est_end:%H:%M:%S} | {real_end:%H:%M:%S} | {error:+.0f} s ({100 * error / horizon:+.0f} % of "
-              f"{horizon:.0f} s) |")  # fmt: skip
+        print(
+            f"| {job_id} | {estimate['queue']['estimate']} | {est_start:%H:%M:%S} | {real_start:%H:%M:%S} | "
+            f"{est_end:%H:%M:%S} | {real_end:%H:%M:%S} | {error:+.0f} s ({100 * error / horizon:+.0f} % of "
+            f"{horizon:.0f} s) |"
+        )
     if errors:
         print(f"mean |end error| / time from queueing to the end: {100 * sum(errors) / len(errors):.0f} %")
 

@@ -170,11 +170,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             settings, principals, store, ray, runs, checks, jobs, study_service, comparisons, events, hooks
         )
         finisher = StudyFinisher(studies, settings, expansions)
-        tasks = [asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
-                 asyncio.create_task(cluster.run(CLUSTER_REFRESH_S)),
-                 asyncio.create_task(finisher.run(settings.poll_interval_s)),
-                 asyncio.create_task(Deliverer(hooks, settings.webhook_allowed_hosts).run(
-                     min(settings.poll_interval_s, 1.0)))]  # fmt: skip
+        tasks = [
+            asyncio.create_task(dispatcher.run(settings.poll_interval_s)),  # its first tick reconciles
+            asyncio.create_task(cluster.run(CLUSTER_REFRESH_S)),
+            asyncio.create_task(finisher.run(settings.poll_interval_s)),
+            asyncio.create_task(
+                Deliverer(hooks, settings.webhook_allowed_hosts).run(min(settings.poll_interval_s, 1.0))
+            ),
+        ]
         # MLflow and SQLAlchemy leave ~200,000 objects behind (with torch, before it left this process: ~380,000); a
         # full collection over them takes ~200 ms, during which every request in flight waits. Frozen, never again.
         gc.freeze()

@@ -230,8 +230,10 @@ def _watch(resource: str):
         while True:
             headers = {"Last-Event-ID": last} if last else {}
             try:
-                with _client(args) as client, client.stream("GET", f"/v1/{resource}/{args.id}/events",
-                                                            headers=headers) as response:  # fmt: skip
+                with (
+                    _client(args) as client,
+                    client.stream("GET", f"/v1/{resource}/{args.id}/events", headers=headers) as response,
+                ):
                     if response.status_code != 200:
                         response.read()
                         return _fail(response)

@@ -19,8 +19,13 @@ Shape = tuple[str, str, str, str, int]
 
 def shape_of(spec: dict[str, Any]) -> Shape:
     model = spec.get("model", {})
-    return (model.get("name", "?"), model.get("attention", "?"), model.get("placement", "?"),
-            spec.get("data", {}).get("dataset", "?"), int(spec.get("scaling", {}).get("num_workers", 1)))  # fmt: skip
+    return (
+        model.get("name", "?"),
+        model.get("attention", "?"),
+        model.get("placement", "?"),
+        spec.get("data", {}).get("dataset", "?"),
+        int(spec.get("scaling", {}).get("num_workers", 1)),
+    )
 
 
 def describe(shape: Shape) -> str:
@@ -67,8 +72,10 @@ class History:
         if shape not in self.paces:
             return f"no estimate: no earlier run of {describe(shape)} succeeded"
         runs = self.runs[shape]
-        return (f"from {runs} earlier run{'s' * (runs != 1)} of {describe(shape)}: {self.startup[shape]:.1f} s to "
-                f"start, {self.paces[shape]:.1f} s per epoch")  # fmt: skip
+        return (
+            f"from {runs} earlier run{'s' * (runs != 1)} of {describe(shape)}: {self.startup[shape]:.1f} s to "
+            f"start, {self.paces[shape]:.1f} s per epoch"
+        )
 
     def remaining(self, job: Job, now: datetime) -> float | None:
         """Seconds until a job on Ray ends: its expected time on the slot less the time since its last submission."""

@@ -109,8 +109,9 @@ class JobService:
     def summary(self, job: Job) -> JobView:
         """The stored record, and for a job not running yet its place in the queue and why it waits."""
         view = summary(job)
-        view.queue = standing(job.id, job.principal, job.status, job.spec, self.dispatcher.ranking,
-                              self.cluster.value, self.cluster.free)  # fmt: skip
+        view.queue = standing(
+            job.id, job.principal, job.status, job.spec, self.dispatcher.ranking, self.cluster.value, self.cluster.free
+        )
         return view
 
     async def page(self, principal: str, status: JobStatus | None, limit: int, offset: int) -> tuple[list[Job], int]:

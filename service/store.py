@@ -425,9 +425,12 @@ class JobStore:
 
     def waiting(self, limit: int) -> list[tuple[str, str, JobStatus, int]]:
         """(id, principal, status, seq) of the oldest ``limit`` waiting jobs no cancel was asked for."""
-        query = (select(JobRow.id, JobRow.principal, JobRow.status, JobRow.seq)
-                 .where(JobRow.status.in_(WAITING), JobRow.cancel_requested.is_(False))
-                 .order_by(JobRow.seq).limit(limit))  # fmt: skip
+        query = (
+            select(JobRow.id, JobRow.principal, JobRow.status, JobRow.seq)
+            .where(JobRow.status.in_(WAITING), JobRow.cancel_requested.is_(False))
+            .order_by(JobRow.seq)
+            .limit(limit)
+        )
         with self.session() as session:
             return [(id_, principal, JobStatus(status), seq) for id_, principal, status, seq in session.execute(query)]
 
@@ -544,8 +547,10 @@ class StudyStore:
             summary,
         )
         jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
-        links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
-                 for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
+        links = [
+            {"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
+            for job, (cell, seed, _) in zip(jobs, children, strict=True)
+        ]
         with self.jobs._writing(), self.jobs.engine.begin() as connection:
             connection.execute(insert(StudyRow), [asdict(study)])
             JobStore.insert(connection, jobs)
@@ -646,10 +651,16 @@ class StudyStore:
         """More children — a cell run again, more seeds (with the study's ``spec`` that names them) — queued, and
         the study running again, in one transaction."""
         jobs = [new_job(principal, child_spec) for _, _, child_spec in children]
-        links = [{"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
-                 for job, (cell, seed, _) in zip(jobs, children, strict=True)]  # fmt: skip
-        values: dict[str, Any] = {"status": StudyStatus.RUNNING, "cancel_requested": False, "error": None,
-                                  "updated_at": now()}  # fmt: skip
+        links = [
+            {"job_id": job.id, "study_id": study_id, "cell": cell, "seed": seed}
+            for job, (cell, seed, _) in zip(jobs, children, strict=True)
+        ]
+        values: dict[str, Any] = {
+            "status": StudyStatus.RUNNING,
+            "cancel_requested": False,
+            "error": None,
+            "updated_at": now(),
+        }
         if spec is not None:
             values["spec"] = spec
         with self.jobs._writing(), self.jobs.engine.begin() as connection:
@@ -670,8 +681,14 @@ class StudyStore:
                 .returning(StudyRow.principal)
             ).first()
             if changed:
-                event = {"kind": "study", "study_id": study_id, "status": StudyStatus(status).value,
-                         "at": moment.isoformat(), "error": error, "table": table}  # fmt: skip
+                event = {
+                    "kind": "study",
+                    "study_id": study_id,
+                    "status": StudyStatus(status).value,
+                    "at": moment.isoformat(),
+                    "error": error,
+                    "table": table,
+                }
                 enqueue(session, changed.principal, event, moment)
             return changed is not None
 
@@ -795,8 +812,9 @@ class WebhookStore:
         self.jobs = jobs
 
     def create(self, principal: str, url: str, secret: str) -> Webhook:
-        hook = WebhookRow(id=f"hook-{uuid.uuid4().hex[:16]}", principal=principal, url=url, secret=secret,
-                          created_at=now())  # fmt: skip
+        hook = WebhookRow(
+            id=f"hook-{uuid.uuid4().hex[:16]}", principal=principal, url=url, secret=secret, created_at=now()
+        )
         with self.jobs._writing(), self.jobs.session.begin() as session:
             session.add(hook)
         return Webhook(hook.id, principal, url, aware(hook.created_at))
@@ -823,16 +841,23 @@ class WebhookStore:
     def due(self, moment: datetime, limit: int = 50) -> list[Delivery]:
         """Each webhook's oldest delivery not yet made (nor abandoned), if its time has come: one at a time per
         webhook, so each receiver sees its events in order and a failing one holds up only itself."""
-        oldest = (select(func.min(DeliveryRow.seq))
-                  .where(DeliveryRow.delivered_at.is_(None), DeliveryRow.abandoned.is_(False))
-                  .group_by(DeliveryRow.webhook_id))  # fmt: skip
-        query = (select(DeliveryRow, WebhookRow.url, WebhookRow.secret)
-                 .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
-                 .where(DeliveryRow.seq.in_(oldest), DeliveryRow.next_at <= moment)
-                 .order_by(DeliveryRow.seq).limit(limit))  # fmt: skip
+        oldest = (
+            select(func.min(DeliveryRow.seq))
+            .where(DeliveryRow.delivered_at.is_(None), DeliveryRow.abandoned.is_(False))
+            .group_by(DeliveryRow.webhook_id)
+        )
+        query = (
+            select(DeliveryRow, WebhookRow.url, WebhookRow.secret)
+            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+            .where(DeliveryRow.seq.in_(oldest), DeliveryRow.next_at <= moment)
+            .order_by(DeliveryRow.seq)
+            .limit(limit)
+        )
         with self.jobs.session() as session:
-            return [Delivery(row.seq, row.webhook_id, url, secret, row.payload, row.attempts)
-                    for row, url, secret in session.execute(query)]  # fmt: skip
+            return [
+                Delivery(row.seq, row.webhook_id, url, secret, row.payload, row.attempts)
+                for row, url, secret in session.execute(query)
+            ]
 
     def delivered(self, seq: int) -> None:
         with self.jobs._writing(), self.jobs.session.begin() as session:

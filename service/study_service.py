@@ -249,10 +249,16 @@ class StudyService:
         except AdmissionUnavailable as error:
             raise Unavailable(f"expanding the study: {error}", ADMISSION_RETRY_AFTER) from None
         added = [
-            (child.cell, child.seed, child_spec(expansion.study, expansion.cell(child.cell), child.seed, study.id,
-                                                 study.mlflow_run_id).model_dump(mode="json"))
-            for child in expansion.children if child.seed in seeds
-        ]  # fmt: skip
+            (
+                child.cell,
+                child.seed,
+                child_spec(
+                    expansion.study, expansion.cell(child.cell), child.seed, study.id, study.mlflow_run_id
+                ).model_dump(mode="json"),
+            )
+            for child in expansion.children
+            if child.seed in seeds
+        ]
         with self.shares.reserve(principal, len(added)):
             self.studies.add_children(study.id, principal, added, spec=stored)
         self.expansions.forget(study.id)

@@ -45,8 +45,10 @@ def check_url(url: str, allowed_hosts: list[str]) -> str:
     port = port or (443 if parts.scheme == "https" else 80)
     allowed = {entry.lower() for entry in allowed_hosts}
     if host not in allowed and f"{host}:{port}" not in allowed:
-        raise ValueError(f"host {host}:{port} is not one this service may call (its operator lists them in "
-                         "SAN_WEBHOOK_ALLOWED_HOSTS)")  # fmt: skip
+        raise ValueError(
+            f"host {host}:{port} is not one this service may call (its operator lists them in "
+            "SAN_WEBHOOK_ALLOWED_HOSTS)"
+        )
     return url
 
 
@@ -115,9 +117,13 @@ class Deliverer:
         except ValueError as error:
             return str(error)
         body = json.dumps(delivery.payload, separators=(",", ":"), default=str).encode()
-        headers = {"Content-Type": "application/json", "X-San-Signature": signature(delivery.secret, body),
-                   "X-San-Event": f"{delivery.payload.get('kind')}.{delivery.payload.get('status')}",
-                   "X-San-Delivery": str(delivery.seq), "User-Agent": "san-webhooks"}  # fmt: skip
+        headers = {
+            "Content-Type": "application/json",
+            "X-San-Signature": signature(delivery.secret, body),
+            "X-San-Event": f"{delivery.payload.get('kind')}.{delivery.payload.get('status')}",
+            "X-San-Delivery": str(delivery.seq),
+            "User-Agent": "san-webhooks",
+        }
         try:
             response = await client.post(delivery.url, content=body, headers=headers)
         except httpx.HTTPError as error:

@@ -74,8 +74,12 @@ def test_two_sets_of_jobs_are_paired_on_their_seeds_with_scipys_interval(service
 
 def test_a_study_cell_is_a_set_of_runs_and_errors_name_the_side(service):
     service, uri = service
-    body = {"name": "cells", "base": {"training": {"epochs": 2}}, "seeds": [0, 1],
-            "axes": {"model.attention": ["none", "san-c"]}}  # fmt: skip
+    body = {
+        "name": "cells",
+        "base": {"training": {"epochs": 2}},
+        "seeds": [0, 1],
+        "axes": {"model.attention": ["none", "san-c"]},
+    }
     with service.client() as alice:
         study = alice.post("/v1/studies", json=body)
         assert study.status_code == 201, study.text

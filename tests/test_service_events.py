@@ -67,7 +67,11 @@ def test_a_client_reconnecting_with_last_event_id_gets_every_epoch_once_across_a
     path = f"/v1/jobs/{job_id}/events"
     first = read(service, path, until=lambda kind, data: kind == "epoch")  # then the client goes away
     assert [(kind, data.get("status", data.get("epoch"))) for kind, _, data in first] == [
-        ("state", "queued"), ("state", "submitted"), ("state", "running"), ("epoch", 0)]  # fmt: skip
+        ("state", "queued"),
+        ("state", "submitted"),
+        ("state", "running"),
+        ("epoch", 0),
+    ]
     assert first[-1][2]["val/top1"] == pytest.approx(1.0)
     log_epoch(uri, run_id, 1)
     second = read(service, path, last=first[-1][1], until=lambda kind, data: kind == "epoch")
@@ -80,7 +84,10 @@ def test_a_client_reconnecting_with_last_event_id_gets_every_epoch_once_across_a
     service.start()
     rest = read(service, path, last=second[-1][1])
     assert [(kind, data.get("status", data.get("epoch"))) for kind, _, data in rest] == [
-        ("state", "succeeded"), ("epoch", 2), ("end", "succeeded")]  # fmt: skip
+        ("state", "succeeded"),
+        ("epoch", 2),
+        ("end", "succeeded"),
+    ]
     epochs = [data["epoch"] for events in (first, second, rest) for kind, _, data in events if kind == "epoch"]
     assert epochs == [0, 1, 2]  # each exactly once
     # a whole stream of an ended job, from the start: every event, then the end
@@ -88,8 +95,9 @@ def test_a_client_reconnecting_with_last_event_id_gets_every_epoch_once_across_a
     assert [kind for kind, _, _ in whole] == ["state"] * 4 + ["epoch"] * 3 + ["end"]
     # `san jobs watch` follows the same stream to its end, one line per event, exit 0 for a succeeded job
     env = {"SAN_API_URL": service.url, "SAN_API_TOKEN": TOKENS["alice"], "PATH": str(BIN)}
-    watched = subprocess.run([str(BIN / "san"), "jobs", "watch", job_id], capture_output=True, text=True, env=env,
-                             timeout=60)  # fmt: skip
+    watched = subprocess.run(
+        [str(BIN / "san"), "jobs", "watch", job_id], capture_output=True, text=True, env=env, timeout=60
+    )
     assert watched.returncode == 0, watched.stderr
     lines = watched.stdout.splitlines()
     assert len(lines) == 8 and "epoch 3" in lines[-2] and lines[-1].endswith("ended succeeded")
@@ -102,8 +110,10 @@ def test_event_streams_are_the_owners_and_a_bad_last_event_id_is_a_422(served):
         assert bob.get(f"/v1/jobs/{job_id}/events").status_code == 404
         bad = alice.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "zzz"})
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["header", "last-event-id"]
-        study = alice.post("/v1/studies", json={"name": "events", "base": SPEC, "seeds": [0],
-                                                  "axes": {"model.attention": ["none", "cbam"]}})  # fmt: skip
+        study = alice.post(
+            "/v1/studies",
+            json={"name": "events", "base": SPEC, "seeds": [0], "axes": {"model.attention": ["none", "cbam"]}},
+        )
         assert study.status_code == 201, study.text
         study = study.json()
         assert bob.get(f"/v1/studies/{study['id']}/events").status_code == 404

@@ -248,12 +248,15 @@ def test_a_job_the_cluster_cannot_hold_says_so_and_one_on_ray_says_what_it_waits
     spec = {"scaling": {"num_workers": 3, "cpus_per_worker": 1, "use_gpu": False}}
     queued = standing("job-a", "alice", JobStatus.QUEUED, spec, Ranking(), {"CPU": 2.0, "GPU": 0.0}, None)
     assert queued.fits is False and queued.position is None
-    assert queued.reason == ("it can never start on the cluster as it is: needs 3 workers × 1 CPU = 3 CPUs, the "
-                             "cluster has 2 CPUs")  # fmt: skip
+    assert queued.reason == (
+        "it can never start on the cluster as it is: needs 3 workers × 1 CPU = 3 CPUs, the cluster has 2 CPUs"
+    )
     spec["scaling"]["num_workers"] = 2
     on_ray = standing("job-a", "alice", JobStatus.SUBMITTED, spec, Ranking(), {"CPU": 2.0}, {"CPU": 1.0, "GPU": 0.0})
-    assert on_ray.fits and on_ray.reason == "on Ray, waiting for its resources: needs 2 workers × 1 CPU = 2 CPUs; " \
-        "Ray has 1 CPU free"  # fmt: skip
+    assert (
+        on_ray.fits
+        and on_ray.reason == "on Ray, waiting for its resources: needs 2 workers × 1 CPU = 2 CPUs; Ray has 1 CPU free"
+    )
     assert standing("job-a", "alice", JobStatus.RUNNING, spec, Ranking(), None, None) is None
     idle = standing("job-a", "alice", JobStatus.QUEUED, spec, Ranking(max_submitted=0), None, None)
     assert idle.reason == "not ranked yet"  # queued after the last tick
@@ -271,8 +274,11 @@ def finished_job(spec: dict, seconds: float, startup_s: float = 5.0) -> Job:
     job = new_job("alice", spec)
     submitted = datetime(2026, 12, 7, tzinfo=UTC)
     running = submitted + timedelta(seconds=startup_s)
-    job.transitions = [(JobStatus.SUBMITTED, submitted), (JobStatus.RUNNING, running),
-                       (JobStatus.SUCCEEDED, running + timedelta(seconds=seconds))]  # fmt: skip
+    job.transitions = [
+        (JobStatus.SUBMITTED, submitted),
+        (JobStatus.RUNNING, running),
+        (JobStatus.SUCCEEDED, running + timedelta(seconds=seconds)),
+    ]
     job.status = JobStatus.SUCCEEDED
     return job
 
@@ -288,12 +294,16 @@ def test_history_is_the_median_seconds_per_epoch_of_the_same_network_dataset_and
     history = History([finished_job(lenet, seconds) for seconds in (40, 80, 400)] + [finished_job(wider, 8)])
     assert history.duration({**lenet, "training": {"epochs": 10}}) == pytest.approx(5 + 200.0)  # median 20 s × 10
     assert history.duration(wider) == pytest.approx(5 + 8.0)
-    assert history.basis(lenet) == "from 3 earlier runs of lenet5 san-c bottleneck on fashion-mnist × 2 workers: " \
-        "5.0 s to start, 20.0 s per epoch"  # fmt: skip
+    assert (
+        history.basis(lenet) == "from 3 earlier runs of lenet5 san-c bottleneck on fashion-mnist × 2 workers: "
+        "5.0 s to start, 20.0 s per epoch"
+    )
     other = {**lenet, "model": {**lenet["model"], "attention": "cbam"}}
     assert history.duration(other) is None
-    assert history.basis(other) == "no estimate: no earlier run of lenet5 cbam bottleneck on fashion-mnist × " \
-        "2 workers succeeded"  # fmt: skip
+    assert (
+        history.basis(other) == "no estimate: no earlier run of lenet5 cbam bottleneck on fashion-mnist × "
+        "2 workers succeeded"
+    )
 
 
 def test_waiting_jobs_get_start_and_end_estimates_from_the_jobs_that_ran_before(store, tmp_path):
@@ -313,8 +323,10 @@ def test_waiting_jobs_get_start_and_end_estimates_from_the_jobs_that_ran_before(
     (third,) = add_spec(store, "alice", known)
     queue.tick()
     assert ray.submitted[-1] == running and [job.id for job in queue.ranking.order] == [second, unknown, third]
-    views = {job_id: standing(job_id, "alice", JobStatus.QUEUED, store.get(job_id).spec, queue.ranking, None, None)
-             for job_id in (second, unknown, third)}  # fmt: skip
+    views = {
+        job_id: standing(job_id, "alice", JobStatus.QUEUED, store.get(job_id).spec, queue.ranking, None, None)
+        for job_id in (second, unknown, third)
+    }
     assert views[second].estimate.startswith("from 1 earlier run of lenet5")
     assert views[unknown].starts_at == views[second].ends_at and views[unknown].ends_at is None
     assert views[unknown].estimate.startswith("no estimate: no earlier run of vgg16")

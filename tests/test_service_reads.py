@@ -102,8 +102,10 @@ def test_no_get_of_any_route_writes_the_store_or_asks_mlflow_to_find_a_run(in_pr
         # over uvicorn in tests/test_service_events.py)
         ended = alice.post("/v1/jobs", json={"training": {"epochs": 2}}).json()
         assert alice.post(f"/v1/jobs/{ended['id']}/cancel").status_code == 200
-        over = alice.post("/v1/studies", json={"name": "over", "base": {"training": {"epochs": 2}},
-                                               "axes": {"model.attention": ["none"]}}).json()  # fmt: skip
+        over = alice.post(
+            "/v1/studies",
+            json={"name": "over", "base": {"training": {"epochs": 2}}, "axes": {"model.attention": ["none"]}},
+        ).json()
         assert alice.post(f"/v1/studies/{over['id']}/cancel").status_code == 200
         deadline = time.monotonic() + 30
         while alice.get(f"/v1/studies/{over['id']}").json()["status"] == "running" and time.monotonic() < deadline:

@@ -127,8 +127,11 @@ def test_retry_runs_the_failed_cells_again_and_seeds_grow_the_table(service):
         study = alice.post("/v1/studies", json=STUDY).json()
         children = service.parts.studies.studies.children(study["id"])
         for child in children:
-            run_child(service, child.job.id, JobStatus.FAILED if (child.cell, child.seed) == ("c002", 1) else
-                      JobStatus.SUCCEEDED)  # fmt: skip
+            run_child(
+                service,
+                child.job.id,
+                JobStatus.FAILED if (child.cell, child.seed) == ("c002", 1) else JobStatus.SUCCEEDED,
+            )
         failed = wait_status(alice, study["id"], "failed")
         assert failed["cells"]["failed"] == 1 and failed["cells"]["done"] == 1
         for path in ("retry", "seeds"):
@@ -139,14 +142,21 @@ def test_retry_runs_the_failed_cells_again_and_seeds_grow_the_table(service):
         assert retried["status"] == "running" and retried["jobs"] == {"queued": 1, "succeeded": 3}
         (again,) = set(retried["job_ids"]) - {child.job.id for child in children}
         assert alice.post(f"/v1/studies/{study['id']}/retry").status_code == 409  # nothing failed now
-        assert service.parts.store.get(again).spec == next(c.job.spec for c in children if c.seed == 1 and
-                                                            c.cell == "c002")  # fmt: skip
+        assert service.parts.store.get(again).spec == next(
+            c.job.spec for c in children if c.seed == 1 and c.cell == "c002"
+        )
         # every (cell, seed) has a run under the parent, with its last epoch's top-1 (the retried one: the new run)
         uri = alice.get(f"/v1/jobs/{again}").json()["spec"]["tracking"]["mlflow_uri"]
         client = MlflowClient(uri)
         experiment = client.get_run(study["mlflow_run_id"]).info.experiment_id
-        top1 = {("c000", 0): 0.80, ("c000", 1): 0.82, ("c000", 2): 0.81, ("c002", 0): 0.84, ("c002", 1): 0.85,
-                ("c002", 2): 0.86}  # fmt: skip
+        top1 = {
+            ("c000", 0): 0.80,
+            ("c000", 1): 0.82,
+            ("c000", 2): 0.81,
+            ("c002", 0): 0.84,
+            ("c002", 1): 0.85,
+            ("c002", 2): 0.86,
+        }
         for (cell, seed), value in top1.items():
             tags = {"mlflow.parentRunId": study["mlflow_run_id"], "san.cell": cell, "san.seed": str(seed)}
             run = client.create_run(experiment, tags=tags).info.run_id
@@ -178,8 +188,11 @@ def test_retry_runs_the_failed_cells_again_and_seeds_grow_the_table(service):
 def finished(spec: dict, seconds: float) -> Job:
     job = new_job("alice", spec)
     start = datetime(2026, 12, 7, tzinfo=UTC)
-    job.transitions = [(JobStatus.SUBMITTED, start), (JobStatus.RUNNING, start),
-                       (JobStatus.SUCCEEDED, start + timedelta(seconds=seconds))]  # fmt: skip
+    job.transitions = [
+        (JobStatus.SUBMITTED, start),
+        (JobStatus.RUNNING, start),
+        (JobStatus.SUCCEEDED, start + timedelta(seconds=seconds)),
+    ]
     return job
 
 

@@ -63,8 +63,9 @@ def setup(tmp_path_factory):
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     root = tmp_path_factory.mktemp("hooks")
     allowed = json.dumps([f"127.0.0.1:{receiver.server_port}"])
-    service = Service(root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}",
-                      webhook_allowed_hosts=allowed).start()  # fmt: skip
+    service = Service(
+        root, max_submitted=0, ray_address=f"http://127.0.0.1:{free_port()}", webhook_allowed_hosts=allowed
+    ).start()
     store = JobStore(f"sqlite:///{root / 'runs' / 'service.db'}")
     yield service, store, receiver
     store.close()
@@ -108,15 +109,22 @@ def test_every_transition_is_delivered_signed_in_order_and_none_is_lost_when_the
     ids = [headers["X-San-Delivery"] for headers, _ in receiver.seen[-2:]]
     assert ids[0] == ids[1]  # the one the killed API never saw answered, again
     assert list(receiver.delivered().values())[-1] | {"at": None} == {
-        "kind": "job", "job_id": other, "status": "cancelled", "at": None}  # fmt: skip
+        "kind": "job",
+        "job_id": other,
+        "status": "cancelled",
+        "at": None,
+    }
 
 
 def test_only_hosts_the_operator_allows_and_only_the_owner_deletes(setup):
     service, _, receiver = setup
     with service.client() as alice, service.client("bob") as bob:
-        for url, text in ((f"http://127.0.0.1:{receiver.server_port + 1}/", "is not one this service may call"),
-                          ("http://10.0.0.1/hook", "10.0.0.1:80 is not one"), ("file:///etc/passwd", "http://"),
-                          (f"http://user:pw@127.0.0.1:{receiver.server_port}/", "no credentials")):  # fmt: skip
+        for url, text in (
+            (f"http://127.0.0.1:{receiver.server_port + 1}/", "is not one this service may call"),
+            ("http://10.0.0.1/hook", "10.0.0.1:80 is not one"),
+            ("file:///etc/passwd", "http://"),
+            (f"http://user:pw@127.0.0.1:{receiver.server_port}/", "no credentials"),
+        ):
             refused = alice.post("/v1/webhooks", json={"url": url})
             assert refused.status_code == 422 and text in refused.json()["detail"][0]["msg"], refused.text
             assert refused.json()["detail"][0]["loc"] == ["body", "url"]

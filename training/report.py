@@ -189,9 +189,12 @@ def markdown(table: dict[str, Any]) -> str:
     first = metrics[0]
     units = [METRICS[m].title.lower() + (" %" if METRICS[m].percent else "") for m in metrics]
     better = "Δ > 0" if METRICS[first].higher_is_better else "Δ < 0"
-    lines += ["", f"| cell | runs | {' | '.join(units)} | Δ {METRICS[first].title.lower()} vs baseline (paired) "
-              f"| 95 % CI | {better} | seeds to resolve | s/epoch | × baseline | params |",
-              "|---" * (len(metrics) + 9) + "|"]  # fmt: skip
+    lines += [
+        "",
+        f"| cell | runs | {' | '.join(units)} | Δ {METRICS[first].title.lower()} vs baseline (paired) "
+        f"| 95 % CI | {better} | seeds to resolve | s/epoch | × baseline | params |",
+        "|---" * (len(metrics) + 9) + "|",
+    ]
     for cell in table["cells"]:
         name = " · ".join(cell["labels"].values()) or cell["key"]
         if cell["refused"]:
