@@ -34,7 +34,7 @@ from service.studies import (
 from service.validation import ClusterSize, JobShares
 from training.mlflow_runs import create_study_run
 from training.states import JobStatus, StudyStatus
-from training.study import STORED, StudyError, StudySpec, child_spec
+from training.study import STORED, Expansion, StudyError, StudySpec, child_spec
 
 log = logging.getLogger("san.service")
 
@@ -132,12 +132,7 @@ class StudyService:
         self, principal: str, study: StudySpec, spec: dict[str, Any], idempotency_key: str | None
     ) -> Study | StudyView:
         """Every cell checked in the admission worker, the parent run created, the study and its children stored."""
-        try:
-            expansion = self.checks.run(admit_study, study, self.settings, self.cluster.value)
-        except StudyError as error:
-            raise Invalid(error.detail()) from None
-        except AdmissionUnavailable as error:
-            raise Unavailable(f"checking the study: {error}", ADMISSION_RETRY_AFTER) from None
+        expansion = self.admitted(study)
         admitted = expansion.study
         study_id = f"study-{uuid.uuid4().hex[:16]}"
         uri = admitted.base.tracking.mlflow_uri
@@ -172,26 +167,32 @@ class StudyService:
                 raise
             return self.same(existing, spec)
 
-    def plan(self, study: StudySpec) -> StudyPlan:
-        """The study checked as `submit` checks it — 422 naming the axis, 503 while the admission worker is away —
-        and its cost from the history of earlier runs; nothing is stored, nothing reaches MLflow or Ray."""
+    def admitted(self, study: StudySpec) -> Expansion:
+        """``study`` expanded, each cell checked in the admission worker (after its size, from the spec alone):
+        422 naming the axis, 503 while the worker is away."""
         try:
             check_study_size(study, self.settings)
-        except StudyError as error:
-            raise Invalid(error.detail()) from None
-        try:
-            expansion = self.checks.run(admit_study, study, self.settings, self.cluster.value)
+            return self.checks.run(admit_study, study, self.settings, self.cluster.value)
         except StudyError as error:
             raise Invalid(error.detail()) from None
         except AdmissionUnavailable as error:
             raise Unavailable(f"checking the study: {error}", ADMISSION_RETRY_AFTER) from None
+
+    def plan(self, study: StudySpec) -> StudyPlan:
+        """The study checked as `submit` checks it — 422 naming the axis, 503 while the admission worker is away —
+        and its cost from the history of earlier runs; nothing is stored, nothing reaches MLflow or Ray."""
+        expansion = self.admitted(study)
         history = self.dispatcher.history
         specs = [child.spec.model_dump(mode="json") for child in expansion.children]
-        durations = [history.duration(spec) for spec in specs]
-        known = [(spec, seconds) for spec, seconds in zip(specs, durations, strict=True) if seconds is not None]
-        cpu = sum(seconds * cpus_needed(spec["scaling"])[1] for spec, seconds in known) / 3600
-        gpu = sum(seconds * cpus_needed(spec["scaling"])[2] for spec, seconds in known) / 3600
-        ends = schedule([(str(i), s) for i, (_, s) in enumerate(known)], [], max(1, self.settings.max_submitted))
+        # (seconds on a slot, CPUs, GPUs) of each child the history estimates
+        known = [
+            (seconds, *cpus_needed(spec["scaling"])[1:])
+            for spec in specs
+            if (seconds := history.duration(spec)) is not None
+        ]
+        cpu = sum(seconds * cpus for seconds, cpus, _ in known) / 3600
+        gpu = sum(seconds * gpus for seconds, _, gpus in known) / 3600
+        ends = schedule([(str(i), k[0]) for i, k in enumerate(known)], [], max(1, self.settings.max_submitted))
         bases, counts = sorted({history.basis(spec) for spec in specs}), summary_of(expansion)
         return StudyPlan(
             cells=[
@@ -202,7 +203,7 @@ class StudyService:
             jobs=len(specs),
             estimated_jobs=len(known),
             cpu_hours=cpu if known else None,
-            gpu_hours=gpu if known and any(cpus_needed(spec["scaling"])[2] for spec, _ in known) else None,
+            gpu_hours=gpu if any(gpus for _, _, gpus in known) else None,
             wall_s=max(end for _, end in ends.values()) if known else None,
             estimate="; ".join(bases),
         )
@@ -217,9 +218,7 @@ class StudyService:
     def retry(self, study_id: str, principal: str) -> StudyView:
         """Each cell whose newest job failed or was cancelled runs again (a new job, the same spec) into the same
         study, which runs again; its table then reads the newest run of each cell and seed."""
-        study = self.owned(study_id, principal)
-        if study.status == StudyStatus.RUNNING and study.cancel_requested:
-            raise Conflict(f"study {study_id} is being cancelled")
+        study = self.reopenable(study_id, principal)
         again = [c for c in self.studies.children(study.id) if c.job.status in (JobStatus.FAILED, JobStatus.CANCELLED)]
         if not again:
             raise Conflict(f"study {study_id} has no failed or cancelled cell to run again")
@@ -230,9 +229,7 @@ class StudyService:
     def add_seeds(self, study_id: str, principal: str, seeds: list[int]) -> StudyView:
         """Every cell that runs, on each of ``seeds`` too (seeds the study has already: 422): the study runs again
         and its table grows by those seeds."""
-        study = self.owned(study_id, principal)
-        if study.status == StudyStatus.RUNNING and study.cancel_requested:
-            raise Conflict(f"study {study_id} is being cancelled")
+        study = self.reopenable(study_id, principal)
         spec = StudySpec.model_validate(study.spec, context={STORED: True})
         if repeated := sorted(set(seeds) & set(spec.seeds)):
             raise value_error(f"the study has seeds {repeated} already", ("body", "seeds"))
@@ -263,6 +260,13 @@ class StudyService:
             self.studies.add_children(study.id, principal, added, spec=stored)
         self.expansions.forget(study.id)
         return self.reopened(study)
+
+    def reopenable(self, study_id: str, principal: str) -> Study:
+        """The principal's study, unless its cancel is under way (409)."""
+        study = self.owned(study_id, principal)
+        if study.status == StudyStatus.RUNNING and study.cancel_requested:
+            raise Conflict(f"study {study_id} is being cancelled")
+        return study
 
     def reopened(self, study: Study) -> StudyView:
         """The study's parent run running again (its table and figures are made again when it ends)."""

@@ -5,7 +5,6 @@ ends cancelled and its MLflow parent run KILLED; and property-based study specs 
 import math
 import os
 import time
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -13,9 +12,9 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
 from service.estimates import History
-from service.store import Job, new_job
 from tests.services import free_port
 from tests.test_service_limits import rss_mib
+from tests.test_service_queue import finished_job
 from training.config import JobSpec
 from training.states import JobStatus
 
@@ -91,7 +90,10 @@ def test_a_plan_counts_cells_and_jobs_and_costs_them_from_earlier_runs_with_noth
         base = JobSpec.model_validate({**BASE, "model": {"name": "lenet5", "attention": "none"}}).model_dump()
         assert (base["scaling"]["num_workers"], base["scaling"]["cpus_per_worker"]) == (1, 1)
         saved = dispatcher.history, dispatcher.history_read
-        dispatcher.history, dispatcher.history_read = History([finished(base, 30), finished(base, 50)]), math.inf
+        dispatcher.history, dispatcher.history_read = (
+            History([finished_job(base, 30, startup_s=0), finished_job(base, 50, startup_s=0)]),
+            math.inf,
+        )
         try:
             costed = alice.post("/v1/studies/plan", json=STUDY).json()
         finally:
@@ -183,17 +185,6 @@ def test_retry_runs_the_failed_cells_again_and_seeds_grow_the_table(service):
     for key in ("c000", "c002"):
         assert cells[key]["top1"]["values"] == [top1[(key, seed)] for seed in range(3)]
     assert cells["c002"]["diff_top1"]["n"] == 3
-
-
-def finished(spec: dict, seconds: float) -> Job:
-    job = new_job("alice", spec)
-    start = datetime(2026, 12, 7, tzinfo=UTC)
-    job.transitions = [
-        (JobStatus.SUBMITTED, start),
-        (JobStatus.RUNNING, start),
-        (JobStatus.SUCCEEDED, start + timedelta(seconds=seconds)),
-    ]
-    return job
 
 
 def test_after_a_restart_cancel_ends_the_children_and_the_study_and_kills_the_parent_run(service):
