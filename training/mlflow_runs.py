@@ -2,7 +2,6 @@
 parent run, its children's runs and their metric histories — what the service's API process calls. Rank 0's
 logging (models, attention maps: torch) is `training.tracking`'s, which re-exports these."""
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from training.config import JobSpec
 from training.paths import default_tracking_uri
+from training.provenance import git
 from training.states import JobStatus
 
 METRIC_KEYS = (
@@ -32,13 +32,7 @@ def tracking_uri(spec: JobSpec, storage_root: Path) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    return git("rev-parse", "HEAD") or "unknown"
 
 
 # MLflow 3's UI opens an experiment in its GenAI view unless the experiment says it trains models.

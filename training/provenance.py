@@ -13,24 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def git(*args: str, root: Path = ROOT) -> str | None:
+    """``git <args>``'s output in the checkout at ``root``, None where there is no git or no checkout."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
 def commit(root: Path = ROOT) -> str:
     """``git rev-parse --short HEAD`` of the checkout, ``+ changes`` when tracked files differ from it."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    head = git("rev-parse", "--short=12", "HEAD", root=root)
+    dirty = git("status", "--porcelain", "--untracked-files=no", root=root)
+    if head is None or dirty is None:
         return "unknown (not a git checkout)"
     return head + (" + uncommitted changes" if dirty else "")
 
