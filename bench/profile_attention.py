@@ -25,7 +25,7 @@ from bench.attention_overhead import median_seconds  # the attention bench's ste
 from san.attention import create_attention
 from san.attention.functional import extrema_count
 from san.kernels import native
-from san.kernels.fused import few_channel_conv_backward
+from san.kernels.conv_op import conv2d_backward
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20) -> float:
@@ -78,7 +78,7 @@ def conv_timings(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, padding: tup
         median_ms(lambda: F.conv2d(x, w, b, padding=padding, dilation=dilation)),
         median_ms(lambda: torch.ops.aten.convolution_backward(g, x, w, *args)),
         median_ms(lambda: native.conv2d(x, w, b, padding, dilation)),
-        median_ms(lambda: few_channel_conv_backward(g.contiguous(), x, w, True, padding, dilation, 1)),
+        median_ms(lambda: conv2d_backward(g.contiguous(), x, w, True, padding[0], dilation[0])),
     ]
 
 

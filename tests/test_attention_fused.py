@@ -156,12 +156,11 @@ def test_the_path_is_chosen_once_and_a_hook_does_not_change_it() -> None:
     handle.remove()
     assert type(use_fused_paths(module, False)(y, y_prev).grad_fn).__name__ == "MulBackward0"
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
-    # float32 on CPU: all of the module in one node with C kernels; float64 (no kernels): the torch formulation
-    # CBAM: its registered ops, C passes in float32 and torch's formulation of the same ops in float64
+    # CBAM and BAM: their registered ops, C passes in float32 and torch's formulation of the same ops in float64
     assert type(CBAM(8)(x).grad_fn).__name__ == "GeneratedBackwardFor_san_cbam_defaultBackward"
     assert type(CBAM(8).double()(x.double()).grad_fn).__name__ == "GeneratedBackwardFor_san_cbam_defaultBackward"
-    assert type(BAM(8)(x).grad_fn).__name__ == "_BAMNativeBackward"
-    assert type(BAM(8).double()(x.double()).grad_fn).__name__ == "_BAMBackward"
+    assert type(BAM(8)(x).grad_fn).__name__ == "GeneratedBackwardFor_san_bam_defaultBackward"
+    assert type(BAM(8).double()(x.double()).grad_fn).__name__ == "GeneratedBackwardFor_san_bam_defaultBackward"
 
 
 def test_recompute_or_keep_follows_the_smoothing_conv_cost() -> None:

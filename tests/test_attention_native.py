@@ -198,7 +198,7 @@ def test_a_threads_scratch_block_is_freed_when_the_thread_exits() -> None:
         thread.join()
         if "error" in seen:
             raise seen["error"]
-        assert seen["node"] == "_BAMNativeBackward"
+        assert seen["node"] == "GeneratedBackwardFor_san_bam_defaultBackward"
         assert seen["blocks"] == before + 1, "the thread kept a block of its own"
         # join returns once Python is done with the thread; the OS thread (and its key destructors) ends just after
         deadline = time.monotonic() + 10
@@ -247,6 +247,18 @@ def test_without_a_compiler_the_modules_run_on_torch_convs(
     assert not list(fresh_build.glob("*"))
 
 
+def count_native_bam_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item list that counts the calls of the C forward of BAM's op from now on."""
+    calls, forward = [0], native.bam_forward
+
+    def counted(*args):
+        calls[0] += 1
+        return forward(*args)
+
+    monkeypatch.setattr(native, "bam_forward", counted)
+    return calls
+
+
 @pytest.mark.skipif(not native.portable_machine(), reason="the portable builds are x86-64 levels")
 def test_without_a_compiler_the_prebuilt_kernels_load(
     fresh_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -268,8 +280,9 @@ def test_without_a_compiler_the_prebuilt_kernels_load(
     flags = set(native._cpu_signature().split())
     best = next(t for t, needs in native.PORTABLE_TARGETS.items() if set(needs) <= flags)
     assert library is not None and Path(library._name).name.endswith(f"_{best}.so")
-    assert type(module(x).grad_fn).__name__ == "_BAMNativeBackward"
+    calls = count_native_bam_calls(monkeypatch)
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
+    assert calls == [1], "the prebuilt kernels ran"
     assert list(fresh_build.glob("*")) == cached, "nothing is built when there is no compiler"
 
 
@@ -281,8 +294,13 @@ def test_without_the_kernel_source_the_modules_fall_back(
     monkeypatch.setenv("CC", compiler)
     monkeypatch.setattr(native, "SOURCE", fresh_build.parent / "missing" / "native.c")
     assert native.library() is None and "torch's ops" in caplog.text
-    out = BAM(6)(torch.randn(2, 6, 8, 8, requires_grad=True))
-    assert type(out.grad_fn).__name__ == "_BAMBackward"
+    calls = count_native_bam_calls(monkeypatch)
+    torch.manual_seed(0)
+    module, x = BAM(6), torch.randn(2, 6, 8, 8, requires_grad=True)
+    out = module(x)
+    with reference_formulation():
+        torch.testing.assert_close(out, deepcopy(module)(x), rtol=1e-5, atol=1e-6)
+    assert calls == [0], "torch's formulation of the op ran"
 
 
 @pytest.mark.skipif(not native.portable_machine(), reason="the portable builds are x86-64 levels")

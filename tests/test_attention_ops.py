@@ -1,16 +1,17 @@
-"""The registered ops (``san::san_mask``, CBAM's, the few-channel conv) as torch sees them:
+"""The registered ops (``san::san_mask``, CBAM's, BAM's, the few-channel conv) as torch sees them:
 ``torch.library.opcheck`` (schema, fake kernel, autograd registration, AOT dispatch) for every switch, layout and
 dtype; their values against `san.attention.functional`; models that compile with inductor and match eager; models
 built and run on the meta device."""
 
+import copy
 import itertools
 import os
 
 import pytest
 import torch
 
-from san.attention import CBAM, SAN, functional, reference_formulation
-from san.kernels import cbam_op
+from san.attention import BAM, CBAM, SAN, functional, reference_formulation
+from san.kernels import bam_op, cbam_op
 from san.kernels.conv_op import few_channel_conv2d, few_channel_conv2d_backward
 from san.kernels.san_op import san_mask, san_mask_backward
 from san.registry import build_model
@@ -112,7 +113,7 @@ def compiled_matches_eager(model_name: str, attention: str, dtype: torch.dtype) 
         assert (grad - eager_grad).norm() <= tolerance * 10 * max(eager_grad.norm(), 1.0)
 
 
-@pytest.mark.parametrize("attention", ["san-c", "cbam"])
+@pytest.mark.parametrize("attention", ["san-c", "cbam", "bam"])
 def test_lenet5_compiles_with_inductor_and_matches_eager(attention: str) -> None:
     compiled_matches_eager("lenet5", attention, torch.float32)
 
@@ -191,3 +192,54 @@ def test_the_cbam_ops_match_the_functional_formulation_in_float32(layout: str) -
         results.append([out, inputs.grad, *(p.grad for p in module.parameters())])
     for fused, stepwise in zip(*results, strict=True):
         torch.testing.assert_close(fused, stepwise, rtol=1e-4, atol=1e-5)
+
+
+def bam_op_cases(layout: str, dtype: str) -> list[tuple]:
+    """(op, args) of BAM's op (training and eval, sum and product) and its backward op on one setting: C passes in
+    float32, torch's formulation in float64 and bf16."""
+    generator = torch.Generator().manual_seed(2)
+    dt = DTYPES[dtype]
+    x = torch.randn(3, 8, 6, 7, generator=generator).to(dt).contiguous(memory_format=LAYOUTS[layout])
+    shapes = [(2, 8), (2,), (2,), (2,), (8, 2), (8,)]  # the MLP's Linear, BatchNorm1d, Linear
+    shapes += [(2, 8, 1, 1), (2,), (2,), (2,)] + [(2, 2, 3, 3), (2,), (2,), (2,)] * 2 + [(1, 2, 1, 1), (1,)]
+    params = [torch.randn(*shape, generator=generator).to(dt).requires_grad_() for shape in shapes]
+    running = torch.rand(8, 2, generator=generator).to(dt) + 0.5  # 4 batch norms' mean and var
+    settings = [(4, [training] * 4, [0.1] * 4, [1e-5] * 4, product) for training in (True, False) for product in (0, 1)]
+    cases = [(bam_op.bam, (x.requires_grad_(), params, running, d, b, m, e, bool(p))) for d, b, m, e, p in settings]
+    detached = [t.detach() for t in params]
+    out = bam_op.bam(x.detach(), detached, running, 4, [True] * 4, [0.1] * 4, [1e-5] * 4, False)
+    backward = (torch.randn_like(x), x.detach(), detached, out[3], out[1], out[2], 4, [True] * 4, [1e-5] * 4, False)
+    return [*cases, (bam_op.bam_backward, backward)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_opcheck_passes_for_the_bam_ops(layout: str, dtype: str) -> None:
+    for op, args in bam_op_cases(layout, dtype):
+        torch.library.opcheck(op, args, test_utils=ALL_CHECKS)
+
+
+@pytest.mark.parametrize("combine", ["sum", "product"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_bam_ops_match_the_functional_formulation(layout: str, dtype: str, combine: str) -> None:
+    """The op (C passes in float32 on CPU, torch's formulation in float64) against `functional.bam` step by step:
+    values, every gradient and the running statistics, in training and in eval."""
+    torch.manual_seed(15)
+    dt = DTYPES[dtype]
+    fused = BAM(32, combine=combine).to(dt)
+    stepwise = copy.deepcopy(fused)
+    x = torch.randn(4, 32, 9, 8, dtype=dt).contiguous(memory_format=LAYOUTS[layout])
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == "float32" else {"rtol": 1e-9, "atol": 1e-9}
+    for training in (True, False):
+        results = []
+        for module, formulation in ((fused, torch.enable_grad()), (stepwise, reference_formulation())):
+            module.train(training).zero_grad(set_to_none=True)
+            inputs = x.clone().requires_grad_()
+            with formulation:
+                out = module(inputs)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=dt).reshape(out.shape)).sum().backward()
+            results.append([out, inputs.grad, *(p.grad for p in module.parameters()), *module.buffers()])
+        assert results[0][0].stride() == x.stride() and results[0][1].stride() == x.stride()
+        for value, expected in zip(*results, strict=True):
+            torch.testing.assert_close(value, expected, **tolerance)

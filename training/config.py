@@ -181,7 +181,7 @@ class ModelSection(Section):
     stem: Literal["imagenet", "small"] | None = None  # None: the model's default
     blurpool: bool = False  # ffcv-imagenet's anti-aliased strided convs
     # fused: each attention module as one autograd node that keeps about half the activations for backward
-    # (san.kernels.fused); stepwise: one node per operation as the papers write it, same results, more memory,
+    # (san.kernels' registered ops); stepwise: one node per operation as the papers write it, same results, more memory,
     # faster for SAN and BAM on small CPU maps (docs/decisions/0001-c-kernels.md)
     attention_path: Literal["fused", "stepwise"] = "fused"
 

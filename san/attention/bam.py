@@ -5,9 +5,9 @@ import torch
 from torch import Tensor, nn
 
 from san.attention import functional
-from san.attention.base import AttentionModule, Tap
+from san.attention.base import AttentionModule, Tap, batch_norm_settings, batch_norm_tensors
 from san.catalog import COMBINES
-from san.kernels.fused import bam
+from san.kernels import bam_op
 
 
 class ChannelBranch(nn.Module):
@@ -66,7 +66,24 @@ class BAM(AttentionModule):
         self.mask = Tap()
 
     def forward(self, x: Tensor) -> Tensor:
-        # The fused path is eager-only: under torch.compile inductor fuses the stepwise formulation itself.
-        if self.fast_path() and not torch.compiler.is_compiling():
-            return bam(x, self.channel.mlp, list(self.spatial.body), self.combine == "product")
-        return functional.bam(x, self.channel, self.spatial, self.combine, self.tap)
+        if not self.fast_path():
+            return functional.bam(x, self.channel, self.spatial, self.combine, self.tap)
+        # The same maths as one registered op (`san.kernels.bam_op`); its batch norms return the running statistics.
+        mlp, body = self.channel.mlp, list(self.spatial.body)  # a list: slicing a Sequential builds new ones
+        norms = [mlp[2], *body[1::3]]
+        shapes = [(x.shape[0], mlp[2].num_features)] + [(x.shape[0], bn.num_features, *x.shape[2:]) for bn in norms[1:]]
+        batch_stats, momentum, update = zip(*map(batch_norm_settings, norms, shapes), strict=True)
+        tensors = [batch_norm_tensors(bn, x) for bn in norms]
+        params = [mlp[1].weight, mlp[1].bias, *tensors[0][:2], mlp[4].weight, mlp[4].bias]
+        for conv, norm in zip(body[0::3], tensors[1:], strict=False):
+            params += [conv.weight, conv.bias, *norm[:2]]
+        params += [body[-1].weight, body[-1].bias]
+        running = torch.stack([t for norm in tensors for t in norm[2:]])
+        settings = (body[3].dilation[0], list(batch_stats), list(momentum), [bn.eps for bn in norms])
+        out, _, _, moved = bam_op.bam(x, params, running, *settings, self.combine == "product")
+        with torch.no_grad():
+            for index, bn in enumerate(norms):
+                if update[index]:
+                    bn.running_mean.copy_(moved[2 * index])
+                    bn.running_var.copy_(moved[2 * index + 1])
+        return out

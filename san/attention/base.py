@@ -1,11 +1,13 @@
 """What every attention module shares: the two-input flag, the taps that expose intermediate maps, and the choice,
 made once, between the fused fast path (`san.kernels`) and the step-by-step formulation (`san.attention.functional`)."""
 
+import math
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 # timm's use_fused_attn() idea: the default path is read once, here; SAN_FUSED_ATTENTION=0 makes every module built
@@ -79,3 +81,27 @@ def use_fused_paths(model: nn.Module, fused: bool) -> nn.Module:
     for module in attention_modules(model).values():
         module.fused = fused
     return model
+
+
+def batch_norm_settings(bn: nn.modules.batchnorm._BatchNorm, shape: torch.Size) -> tuple[bool, float, bool]:
+    """For a fused path, what ``bn.forward`` would do over an input of ``shape``: (batch statistics?, running-statistics
+    factor, update them?), advancing ``num_batches_tracked`` as it does; batch statistics of one value per channel are
+    refused, as torch refuses them."""
+    batch_stats = bn.training or bn.running_mean is None
+    if batch_stats and math.prod(shape) // shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    momentum = 0.0
+    if update:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return batch_stats, momentum, update
+
+
+def batch_norm_tensors(bn: nn.modules.batchnorm._BatchNorm, like: Tensor) -> list[Tensor]:
+    """``bn``'s weight, bias, running mean and variance, the neutral value (1, 0, 0, 1) in place of any it lacks."""
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return [
+        like.new_full((bn.num_features,), v) if t is None else t
+        for t, v in zip(tensors, (1.0, 0.0, 0.0, 1.0), strict=True)
+    ]

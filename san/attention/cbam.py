@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from san.attention import functional
-from san.attention.base import AttentionModule, Tap
+from san.attention.base import AttentionModule, Tap, batch_norm_settings, batch_norm_tensors
 from san.kernels import cbam_op
 
 
@@ -52,11 +52,9 @@ class CBAM(AttentionModule):
             return functional.cbam(x, self.channel, self.spatial, self.tap)
         # The same maths as one registered op (`san.kernels.cbam_op`); its batch norm returns the running statistics.
         first, second, bn = self.channel.mlp[0], self.channel.mlp[2], self.spatial.bn
-        batch_stats, momentum, update = _batch_norm_settings(bn, x)
+        batch_stats, momentum, update = batch_norm_settings(bn, (x.shape[0], 1, *x.shape[2:]))
         params = (first.weight, first.bias, second.weight, second.bias, self.spatial.conv.weight)
-        # Without affine parameters or running statistics, their neutral values in their place.
-        norm = zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), (1.0, 0.0, 0.0, 1.0), strict=True)
-        norm = [x.new_full((bn.num_features,), value) if t is None else t for t, value in norm]
+        norm = batch_norm_tensors(bn, x)  # neutral values for any it lacks
         settings = (self.spatial.conv.padding[0], batch_stats, momentum, bn.eps)
         out, running_mean, running_var, *_ = cbam_op.cbam(x, *params, *norm, *settings)
         if update:
@@ -64,17 +62,3 @@ class CBAM(AttentionModule):
                 bn.running_mean.copy_(running_mean)
                 bn.running_var.copy_(running_var)
         return out
-
-
-def _batch_norm_settings(bn: nn.BatchNorm2d, x: Tensor) -> tuple[bool, float, bool]:
-    """As ``nn.BatchNorm2d.forward``: (batch statistics?, running-statistics factor, update them?), advancing
-    ``num_batches_tracked``; batch statistics of one value per channel are refused, as torch refuses them."""
-    batch_stats = bn.training or bn.running_mean is None
-    if batch_stats and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    momentum = 0.0
-    if update:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return batch_stats, momentum, update

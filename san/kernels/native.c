@@ -268,7 +268,7 @@ static void san_conv2d_weight_grad_padded(const float *g, const float *x, stride
     }
 }
 
-/* ---- CBAM's full-size passes (san/kernels/fused.py, _CBAM) ------------------------------------------------------
+/* ---- CBAM's full-size passes (san/kernels/cbam_op.py) -------------------------------------------------------------
 
    x, the output and their gradients are (N, C, H, W), NCHW-contiguous (cl = 0) or channels-last (cl = 1); P = H W.
    Each pass walks a sample in tiles of up to TILE positions copied to a (C, TILE) buffer, so every per-position loop
@@ -458,7 +458,7 @@ static void channel_pool_grad(const float *xt, float *gtile, const float *mc, co
         }
 }
 
-/* ---- CBAM's passes, the kernels of its registered op (san/kernels/cbam_op.py) --------------------------------------
+/* ---- CBAM's passes, the kernels of its registered op (san/kernels/cbam_op.py) -------------------------------------
    Forward: san_cbam_channel (descriptors and MLP), san_cbam_pool, san_stage_forward (conv -> BN -> sigmoid),
    san_cbam_apply. Backward: san_cbam_backward_spatial, san_stage_backward, san_cbam_backward_mask (with the MLP's
    backward), san_cbam_backward_input. */
@@ -616,7 +616,7 @@ void san_cbam_backward_input(const float *x, const float *g, long cl, const floa
     }
 }
 
-/* ---- BAM's full-size passes (san/kernels/fused.py, _BAM) --------------------------------------------------------
+/* ---- BAM's full-size passes (san/kernels/bam_op.py) ---------------------------------------------------------------
 
    Layouts and tiles as CBAM's. The mask M = sigmoid(c + s) (sum) or sigmoid(c s) (product) of the channel logits c
    (N, C) and the spatial logits s (N, P) is full-size, so it is never stored: each pass computes it per tile. */
@@ -1009,7 +1009,7 @@ void san_stage_backward(const float *grad_out, const float *x, long N, long Cin,
     free(flipped);
 }
 
-/* ---- BAM's channel MLP: Linear (C -> K) -> BatchNorm1d -> ReLU -> Linear (K -> C), on (N, C) channel means ----------
+/* ---- BAM's channel MLP: Linear (C -> K) -> BatchNorm1d -> ReLU -> Linear (K -> C), on (N, C) channel means --------
 
    Tiny (N x C), so plain loops; one call each way instead of a dozen torch ops. The batch norm is a stage's over
    (N, K, 1). */
@@ -1068,7 +1068,7 @@ static void san_mlp_backward(const float *grad_channel, const float *mean, long 
     linear_backward(work, mean, w1, N, C, K, gw1, gb1, grad_mean);
 }
 
-/* ---- A whole chain of stages in one call: stage i's input is stage i-1's output (stage 0's: x0) --------------------
+/* ---- A whole chain of stages in one call: stage i's input is stage i-1's output (stage 0's: x0) -------------------
 
    geometry: S rows of CHAIN_LONGS longs (Cin, H, W, K, KH, KW, ph, pw, dh, dw, has_conv, has_bn, batch_stats,
    activation); scalars: S rows of (eps, factor); tensors: S rows of CHAIN_POINTERS pointers (w, b, gamma, beta,
@@ -1108,7 +1108,7 @@ static void san_chain_backward(long S, long N, const long *geometry, float **ten
     }
 }
 
-/* ---- BAM as one call each way (san/kernels/fused.py, _BAMNative) -------------------------------------------------
+/* ---- BAM as one call each way (san/kernels/bam_op.py) -------------------------------------------------------------
 
    The first 1x1 conv (C -> K) and the channel means in one pass over x, the channel MLP, the spatial branch's
    stages as a chain from that conv's output (stage 0: its batch norm and activation only), and the mask; backward
@@ -1319,13 +1319,13 @@ void san_bam_backward(const float *x, const float *g, long cl, const long *sizes
     arena_end();
 }
 
-/* ---- SAN's full-size passes (san/kernels/fused.py, _SANMaskNative) --------------------------------------------
+/* ---- SAN's full-size passes (san/kernels/san_op.py) ---------------------------------------------------------------
 
    A map y (N, C, H, W) in NCHW (cl = 0) or channels-last (cl = 1) is walked as planes of H rows: NCHW has N C planes
    whose rows are W long with horizontal neighbours 1 apart; channels-last has N planes whose rows are W C long with
    horizontal neighbours C apart. The reference r is (N, 1, H, W) (rc = 1, CCA: one value per position) or y's shape
    and layout (rc = C). d = |y - r| (or y - r without use_abs); the extrema count of eq 10 is 1 + how many of the 3x3
-   neighbours inside the map d is >= (a neighbour outside never counts), as `extrema_count` in fused.py. */
+   neighbours inside the map d is >= (a neighbour outside never counts), as `extrema_count` (functional.py). */
 
 #define SAN_ROWS 8 /* rows per task: a task recomputes d on the two rows around its own */
 

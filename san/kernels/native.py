@@ -281,7 +281,7 @@ def conv2d_weight_grad(
     return out
 
 
-# --- CBAM's and BAM's full-size passes (`san.kernels.fused`) -----------------------------------------------------
+# --- CBAM's and BAM's full-size passes (`san.kernels.cbam_op`, `bam_op`) --------------------------------------------
 
 
 def bam_applies(x: Tensor, reduce_weight: Tensor) -> bool:
@@ -466,7 +466,7 @@ def bam_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(BAM's output in ``x``'s layout, its first 1x1 conv's output (N, K, H, W), the channel means (N, C)) in one
     call, running statistics moved; ``sizes``, ``scalars`` and ``params`` as native.c's san_bam_forward takes them
-    (`san.kernels.fused._BAMPlan`)."""
+    (`san.kernels.bam_op._native_call`)."""
     params = [_contiguous(t) for t in params]  # held until the call returns, as every tensor below
     out = torch.empty_like(x)
     reduced = x.new_empty(x.shape[0], sizes[4], *x.shape[2:])
@@ -524,7 +524,7 @@ def bam_backward(
     return grad_x, grads
 
 
-# --- SAN's full-size passes (`san.kernels.fused._SANMaskNative`) ---------------------------------------------------
+# --- SAN's full-size passes (`san.kernels.san_op`) ------------------------------------------------------------------
 
 
 def san_applies(y: Tensor, reference: Tensor) -> bool:
@@ -551,7 +551,7 @@ def san_weighted(
     y: Tensor, reference: Tensor, layout: int, use_abs: bool, use_extrema: bool, with_count: bool
 ) -> tuple[Tensor, Tensor | None]:
     """(SAN's α · DoC in ``y``'s layout, the uint8 extrema count behind α if ``with_count``), in one pass: eqs 8–10
-    as `san.kernels.fused._weighted_doc` computes them."""
+    as `san.kernels.san_op._weighted_doc` computes them."""
     reference, channels = _san_reference(reference, layout)
     weighted = torch.empty_like(y)
     count = torch.empty_like(y, dtype=torch.uint8) if with_count and use_extrema else None
@@ -608,7 +608,7 @@ def san_input_grad(
     return grad_y, grad_reference
 
 
-# --- A few-channel chain's stages (`san.kernels.fused._Stage`) ------------------------------------------------------
+# --- A few-channel chain's stages (CBAM's spatial stage, BAM's branch) ----------------------------------------------
 
 
 def _pointer(tensor: Tensor | None) -> int | None:

@@ -12,18 +12,62 @@ The library sees through it: ``register_fake`` gives shapes (meta tensors, ``tor
 rest in ``y``'s, as the stepwise formulation does. Gradients are first-order only.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from san.kernels import native
-from san.kernels.fused import ACTIVATION_FORWARD, activation_backward, small_map_layout, sum_to
 
 _EMPTY = (0,)
 _NO_HIGHER_ORDER = (
     "the fused attention paths give first-order gradients only; for higher-order gradients "
     "(create_graph=True) run the model inside san.attention.reference_formulation()"
 )
+
+# Below this many channels, oneDNN's CPU conv backward runs several times faster channels-last (it pads NCHW
+# channels into blocks of 16, so a 1- or 2-channel map costs a 16-channel one: bench/profile_attention.py layouts),
+# and elementwise broadcasts several times faster in NCHW.
+SMALL_CHANNELS = 16
+
+
+def small_map_layout(x: Tensor) -> Tensor:
+    """``x`` in the layout where a CPU conv over its channels is fastest: channels-last below `SMALL_CHANNELS`."""
+    if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] >= SMALL_CHANNELS:
+        return x
+    if x.shape[1] == 1:  # contiguous() keeps a 1-channel map's NCHW strides, which oneDNN reads as NCHW
+        batch, _, height, width = x.shape
+        return x.reshape(batch, height, width, 1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to ``shape`` (the inverse of broadcasting, as autograd does)."""
+    if grad.shape == shape:
+        return grad
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True)
+
+
+# σ of SAN's eq 11 and its derivative written with σ's output (identity: no op).
+ACTIVATION_FORWARD: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def activation_backward(name: str, grad: Tensor, output: Tensor) -> Tensor:
+    """The activation's gradient from its output, each one ATen pass (the rules autograd itself uses)."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, output, 0)
+    if name == "tanh":
+        return torch.ops.aten.tanh_backward(grad, output)
+    if name == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(grad, output)
+    return grad
 
 
 def first_order(backward):
