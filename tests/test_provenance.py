@@ -14,6 +14,8 @@ def test_the_header_names_the_command_the_dates_the_commit_and_the_machine():
     assert "`san study run configs/studies/table6-motion.yaml --seeds 3`" in text
     assert "2026-12-07 01:00–" in text and " UTC at commit `" in text
     assert "| CPU | a CPU |" in text and "| cores | 2 |" in text
+    # a run names the commit it started at, not the one checked out when it wrote its results
+    assert " UTC at commit `0123456789ab`, on:" in header("san study run x.yaml", started, {}, revision="0123456789ab")
 
 
 def test_the_commit_is_this_checkouts_head_and_says_when_tracked_files_changed(tmp_path):

@@ -13,6 +13,8 @@ width); ``batch_stats``/``momentum``/``eps`` per batch norm.
 The batch norms are functional: the op returns the moved running statistics and the module copies them.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,8 +32,9 @@ def _stages(params: list[Tensor]) -> list[list[Tensor]]:
     return [spatial[i : i + 4] for i in range(0, len(spatial) - 2, 4)] + [spatial[-2:]]
 
 
-def _padding(index: int, weight: Tensor, dilation: int) -> int:
-    return dilation if weight.shape[-1] == 3 and index > 0 else 0
+def _padding(index: int, kernel_size: int, dilation: int) -> int:
+    """A stage's padding: the dilated 3x3 convs keep the map's size; the 1x1 convs need none."""
+    return dilation if kernel_size == 3 and index > 0 else 0
 
 
 def _batch_norm(h, weight, bias, running, index, batch_stats, momentum, eps):
@@ -54,7 +57,9 @@ def _records(x, params, running, dilation, batch_stats, momentum, eps, product):
     channel = F.linear(activated, w2, b2)[:, :, None, None]
     stages, h = [], x
     for index, stage in enumerate(_stages(params)):
-        conv_out = F.conv2d(h, stage[0], stage[1], padding=_padding(index, stage[0], dilation), dilation=dilation)
+        conv_out = F.conv2d(
+            h, stage[0], stage[1], padding=_padding(index, stage[0].shape[-1], dilation), dilation=dilation
+        )
         if len(stage) == 2:
             stages.append((h, conv_out, None, conv_out))
             h = conv_out
@@ -67,48 +72,64 @@ def _records(x, params, running, dilation, batch_stats, momentum, eps, product):
     return torch.addcmul(x, x, mask), (means, hidden, mlp_stats, activated), stages, channel, h, mask
 
 
-def _native_call(x: Tensor, params, running, dilation, batch_stats, momentum, eps, product) -> tuple:
-    """(sizes, scalars, tensors) as native.c's san_bam_forward/backward take them: stage 0 is the first 1x1 conv's
-    batch norm and ReLU (the conv itself made in the pass that takes the channel means), the last stage identity."""
-    batch, channels, height, width = x.shape
-    stages = _stages(params)
-    reduced = stages[0][0].shape[0]
-    parts = max(1, min(native.WEIGHT_GRAD_PARTS, batch))
-    sizes = [batch, channels, height, width, reduced, params[0].shape[0], int(batch_stats[0]), int(product)]
-    sizes += [len(stages), parts]
+@functools.lru_cache(maxsize=256)
+def _native_layout(shape: torch.Size, hidden: int, weights: tuple, dilation: int, batch_stats: tuple, momentum: tuple,
+                   eps: tuple, product: bool) -> tuple[tuple[int, ...], tuple[float, ...]] | None:  # fmt: skip
+    """(sizes, scalars) as native.c's san_bam_forward/backward take them for ``x`` of ``shape``, the MLP's width
+    ``hidden`` and the stages' conv weight shapes ``weights`` (the first 1x1 conv's first), or None where the C passes
+    do not take the branch (wider than `native.MAX_CHANNELS`, or a kernel other than 1x1/3x3). Stage 0 is the first
+    1x1 conv's batch norm and ReLU (the conv itself made in the pass that takes the channel means), the last stage
+    identity. Cached (tuples, so no caller changes them): a module asks for the same layout every step."""
+    limit = native.MAX_CHANNELS
+    if weights[0][0] > limit or any(w[0] > limit or w[1] > limit or w[-1] not in (1, 3) for w in weights[1:]):
+        return None
+    batch, channels, height, width = shape
+    reduced = weights[0][0]
+    sizes = [batch, channels, height, width, reduced, hidden, int(batch_stats[0]), int(product), len(weights)]
+    sizes.append(max(1, min(native.WEIGHT_GRAD_PARTS, batch)))
     scalars = [eps[0], momentum[0]]
-    w1, b1, gamma, beta, w2, b2 = params[:6]
-    reduce_weight, reduce_bias = stages[0][:2]
-    tensors = [reduce_weight.reshape(reduced, -1), reduce_bias, w1, b1, gamma, beta, *running[:2], w2, b2]
     in_channels = reduced
-    for index, stage in enumerate(stages):
-        out_channels = stage[0].shape[0]
-        has_bn = len(stage) == 4
+    for index, weight in enumerate(weights):
+        has_bn = index < len(weights) - 1
         if index == 0:  # made by the reduce pass: the stage itself only normalizes
             kernel, padding, dilations, convolves = (1, 1), 0, 1, 0
         else:
-            kernel, padding, convolves = tuple(stage[0].shape[2:]), _padding(index, stage[0], dilation), 1
+            kernel, padding, convolves = tuple(weight[2:]), _padding(index, weight[-1], dilation), 1
             dilations = dilation if kernel != (1, 1) else 1
         use_batch = int(has_bn and batch_stats[index + 1])
         flags = [convolves, int(has_bn), use_batch, _RELU if has_bn else _IDENTITY]
-        sizes += [in_channels, height, width, out_channels, *kernel, padding, padding, dilations, dilations, *flags]
+        sizes += [in_channels, height, width, weight[0], *kernel, padding, padding, dilations, dilations, *flags]
         scalars += [eps[index + 1], momentum[index + 1]] if has_bn else [0.0, 0.0]
-        conv = (None, None) if index == 0 else stage[:2]
-        norm = (*stage[2:], *running[2 * index + 2 : 2 * index + 4]) if has_bn else (None,) * 4
-        tensors += [*conv, *norm]
         height, width = (
             size + 2 * padding - dilations * (k - 1) for size, k in zip((height, width), kernel, strict=True)
         )
-        in_channels = out_channels
-    return sizes, scalars, tensors
+        in_channels = weight[0]
+    return tuple(sizes), tuple(scalars)
 
 
-def _native(x: Tensor, params: list[Tensor]) -> bool:
-    """Whether the C passes take this BAM: float32 on CPU, the kernels built, a narrow branch of 3x3/1x1 convs."""
+def _native_call(x: Tensor, params, running, dilation, batch_stats, momentum, eps, product) -> tuple | None:
+    """(sizes, scalars, tensors) for native.c's san_bam_forward/backward, or None where the C passes do not run:
+    other than float32 on CPU, the kernels not built, or a branch `_native_layout` refuses."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or not native.enabled():
+        return None
+    if native.library() is None or any(p.dtype != torch.float32 for p in params):
+        return None
     stages = _stages(params)
-    return native.bam_applies(x, stages[0][0]) and all(
-        native.applies(x, stage[0], groups=1) and stage[0].shape[-1] in (1, 3) for stage in stages[1:]
+    weights = tuple(tuple(stage[0].shape) for stage in stages)
+    layout = _native_layout(
+        x.shape, params[0].shape[0], weights, dilation, tuple(batch_stats), tuple(momentum), tuple(eps), product
     )
+    if layout is None:
+        return None
+    rows = running.unbind()  # one call: indexing a tensor row by row costs each time
+    w1, b1, gamma, beta, w2, b2 = params[:6]
+    reduce_weight, reduce_bias = stages[0][:2]
+    tensors = [reduce_weight.reshape(reduce_weight.shape[0], -1), reduce_bias, w1, b1, gamma, beta, *rows[:2], w2, b2]
+    for index, stage in enumerate(stages):
+        conv = (None, None) if index == 0 else stage[:2]
+        norm = (*stage[2:], *rows[2 * index + 2 : 2 * index + 4]) if len(stage) == 4 else (None,) * 4
+        tensors += [*conv, *norm]
+    return *layout, tensors
 
 
 @torch.library.custom_op("san::bam", mutates_args=())
@@ -125,10 +146,10 @@ def bam(
     """(``x · (1 + σ(Mc ∘ Ms))``, the first 1x1 conv's output and the channel means (what backward keeps), the moved
     running statistics); ``∘`` = × with ``product``, else +."""
     running = running.clone()  # its rows move in place below
-    if _native(x, params):
+    call = _native_call(x, params, running, dilation, batch_stats, momentum, eps, product)
+    if call is not None:
         flat, layout = native.map_layout(x)
-        sizes, scalars, tensors = _native_call(x, params, running, dilation, batch_stats, momentum, eps, product)
-        out, reduced, means = native.bam_forward(flat, layout, sizes, scalars, tensors)
+        out, reduced, means = native.bam_forward(flat, layout, *call)
         return like(out, x), reduced, means, running
     out, (means, *_), stages, *_ = _records(x, params, running, dilation, batch_stats, momentum, eps, product)
     return like(out, x), stages[0][1].contiguous(), means, running
@@ -167,7 +188,7 @@ def _torch_backward(grad, x, params, running, dilation, batch_stats, eps, produc
             grad_h, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
                 grad_h, conv_out, bn_weight, mean, var, *stats, batch_stats[index + 1], eps[index + 1], [True] * 3
             )
-        padding = _padding(index, weight, dilation)
+        padding = _padding(index, weight.shape[-1], dilation)
         grad_h, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_h, h_in, weight, [weight.shape[0]], [1, 1], [padding] * 2, [dilation] * 2, False, [0, 0], 1, [True] * 3
         )
@@ -199,13 +220,12 @@ def bam_backward(
     product: bool,
 ) -> list[Tensor]:
     """[∂x, then the gradient of each of ``params``] of `bam`'s output; ``running``: the statistics `bam` returned."""
-    if not _native(x, params):
+    call = _native_call(x, params, running, dilation, batch_stats, [0.0] * len(eps), eps, product)
+    if call is None:
         return _torch_backward(grad.to(x.dtype), x, params, running, dilation, batch_stats, eps, product)
-    momentum = [0.0] * len(eps)
     flat, layout = native.map_layout(x)
     grad = grad.contiguous(memory_format=native.memory_format(layout))
-    sizes, scalars, tensors = _native_call(x, params, running, dilation, batch_stats, momentum, eps, product)
-    grad_x, grads = native.bam_backward(flat, grad, layout, sizes, scalars, tensors, reduced, means)
+    grad_x, grads = native.bam_backward(flat, grad, layout, *call[:2], call[2], reduced, means)
     # Back from native.c's order (the first conv's weight and bias first, running statistics' entries empty).
     ordered = [grads[2], grads[3], grads[4], grads[5], grads[8], grads[9]]
     for index in range(len(_stages(params))):
@@ -231,11 +251,39 @@ def _context(ctx, inputs, output) -> None:
 @first_order
 def _grad(ctx, grad: Tensor, *unused: Tensor):
     x, reduced, means, running, *params = ctx.saved_tensors
-    grad_x, *grad_params = bam_backward(grad, x, params, running, reduced, means, *ctx.settings)
+    grad_x, *grad_params = torch.ops.san.bam_backward.default(grad, x, params, running, reduced, means, *ctx.settings)
     return grad_x, grad_params, None, None, None, None, None, None
 
 
 bam.register_autograd(_grad, setup_context=_context)
+
+
+class _BamNode(torch.autograd.Function):
+    """`bam` with the backward registered for it, as one plain autograd node (`fused_bam`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running: Tensor, settings: tuple, *params: Tensor):
+        inputs = (x, list(params), running, *settings)
+        with torch._C._AutoDispatchBelowAutograd():  # the node is the autograd: straight to the op's kernels
+            output = torch.ops.san.bam.default(*inputs)
+        _context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *unused: Tensor):
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_x, grad_params, *_ = _grad(ctx, grad)
+        return grad_x, None, None, *grad_params
+
+
+def fused_bam(x: Tensor, params: list[Tensor], running: Tensor, *settings) -> tuple[Tensor, ...]:
+    """`bam` as the modules call it. In eager mode through `_BamNode`: the autograd wrapper torch generates for a
+    custom op fills in defaults and flattens list arguments in Python on every call, which cost BAM 11-15 % of a
+    LeNet-5 step (bench/attention_overhead.py); the node runs the same two ops and formulas without it. Traced
+    (torch.compile, export), the op itself."""
+    if torch.compiler.is_compiling():
+        return bam(x, params, running, *settings)
+    return _BamNode.apply(x, running, settings, *params)
 
 
 def _autocast(device_type: str):
