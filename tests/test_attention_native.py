@@ -198,7 +198,7 @@ def test_a_threads_scratch_block_is_freed_when_the_thread_exits() -> None:
         thread.join()
         if "error" in seen:
             raise seen["error"]
-        assert seen["node"] == "_BamNodeBackward"
+        assert seen["node"] == "BamOpBackward"
         assert seen["blocks"] == before + 1, "the thread kept a block of its own"
         # join returns once Python is done with the thread; the OS thread (and its key destructors) ends just after
         deadline = time.monotonic() + 10

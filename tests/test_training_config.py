@@ -190,7 +190,7 @@ def test_the_model_size_is_counted_on_the_meta_device_without_allocating_it():
 # fused: CBAM's output is its registered op san::cbam (on C passes in float32 on CPU, where they build)
 @pytest.mark.parametrize(
     ("path", "fused", "backward"),
-    [("fused", True, "GeneratedBackwardFor_san_cbam_defaultBackward"), ("stepwise", False, "MulBackward0")],
+    [("fused", True, "CbamOpBackward"), ("stepwise", False, "MulBackward0")],
 )
 def test_the_attention_path_is_set_on_every_module_and_logged(path, fused, backward):
     import torch

@@ -80,7 +80,7 @@ class BAM(AttentionModule):
         params += [body[-1].weight, body[-1].bias]
         running = torch.stack([t for norm in tensors for t in norm[2:]])
         settings = (body[3].dilation[0], list(batch_stats), list(momentum), [bn.eps for bn in norms])
-        out, _, _, moved = bam_op.fused_bam(x, params, running, *settings, self.combine == "product")
+        out, _, _, moved = bam_op.call(x, params, running, *settings, self.combine == "product")
         moved = moved.unbind()
         with torch.no_grad():
             for index, bn in enumerate(norms):

@@ -56,7 +56,7 @@ class CBAM(AttentionModule):
         params = (first.weight, first.bias, second.weight, second.bias, self.spatial.conv.weight)
         norm = batch_norm_tensors(bn, x)  # neutral values for any it lacks
         settings = (self.spatial.conv.padding[0], batch_stats, momentum, bn.eps)
-        out, running_mean, running_var, *_ = cbam_op.cbam(x, *params, *norm, *settings)
+        out, running_mean, running_var, *_ = cbam_op.call((x, *params, *norm), settings)
         if update:
             with torch.no_grad():
                 bn.running_mean.copy_(running_mean)

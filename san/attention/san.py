@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from san.attention import functional
 from san.attention.base import AttentionModule, IncompatibleConfiguration, Tap
-from san.kernels.san_op import san_mask
+from san.kernels import san_op
 
 RECOMPUTE_MACS = 1536  # multiply-adds per output of the smoothing conv, up to which the fast path recomputes it
 _ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -106,17 +106,8 @@ class SAN(AttentionModule):
         reference = functional.san_reference(y_prev, tuple(y.shape[2:]), self.use_cca)
         weight, bias = (self.smooth.weight, self.smooth.bias) if self.use_smoothing else (None, None)
         activation = self.smoothing_activation if self.use_smoothing else "identity"
-        return san_mask(
-            y,
-            reference,
-            weight,
-            bias,
-            *self.conv_settings,
-            self.use_abs,
-            self.use_extrema,
-            activation,
-            not self.recompute_smoothing,
-        )[0]
+        settings = (*self.conv_settings, self.use_abs, self.use_extrema, activation, not self.recompute_smoothing, None)
+        return san_op.call((y, reference, weight, bias), settings)[0]
 
     def extra_repr(self) -> str:
         switches = {"cca": self.use_cca, "abs": self.use_abs, "extrema": self.use_extrema}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from san.kernels import native
+from san.kernels import native, node
 from san.kernels.san_op import first_order, like
 
 _RELU = native.ACTIVATIONS["relu"]
@@ -258,32 +258,22 @@ def _grad(ctx, grad: Tensor, *unused: Tensor):
 bam.register_autograd(_grad, setup_context=_context)
 
 
-class _BamNode(torch.autograd.Function):
-    """`bam` with the backward registered for it, as one plain autograd node (`fused_bam`)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, running: Tensor, settings: tuple, *params: Tensor):
-        inputs = (x, list(params), running, *settings)
-        with torch._C._AutoDispatchBelowAutograd():  # the node is the autograd: straight to the op's kernels
-            output = torch.ops.san.bam.default(*inputs)
-        _context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, *unused: Tensor):
-        with torch._C._AutoDispatchBelowAutograd():
-            grad_x, grad_params, *_ = _grad(ctx, grad)
-        return grad_x, None, None, *grad_params
+def _tensors_to_inputs(tensors: tuple, settings: tuple) -> tuple:
+    x, running, *params = tensors
+    return x, params, running, *settings
 
 
-def fused_bam(x: Tensor, params: list[Tensor], running: Tensor, *settings) -> tuple[Tensor, ...]:
-    """`bam` as the modules call it. In eager mode through `_BamNode`: the autograd wrapper torch generates for a
-    custom op fills in defaults and flattens list arguments in Python on every call, which cost BAM 11-15 % of a
-    LeNet-5 step (bench/attention_overhead.py); the node runs the same two ops and formulas without it. Traced
-    (torch.compile, export), the op itself."""
-    if torch.compiler.is_compiling():
-        return bam(x, params, running, *settings)
-    return _BamNode.apply(x, running, settings, *params)
+def _grads_of_tensors(grads: tuple, count: int) -> tuple:
+    grad_x, grad_params, *_ = grads
+    return grad_x, None, *grad_params
+
+
+_REGISTRATION = node.Registration(torch.ops.san.bam.default, _context, _grad, _tensors_to_inputs, _grads_of_tensors)
+
+
+def call(x: Tensor, params: list[Tensor], running: Tensor, *settings) -> tuple[Tensor, ...]:
+    """`bam` as the modules call it (`san.kernels.node`)."""
+    return node.call(_REGISTRATION, (x, running, *params), settings)
 
 
 def _autocast(device_type: str):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from san.kernels import native
+from san.kernels import native, node
 from san.kernels.conv_op import conv2d_backward
 from san.kernels.san_op import first_order, like
 
@@ -233,11 +233,18 @@ def _context(ctx, inputs, output) -> None:
 
 @first_order
 def _grad(ctx, grad: Tensor, *unused: Tensor):
-    grads = cbam_backward(grad, *ctx.saved_tensors, *ctx.settings)
+    grads = torch.ops.san.cbam_backward.default(grad, *ctx.saved_tensors, *ctx.settings)
     return *grads, None, None, None, None, None, None
 
 
 cbam.register_autograd(_grad, setup_context=_context)
+_REGISTRATION = node.Registration(torch.ops.san.cbam.default, _context, _grad)
+
+
+def call(tensors: tuple[Tensor, ...], settings: tuple) -> tuple[Tensor, ...]:
+    """`cbam` as the modules call it (`san.kernels.node`): ``tensors`` its first ten arguments, ``settings`` the
+    rest."""
+    return node.call(_REGISTRATION, tensors, settings)
 
 
 def _autocast(device_type: str):

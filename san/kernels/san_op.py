@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from san.kernels import native
+from san.kernels import native, node
 
 _EMPTY = (0,)
 _NO_HIGHER_ORDER = (
@@ -301,7 +301,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: Tensor, _grad_kept: Tensor):
     y, reference, weight, bias, kept = ctx.saved_tensors
     *settings, conv_dtype = ctx.settings
-    grad_y, grad_reference, grad_weight, grad_bias = san_mask_backward(
+    grad_y, grad_reference, grad_weight, grad_bias = torch.ops.san.san_mask_backward.default(
         grad, y, reference, weight, bias, kept, *settings, conv_dtype, ctx.needs_input_grad[1]
     )
     grads = (grad_y, grad_reference if ctx.needs_input_grad[1] else None)
@@ -310,6 +310,13 @@ def _backward(ctx, grad: Tensor, _grad_kept: Tensor):
 
 
 san_mask.register_autograd(_backward, setup_context=_setup_context)
+_REGISTRATION = node.Registration(torch.ops.san.san_mask.default, _setup_context, _backward)
+
+
+def call(tensors: tuple[Tensor | None, ...], settings: tuple) -> tuple[Tensor, Tensor]:
+    """`san_mask` as the modules call it (`san.kernels.node`): ``tensors`` = (y, reference, weight, bias), ``settings``
+    the rest, ``conv_dtype`` included."""
+    return node.call(_REGISTRATION, tensors, settings)
 
 
 def _autocast_kernel(device_type: str):
