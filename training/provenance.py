@@ -81,13 +81,16 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(argv)
 
 
-def header(command: str, started: datetime, info: dict[str, str] | None = None, root: Path = ROOT) -> str:
-    """Markdown: the command, when it ran (start and end, UTC), the commit and the machine."""
+def header(
+    command: str, started: datetime, info: dict[str, str] | None = None, root: Path = ROOT, revision: str | None = None
+) -> str:
+    """Markdown: the command, when it ran (start and end, UTC), the commit (``revision``: `commit` read when it
+    started; else now) and the machine."""
     info = machine() if info is None else info
     ended = datetime.now(UTC)
     lines = [
         f"Written by `{command}`, run {started:%Y-%m-%d %H:%M}–{ended:%Y-%m-%d %H:%M} UTC at commit "
-        f"`{commit(root)}`, on:",
+        f"`{revision or commit(root)}`, on:",
         "",
         "| | |",
         "|---|---|",

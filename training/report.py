@@ -211,7 +211,7 @@ def markdown(table: dict[str, Any]) -> str:
             interval(diff, first),
             f"{diff.get('better', diff['positive'])}/{diff['n']}" if diff else "",
             resolving(diff),
-            f"{seconds['mean']:.1f}" if seconds else NOT_RUN,
+            (f"{seconds['mean']:.1f}" if seconds["mean"] >= 1 else f"{seconds['mean']:.2g}") if seconds else NOT_RUN,
             f"{cell['epoch_s_ratio']:.2f}" if cell.get("epoch_s_ratio") else "",
             f"{cell['params']:,}" if cell.get("params") else "",
         ]) + " |")  # fmt: skip

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from training.launch import connect_ray, launch, resolve_data
 from training.paths import storage_root
-from training.provenance import command_line, header
+from training.provenance import command_line, commit, header
 from training.report import markdown
 from training.states import JobStatus, StudyStatus
 from training.study import StudySpec, expand, load_study
@@ -25,7 +25,7 @@ MAX_CELLS = 200
 def run_study(path: str, seeds: int | None = None, epochs: int | None = None, out: Path | None = None) -> int:
     """Run the study in ``path``; its tables and figures go to ``out`` (default: the storage root's
     ``studies/<id>``), with ``run.md``: the command, the dates, the commit and the machine."""
-    started = datetime.now(UTC)
+    started, revision = datetime.now(UTC), commit()  # the code that runs is the code at the start
     try:
         study = load_study(path, seeds, epochs)
         for child in expand(study, MAX_CELLS).children:  # every child checked before anything is recorded
@@ -38,14 +38,14 @@ def run_study(path: str, seeds: int | None = None, epochs: int | None = None, ou
     uri = tracking_uri(study.base, root)
     parent = create_study_run(uri, study.experiment, root, study_id, study.name, study.model_dump_json(indent=2))
     try:
-        return _run_children(study, study_id, parent, uri, root, out, started)
+        return _run_children(study, study_id, parent, uri, root, out, (started, revision))
     except BaseException:  # an error or Ctrl-C: the parent run must not stay RUNNING
         MlflowClient(uri).set_terminated(parent, JobStatus.CANCELLED.mlflow_status())
         raise
 
 
 def _run_children(
-    study: StudySpec, study_id: str, parent: str, uri: str, root: Path, out: Path | None, started: datetime
+    study: StudySpec, study_id: str, parent: str, uri: str, root: Path, out: Path | None, start: tuple[datetime, str]
 ) -> int:
     expansion = expand(study, MAX_CELLS, study_id, parent)
     children = expansion.children
@@ -68,7 +68,7 @@ def _run_children(
         print(f"[{index}/{len(children)}] {child.spec.run_name} {shown}", flush=True)
     results = out or root / "studies" / study_id
     table = write_results(expansion, uri, parent, results, states)
-    (results / "run.md").write_text(header(command_line(), started))
+    (results / "run.md").write_text(header(command_line(), start[0], revision=start[1]))
     failed = any(state == JobStatus.FAILED for state in states.values())
     finish_study_run(uri, parent, results, (StudyStatus.FAILED if failed else StudyStatus.SUCCEEDED).mlflow_status())
     print(markdown(table))
