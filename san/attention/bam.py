@@ -81,10 +81,10 @@ class BAM(AttentionModule):
         running = torch.stack([t for norm in tensors for t in norm[2:]])
         settings = (body[3].dilation[0], list(batch_stats), list(momentum), [bn.eps for bn in norms])
         out, _, _, moved = bam_op.call(x, params, running, *settings, self.combine == "product")
-        moved = moved.unbind()
-        with torch.no_grad():
-            for index, bn in enumerate(norms):
-                if update[index]:
-                    bn.running_mean.copy_(moved[2 * index])
-                    bn.running_var.copy_(moved[2 * index + 1])
+        kept = [i for i, bn in enumerate(norms) if update[i]]
+        if kept:  # one call for all: a copy each costs more than the copying
+            targets = [buffer for i in kept for buffer in (norms[i].running_mean, norms[i].running_var)]
+            with torch.no_grad():
+                rows = moved.unbind()
+                torch._foreach_copy_(targets, [rows[row] for i in kept for row in (2 * i, 2 * i + 1)])
         return out
