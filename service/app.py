@@ -8,6 +8,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ from service.study_service import StudyService
 from service.validation import ClusterSize, JobShares
 from service.webhooks import Deliverer
 from training.config import MODELS_BUILT_ELSEWHERE
+from training.driver_log import log_path
 from training.paths import DATA_ROOT_ENV, STORAGE_ROOT_ENV
 
 log = logging.getLogger("san.service")
@@ -164,7 +166,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )
         study_service = StudyService(settings, studies, dispatcher, shares, cluster, checks, expansions)
         comparisons = CompareService(store, studies, expansions, runs)
-        events = EventStreams(store, studies, runs, max(settings.poll_interval_s, 0.5))
+
+        def job_log(job_id: str) -> Path:  # a job's log (training.driver_log), beside its spec
+            return log_path(dispatcher.spec_path(job_id))
+
+        events = EventStreams(store, studies, runs, job_log, max(settings.poll_interval_s, 0.5))
         hooks = WebhookStore(store)
         app.state.parts = Parts(
             settings, principals, store, ray, runs, checks, jobs, study_service, comparisons, events, hooks

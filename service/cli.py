@@ -207,6 +207,10 @@ def _event_line(kind: str, data: dict) -> str:
     who = data.get("job_id", "")
     if "cell" in data:
         who += f" ({data['cell']}, seed {data['seed']})"
+    if kind == "log":
+        from rich.markup import escape  # a log line is text, not markup: "[1/15]" stays as it is
+
+        return f"[dim]{escape(data['line'])}[/]"
     if kind == "epoch":
         metrics = "  ".join(f"{key} {value:.4f}" for key, value in data.items() if "/" in key and key != "time/epoch_s")
         return f"[cyan]{who}  epoch {data['epoch'] + 1}[/]  {metrics}"
@@ -240,7 +244,8 @@ def _watch(resource: str):
                     tries = 0
                     for kind, event_id, data in sse_events(response.iter_lines()):
                         last = event_id or last
-                        console.print(_event_line(kind, data))
+                        if kind != "log" or getattr(args, "logs", False):
+                            console.print(_event_line(kind, data))
                         if kind == "end":
                             return 0 if data["status"] == JobStatus.SUCCEEDED else 1
             except httpx.TransportError as error:
@@ -420,6 +425,7 @@ def register(commands) -> None:
         action.set_defaults(handler=_one(method, suffix))
     watch = actions.add_parser("watch", help="follow a job's state changes and epochs live, to its end")
     watch.add_argument("id")
+    watch.add_argument("--logs", action="store_true", help="also show each line of the job's log as it comes")
     watch.set_defaults(handler=_watch("jobs"))
     logs = actions.add_parser("logs", help="the Ray job's driver log")
     logs.add_argument("id")

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from service.auth import hash_token
+from service.cli import sse_events
 from service.local_ray import free_ports
 from service.stack import MLFLOW_SERVER_ENV, PostgresCluster
 
@@ -127,3 +128,17 @@ class Postgres:
     def stop(self) -> None:
         self.cluster.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def read_events(service: Service, path: str, last: str | None = None, until=None) -> list[tuple[str, str, dict]]:
+    """The stream's events until ``until(kind, data)`` (else its end), then the connection is dropped."""
+    headers = {"Authorization": f"Bearer {TOKENS['alice']}"} | ({"Last-Event-ID": last} if last else {})
+    found = []
+    with httpx.stream("GET", f"{service.url}{path}", headers=headers, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for kind, event_id, data in sse_events(response.iter_lines()):
+            found.append((kind, event_id, data))
+            if kind == "end" or (until and until(kind, data)):
+                break
+    return found

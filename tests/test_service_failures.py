@@ -12,15 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.local_ray import LocalRayHead
-from tests.services import TOKENS, Service, free_port, mlflow_server, stop_group, wait_for_job
+from tests.services import TOKENS, Service, free_port, mlflow_server, read_events, stop_group, wait_for_job
 from tests.slices import build_fmnist_slices, slice_job
-from tests.test_service_events import read as read_events_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
-
-
-def read_events(service: Service, job_id: str, last: str | None = None, until=None):
-    return read_events_at(service, f"/v1/jobs/{job_id}/events", last, until)
 
 
 def test_a_job_whose_ray_head_is_lost_resumes_on_a_new_head_into_the_same_mlflow_run(tmp_path):
@@ -35,7 +30,7 @@ def test_a_job_whose_ray_head_is_lost_resumes_on_a_new_head_into_the_same_mlflow
             job_id = alice.post("/v1/jobs", json=slice_job(epochs=5)).json()["id"]
             wait_for_job(alice, job_id, lambda job: (job.get("progress") or {}).get("epoch", 0) >= 2, 400)
             # a client following the job's events goes away after its first epoch (issue 28)
-            before = read_events(service, job_id, until=lambda kind, data: kind == "epoch")
+            before = read_events(service, f"/v1/jobs/{job_id}/events", until=lambda kind, data: kind == "epoch")
             os.killpg(head.process.pid, signal.SIGKILL)  # the head, its driver and its workers: all gone at once
             head.process.wait()
             head = LocalRayHead(port, dashboard, num_cpus=2)  # an empty cluster where the old one was
@@ -55,11 +50,16 @@ def test_a_job_whose_ray_head_is_lost_resumes_on_a_new_head_into_the_same_mlflow
         assert sorted(steps) == [0, 1, 2, 3, 4]  # each epoch once: resumed from the checkpoint, none repeated
         assert [row["epoch"] for row in history["epochs"]] == [0, 1, 2, 3, 4]
         # …and comes back with Last-Event-ID after the head loss: every epoch once, the interruption among the states
-        after = read_events(service, job_id, last=before[-1][1])
+        after = read_events(service, f"/v1/jobs/{job_id}/events", last=before[-1][1])
         events = before + after
         assert [data["epoch"] for kind, _, data in events if kind == "epoch"] == [0, 1, 2, 3, 4]
         assert [data["status"] for kind, _, data in events if kind == "state"] == states
         assert after[-1][0] == "end" and after[-1][2]["status"] == "succeeded"
+        # the job's log goes on in the same file on the new head: both attempts' lines, each sent once
+        lines = [data["line"] for kind, _, data in events if kind == "log"]
+        assert lines == (tmp_path / "runs" / "jobs" / job_id / "log.txt").read_text().splitlines()
+        assert sum("Started training worker group" in line for line in lines) == 2  # one a head
+        assert lines[-1].startswith(f"{job_id}: 5 epochs")
     finally:
         service.stop()
         stop_group(mlflow)

@@ -14,7 +14,7 @@ from PIL import Image
 from san.masks import capture_masks
 from service.local_ray import LocalRayHead
 from service.ray_jobs import RayJobs, RayRefused, RayUnavailable, auth_token
-from tests.services import Service, free_port, mlflow_server, stop_group, wait_for_job
+from tests.services import Service, free_port, mlflow_server, read_events, stop_group, wait_for_job
 from tests.slices import SLICE_PATHS, build_fmnist_slices
 from training.config import JobSpec
 from training.loop import CHECKPOINT_FILE
@@ -83,6 +83,13 @@ def test_a_job_survives_a_restart_of_the_api_runs_to_succeeded_and_its_metrics_a
     assert [row["epoch"] for row in served["epochs"]] == [0, 1, 2]
     assert [round(row["val/top1"], 6) for row in served["epochs"]] == [round(m["val/top1"], 6) for m in history]
     assert f"{job_id}: 3 epochs" in logs
+    # the job's own log (training.driver_log) on its event stream: the workers' lines as Ray forwards them to the
+    # driver, then the driver's last, each once, in the file's order
+    events = read_events(service, f"/v1/jobs/{job_id}/events")
+    lines = [data["line"] for kind, _, data in events if kind == "log"]
+    assert lines == (service.root / "runs" / "jobs" / job_id / "log.txt").read_text().splitlines()
+    assert any("(RayTrainWorker pid=" in line and "epoch 3/3" in line for line in lines)
+    assert lines[-1].startswith(f"{job_id}: 3 epochs") and events[-1][0] == "end"
     # the tail Ray reads from the file's end: the whole log's last lines, no more
     whole = ray_jobs(head).http.get(f"/api/jobs/{job_id}/logs").json()["logs"].splitlines()
     assert len(whole) > 20 and logs.splitlines() == whole[-50:]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from training.config import SpecError, load_spec
+from training.driver_log import copied_output, log_path
 from training.driver_report import write_report
 from training.launch import launch
 from training.stop import Cancelled
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the spec is one the service's admission validated: read it back as it is, not checked again",
     )
     args = parser.parse_args(argv)
+    if args.report_file:  # run by the service: what the driver prints is also the job's log (training.driver_log)
+        with copied_output(log_path(args.report_file)):
+            return run(args.spec, args.job_id, args.workers, args.epochs, args.report_file, args.admitted)
     return run(args.spec, args.job_id, args.workers, args.epochs, args.report_file, args.admitted)
 
 
