@@ -76,15 +76,19 @@ def main() -> int:
         plan.raise_for_status()
         plan = plan.json()
         real_s = run(api, second)
-        print(f"plan: {plan['jobs']} jobs ({plan['merged']} cells merged, {plan['refused']} refused), "
-              f"{plan['estimated_jobs']} estimated; {plan['estimate']}")  # fmt: skip
+        print(
+            f"plan: {plan['jobs']} jobs ({plan['merged']} cells merged, {plan['refused']} refused), "
+            f"{plan['estimated_jobs']} estimated; {plan['estimate']}"
+        )
         if plan["wall_s"] is None:
             print(f"real run (seed 1): {real_s:.0f} s; the plan gave no estimate")
             return 1
         error = plan["wall_s"] - real_s
-        print(f"| study | jobs | plan's wall time | real wall time | error |\n|---|---|---|---|---|\n"
-              f"| {PRESET.stem} (seed 1, {args.epochs} epochs) | {plan['jobs']} | {plan['wall_s']:.0f} s | "
-              f"{real_s:.0f} s | {error:+.0f} s ({100 * error / real_s:+.0f} %) |")  # fmt: skip
+        print(
+            f"| study | jobs | plan's wall time | real wall time | error |\n|---|---|---|---|---|\n"
+            f"| {PRESET.stem} (seed 1, {args.epochs} epochs) | {plan['jobs']} | {plan['wall_s']:.0f} s | "
+            f"{real_s:.0f} s | {error:+.0f} s ({100 * error / real_s:+.0f} %) |"
+        )
     finally:
         server.terminate()
         server.wait(30)

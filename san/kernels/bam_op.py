@@ -73,8 +73,16 @@ def _records(x, params, running, dilation, batch_stats, momentum, eps, product):
 
 
 @functools.lru_cache(maxsize=256)
-def _native_layout(shape: torch.Size, hidden: int, weights: tuple, dilation: int, batch_stats: tuple, momentum: tuple,
-                   eps: tuple, product: bool) -> tuple[tuple[int, ...], tuple[float, ...]] | None:  # fmt: skip
+def _native_layout(
+    shape: torch.Size,
+    hidden: int,
+    weights: tuple,
+    dilation: int,
+    batch_stats: tuple,
+    momentum: tuple,
+    eps: tuple,
+    product: bool,
+) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
     """(sizes, scalars) as native.c's san_bam_forward/backward take them for ``x`` of ``shape``, the MLP's width
     ``hidden`` and the stages' conv weight shapes ``weights`` (the first 1x1 conv's first), or None where the C passes
     do not take the branch (wider than `native.MAX_CHANNELS`, or a kernel other than 1x1/3x3). Stage 0 is the first
