@@ -7,24 +7,16 @@ study is submitted and timed from its submission to its end.
 """
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from service.auth import hash_token
-from service.local_ray import LocalRayHead, free_ports
-from training.data.build import build_dataset
-from training.data.writer import WriterOptions
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_service import local_service
 from training.study import load_study
 
-BIN = Path(sys.executable).parent
-TOKEN = "bench-token"
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "studies" / "table4-fmnist.yaml"
 
 
@@ -33,41 +25,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=8192, help="Fashion-MNIST images in each split (a subset)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="san-plan-bench-"))
-    options = WriterOptions(num_workers=2, subset=args.images)
-    build_dataset("fashion-mnist", None, root / "data" / "fashion-mnist", options)
-    ray_port, dashboard, api_port = free_ports(3)
-    head = LocalRayHead(ray_port, dashboard, num_cpus=2)
-    head.start()
-    env = {
-        **os.environ,
-        "SAN_RAY_ADDRESS": head.address,
-        "SAN_RAY_AUTH_TOKEN": head.token,
-        "SAN_POLL_INTERVAL_S": "0.5",
-        "SAN_STORAGE_ROOT": str(root / "runs"),
-        "SAN_DATA_ROOT": str(root / "data"),
-        "SAN_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "SAN_TOKENS": json.dumps({"bench": hash_token(TOKEN)}),
-    }
-    with open(root / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(BIN / "san"), "serve", "--port", str(api_port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
-    )
-    try:
-        for _ in range(240):
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with local_service("san-plan-bench-", args.images, timeout_s=120, ready_s=120) as api:
         first = load_study(PRESET, 1, args.epochs).model_dump(mode="json")
         history_s = run(api, first)
         print(f"history: {PRESET.name}, seed 0, {args.epochs} epochs on {args.images:,} images: {history_s:.0f} s")
@@ -89,10 +47,6 @@ def main() -> int:
             f"| {PRESET.stem} (seed 1, {args.epochs} epochs) | {plan['jobs']} | {plan['wall_s']:.0f} s | "
             f"{real_s:.0f} s | {error:+.0f} s ({100 * error / real_s:+.0f} %) |"
         )
-    finally:
-        server.terminate()
-        server.wait(30)
-        head.stop()
     return 0
 
 

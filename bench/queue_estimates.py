@@ -8,24 +8,15 @@ submitted and when it ended. Also: a 3-worker job on the 2-CPU head is refused, 
 """
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
-from service.auth import hash_token
-from service.local_ray import LocalRayHead, free_ports
-from training.data.build import build_dataset
-from training.data.writer import WriterOptions
-
-BIN = Path(sys.executable).parent
-TOKEN = "bench-token"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.local_service import local_service
 
 
 def main() -> int:
@@ -33,47 +24,13 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="san-queue-bench-"))
-    build_dataset("fashion-mnist", None, root / "data" / "fashion-mnist", WriterOptions(num_workers=2, subset=1024))
-    ray_port, dashboard, api_port = free_ports(3)
-    head = LocalRayHead(ray_port, dashboard, num_cpus=2)
-    head.start()
-    env = {
-        **os.environ,
-        "SAN_RAY_ADDRESS": head.address,
-        "SAN_RAY_AUTH_TOKEN": head.token,
-        "SAN_MAX_SUBMITTED": "1",
-        "SAN_POLL_INTERVAL_S": "0.5",
-        "SAN_STORAGE_ROOT": str(root / "runs"),
-        "SAN_DATA_ROOT": str(root / "data"),
-        "SAN_MLFLOW_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "SAN_TOKENS": json.dumps({"bench": hash_token(TOKEN)}),
-    }
-    with open(root / "serve.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(BIN / "san"), "serve", "--port", str(api_port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    api = httpx.Client(
-        base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60
-    )
     spec = {
         "model": {"name": "lenet5", "attention": "none"},
         "training": {"epochs": args.epochs, "batch_size": 128},
         "lr": {"lr": 0.1, "schedule": "cosine"},
         "scaling": {"num_workers": 1},
     }
-    try:
-        for _ in range(120):
-            try:
-                if api.get("/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with local_service("san-queue-bench-", 1024, timeout_s=60, ready_s=60, SAN_MAX_SUBMITTED="1") as api:
         too_big = api.post("/v1/jobs", json={**spec, "scaling": {"num_workers": 3}})
         print(f"3 workers on 2 CPUs: HTTP {too_big.status_code}: {too_big.json()['detail'][0]['msg']}")
         first = api.post("/v1/jobs", json=spec).json()["id"]
@@ -88,10 +45,6 @@ def main() -> int:
                 break
             time.sleep(1)
         report(ids, views)
-    finally:
-        server.terminate()
-        server.wait(30)
-        head.stop()
     return 0
 
 
