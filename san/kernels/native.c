@@ -458,6 +458,16 @@ static void channel_pool_grad(const float *xt, float *gtile, const float *mc, co
         }
 }
 
+/* Sample n's positions p0 .. p0 + T: x into tile, and into gtile (from g) the gradient u reaching s = x mc
+   (channel_pool_grad) — how both of CBAM's backward passes over x start each tile. */
+static void pool_grad_tile(const float *x, const float *g, long cl, long n, long C, long P, long p0, long T,
+                           const float *mc, const float *ms, const float *grad_pooled, float *tile, float *gtile) {
+    load_tile(x, cl, n, C, P, p0, T, tile);
+    load_tile(g, cl, n, C, P, p0, T, gtile);
+    channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
+                      grad_pooled + (2 * n + 1) * P + p0, C, T);
+}
+
 /* ---- CBAM's passes, the kernels of its registered op (san/kernels/cbam_op.py) -------------------------------------
    Forward: san_cbam_channel (descriptors and MLP), san_cbam_pool, san_stage_forward (conv -> BN -> sigmoid),
    san_cbam_apply. Backward: san_cbam_backward_spatial, san_stage_backward, san_cbam_backward_mask (with the MLP's
@@ -560,10 +570,7 @@ void san_cbam_backward_mask(const float *x, const float *g, long cl, const float
             for (long c = 0; c < C; c++) sum[c] = 0.0, ties[c] = 0.0f;
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
-                load_tile(x, cl, n, C, P, p0, T, tile);
-                load_tile(g, cl, n, C, P, p0, T, gtile);
-                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
-                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                pool_grad_tile(x, g, cl, n, C, P, p0, T, mc, ms, grad_pooled, tile, gtile);
                 for (long c = 0; c < C; c++) {
                     sum[c] += row_dot(gtile + c * TILE, tile + c * TILE, T);
                     ties[c] += row_count(tile + c * TILE, top[n * C + c], T);
@@ -596,10 +603,7 @@ void san_cbam_backward_input(const float *x, const float *g, long cl, const floa
         for (long n = 0; n < N; n++)
             for (long p0 = 0; p0 < P; p0 += TILE) {
                 long T = P - p0 < TILE ? P - p0 : TILE;
-                load_tile(x, cl, n, C, P, p0, T, tile);
-                load_tile(g, cl, n, C, P, p0, T, gtile);
-                channel_pool_grad(tile, gtile, mc + n * C, ms + n * P + p0, grad_pooled + 2 * n * P + p0,
-                                  grad_pooled + (2 * n + 1) * P + p0, C, T);
+                pool_grad_tile(x, g, cl, n, C, P, p0, T, mc, ms, grad_pooled, tile, gtile);
                 for (long c = 0; c < C; c++) {
                     float base = grad_avg[n * C + c] / (float)P, m = mc[n * C + c];
                     float high = top[n * C + c], share = top_share[n * C + c];

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -461,8 +462,13 @@ def _pointers(tensors: list[Tensor | None]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(_pointer(t) for t in tensors))
 
 
+def _bam_settings(sizes: Sequence[int], scalars: Sequence[float]) -> tuple[ctypes.Array, ctypes.Array]:
+    """``sizes`` and ``scalars`` as the C arrays san_bam_forward and san_bam_backward read."""
+    return (ctypes.c_long * len(sizes))(*sizes), (ctypes.c_float * len(scalars))(*scalars)
+
+
 def bam_forward(
-    x: Tensor, layout: int, sizes: list[int], scalars: list[float], params: list[Tensor | None]
+    x: Tensor, layout: int, sizes: Sequence[int], scalars: Sequence[float], params: list[Tensor | None]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(BAM's output in ``x``'s layout, its first 1x1 conv's output (N, K, H, W), the channel means (N, C)) in one
     call, running statistics moved; ``sizes``, ``scalars`` and ``params`` as native.c's san_bam_forward takes them
@@ -475,8 +481,7 @@ def bam_forward(
         "san_bam_forward",
         x,
         layout,
-        (ctypes.c_long * len(sizes))(*sizes),
-        (ctypes.c_float * len(scalars))(*scalars),
+        *_bam_settings(sizes, scalars),
         _pointers(params),
         1,
         reduced,
@@ -496,8 +501,8 @@ def bam_backward(
     x: Tensor,
     grad: Tensor,
     layout: int,
-    sizes: list[int],
-    scalars: list[float],
+    sizes: Sequence[int],
+    scalars: Sequence[float],
     params: list[Tensor | None],
     reduced: Tensor,
     mean: Tensor,
@@ -513,8 +518,7 @@ def bam_backward(
         x,
         grad,
         layout,
-        (ctypes.c_long * len(sizes))(*sizes),
-        (ctypes.c_float * len(scalars))(*scalars),
+        *_bam_settings(sizes, scalars),
         _pointers(params),
         reduced,
         mean,

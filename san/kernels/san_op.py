@@ -320,38 +320,14 @@ def call(tensors: tuple[Tensor | None, ...], settings: tuple) -> tuple[Tensor, T
 
 
 def _autocast_kernel(device_type: str):
-    def kernel(
-        y,
-        reference,
-        weight,
-        bias,
-        padding,
-        dilation,
-        groups,
-        use_abs,
-        use_extrema,
-        activation,
-        keep_smoothed,
-        conv_dtype=None,
-    ):
+    def kernel(y, reference, weight, bias, *settings):
         # As stepwise under autocast: the smoothing conv in autocast's dtype, the rest in y's; float64 is left alone.
+        # ``settings``: padding … keep_smoothed, then conv_dtype unless the dispatcher left out its default.
+        *settings, conv_dtype = settings if len(settings) == 8 else (*settings, None)
         if weight is not None and y.dtype != torch.float64:
             conv_dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return san_mask(
-                y,
-                reference,
-                weight,
-                bias,
-                padding,
-                dilation,
-                groups,
-                use_abs,
-                use_extrema,
-                activation,
-                keep_smoothed,
-                conv_dtype,
-            )
+            return san_mask(y, reference, weight, bias, *settings, conv_dtype)
 
     return kernel
 
