@@ -21,7 +21,7 @@ from training.data.writer import WriterOptions
 from training.driver_report import DriverReport, read_report
 from training.launch import connect_ray, launch
 from training.loop import CHECKPOINT_FILE, evaluate
-from training.stop import CHECK_INTERVAL_S, MAX_CHECK_EVERY
+from training.stop import MAX_CHECK_EVERY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600, method="thread")]
 
@@ -192,11 +192,11 @@ def test_sigterm_to_a_worker_checkpoints_at_the_next_step_and_the_restart_resume
     state = checkpoint_state(result)
     [stop] = state["stops"]
     assert stop["reason"] == "preempted" and stop["epoch"] == 1, (stop, notice.sent)  # signalled after epoch 0
-    # the next step boundary where the ranks agree: checks every few steps, at most ≈ CHECK_INTERVAL_S of them at the
-    # pace of the run's last (whole) epoch (fewer just after an epoch's end, whose pace counts validation)
+    # the next step boundary where the ranks agree, at most one check interval later (how long that interval is at a
+    # given pace: test_training_stop.py, on a clock the test drives — the steps' pace here is the VM's, which the
+    # epoch's time, counting validation and the checkpoint, does not tell)
     assert ITERATIONS <= stop["requested_at_step"] <= stop["at_step"] <= stop["requested_at_step"] + stop["check_every"]
-    pace = min(MAX_CHECK_EVERY, max(1, CHECK_INTERVAL_S * ITERATIONS / state["history"][-1]["time/epoch_s"]))
-    assert 1 <= stop["check_every"] <= min(MAX_CHECK_EVERY, 3 * pace), (stop, pace)
+    assert 1 <= stop["check_every"] <= MAX_CHECK_EVERY, stop
     assert 0 < stop["step"] < ITERATIONS, stop  # mid-epoch
     saved = [
         torch.load(path / CHECKPOINT_FILE, weights_only=False) for path in checkpoints(roots / "runs" / "ray" / name)

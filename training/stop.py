@@ -88,6 +88,9 @@ def catch_sigterm_in_worker() -> bool:
     worker's own actor (`RayTrainWorker.execute`). False, with a warning, where that is not possible."""
     _Sigterm.received.clear()
     _Sigterm.at_step = _Sigterm.step = 0
+    if not ray.is_initialized():  # not in a worker; and get_runtime_context() would start a local Ray instance
+        log.warning("SIGTERM stays the immediate exit (no checkpoint on preemption): not in a Ray Train worker")
+        return False
     try:
         actor = ray.get_runtime_context().current_actor
         ray.get(actor.execute.remote(_install_sigterm_handler), timeout=30)
