@@ -49,6 +49,7 @@ class Script:
 SCRIPTS = [
     Script("loader", "loader", ["bench/loader.py"], timeout_s=150),
     Script("attention", "attention", ["bench/attention_overhead.py"], timeout_s=270),
+    Script("attention kernels", "bam_torch_ops", ["bench/bam_torch_ops.py"], timeout_s=120),
     Script("memory format", "memory_format", ["bench/memory_format.py"], timeout_s=90),
     Script("ray", "ray", ["bench/ray_overhead.py"], timeout_s=240),
     Script("api", "api-sqlite", ["bench/api_latency.py"], timeout_s=60),

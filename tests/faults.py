@@ -1,6 +1,5 @@
-"""Faults for the training tests, kept out of the training code: a worker function that fails once (through
-`training.launch.launch`'s ``worker`` seam), and real signals to Ray Train's worker processes, found through Ray's
-State API."""
+"""Faults for the training tests, kept out of the training code: real signals to Ray Train's worker processes, found
+through Ray's State API."""
 
 import os
 import signal
@@ -11,34 +10,6 @@ from pathlib import Path
 import ray
 import ray.train
 from ray.util.state import list_actors
-
-from training.loop import train_worker
-
-
-class FailOnce:
-    """`train_worker`, except that the last rank raises once when epoch ``epoch`` is about to start: right after
-    its report of epoch ``epoch - 1`` (every rank has passed that barrier, Ray holds that epoch's checkpoint).
-    ``marker`` records the failure, so the workers Ray restarts train on."""
-
-    def __init__(self, epoch: int, marker: Path) -> None:
-        self.epoch, self.marker = epoch, Path(marker)
-
-    def __call__(self, config: dict) -> None:
-        context = ray.train.get_context()
-        report = ray.train.report
-        if context.get_world_rank() == context.get_world_size() - 1 and not self.marker.exists():
-
-            def report_then_fail(metrics, *args, **kwargs):
-                report(metrics, *args, **kwargs)
-                if metrics.get("epoch") == self.epoch - 1 and "stop" not in metrics:
-                    self.marker.write_text(f"failed once, pid {os.getpid()}\n")
-                    raise RuntimeError(f"FailOnce: injected failure at epoch {self.epoch}")
-
-            ray.train.report = report_then_fail
-        try:
-            train_worker(config)
-        finally:
-            ray.train.report = report
 
 
 def train_worker_pids() -> list[int]:

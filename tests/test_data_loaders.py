@@ -6,15 +6,17 @@ Every test that builds a Loader runs under a thread timeout: a pipeline order th
 import os
 import socket
 
+import numba
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ffcv.pipeline.compiler import Compiler
 
 from tests.formats import write_idx, write_imagenet
 from training.data.build import build_dataset
-from training.data.loaders import make_loader
+from training.data.loaders import JIT_MIN_IMAGES, compiles, make_loader
 from training.data.writer import WriterOptions
 
 pytestmark = pytest.mark.timeout(240, method="thread")
@@ -161,3 +163,28 @@ def test_random_resized_crops_repeat_with_the_seed(imagenet_set):
 
     first = epoch(3)
     assert torch.equal(first, epoch(3)) and not torch.equal(first, epoch(4))
+
+
+def compiled(loader) -> bool:
+    """Whether FFCV built the loader's pipeline with numba (its generated stages call numba dispatchers)."""
+    stages, _ = loader.loader.code
+    called = [value for stage, _ in stages for value in stage.__globals__.values()]
+    return any(isinstance(value, numba.core.dispatcher.Dispatcher) for value in called)
+
+
+def test_a_small_jobs_pipeline_runs_uncompiled_and_gives_the_same_batches(idx_set):
+    # 64 training images, 16 validation: compiled only when the job reads them often enough to repay numba
+    assert not compiles(64, True, 1, False, None) and compiles(64, True, None, False, None)
+    assert compiles(64, True, -(-JIT_MIN_IMAGES[True] // 64), False, None)
+    assert not compiles(64, True, -(-JIT_MIN_IMAGES[True] // 64), False, (0, 2))  # each of 2 workers reads half
+    assert compiles(16, False, -(-JIT_MIN_IMAGES[False] // 16), False, None)
+    for path, train in ((idx_set / "train.beton", True), (idx_set / "val.beton", False)):
+        batches = {}
+        for epochs in (None, 2):  # as the training loop asks: a 2-epoch job
+            loader = make_loader(path, train=train, batch_size=16, in_chans=1, seed=5, epochs=epochs)
+            assert compiled(loader) == (epochs is None) and Compiler.is_enabled  # the switch is left as it was
+            loader.set_resolution(24)
+            batches[epochs] = [(images.clone(), labels.clone()) for _ in range(2) for images, labels in loader]
+        assert len(batches[None]) == len(batches[2]) > 0 and batches[None][0][0].shape[-1] == 24
+        for (images, labels), (expected_images, expected_labels) in zip(batches[2], batches[None], strict=True):
+            assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)

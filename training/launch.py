@@ -61,12 +61,10 @@ def build_trainer(
     mlflow_uri: str,
     run_id: str,
     spec_path: Path,
-    worker=run_worker,
 ):
-    """``spec_path``: `spec_file`'s; ``worker``: the function each Ray Train worker runs (`run_worker`; the
-    tests' fault harness wraps it)."""
+    """Ray Train's trainer of ``spec``: each worker runs `run_worker` on the spec at ``spec_path`` (`spec_file`)."""
     return TorchTrainer(
-        worker,
+        run_worker,
         train_loop_config={
             "spec_path": str(spec_path),
             "train_path": str(data.train),
@@ -122,7 +120,6 @@ def launch(
     job_id: str | None = None,
     root: Path | None = None,
     data: Path | None = None,
-    worker=run_worker,
     spec_path: Path | None = None,
     report: Path | None = None,
 ) -> JobResult:
@@ -143,7 +140,7 @@ def launch(
         connect_ray(spec.scaling.num_workers * spec.scaling.cpus_per_worker)
     # Installed after ray.init, which sets its own SIGTERM handler (sys.exit) in the driver.
     with StopOnSignal(stop_file(root, job_id), on_stop=lambda: end_run(mlflow_uri, run_id, KILLED)) as stop:
-        result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, spec_path, worker).fit()
+        result = build_trainer(spec, resolved, job_id, root, mlflow_uri, run_id, spec_path).fit()
     outcome = JobResult(job_id, mlflow_uri, run_id, dict(result.metrics or {}),
                         result.checkpoint.path if result.checkpoint else None)  # fmt: skip
     if stop.requested:

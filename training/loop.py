@@ -163,7 +163,8 @@ def evaluate(model, loader, spec: JobSpec, device, keep: int = 0, task: Task | N
 def make_loaders(spec: JobSpec, config: dict, train_manifest, device, rank: int, world_size: int):
     """This worker's train loader (a distributed shard, the spec's seed) and validation loader (its exact shard),
     normalised with the train split's statistics: images by `make_loader`, sequences by `make_series_loader`."""
-    common = {"device": device, "num_workers": spec.data.loader_workers, "os_cache": spec.data.in_memory}
+    common = {"device": device, "num_workers": spec.data.loader_workers, "os_cache": spec.data.in_memory,
+              "epochs": spec.training.epochs}  # fmt: skip
     train = {"train": True, "batch_size": spec.training.batch_size, "distributed": world_size > 1,
              "seed": spec.training.seed}  # fmt: skip
     val = {"train": False, "batch_size": spec.validation.batch_size,

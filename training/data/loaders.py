@@ -7,6 +7,7 @@ ToTorchImage → NormalizeImage``) makes ``Loader(...)`` hang with no error ther
 order by device.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import (
@@ -31,6 +33,11 @@ from training.data.manifest import Manifest, load_manifest
 IMAGENET_CROP_RATIO = 224 / 256
 SMALL_IMAGE_LIMIT = 64  # sets stored at most this large get the small-image pipeline
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, for RGB data fed to 1-channel models
+# FFCV compiles a loader's pipeline with numba on its first batch, in every worker process of every job: ~4.8 s for
+# the small-image training pipeline, ~0.6 s for validation's (2-core AMD EPYC). Run as Python, the same operations
+# give the same bytes at ~0.4 ms (training) and ~0.3 ms (validation) an image; so a loader that will read fewer
+# images than these over its whole job starts faster uncompiled (docs/decisions/0007-ffcv-jit-for-small-jobs.md).
+JIT_MIN_IMAGES = {True: 10_000, False: 2_000}  # by ``train``
 
 
 def is_small(manifest: Manifest) -> bool:
@@ -120,28 +127,50 @@ def read_fields(path: Path) -> list[str]:
         raise ValueError(f"{path}: cannot be read as an FFCV dataset ({type(error).__name__}: {error})") from error
 
 
+def compiles(count: int, train: bool, epochs: int | None, distributed: bool, shard: tuple[int, int] | None) -> bool:
+    """Whether a loader of ``count`` records, read ``epochs`` times (None: not known) by this process's share of
+    the workers, is worth numba's compile (`JIT_MIN_IMAGES`)."""
+    if epochs is None:
+        return True
+    world = shard[1] if shard else torch.distributed.get_world_size() if distributed else 1
+    return epochs * -(-count // world) >= JIT_MIN_IMAGES[train]
+
+
+@contextlib.contextmanager
+def _compiler(enabled: bool):
+    """FFCV's switch is one class attribute, read while a Loader builds its pipeline's code: set it for one."""
+    previous = Compiler.is_enabled
+    Compiler.set_enabled(enabled)
+    try:
+        yield
+    finally:
+        Compiler.set_enabled(previous)
+
+
 def ffcv_loader(path: Path, count: int, pipelines: dict, *, train: bool, batch_size: int, distributed: bool,
                 shard: tuple[int, int] | None, seed: int, num_workers: int, drop_last: bool | None,
-                os_cache: bool) -> Loader:  # fmt: skip
+                os_cache: bool, epochs: int | None = None) -> Loader:  # fmt: skip
     """The FFCV loader of any set (images or series) of ``count`` records: random order from ``seed`` for training,
     file order for validation; ``distributed`` shards over the process group, ``shard=(rank, world)`` reads records
-    rank, rank + world, … exactly; ``drop_last`` defaults to ``train``."""
+    rank, rank + world, … exactly; ``drop_last`` defaults to ``train``. ``epochs``: how often the job will read it,
+    if known — a small job's pipeline runs uncompiled (`compiles`)."""
     if distributed and shard is not None:
         raise ValueError("distributed=True and shard=... are alternatives; pass one")
     if not 1 <= num_workers <= (os.cpu_count() or 1):
         raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
-    return Loader(
-        str(path),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        os_cache=os_cache,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        distributed=distributed,
-        indices=None if shard is None else np.arange(shard[0], count, shard[1]),
-        seed=seed,
-        drop_last=train if drop_last is None else drop_last,
-        pipelines=pipelines,
-    )
+    with _compiler(compiles(count, train, epochs, distributed, shard)):  # the Loader builds its code here
+        return Loader(
+            str(path),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            os_cache=os_cache,
+            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+            distributed=distributed,
+            indices=None if shard is None else np.arange(shard[0], count, shard[1]),
+            seed=seed,
+            drop_last=train if drop_last is None else drop_last,
+            pipelines=pipelines,
+        )
 
 
 def make_loader(
@@ -162,6 +191,7 @@ def make_loader(
     num_workers: int = 1,
     drop_last: bool | None = None,
     os_cache: bool = True,
+    epochs: int | None = None,
 ) -> ImageLoader:
     """A train or validation loader over ``path``.
 
@@ -173,7 +203,8 @@ def make_loader(
     the initialised process group (random order needs the explicit ``seed``); it pads uneven shards by repeating
     images, so exact evaluation uses ``shard=(rank, world_size)`` instead: images rank, rank + world, ... .
     ``drop_last`` defaults to True for training and False for validation. ``seed`` also draws the crop, the
-    shift and the flip (`training.data.augment`), so runs repeat exactly.
+    shift and the flip (`training.data.augment`), so runs repeat exactly. ``epochs``: how often the job will read
+    the set, if known; a small job's pipeline runs uncompiled, which starts faster (`JIT_MIN_IMAGES`).
     """
     path = Path(path)
     if not path.is_file():
@@ -200,6 +231,6 @@ def make_loader(
         "label": label_ops,
     }
     loader = ffcv_loader(path, manifest.count, pipelines, train=train, batch_size=batch_size, distributed=distributed,
-                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                         os_cache=os_cache)  # fmt: skip
+                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last, os_cache=os_cache,
+                         epochs=epochs)  # fmt: skip
     return ImageLoader(loader, decoder, Normalize(mean, std, in_chans, manifest.channels, device), manifest)

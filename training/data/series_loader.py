@@ -93,11 +93,12 @@ def make_series_loader(
     num_workers: int = 1,
     drop_last: bool | None = None,
     os_cache: bool = True,
+    epochs: int | None = None,
 ) -> SeriesLoader:
     """A train (random order from ``seed``, new each epoch) or validation (file order) loader over a series
     ``.beton``. ``distributed=True`` shards over the initialised process group, padding uneven shards;
     ``shard=(rank, world_size)`` reads records rank, rank + world, ... exactly. ``drop_last`` defaults to True
-    for training and False for validation."""
+    for training and False for validation. ``epochs``: as `make_loader`'s."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .beton file")
@@ -117,8 +118,8 @@ def make_series_loader(
     )
     pipelines = {"series": [NDArrayDecoder(), ToTensor(), *to_device], target_field: target_ops}
     loader = ffcv_loader(path, manifest.count, pipelines, train=train, batch_size=batch_size, distributed=distributed,
-                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last,
-                         os_cache=os_cache)  # fmt: skip
+                         shard=shard, seed=seed, num_workers=num_workers, drop_last=drop_last, os_cache=os_cache,
+                         epochs=epochs)  # fmt: skip
     return SeriesLoader(loader, manifest, device)
 
 
