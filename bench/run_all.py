@@ -48,6 +48,7 @@ class Script:
 
 SCRIPTS = [
     Script("loader", "loader", ["bench/loader.py"], timeout_s=150),
+    Script("loader", "loader_jit", ["bench/loader_jit.py"], timeout_s=150),
     Script("attention", "attention", ["bench/attention_overhead.py"], timeout_s=270),
     Script("attention kernels", "bam_torch_ops", ["bench/bam_torch_ops.py"], timeout_s=120),
     Script("memory format", "memory_format", ["bench/memory_format.py"], timeout_s=90),

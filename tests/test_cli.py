@@ -75,9 +75,15 @@ def test_bad_model_name_is_one_line_and_exit_2():
 def test_train_refuses_a_bad_spec_in_one_line_before_ray(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text("model: {name: lenet9}\n")
+    (tmp_path / "broken.yaml").write_text("model:\n  name: lenet5\n data: [\n")
+    (tmp_path / "broken.json").write_text('{"model": ')
+    (tmp_path / "list.yaml").write_text("- model\n")
     cases = [
         ((str(spec),), "model.name: Value error, unknown model 'lenet9'"),
         ((str(tmp_path / "missing.yaml"),), "no such spec file"),
+        ((str(tmp_path / "broken.yaml"),), "broken.yaml: not valid YAML at line 3, column 2: "),
+        ((str(tmp_path / "broken.json"),), "broken.json: not valid JSON at line 1, column 11: Expecting value"),
+        ((str(tmp_path / "list.yaml"),), "spec: Input should be a valid dictionary"),
         (("configs/lenet5-fmnist.yaml", "--epochs", "0"), "training.epochs: Input should be greater"),
     ]
     for args, text in cases:

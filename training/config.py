@@ -90,7 +90,15 @@ class Section(BaseModel):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such spec file")
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except json.JSONDecodeError as error:
+            where = f"line {error.lineno}, column {error.colno}"
+            raise ValueError(f"{path}: not valid JSON at {where}: {error.msg}") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
         return cls.model_validate(data or {})
 
 
