@@ -45,19 +45,27 @@ def test_the_workers_cpu_and_the_rest_are_each_processs_own_cpu_time():
 
 def test_a_process_renamed_into_a_worker_counts_as_one_from_then_on(tmp_path):
     """As Ray's ``ray::IDLE`` process becomes ``ray::RayTrainWorker``: whether a process is a worker is its command
-    line's answer at each sample, not at the first one."""
+    line's answer at each sample, not at the first one. Measured against the loop's own CPU time after the rename,
+    not against a share of a core, which a busy machine need not give it."""
     renamed = tmp_path / "renamed"
     loop = busy_loop("idle-marker")
     try:
+        time.sleep(0.5)  # started and spinning
         with OtherCpu(lambda command: "idle-marker" in command and renamed.exists(), workers=1,
                       interval_s=INTERVAL_S) as cpu:  # fmt: skip
             time.sleep(1.0)
+            at_rename = cpu_seconds(loop)
             renamed.touch()
-            time.sleep(1.5)
+            time.sleep(2.5)
+            spent = cpu_seconds(loop) - at_rename
     finally:
         loop.kill()
         loop.wait()
-    assert max(workers for workers, _ in cpu.seconds) > 0.5, cpu.seconds
+    sampled_workers = sum(workers * INTERVAL_S for workers, _ in cpu.seconds)
+    assert spent > 0.5 and len(cpu.seconds) >= 12, (spent, cpu.seconds)
+    assert cpu.seconds[0][0] == cpu.seconds[1][0] == 0.0, cpu.seconds  # before the rename: not a worker
+    # after it, a worker: the whole of its CPU from then on, within the interval the rename falls in and the last
+    assert spent - 2 * INTERVAL_S <= sampled_workers <= spent + 2 * INTERVAL_S, (spent, cpu.seconds)
 
 
 def test_the_workers_are_recognised_by_their_command_lines():

@@ -287,28 +287,6 @@ def test_fuzzed_specs_never_get_a_5xx_and_every_admitted_model_builds_within_the
         assert out.shape == (2, num_classes) and torch.isfinite(out).all()
 
 
-TRAIN_ROWS = [  # (file name, text, the field its one-line error starts with)
-    ("nan.yaml", "lr: {lr: .nan}\n", "lr.lr: "),
-    ("inf.json", '{"lr": {"lr": 1e999}}', "lr.lr: "),
-    ("kwargs.yaml", "model: {attention: cbam, attention_kwargs: {reduction: 0}}\n",
-     "model.attention_kwargs.reduction: "),
-    ("run-name.yaml", 'tracking: {run_name: "../a\\0"}\n', "tracking.run_name: "),
-]  # fmt: skip
-
-
-def test_san_train_answers_bad_specs_in_one_line_with_exit_2_before_ray(tmp_path):
-    env = {"PATH": str(BIN), "HOME": str(tmp_path), "SAN_STORAGE_ROOT": str(tmp_path / "runs"),
-           "SAN_DATA_ROOT": str(tmp_path / "data")}  # fmt: skip
-    for name, text, field in TRAIN_ROWS:
-        (tmp_path / name).write_text(text)
-        result = subprocess.run([str(BIN / "san"), "train", str(tmp_path / name)], capture_output=True, text=True,
-                                env=env, timeout=120)  # fmt: skip
-        assert result.returncode == 2, (name, result.stderr)
-        assert result.stderr.startswith(f"error: {field}") and result.stderr.count("\n") == 1, result.stderr
-        assert "Traceback" not in result.stderr and result.stdout == ""  # Ray prints its start on stdout/stderr
-        assert not (tmp_path / "runs").exists()  # no MLflow store, no Ray storage: it stopped at the spec
-
-
 def test_the_api_process_imports_no_ffcv_no_ray_train_and_no_torch(tmp_path):
     code = textwrap.dedent("""
         import json, sys
