@@ -90,6 +90,16 @@ def cpus_needed(scaling: dict[str, Any]) -> tuple[str, float, float]:
     return shape, workers * cpus, gpus
 
 
+def never_fits(scaling: dict[str, Any], size: dict[str, float]) -> str | None:
+    """Why a job of this ``scaling`` can never start on a cluster of ``size`` (its CPUs and GPUs in all), or None.
+    Admission refuses such a job; a waiting one (admitted before the cluster shrank) says so in its standing."""
+    shape, cpus, gpus = cpus_needed(scaling)
+    if cpus <= size["CPU"] and gpus <= size.get("GPU", 0.0):
+        return None
+    have = f"{size['CPU']:g} CPUs" + (f" and {size.get('GPU', 0.0):g} GPUs" if gpus else "")
+    return f"needs {shape} = {cpus:g} CPUs" + (f" + {gpus:g} GPUs" if gpus else "") + f", the cluster has {have}"
+
+
 def standing(
     job_id: str,
     principal: str,
@@ -103,10 +113,9 @@ def standing(
     GPUs, in all and free now, as last asked of Ray (None while unknown)."""
     if status not in (JobStatus.QUEUED, JobStatus.INTERRUPTED, JobStatus.SUBMITTED):
         return None
-    shape, cpus, gpus = cpus_needed(spec["scaling"]) if "scaling" in spec else ("?", 0.0, 0.0)
-    if size is not None and (cpus > size["CPU"] or gpus > size.get("GPU", 0.0)):
-        have = f"{size['CPU']:g} CPUs" + (f" and {size.get('GPU', 0.0):g} GPUs" if gpus else "")
-        reason = f"it can never start on the cluster as it is: needs {shape} = {cpus:g} CPUs, the cluster has {have}"
+    shape, cpus, _ = cpus_needed(spec["scaling"]) if "scaling" in spec else ("?", 0.0, 0.0)
+    if size is not None and "scaling" in spec and (why := never_fits(spec["scaling"], size)):
+        reason = f"it can never start on the cluster as it is: {why}"
         return QueueStanding(position=None, ahead=None, reason=reason, fits=False)
     if status == JobStatus.SUBMITTED:
         reason = f"on Ray, waiting for its resources: needs {shape} = {cpus:g} CPUs"

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from service.errors import TooMany
 from service.ray_jobs import RayJobs, RayRefused, RayUnavailable
 from service.settings import ServiceSettings
+from service.standing import never_fits
 from service.store import JobStore, StudyStore
 from training.config import JobSpec
 from training.data.resolve import resolve_data
@@ -98,15 +99,8 @@ def admit(
     if params > settings.max_model_params:
         raise Rejected(("model",), f"model: {params:,} parameters is above this service's limit of "
                        f"{settings.max_model_params:,}")  # fmt: skip
-    if size is not None:
-        cpus = spec.scaling.num_workers * spec.scaling.cpus_per_worker
-        if cpus > size["CPU"]:
-            raise Rejected(("scaling", "num_workers"), f"{spec.scaling.num_workers} workers × "
-                           f"{spec.scaling.cpus_per_worker} CPUs = {cpus} CPUs, but the cluster has "
-                           f"{size['CPU']:g}")  # fmt: skip
-        if spec.scaling.use_gpu and spec.scaling.num_workers > size["GPU"]:
-            raise Rejected(("scaling", "num_workers"), f"{spec.scaling.num_workers} GPU workers, but the cluster "
-                           f"has {size['GPU']:g} GPUs")  # fmt: skip
+    if size is not None and (why := never_fits(spec.scaling.model_dump(), size)):
+        raise Rejected(("scaling", "num_workers"), f"scaling: {why}")
     try:
         resolve_data(spec, settings.data_root, build_missing=False)
     except ValueError as error:

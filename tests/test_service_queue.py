@@ -16,7 +16,7 @@ from service.estimates import History, schedule
 from service.queue import Dispatcher
 from service.ray_jobs import RayJobInfo, RayUnavailable
 from service.settings import ServiceSettings
-from service.standing import Ranking, standing
+from service.standing import Ranking, never_fits, standing
 from service.store import Job, JobStore, StudyStore, new_job
 from service.studies import StudyFinisher, expand_stored
 from training.driver_report import write_report
@@ -242,6 +242,18 @@ def test_each_waiting_jobs_place_and_reason_hold_at_every_step_until_it_is_submi
         queue.tick()
         assert ray.submitted[-1] == predicted[step]  # the next submitted is the one placed first
     assert ray.submitted == predicted and queue.ranking.order == []
+
+
+def test_what_can_never_fit_is_one_answer_for_admission_and_the_queue():
+    cpu_only = {"num_workers": 2, "cpus_per_worker": 1.5, "use_gpu": False}
+    assert never_fits(cpu_only, {"CPU": 3.0}) is None
+    assert never_fits(cpu_only, {"CPU": 2.0}) == "needs 2 workers × 1.5 CPU = 3 CPUs, the cluster has 2 CPUs"
+    on_gpus = {"num_workers": 2, "cpus_per_worker": 1, "use_gpu": True}
+    assert never_fits(on_gpus, {"CPU": 8.0, "GPU": 2.0}) is None
+    assert never_fits(on_gpus, {"CPU": 8.0, "GPU": 1.0}) == (
+        "needs 2 workers × 1 CPU + 1 GPU each = 2 CPUs + 2 GPUs, the cluster has 8 CPUs and 1 GPUs"
+    )
+    assert never_fits(on_gpus, {"CPU": 8.0}) is not None  # a cluster without GPUs
 
 
 def test_a_job_the_cluster_cannot_hold_says_so_and_one_on_ray_says_what_it_waits_for():

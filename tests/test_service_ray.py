@@ -103,7 +103,7 @@ def test_workers_beyond_the_cluster_are_refused_with_the_numbers(stack):
     with service.client() as alice:
         response = alice.post("/v1/jobs", json={**spec(1), "scaling": {"num_workers": 3}})
     assert response.status_code == 422
-    assert "3 CPUs, but the cluster has 2" in response.json()["detail"][0]["msg"]
+    assert response.json()["detail"][0]["msg"].endswith("needs 3 workers × 1 CPU = 3 CPUs, the cluster has 2 CPUs")
     with service.client(None) as anonymous:
         ready = anonymous.get("/readyz").json()
     assert ready["ready"] and {c["status"] for c in ready["checks"].values()} == {"ok"}
