@@ -188,3 +188,29 @@ def test_a_small_jobs_pipeline_runs_uncompiled_and_gives_the_same_batches(idx_se
         assert len(batches[None]) == len(batches[2]) > 0 and batches[None][0][0].shape[-1] == 24
         for (images, labels), (expected_images, expected_labels) in zip(batches[2], batches[None], strict=True):
             assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+def test_ffcv_code_generation_hit_by_cpythons_ast_race_is_generated_again(idx_set, monkeypatch):
+    """CI failed once with FFCV's Loader raising CPython 3.11's 'AST constructor recursion depth mismatch' from
+    ast.parse; that error, once, is retried — any other SystemError, or the same twice, is not swallowed."""
+    import training.data.loaders as loaders
+
+    real, calls = loaders.Loader, []
+
+    def failing(errors: list[str]):
+        def loader(*args, **kwargs):
+            calls.append(args[0])
+            if errors:
+                raise SystemError(errors.pop(0))
+            return real(*args, **kwargs)
+
+        return loader
+
+    mismatch = "AST constructor recursion depth mismatch (before=165, after=188)"
+    monkeypatch.setattr(loaders, "Loader", failing([mismatch]))
+    loader = make_loader(idx_set / "val.beton", train=False, batch_size=16, in_chans=1, seed=5, epochs=1)
+    assert len(calls) == 2 and sum(len(labels) for _, labels in loader) == 16  # all 16 validation images
+    for errors in ([mismatch, mismatch], ["something else"]):
+        monkeypatch.setattr(loaders, "Loader", failing(list(errors)))
+        with pytest.raises(SystemError, match=errors[-1].split(" (")[0]):
+            make_loader(idx_set / "val.beton", train=False, batch_size=16, in_chans=1, seed=5, epochs=1)

@@ -158,19 +158,30 @@ def ffcv_loader(path: Path, count: int, pipelines: dict, *, train: bool, batch_s
         raise ValueError("distributed=True and shard=... are alternatives; pass one")
     if not 1 <= num_workers <= (os.cpu_count() or 1):
         raise ValueError(f"num_workers={num_workers}: this machine has {os.cpu_count()} cores")
-    with _compiler(compiles(count, train, epochs, distributed, shard)):  # the Loader builds its code here
-        return Loader(
-            str(path),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            os_cache=os_cache,
-            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-            distributed=distributed,
-            indices=None if shard is None else np.arange(shard[0], count, shard[1]),
-            seed=seed,
-            drop_last=train if drop_last is None else drop_last,
-            pipelines=pipelines,
-        )
+
+    def build() -> Loader:
+        with _compiler(compiles(count, train, epochs, distributed, shard)):  # the Loader builds its code here
+            return Loader(
+                str(path),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                os_cache=os_cache,
+                order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                distributed=distributed,
+                indices=None if shard is None else np.arange(shard[0], count, shard[1]),
+                seed=seed,
+                drop_last=train if drop_last is None else drop_last,
+                pipelines=pipelines,
+            )
+
+    try:
+        return build()
+    except SystemError as error:
+        # CPython 3.11's ast.parse now and then fails this way in a threaded process (cpython#106905: its recursion
+        # count is interpreter state, and numba's compile parses too, in FFCV's threads); generating again is safe.
+        if "AST constructor recursion depth mismatch" not in str(error):
+            raise
+        return build()
 
 
 def make_loader(
